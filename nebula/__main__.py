@@ -1,0 +1,3 @@
+from nebula.cli.main import main
+
+raise SystemExit(main())

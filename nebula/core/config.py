@@ -1,0 +1,261 @@
+"""Nebula's configuration: nested frozen dataclasses, parsed from TOML data and the environment.
+
+Every value has a default and a doc (used by `nebula config init` to write a commented file), and can be
+overridden by `NEBULA_<SECTION>_<KEY>` (e.g. NEBULA_GATEWAY_PORT=8080). Parsing is pure: the caller reads
+the file and passes its text and the environment; errors name the source, key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nebula.errors import ConfigError, ValidationError
+
+ENV_PREFIX = "NEBULA_"
+
+
+def _f(default: Any, doc: str) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    etcd_endpoints: tuple[str, ...] = _f(("http://127.0.0.1:2379",), "etcd client URLs, tried in order.")
+    etcd_timeout_s: float = _f(5.0, "Timeout of each etcd call, in seconds.")
+    lease_ttl_s: int = _f(10, "TTL of the leases that hold node records, instance states and the leader key.")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = _f("127.0.0.1", "Address the gateway listens on (loopback unless you mean to expose it).")
+    port: int = _f(8000, "Port of the OpenAI-compatible API, the admin API and /metrics.")
+    router_url: str = _f("http://127.0.0.1:8001", "Where the gateway sends inference requests.")
+    max_body_bytes: int = _f(8 * 1024 * 1024, "Largest request body accepted; larger gets 413.")
+    admin_key_hashes: tuple[str, ...] = _f(
+        (), "SHA-256 hex digests of admin API keys. Empty: the admin API is open (loopback only!).")
+    api_key_hashes: tuple[str, ...] = _f(
+        (), "SHA-256 hex digests of inference API keys. Empty: inference needs no key.")
+    upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = _f("127.0.0.1", "Address the router listens on.")
+    port: int = _f(8001, "Port of the router's data path and /metrics.")
+    connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
+    max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
+    no_replica_wait_s: float = _f(0.0, "How long a request waits for a ready replica of a loading model "
+                                  "before 503 (0: answer 503 at once).")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str = _f("127.0.0.1", "Address of the scheduler's /metrics.")
+    port: int = _f(8002, "Port of the scheduler's /metrics.")
+    node_grace_s: float = _f(60.0, "How long a node may be gone before its replicas are placed elsewhere.")
+    resync_s: float = _f(30.0, "Full re-placement period, on top of watch-driven passes.")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = _f("", "This node's name in the cluster. Empty: the host name.")
+    address: str = _f("127.0.0.1", "Address at which the router reaches this node's engines.")
+    host: str = _f("127.0.0.1", "Address of the agent's /metrics.")
+    port: int = _f(8003, "Port of the agent's /metrics.")
+    engine_host: str = _f("127.0.0.1", "Address the engines on this node listen on.")
+    port_min: int = _f(18000, "First port handed to engines on this node.")
+    port_max: int = _f(18999, "Last port handed to engines on this node.")
+    unit_backend: str = _f("auto", "How engines run: 'systemd' (units over D-Bus), 'process' (children of the "
+                           "agent), or 'auto' (systemd when it is PID 1).")
+    run_dir: str = _f("/run/nebula", "Runtime files: engine specs (engines/<instance>.json), pid files.")
+    state_dir: str = _f("/var/lib/nebula", "Persistent state of the agent.")
+    cache_dir: str = _f("/var/cache/nebula/models", "Where downloaded model weights are kept.")
+    resync_s: float = _f(5.0, "How often the agent re-checks its engines on top of watch events.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    vllm_venv: str = _f("/opt/nebula/engines/vllm", "The virtualenv that holds the vLLM engine runtime.")
+    vllm_device: str = _f("auto", "'cpu' adds the CPU engine's settings; 'auto' detects from the install.")
+    startup_timeout_s: float = _f(900.0, "Longest time a model may take to load before the start fails.")
+    health_interval_s: float = _f(2.0, "How often the supervisor checks the engine's /health.")
+    health_timeout_s: float = _f(5.0, "Timeout of one /health check; a failed check withholds WATCHDOG=1.")
+    stop_timeout_s: float = _f(30.0, "How long in-flight requests may drain on stop before vLLM is killed.")
+    cpu_kvcache_gib: int = _f(1, "KV cache size of CPU engines (VLLM_CPU_KVCACHE_SPACE), in GiB.")
+    default_max_model_len: int = _f(2048, "max_model_len for models that do not set one (0: the model's own).")
+    extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line.")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _f("info", "Log level: debug, info, warning, error.")
+
+
+@dataclass(frozen=True)
+class NebulaConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(NebulaConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(NebulaConfig)}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValidationError(where, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValidationError(where, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValidationError(where, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValidationError(where, f"must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValidationError(where, f"must be a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type at {where}")
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _from_env(raw: str, hint: Any, where: str) -> Any:
+    """Env values are strings: parse them by the field's type (lists as JSON or comma-separated)."""
+    if hint is str:
+        return raw
+    if hint is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValidationError(where, f"must be true or false, got {raw!r}")
+    if typing.get_origin(hint) is tuple:
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValidationError(where, f"is not a valid JSON list: {raw!r}") from None
+        return [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ValidationError(where, f"must be a {hint.__name__}, got {raw!r}") from None
+
+
+def _validate(cfg: NebulaConfig) -> None:
+    for section, name in (("gateway", "port"), ("router", "port"), ("scheduler", "port"), ("node", "port")):
+        port = getattr(getattr(cfg, section), name)
+        if not 1 <= port <= 65535:
+            raise ValidationError(f"{section}.{name}", f"must be a TCP port (1-65535), got {port}")
+    if not (1024 <= cfg.node.port_min <= cfg.node.port_max <= 65535):
+        raise ValidationError("node.port_min", "node.port_min..node.port_max must be a range within 1024-65535")
+    if cfg.node.unit_backend not in ("auto", "systemd", "process"):
+        raise ValidationError("node.unit_backend", "must be 'auto', 'systemd' or 'process'")
+    if cfg.engine.vllm_device not in ("auto", "cpu", "gpu"):
+        raise ValidationError("engine.vllm_device", "must be 'auto', 'cpu' or 'gpu'")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        raise ValidationError("log.level", "must be one of debug, info, warning, error")
+    if not cfg.cluster.etcd_endpoints:
+        raise ValidationError("cluster.etcd_endpoints", "must list at least one etcd URL")
+    for i, ep in enumerate(cfg.cluster.etcd_endpoints):
+        if not ep.startswith(("http://", "https://")) or ":" not in ep.split("//", 1)[1]:
+            raise ValidationError(f"cluster.etcd_endpoints[{i}]", f"must look like http://HOST:PORT, got {ep!r}")
+    for key in cfg.gateway.admin_key_hashes + cfg.gateway.api_key_hashes:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ValidationError("gateway.admin_key_hashes", "entries must be lowercase SHA-256 hex digests")
+    if cfg.cluster.lease_ttl_s < 2:
+        raise ValidationError("cluster.lease_ttl_s", "must be at least 2 seconds")
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<config>") -> NebulaConfig:
+    """Build a validated config from parsed TOML `data` with `env` overrides.
+
+    Raises ValidationError whose message names `source` and the key (`gateway.port`) at fault.
+    """
+    sections = _sections()
+    try:
+        built: dict[str, Any] = {}
+        for key in data:
+            if key not in sections:
+                raise ValidationError(key, f"unknown section (known: {', '.join(sections)})")
+        for sname, stype in sections.items():
+            raw = data.get(sname, {})
+            if not isinstance(raw, Mapping):
+                raise ValidationError(sname, "must be a table ([" + sname + "])")
+            hints = typing.get_type_hints(stype)
+            names = {f.name for f in dataclasses.fields(stype)}
+            for key in raw:
+                if key not in names:
+                    raise ValidationError(f"{sname}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+            values: dict[str, Any] = {}
+            for fname in names:
+                where = f"{sname}.{fname}"
+                env_name = f"{ENV_PREFIX}{sname}_{fname}".upper()
+                if env_name in env:
+                    values[fname] = _coerce(_from_env(env[env_name], hints[fname], env_name), hints[fname],
+                                            env_name)
+                elif fname in raw:
+                    values[fname] = _coerce(raw[fname], hints[fname], where)
+            built[sname] = stype(**values)
+        cfg = NebulaConfig(**built)
+        _validate(cfg)
+        return cfg
+    except ValidationError as e:
+        raise ConfigError(e.field, f"{source}: {e.field}: {e.message}" if e.field else f"{source}: {e.message}") from None
+
+
+def parse_config_text(text: str, env: Mapping[str, str], source: str) -> NebulaConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{source}: not valid TOML: {e}") from None
+    return parse_config(data, env, source)
+
+
+def merge_tables(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop-in files (nebula.d/*.toml) override the main file key by key, within each section."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def config_template(cfg: NebulaConfig | None = None) -> list[tuple[str, str, str, Any]]:
+    """(section, key, doc, value) for every setting, for writing a commented config file."""
+    cfg = cfg or NebulaConfig()
+    rows = []
+    for sname in _sections():
+        section = getattr(cfg, sname)
+        for f in dataclasses.fields(section):
+            rows.append((sname, f.name, str(f.metadata.get("doc", "")), getattr(section, f.name)))
+    return rows

@@ -1,0 +1,103 @@
+"""What one engine instance runs: the spec the agent writes and the supervisor reads, and the vLLM command.
+
+The node agent writes `<run_dir>/engines/<instance>.json`; an operator may instead write
+`/etc/nebula/engines/<instance>.toml` with the same keys to run `systemctl start nebula-engine@<instance>`
+on a box with no control plane.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nebula.core.config import EngineConfig
+from nebula.core.model import Task, expect_field, validate_name
+from nebula.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    instance: str
+    model: str
+    source: str
+    """A local directory holding the weights (the agent resolves hub ids to its cache first)."""
+    port: int
+    host: str = "127.0.0.1"
+    task: Task = Task.GENERATE
+    max_model_len: int | None = None
+    engine_args: tuple[str, ...] = ()
+    gpu_indices: tuple[int, ...] = ()
+
+    @staticmethod
+    def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
+        try:
+            task_raw = expect_field(obj, "task", str, "generate")
+            try:
+                task = Task(task_raw)
+            except ValueError:
+                raise ValidationError("task", f"must be one of {', '.join(t.value for t in Task)}") from None
+            port = expect_field(obj, "port", int)
+            if not 1 <= port <= 65535:
+                raise ValidationError("port", "must be a TCP port")
+            args = expect_field(obj, "engine_args", list, [])
+            if not all(isinstance(a, str) for a in args):
+                raise ValidationError("engine_args", "must be a list of strings")
+            return EngineSpec(
+                instance=expect_field(obj, "instance", str),
+                model=validate_name(expect_field(obj, "model", str), "model"),
+                source=expect_field(obj, "source", str),
+                port=port,
+                host=expect_field(obj, "host", str, "127.0.0.1"),
+                task=task,
+                max_model_len=expect_field(obj, "max_model_len", int, None),
+                engine_args=tuple(args),
+                gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])),
+            )
+        except ValidationError as e:
+            raise ValidationError(e.field, f"{source_name}: {e}") from None
+
+    @staticmethod
+    def from_toml(text: str, instance: str, source_name: str) -> EngineSpec:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValidationError("", f"{source_name}: not valid TOML: {e}") from None
+        data.setdefault("instance", instance)
+        data.setdefault("model", instance)
+        return EngineSpec.from_dict(data, source_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"instance": self.instance, "model": self.model, "source": self.source, "port": self.port,
+                "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
+                "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices)}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` argv and the environment it adds, for `spec` under `cfg`."""
+    argv = [f"{cfg.vllm_venv}/bin/vllm", "serve", spec.source,
+            "--served-model-name", spec.model,
+            "--host", spec.host, "--port", str(spec.port),
+            "--generation-config", "vllm",
+            "--disable-uvicorn-access-log"]
+    max_len = spec.max_model_len or cfg.default_max_model_len
+    if max_len:
+        argv += ["--max-model-len", str(max_len)]
+    if spec.task is Task.EMBED:
+        argv += ["--runner", "pooling", "--convert", "embed"]
+    elif spec.task is Task.RERANK:
+        argv += ["--runner", "pooling", "--convert", "classify"]
+    if cpu:
+        argv += ["--enforce-eager"]
+    argv += list(cfg.extra_args) + list(spec.engine_args)
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+    elif spec.gpu_indices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
+    return argv, env

@@ -1,0 +1,260 @@
+"""Domain types shared by every service, with their JSON form in etcd.
+
+Parsing is strict: a value read from etcd or from a client is validated here, once, and the rest of
+the code works with typed, frozen objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nebula.errors import ValidationError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+REPLICA_SEP = ":"
+
+
+class Task(enum.StrEnum):
+    """What a model serves; decides the engine's runner and which endpoints accept it."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+    RERANK = "rerank"
+
+
+class Phase(enum.StrEnum):
+    """Lifecycle of one model instance, as reported by its node agent."""
+
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+def validate_name(value: object, field_name: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(
+            field_name,
+            "must be 1-63 characters of lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return value
+
+
+def expect_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in obj or obj[key] is None:
+        if default is ...:
+            raise ValidationError(key, "is required")
+        return default
+    value = obj[key]
+    # bool is an int in Python; a JSON `true` must not pass as a count.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ValidationError(key, f"must be {_kind_name(kind)}, not a boolean")
+    if not isinstance(value, kind):
+        raise ValidationError(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list",
+             dict: "an object"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A desired model (`/nebula/models/<name>`), written by the admin API."""
+
+    name: str
+    source: str
+    task: Task = Task.GENERATE
+    replicas: int = 1
+    gpus_per_replica: int = 0
+    gpu_memory_mib: int = 0
+    engine: str = "vllm"
+    engine_args: tuple[str, ...] = ()
+    max_model_len: int | None = None
+    revision: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def from_dict(obj: object) -> ModelSpec:
+        if not isinstance(obj, dict):
+            raise ValidationError("", "model spec must be a JSON object")
+        name = validate_name(expect_field(obj, "name", str))
+        source = expect_field(obj, "source", str)
+        if not source.strip():
+            raise ValidationError("source", "must not be empty")
+        task_raw = expect_field(obj, "task", str, "generate")
+        try:
+            task = Task(task_raw)
+        except ValueError:
+            raise ValidationError("task", f"must be one of {', '.join(t.value for t in Task)}") from None
+        replicas = expect_field(obj, "replicas", int, 1)
+        if replicas < 1 or replicas > 64:
+            raise ValidationError("replicas", "must be between 1 and 64 (unload the model to remove it)")
+        gpus = expect_field(obj, "gpus_per_replica", int, 0)
+        if gpus < 0 or gpus > 16:
+            raise ValidationError("gpus_per_replica", "must be between 0 and 16")
+        mem = expect_field(obj, "gpu_memory_mib", int, 0)
+        if mem < 0:
+            raise ValidationError("gpu_memory_mib", "must not be negative")
+        engine = expect_field(obj, "engine", str, "vllm")
+        if engine != "vllm":
+            raise ValidationError("engine", "only 'vllm' is supported")
+        args = expect_field(obj, "engine_args", list, [])
+        if not all(isinstance(a, str) for a in args):
+            raise ValidationError("engine_args", "must be a list of strings")
+        max_len = expect_field(obj, "max_model_len", int, None)
+        if max_len is not None and max_len < 1:
+            raise ValidationError("max_model_len", "must be positive")
+        revision = expect_field(obj, "revision", str, None)
+        labels = expect_field(obj, "labels", dict, {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ValidationError("labels", "must map strings to strings")
+        return ModelSpec(name=name, source=source, task=task, replicas=replicas, gpus_per_replica=gpus,
+                         gpu_memory_mib=mem, engine=engine, engine_args=tuple(args), max_model_len=max_len,
+                         revision=revision, labels=dict(labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task"] = self.task.value
+        d["engine_args"] = list(self.engine_args)
+        d["labels"] = dict(self.labels)
+        return d
+
+    def same_deployment(self, other: ModelSpec) -> bool:
+        """True when `other` differs from this spec at most in its replica count."""
+        return self.to_dict() | {"replicas": 0} == other.to_dict() | {"replicas": 0}
+
+
+def instance_name(model: str, replica: int) -> str:
+    """Replica 0 is named after its model (`nebula-engine@qwen`), the others `qwen:1`, `qwen:2`..."""
+    return model if replica == 0 else f"{model}{REPLICA_SEP}{replica}"
+
+
+def parse_instance_name(instance: str) -> tuple[str, int]:
+    model, sep, idx = instance.rpartition(REPLICA_SEP)
+    if sep and idx.isdigit():
+        return model, int(idx)
+    return instance, 0
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A live node (`/nebula/nodes/<node>`), under its agent's lease."""
+
+    name: str
+    address: str
+    port_min: int
+    port_max: int
+    gpus: tuple[Gpu, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    agent_version: str = ""
+
+    @staticmethod
+    def from_dict(obj: object) -> NodeRecord:
+        if not isinstance(obj, dict):
+            raise ValidationError("", "node record must be a JSON object")
+        gpus = tuple(
+            Gpu(index=int(g["index"]), name=str(g["name"]), memory_total_mib=int(g["memory_total_mib"]),
+                memory_used_mib=int(g["memory_used_mib"]))
+            for g in expect_field(obj, "gpus", list, [])
+        )
+        return NodeRecord(name=validate_name(expect_field(obj, "name", str)), address=expect_field(obj, "address", str),
+                          port_min=expect_field(obj, "port_min", int), port_max=expect_field(obj, "port_max", int),
+                          gpus=gpus, labels=dict(expect_field(obj, "labels", dict, {})),
+                          agent_version=expect_field(obj, "agent_version", str, ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "port_min": self.port_min,
+                "port_max": self.port_max, "gpus": [asdict(g) for g in self.gpus],
+                "labels": dict(self.labels), "agent_version": self.agent_version}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One instance placed on one node (`/nebula/placements/<node>/<instance>`), by the scheduler leader.
+
+    The placement carries the full model spec, so the agent needs nothing else to run it and a later edit
+    of the model is seen as a changed placement.
+    """
+
+    instance: str
+    node: str
+    model: ModelSpec
+    port: int
+    gpu_indices: tuple[int, ...] = ()
+
+    @staticmethod
+    def from_dict(obj: object) -> Placement:
+        if not isinstance(obj, dict):
+            raise ValidationError("", "placement must be a JSON object")
+        return Placement(instance=expect_field(obj, "instance", str), node=expect_field(obj, "node", str),
+                         model=ModelSpec.from_dict(expect_field(obj, "model", dict)), port=expect_field(obj, "port", int),
+                         gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"instance": self.instance, "node": self.node, "model": self.model.to_dict(),
+                "port": self.port, "gpu_indices": list(self.gpu_indices)}
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """Observed state of an instance (`/nebula/instances/<instance>`), by the agent running it."""
+
+    instance: str
+    model: str
+    node: str
+    phase: Phase
+    endpoint: str
+    task: Task = Task.GENERATE
+    since: float = 0.0
+    message: str = ""
+    restarts: int = 0
+
+    @staticmethod
+    def from_dict(obj: object) -> InstanceStatus:
+        if not isinstance(obj, dict):
+            raise ValidationError("", "instance status must be a JSON object")
+        try:
+            phase = Phase(expect_field(obj, "phase", str))
+            task = Task(expect_field(obj, "task", str, "generate"))
+        except ValueError as e:
+            raise ValidationError("phase", str(e)) from None
+        return InstanceStatus(instance=expect_field(obj, "instance", str), model=expect_field(obj, "model", str),
+                              node=expect_field(obj, "node", str), phase=phase, endpoint=expect_field(obj, "endpoint", str),
+                              task=task, since=float(expect_field(obj, "since", (int, float), 0.0)),
+                              message=expect_field(obj, "message", str, ""), restarts=expect_field(obj, "restarts", int, 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        d["task"] = self.task.value
+        return d
+
+
+def dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValidationError("", f"not valid JSON: {e}") from None
