@@ -166,7 +166,8 @@ def _from_env(raw: str, hint: Any, where: str) -> Any:
     try:
         return json.loads(raw)
     except ValueError:
-        raise ValidationError(where, f"must be a {hint.__name__}, got {raw!r}") from None
+        kind = "an integer" if hint is int else "a number"
+        raise ValidationError(where, f"must be {kind}, got {raw!r}") from None
 
 
 def _validate(cfg: NebulaConfig) -> None:

@@ -1,0 +1,74 @@
+"""The CLI's client of the gateway's admin API (blocking: the CLI does one thing and exits)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nebula.core.config import NebulaConfig
+
+ADMIN_KEY_FILE = "/etc/nebula/admin.key"
+
+
+class CliError(Exception):
+    """One line for the operator, with the fix when there is one; exit code attached."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def gateway_url(cfg: NebulaConfig, env: Mapping[str, str]) -> str:
+    if env.get("NEBULA_URL"):
+        return env["NEBULA_URL"].rstrip("/")
+    host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::", "") else cfg.gateway.host
+    return f"http://{host}:{cfg.gateway.port}"
+
+
+def admin_key(env: Mapping[str, str]) -> str | None:
+    if env.get("NEBULA_ADMIN_KEY"):
+        return env["NEBULA_ADMIN_KEY"]
+    path = Path(env.get("NEBULA_ADMIN_KEY_FILE", ADMIN_KEY_FILE))
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class AdminClient:
+    def __init__(self, base_url: str, key: str | None, timeout_s: float = 30.0) -> None:
+        self.base = base_url
+        self.key = key
+        self.timeout = timeout_s
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.key:
+            req.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise CliError(_error_message(e), 1 if e.code < 500 else 3) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise CliError(f"cannot reach the gateway at {self.base} ({reason}); is Nebula up? "
+                           "(`nebula up`, or set NEBULA_URL)", 2) from None
+        return json.loads(raw) if raw else None
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        err = json.loads(e.read())["error"]
+        msg = str(err.get("message", err))
+    except (ValueError, KeyError, TypeError):
+        msg = e.reason
+    if e.code in (401, 403):
+        msg += " (set NEBULA_ADMIN_KEY or make /etc/nebula/admin.key readable)"
+    return f"{msg} (HTTP {e.code})"

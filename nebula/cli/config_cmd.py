@@ -1,0 +1,48 @@
+"""`nebula config check|init|show`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import tomli_w
+
+from nebula.core.config import NebulaConfig, config_template
+from nebula.services.runtime import config_path, load_config
+
+
+def render_config(cfg: NebulaConfig) -> str:
+    """A commented TOML file of every setting (commented out at its default value)."""
+    out: list[str] = ["# Nebula configuration. Every key can also be set as NEBULA_<SECTION>_<KEY>.",
+                      "# Files in nebula.d/*.toml beside this one override it, key by key.", ""]
+    section = ""
+    for sname, key, doc, value in config_template(cfg):
+        if sname != section:
+            out += ["", f"[{sname}]"] if section else [f"[{sname}]"]
+            section = sname
+        out.append(f"# {doc}")
+        rendered = tomli_w.dumps({key: list(value) if isinstance(value, tuple) else value}).strip()
+        out.append(f"# {rendered}")
+    return "\n".join(out) + "\n"
+
+
+def config_command(action: str, explicit: str | None, env: Mapping[str, str]) -> int:
+    path = config_path(env, explicit)
+    if action == "init":
+        if path.exists():
+            print(f"nebula: {path} exists; not overwriting it (remove it first)", file=sys.stderr)
+            return 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_config(NebulaConfig()))
+        os.chmod(path, 0o644)
+        print(f"wrote {path}")
+        return 0
+    cfg = load_config(env, explicit)
+    if action == "check":
+        print(f"{path}: ok" if Path(path).exists() else f"{path}: absent, defaults are valid")
+    else:
+        for sname, key, _doc, value in config_template(cfg):
+            print(f"{sname}.{key} = {value!r}")
+    return 0

@@ -1,0 +1,141 @@
+"""Placement: which node runs which replica. A pure function of desired models, live nodes and the
+current placements, so it can be tested exhaustively and never churns when nothing changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from nebula.core.model import ModelSpec, NodeRecord, Placement, instance_name
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    placements: Mapping[str, Placement]
+    """Every placement that should exist, by instance name."""
+    pending: Mapping[str, str] = field(default_factory=dict)
+    """Models with replicas that fit nowhere, with the reason, by model name."""
+
+
+@dataclass
+class _NodeCapacity:
+    node: NodeRecord
+    gpu_free_mib: dict[int, int]
+    used_ports: set[int]
+    replicas_by_model: dict[str, int]
+
+    def free_gpus(self, need_mib: int) -> list[int]:
+        return sorted((i for i, free in self.gpu_free_mib.items() if free >= need_mib),
+                      key=lambda i: (-self.gpu_free_mib[i], i))
+
+    def free_port(self) -> int | None:
+        for port in range(self.node.port_min, self.node.port_max + 1):
+            if port not in self.used_ports:
+                return port
+        return None
+
+    def take(self, p: Placement) -> None:
+        for i in p.gpu_indices:
+            self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - p.model.gpu_memory_mib
+        self.used_ports.add(p.port)
+        self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
+
+
+def _capacities(nodes: Iterable[NodeRecord]) -> dict[str, _NodeCapacity]:
+    return {n.name: _NodeCapacity(node=n, gpu_free_mib={g.index: g.memory_total_mib for g in n.gpus},
+                                  used_ports=set(), replicas_by_model={}) for n in nodes}
+
+
+def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
+    return all(node.labels.get(k) == v for k, v in model.labels.items())
+
+
+def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
+          current: Mapping[str, Placement], *, retained_nodes: Iterable[str] = ()) -> PlacementResult:
+    """Compute the placements that should exist.
+
+    - A current placement stays where it is while its node is live (or in `retained_nodes`: gone for less
+      than the grace period) and its replica is still desired; its spec follows the model's spec.
+    - A desired replica with no placement goes to the matching node with the fewest replicas of the same
+      model (spread), then the most free GPU memory, then by name (deterministic); GPUs are bin-packed by
+      declared memory; the port is the node's lowest free one.
+    """
+    keep_on = set(nodes) | set(retained_nodes)
+    caps = _capacities(nodes.values())
+    result: dict[str, Placement] = {}
+    # Existing placements first, so capacity and ports they hold are not handed out again.
+    for inst, p in sorted(current.items()):
+        model = models.get(p.model.name)
+        if model is None or p.node not in keep_on or _replica_index(inst, model) is None:
+            continue
+        one = _one_replica(model)
+        kept = p if p.model == one else replace(p, model=one)
+        result[inst] = kept
+        if p.node in caps:
+            caps[p.node].take(kept)
+
+    pending: dict[str, str] = {}
+    for name in sorted(models):
+        model = models[name]
+        for r in range(model.replicas):
+            inst = instance_name(name, r)
+            if inst in result:
+                continue
+            placed = _place_one(inst, model, caps)
+            if isinstance(placed, str):
+                pending[name] = placed
+                continue
+            result[inst] = placed
+            caps[placed.node].take(placed)
+    return PlacementResult(placements=result, pending=pending)
+
+
+def _one_replica(model: ModelSpec) -> ModelSpec:
+    # A placement describes one replica: scaling a model must not rewrite its other placements.
+    return replace(model, replicas=1)
+
+
+def _replica_index(inst: str, model: ModelSpec) -> int | None:
+    for r in range(model.replicas):
+        if instance_name(model.name, r) == inst:
+            return r
+    return None
+
+
+def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity]) -> Placement | str:
+    candidates: list[tuple[tuple[int, int, str], Placement]] = []
+    largest_free = 0
+    for cap in caps.values():
+        if not _matches_labels(model, cap.node):
+            continue
+        gpus: list[int] = []
+        if model.gpus_per_replica:
+            free = cap.free_gpus(model.gpu_memory_mib)
+            largest_free = max([largest_free, *cap.gpu_free_mib.values()])
+            if len(free) < model.gpus_per_replica:
+                continue
+            gpus = sorted(free[: model.gpus_per_replica])
+        port = cap.free_port()
+        if port is None:
+            continue
+        total_free = sum(cap.gpu_free_mib.values())
+        key = (cap.replicas_by_model.get(model.name, 0), -total_free, cap.node.name)
+        candidates.append((key, Placement(instance=inst, node=cap.node.name, model=_one_replica(model), port=port,
+                                          gpu_indices=tuple(gpus))))
+    if candidates:
+        return min(candidates, key=lambda c: c[0])[1]
+    if not caps:
+        return "no live nodes"
+    if model.gpus_per_replica:
+        return (f"needs {model.gpus_per_replica} GPU(s) with {model.gpu_memory_mib} MiB free each; "
+                f"largest free is {largest_free} MiB")
+    return "no node matches the model's labels or has a free port"
+
+
+def diff_placements(current: Mapping[str, Placement], wanted: Mapping[str, Placement]
+                    ) -> tuple[list[Placement], list[Placement]]:
+    """(to_write, to_delete): the writes that turn `current` into `wanted`."""
+    to_write = [p for i, p in sorted(wanted.items()) if current.get(i) != p]
+    to_delete = [p for i, p in sorted(current.items())
+                 if i not in wanted or wanted[i].node != p.node]
+    return to_write, to_delete

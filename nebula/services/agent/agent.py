@@ -1,0 +1,226 @@
+"""The node agent: realizes this node's placements as engine units and reports each instance's phase.
+
+Desired state: `/nebula/placements/<node>/` (scheduler-written). Actual state: the engine units this node
+has (systemd or child processes) and the spec files they were started with. Each pass computes a pure
+plan and applies it; a restarted agent finds running engines with unchanged specs and leaves them alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from nebula.adapters.store import KeyValue, Store
+from nebula.adapters.units import EngineUnits, UnitState, UnitStatus
+from nebula.core import keys
+from nebula.core.config import NebulaConfig
+from nebula.core.engine_spec import EngineSpec
+from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads
+from nebula.core.phase import observe_phase
+from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
+from nebula.errors import PermanentError, TemporaryError, ValidationError
+from nebula.services.agent.sources import resolve_source
+from nebula.services.agent.specfiles import SpecFiles
+
+log = logging.getLogger("nebula.agent")
+HealthCheck = Callable[[str], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class AgentMetrics:
+    instances: Gauge
+    actions: Counter
+    passes: Counter
+
+    @staticmethod
+    def create(registry: CollectorRegistry) -> AgentMetrics:
+        return AgentMetrics(
+            instances=Gauge("nebula_agent_instances", "Instances on this node by phase", ["phase"],
+                            registry=registry),
+            actions=Counter("nebula_agent_actions_total", "Reconcile actions applied", ["action"],
+                            registry=registry),
+            passes=Counter("nebula_agent_reconcile_passes_total", "Reconcile passes run", registry=registry),
+        )
+
+
+class NodeAgent:
+    def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
+                 specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.store = store
+        self.units = units
+        self.specs = specs
+        self.health = health
+        self.clock = clock
+        self.metrics = AgentMetrics.create(registry)
+        self.placements: dict[str, Placement] = {}
+        self.placements_known = False
+        self.wake = asyncio.Event()
+        self.lease = 0
+        self._reported: dict[str, InstanceStatus] = {}
+        self._healthy: set[str] = set()
+
+    # --- inputs -------------------------------------------------------------------------------------
+    def on_placements(self, items: Mapping[str, KeyValue]) -> None:
+        """mirror_prefix callback: the full set of this node's placements."""
+        placements: dict[str, Placement] = {}
+        for kv in items.values():
+            try:
+                p = Placement.from_dict(loads(kv.value))
+            except ValidationError as e:
+                log.error("ignoring invalid placement %s: %s", kv.key, e)
+                continue
+            placements[p.instance] = p
+        self.placements = placements
+        self.placements_known = True
+        self.wake.set()
+
+    async def on_new_lease(self, lease: int) -> None:
+        """Register (again) under a new lease: the node record and every instance state."""
+        self.lease = lease
+        await self.store.put(keys.node_key(self.node.name), dumps(self.node.to_dict()), lease=lease)
+        self._reported.clear()
+        self.wake.set()
+
+    # --- one pass -----------------------------------------------------------------------------------
+    def desired(self) -> tuple[dict[str, EngineSpec], dict[str, str]]:
+        """Engine specs to run, and the instances that cannot run with the reason (shown as failed)."""
+        specs: dict[str, EngineSpec] = {}
+        blocked: dict[str, str] = {}
+        for inst, p in self.placements.items():
+            try:
+                source = resolve_source(p.model.source)
+            except PermanentError as e:
+                blocked[inst] = str(e)
+                continue
+            specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=source, port=p.port,
+                                     host=self.cfg.node.engine_host, task=p.model.task,
+                                     max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
+                                     gpu_indices=p.gpu_indices)
+        return specs, blocked
+
+    async def reconcile_once(self) -> None:
+        if not self.placements_known:
+            return  # never act on an empty view before the first listing: that would stop every engine
+        desired, blocked = self.desired()
+        units = dict(await self.units.list())
+        files = self.specs.read_all()
+        actual = {i: Actual(unit=units.get(i), spec=files.get(i)) for i in set(units) | set(files)}
+        actions = plan(desired, actual)
+        for action in actions:
+            await self.apply(action)
+        if any(isinstance(a, (Start, Stop)) for a in actions):
+            units = dict(await self.units.list())
+        await self.check_health(units)
+        await self.report(desired, blocked, units)
+        self.metrics.passes.inc()
+
+    async def apply(self, action: Action) -> None:
+        kind = type(action).__name__.lower()
+        fields = {"NEBULA_INSTANCE": action.instance, "NEBULA_NODE": self.node.name}
+        if isinstance(action, Stop):
+            log.info("stopping engine %s: %s", action.instance, action.reason, extra=fields)
+            await self.units.stop(action.instance)
+        elif isinstance(action, Start):
+            log.info("starting engine %s on port %d", action.instance, action.spec.port,
+                     extra=fields | {"NEBULA_MODEL": action.spec.model})
+            self.specs.write(action.spec)
+            await self.units.start(action.instance)
+        elif isinstance(action, ResetFailed):
+            await self.units.reset(action.instance)
+        elif isinstance(action, RemoveSpec):
+            self.specs.remove(action.instance)
+        self.metrics.actions.labels(kind).inc()
+
+    async def check_health(self, units: Mapping[str, UnitStatus]) -> None:
+        files = self.specs.read_all()
+        active = [i for i, u in units.items() if u.state is UnitState.ACTIVE and i in files]
+        results = await asyncio.gather(*(self.health(files[i].endpoint) for i in active))
+        self._healthy = {i for i, ok in zip(active, results, strict=True) if ok}
+
+    def observe(self, desired: Mapping[str, EngineSpec], blocked: Mapping[str, str],
+                units: Mapping[str, UnitStatus]) -> dict[str, InstanceStatus]:
+        now = self.clock()
+        out: dict[str, InstanceStatus] = {}
+        for inst, p in self.placements.items():
+            unit = units.get(inst)
+            phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy)
+            endpoint = f"http://{self.node.address}:{p.port}"
+            out[inst] = self._status(inst, p.model.name, phase, message, endpoint, p, unit, now)
+        for inst, unit in units.items():
+            if inst in out or unit.state not in (UnitState.DEACTIVATING, UnitState.ACTIVE, UnitState.ACTIVATING):
+                continue
+            prev = self._reported.get(inst)
+            if prev is not None:  # an unplaced instance we still run: draining until its unit is down
+                out[inst] = InstanceStatus(instance=inst, model=prev.model, node=self.node.name,
+                                           phase=Phase.DRAINING, endpoint=prev.endpoint, task=prev.task,
+                                           since=prev.since if prev.phase is Phase.DRAINING else now,
+                                           message="unloading", restarts=unit.restarts)
+        return out
+
+    def _status(self, inst: str, model: str, phase: Phase, message: str, endpoint: str, p: Placement,
+                unit: UnitStatus | None, now: float) -> InstanceStatus:
+        prev = self._reported.get(inst)
+        since = prev.since if prev is not None and prev.phase is phase else now
+        return InstanceStatus(instance=inst, model=model, node=self.node.name, phase=phase, endpoint=endpoint,
+                              task=p.model.task, since=since, message=message,
+                              restarts=unit.restarts if unit else 0)
+
+    async def report(self, desired: Mapping[str, EngineSpec], blocked: Mapping[str, str],
+                     units: Mapping[str, UnitStatus]) -> None:
+        statuses = self.observe(desired, blocked, units)
+        for inst, st in statuses.items():
+            prev = self._reported.get(inst)
+            if prev == st:
+                continue
+            if prev is None or prev.phase is not st.phase:
+                log.info("instance %s: %s -> %s %s", inst, prev.phase.value if prev else "-", st.phase.value,
+                         st.message, extra={"NEBULA_INSTANCE": inst, "NEBULA_MODEL": st.model,
+                                            "NEBULA_NODE": self.node.name, "NEBULA_PHASE": st.phase.value})
+            await self.store.put(keys.instance_key(inst), dumps(st.to_dict()), lease=self.lease)
+            self._reported[inst] = st
+        for inst in list(self._reported):
+            if inst not in statuses:
+                log.info("instance %s gone", inst, extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
+                await self.store.delete(keys.instance_key(inst))
+                del self._reported[inst]
+        self.metrics.instances.clear()
+        for phase in Phase:
+            self.metrics.instances.labels(phase.value).set(sum(1 for s in statuses.values() if s.phase is phase))
+
+    async def forget_stale_instances(self) -> None:
+        """Delete instance keys a previous run of this agent left for instances it no longer has."""
+        snap = await self.store.list_prefix(keys.INSTANCES)
+        for kv in snap.items:
+            try:
+                st = InstanceStatus.from_dict(loads(kv.value))
+            except ValidationError:
+                continue
+            if st.node == self.node.name and st.instance not in self.placements:
+                await self.store.delete(kv.key)
+
+    async def run(self) -> None:
+        """Reconcile on every placement change and every resync period, until cancelled."""
+        period = self.cfg.node.resync_s
+        while True:
+            try:
+                await self.reconcile_once()
+            except TemporaryError as e:
+                log.warning("reconcile pass failed, retrying: %s", e)
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self._next_wait(period))
+            except TimeoutError:
+                pass
+            self.wake.clear()
+
+    def _next_wait(self, period: float) -> float:
+        # Poll fast while something is changing (starting, draining), so the router learns within ~1 s.
+        settling = any(s.phase in (Phase.PENDING, Phase.STARTING, Phase.DRAINING) for s in self._reported.values())
+        return min(period, 1.0) if settling else period

@@ -1,0 +1,140 @@
+"""What every Nebula service does the same way: read config, open the store, serve /metrics, feed the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from nebula.adapters.sdnotify import Notifier
+from nebula.adapters.store import Store
+from nebula.core.config import NebulaConfig, merge_tables, parse_config
+from nebula.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/nebula/nebula.toml"
+log = logging.getLogger("nebula.runtime")
+
+
+def config_path(env: Mapping[str, str], explicit: str | None = None) -> Path:
+    return Path(explicit or env.get("NEBULA_CONFIG", DEFAULT_CONFIG))
+
+
+def load_config(env: Mapping[str, str], explicit: str | None = None) -> NebulaConfig:
+    """The main file (absent: defaults), then `nebula.d/*.toml` drop-ins in name order, then NEBULA_* env."""
+    import tomllib
+
+    path = config_path(env, explicit)
+    data: dict[str, object] = {}
+    files = []
+    if path.exists():
+        files.append(path)
+    elif explicit:
+        raise ConfigError("", f"{path}: no such config file (create one with `nebula config init`)")
+    dropins = path.parent / "nebula.d"
+    if dropins.is_dir():
+        files += sorted(dropins.glob("*.toml"))
+    for f in files:
+        try:
+            data = merge_tables(data, tomllib.loads(f.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("", f"{f}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError("", f"{f}: cannot read: {e.strerror}") from None
+    return parse_config(data, env, str(path))
+
+
+def node_name(cfg: NebulaConfig) -> str:
+    return cfg.node.name or os.uname().nodename.split(".")[0].lower()
+
+
+def metrics_route(registry: CollectorRegistry) -> web.RouteDef:
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return web.get("/metrics", metrics)
+
+
+async def notify_ready_and_watch(notifier: Notifier, healthy: Callable[[], bool],
+                                 status: Callable[[], str] | None = None) -> None:
+    """READY=1 now, then WATCHDOG=1 every half watchdog interval while `healthy()` holds."""
+    notifier.notify(READY=1, STATUS=status() if status else "running")
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        if healthy():
+            fields: dict[str, str | int] = {"WATCHDOG": 1}
+            if status:
+                fields["STATUS"] = status()
+            notifier.notify(**fields)
+
+
+def background(coro_fn: Callable[[], Awaitable[None]], name: str
+               ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx entry that runs `coro_fn` for the app's lifetime and cancels it on shutdown."""
+
+    async def ctx(_: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_logged(coro_fn, name), name=name)
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    return ctx
+
+
+async def _logged(coro_fn: Callable[[], Awaitable[None]], name: str) -> None:
+    try:
+        await coro_fn()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task %s died", name)
+        raise
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, so a service can shut down in order."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for `stop` (or any task dying, which is a bug worth a restart by the supervisor), then cancel all."""
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in [stopper, *tasks]:
+        t.cancel()
+    await asyncio.gather(stopper, *tasks, return_exceptions=True)
+    for t in done:
+        if t is not stopper and not t.cancelled() and t.exception() is not None:
+            raise RuntimeError(f"task {t.get_name()} died") from t.exception()
+
+
+async def open_store(cfg: NebulaConfig) -> Store:
+    from nebula.adapters.etcd import EtcdStore
+
+    return await EtcdStore.connect(list(cfg.cluster.etcd_endpoints), timeout_s=cfg.cluster.etcd_timeout_s)

@@ -1,0 +1,191 @@
+"""The scheduler: the elected leader turns desired models into placements in etcd.
+
+Inputs are mirrored from etcd (models, live nodes, current placements); each pass runs the pure `place()`
+and writes only the difference. A node that vanished keeps its placements for `node_grace_s`, so a short
+blip causes no rescheduling; the scheduler's own restart counts as "just seen" for every placed node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from nebula.adapters.store import KeyValue, LeaseLostError, Store
+from nebula.core import keys
+from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
+from nebula.core.placement import diff_placements, place
+from nebula.errors import TemporaryError, ValidationError
+
+log = logging.getLogger("nebula.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerMetrics:
+    leader: Gauge
+    pending: Gauge
+    pass_seconds: Histogram
+
+    @staticmethod
+    def create(registry: CollectorRegistry) -> SchedulerMetrics:
+        return SchedulerMetrics(
+            leader=Gauge("nebula_scheduler_leader", "1 while this scheduler leads", registry=registry),
+            pending=Gauge("nebula_scheduler_pending_models", "Models with replicas that fit nowhere",
+                          registry=registry),
+            pass_seconds=Histogram("nebula_scheduler_pass_seconds", "Duration of one placement pass",
+                                   registry=registry),
+        )
+
+
+def _parse_all[T](items: Mapping[str, KeyValue], parse: Callable[[object], T]) -> list[T]:
+    out: list[T] = []
+    for kv in items.values():
+        try:
+            out.append(parse(loads(kv.value)))
+        except ValidationError as e:
+            log.error("ignoring invalid record %s: %s", kv.key, e)
+    return out
+
+
+class Scheduler:
+    def __init__(self, store: Store, identity: str, *, lease_ttl_s: int, node_grace_s: float,
+                 resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.store = store
+        self.identity = identity
+        self.lease_ttl_s = lease_ttl_s
+        self.node_grace_s = node_grace_s
+        self.resync_s = resync_s
+        self.clock = clock
+        self.metrics = SchedulerMetrics.create(registry)
+        self.models: dict[str, ModelSpec] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.placements: dict[str, Placement] = {}
+        self.gone_since: dict[str, float] = {}
+        self.pending: dict[str, str] = {}
+        self.seen: set[str] = set()
+        self.wake = asyncio.Event()
+        self.is_leader = False
+
+    # --- mirrored inputs ----------------------------------------------------------------------------
+    def on_models(self, items: Mapping[str, KeyValue]) -> None:
+        self.models = {m.name: m for m in _parse_all(items, ModelSpec.from_dict)}
+        self._seen("models")
+
+    def on_nodes(self, items: Mapping[str, KeyValue]) -> None:
+        nodes = {n.name: n for n in _parse_all(items, NodeRecord.from_dict)}
+        now = self.clock()
+        for name in set(self.nodes) - set(nodes):
+            self.gone_since.setdefault(name, now)
+            log.warning("node %s is gone; its replicas move after %.0f s unless it returns", name,
+                        self.node_grace_s, extra={"NEBULA_NODE": name})
+        for name in nodes:
+            self.gone_since.pop(name, None)
+        self.nodes = nodes
+        self._seen("nodes")
+
+    def on_placements(self, items: Mapping[str, KeyValue]) -> None:
+        self.placements = {p.instance: p for p in _parse_all(items, Placement.from_dict)}
+        self._seen("placements")
+
+    def _seen(self, what: str) -> None:
+        self.seen.add(what)
+        self.wake.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.seen >= {"models", "nodes", "placements"}
+
+    # --- one pass -----------------------------------------------------------------------------------
+    def retained_nodes(self) -> set[str]:
+        now = self.clock()
+        for p in self.placements.values():
+            if p.node not in self.nodes:
+                self.gone_since.setdefault(p.node, now)  # unseen since our start: grace starts now
+        return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
+
+    def compute(self) -> tuple[list[Placement], list[Placement]]:
+        result = place(self.models, self.nodes, self.placements, retained_nodes=self.retained_nodes())
+        if result.pending != self.pending:
+            for model, reason in result.pending.items():
+                log.warning("model %s has replicas that fit nowhere: %s", model, reason,
+                            extra={"NEBULA_MODEL": model})
+        self.pending = dict(result.pending)
+        self.metrics.pending.set(len(self.pending))
+        return diff_placements(self.placements, result.placements)
+
+    async def schedule_once(self) -> None:
+        if not self.ready:
+            return
+        with self.metrics.pass_seconds.time():
+            to_write, to_delete = self.compute()
+            for p in to_delete:
+                log.info("removing placement %s from %s", p.instance, p.node,
+                         extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node})
+                await self.store.delete(keys.placement_key(p.node, p.instance))
+            for p in to_write:
+                log.info("placing %s on %s port %d", p.instance, p.node, p.port,
+                         extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node, "NEBULA_MODEL": p.model.name})
+                await self.store.put(keys.placement_key(p.node, p.instance), dumps(p.to_dict()))
+
+    # --- leadership ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Campaign for leadership; while leading, schedule on every change and every resync period."""
+        while True:
+            try:
+                lease = await self.store.grant_lease(self.lease_ttl_s)
+                if await self.store.create(keys.SCHEDULER_LEADER, self.identity.encode(), lease=lease):
+                    await self._lead(lease)
+                else:
+                    await self.store.revoke_lease(lease)
+            except TemporaryError as e:
+                log.warning("scheduler: store unavailable: %s", e)
+            self._set_leader(False)
+            await asyncio.sleep(self.lease_ttl_s / 3)
+
+    async def _lead(self, lease: int) -> None:
+        self._set_leader(True)
+        keepalive = asyncio.create_task(self._keep_lease(lease))
+        try:
+            while not keepalive.done():
+                await self.schedule_once()
+                self.wake.clear()
+                waiter = asyncio.create_task(self.wake.wait())
+                await asyncio.wait({waiter, keepalive}, timeout=min(self.resync_s, self._grace_tick()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            keepalive.result()
+        finally:
+            keepalive.cancel()
+            try:
+                await self.store.revoke_lease(lease)
+            except TemporaryError:
+                pass
+
+    def _grace_tick(self) -> float:
+        # Wake when the first gone node's grace ends, so its replicas move on time.
+        if not self.gone_since:
+            return self.resync_s
+        now = self.clock()
+        return max(0.1, min(t + self.node_grace_s - now for t in self.gone_since.values()) + 0.05)
+
+    async def _keep_lease(self, lease: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            try:
+                await self.store.keepalive(lease)
+            except LeaseLostError:
+                log.warning("scheduler lost its leader lease")
+                return
+            except TemporaryError as e:
+                log.warning("leader keepalive failed: %s", e)
+
+    def _set_leader(self, leading: bool) -> None:
+        if leading != self.is_leader:
+            log.info("scheduler %s %s", self.identity, "is now the leader" if leading else "is not the leader")
+        self.is_leader = leading
+        self.metrics.leader.set(1 if leading else 0)

@@ -1,0 +1,127 @@
+"""place(): pure placement, exhaustively and by properties."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
+from nebula.core.placement import diff_placements, place
+
+
+def node(name: str, gpus: int = 0, mem: int = 24_000, labels: dict[str, str] | None = None) -> NodeRecord:
+    return NodeRecord(name=name, address="10.0.0.1", port_min=18000, port_max=18009,
+                      gpus=tuple(Gpu(i, "H100", mem, 0) for i in range(gpus)), labels=labels or {})
+
+
+def model(name: str, replicas: int = 1, gpus: int = 0, mem: int = 0, **kw: object) -> ModelSpec:
+    return ModelSpec.from_dict({"name": name, "source": "/m", "replicas": replicas, "gpus_per_replica": gpus,
+                                "gpu_memory_mib": mem, **kw})
+
+
+def test_places_each_replica_once_with_distinct_ports() -> None:
+    r = place({"a": model("a", 2)}, {"n1": node("n1")}, {})
+    assert set(r.placements) == {"a", "a:1"}
+    assert {p.port for p in r.placements.values()} == {18000, 18001}
+    assert r.pending == {}
+
+
+def test_spreads_replicas_across_nodes() -> None:
+    r = place({"a": model("a", 2)}, {"n1": node("n1"), "n2": node("n2")}, {})
+    assert {p.node for p in r.placements.values()} == {"n1", "n2"}
+
+
+def test_stable_when_nothing_changed() -> None:
+    models = {"a": model("a", 2), "b": model("b", 1, gpus=1, mem=10_000)}
+    nodes = {"n1": node("n1", 2), "n2": node("n2", 2)}
+    first = place(models, nodes, {}).placements
+    second = place(models, nodes, first).placements
+    assert second == first
+    assert diff_placements(first, second) == ([], [])
+
+
+def test_gpu_memory_is_not_overcommitted_and_pending_has_reason() -> None:
+    models = {"big": model("big", 3, gpus=1, mem=20_000)}
+    r = place(models, {"n1": node("n1", gpus=2, mem=24_000)}, {})
+    assert len(r.placements) == 2
+    assert {p.gpu_indices for p in r.placements.values()} == {(0,), (1,)}
+    assert "largest free is 4000 MiB" in r.pending["big"]
+
+
+def test_engines_share_a_gpu_when_memory_allows() -> None:
+    r = place({"s": model("s", 2, gpus=1, mem=10_000)}, {"n1": node("n1", gpus=1, mem=24_000)}, {})
+    assert [p.gpu_indices for p in r.placements.values()] == [(0,), (0,)]
+
+
+def test_labels_select_nodes() -> None:
+    m = model("a", labels={"zone": "b"})
+    r = place({"a": m}, {"n1": node("n1"), "n2": node("n2", labels={"zone": "b"})}, {})
+    assert r.placements["a"].node == "n2"
+
+
+def test_node_gone_keeps_placement_during_grace_then_moves() -> None:
+    models = {"a": model("a")}
+    first = place(models, {"n1": node("n1"), "n2": node("n2")}, {}).placements
+    gone = first["a"].node
+    other = "n2" if gone == "n1" else "n1"
+    during = place(models, {other: node(other)}, first, retained_nodes=[gone]).placements
+    assert during == first
+    after = place(models, {other: node(other)}, first).placements
+    assert after["a"].node == other
+    writes, deletes = diff_placements(first, after)
+    assert [p.node for p in writes] == [other] and [p.node for p in deletes] == [gone]
+
+
+def test_scale_down_and_unload_remove_placements() -> None:
+    nodes = {"n1": node("n1")}
+    first = place({"a": model("a", 3)}, nodes, {}).placements
+    down = place({"a": model("a", 1)}, nodes, first).placements
+    assert set(down) == {"a"} and down["a"] == first["a"]
+    assert place({}, nodes, first).placements == {}
+
+
+def test_spec_change_follows_model_in_place() -> None:
+    nodes = {"n1": node("n1")}
+    first = place({"a": model("a")}, nodes, {}).placements
+    changed = place({"a": model("a", max_model_len=512)}, nodes, first).placements
+    assert changed["a"].port == first["a"].port and changed["a"].model.max_model_len == 512
+
+
+def test_no_nodes_is_pending() -> None:
+    assert place({"a": model("a")}, {}, {}).pending == {"a": "no live nodes"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    replicas=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    gpu_need=st.lists(st.integers(0, 2), min_size=5, max_size=5),
+    mem_need=st.lists(st.integers(1, 30_000), min_size=5, max_size=5),
+    node_gpus=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+)
+def test_properties(replicas: list[int], gpu_need: list[int], mem_need: list[int], node_gpus: list[int]) -> None:
+    models = {f"m{i}": model(f"m{i}", r, gpus=gpu_need[i], mem=mem_need[i] if gpu_need[i] else 0)
+              for i, r in enumerate(replicas)}
+    nodes = {f"n{i}": node(f"n{i}", g, mem=40_000) for i, g in enumerate(node_gpus)}
+    r = place(models, nodes, {})
+    used: dict[tuple[str, int], int] = {}
+    ports: set[tuple[str, int]] = set()
+    for inst, p in r.placements.items():
+        assert inst == instance_name(p.model.name, int(inst.split(":")[1]) if ":" in inst else 0)
+        assert len(p.gpu_indices) == p.model.gpus_per_replica
+        assert (p.node, p.port) not in ports
+        ports.add((p.node, p.port))
+        for g in p.gpu_indices:
+            used[(p.node, g)] = used.get((p.node, g), 0) + p.model.gpu_memory_mib
+    assert all(v <= 40_000 for v in used.values()), "a GPU is over-committed"
+    for name, m in models.items():
+        placed = [p for p in r.placements.values() if p.model.name == name]
+        assert len(placed) == m.replicas or name in r.pending
+        # spread: with room on every node, no node holds two replicas while another holds none
+        if m.gpus_per_replica == 0 and len(placed) <= len(nodes):
+            assert len({p.node for p in placed}) == len(placed)
+    assert place(models, nodes, r.placements).placements == r.placements
+
+
+def test_placement_round_trips_json() -> None:
+    p = Placement(instance="a", node="n1", model=model("a"), port=18000, gpu_indices=(0,))
+    assert Placement.from_dict(p.to_dict()) == p
