@@ -25,6 +25,10 @@ class LeaseLostError(TemporaryError):
     """The lease expired (the client was cut off longer than its TTL): grant a new one and re-register."""
 
 
+class StoreUnavailableError(TemporaryError):
+    """The store did not answer in time (down, frozen, unreachable, leader change): retry later."""
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str
@@ -41,10 +45,14 @@ class EventType(enum.Enum):
 
 @dataclass(frozen=True)
 class WatchEvent:
+    """One change. A DELETE carries an empty value, version 0 and lease 0 (as etcd reports it)."""
+
     type: EventType
     key: str
     value: bytes
     mod_revision: int
+    version: int = 0
+    lease: int = 0
 
 
 @dataclass(frozen=True)

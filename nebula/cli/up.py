@@ -73,17 +73,16 @@ def down(cfg: NebulaConfig, env: dict[str, str]) -> int:
         deadline = time.monotonic() + 60
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    stopped = asyncio.run(_stop_engines(cfg))
+    stopped = asyncio.run(_stop_engines(cfg, env))
     print(f"nebula is down ({stopped} engine(s) stopped)")
     return 0
 
 
-async def _stop_engines(cfg: NebulaConfig) -> int:
-    from nebula.adapters.processes import ProcessEngineUnits
+async def _stop_engines(cfg: NebulaConfig, env: dict[str, str]) -> int:
     from nebula.adapters.units import UnitState
+    from nebula.services.agent.main import process_units
 
-    units = ProcessEngineUnits(argv=[sys.executable, "-m", "nebula"], run_dir=cfg.node.run_dir,
-                               log_dir=f"{cfg.node.state_dir}/logs")
+    units = process_units(cfg, env)
     running = [i for i, u in (await units.list()).items() if u.state is not UnitState.INACTIVE]
     for inst in running:
         await units.stop(inst)

@@ -229,7 +229,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
         _validate(cfg)
         return cfg
     except ValidationError as e:
-        raise ConfigError(e.field, f"{source}: {e.field}: {e.message}" if e.field else f"{source}: {e.message}") from None
+        where = f"{e.field}: " if e.field else ""
+        raise ConfigError(e.field, f"{source}: {where}{e.message}") from None
 
 
 def parse_config_text(text: str, env: Mapping[str, str], source: str) -> NebulaConfig:

@@ -206,7 +206,8 @@ class Placement:
         if not isinstance(obj, dict):
             raise ValidationError("", "placement must be a JSON object")
         return Placement(instance=expect_field(obj, "instance", str), node=expect_field(obj, "node", str),
-                         model=ModelSpec.from_dict(expect_field(obj, "model", dict)), port=expect_field(obj, "port", int),
+                         model=ModelSpec.from_dict(expect_field(obj, "model", dict)),
+                         port=expect_field(obj, "port", int),
                          gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])))
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,9 +239,11 @@ class InstanceStatus:
         except ValueError as e:
             raise ValidationError("phase", str(e)) from None
         return InstanceStatus(instance=expect_field(obj, "instance", str), model=expect_field(obj, "model", str),
-                              node=expect_field(obj, "node", str), phase=phase, endpoint=expect_field(obj, "endpoint", str),
+                              node=expect_field(obj, "node", str), phase=phase,
+                              endpoint=expect_field(obj, "endpoint", str),
                               task=task, since=float(expect_field(obj, "since", (int, float), 0.0)),
-                              message=expect_field(obj, "message", str, ""), restarts=expect_field(obj, "restarts", int, 0))
+                              message=expect_field(obj, "message", str, ""),
+                              restarts=expect_field(obj, "restarts", int, 0))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

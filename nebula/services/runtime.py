@@ -6,7 +6,10 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -103,12 +106,48 @@ async def _logged(coro_fn: Callable[[], Awaitable[None]], name: str) -> None:
         raise
 
 
-async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
+                                status: Callable[[], str] | None = None) -> None:
+    """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
+
+    handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
+    upstream request in turn: an abandoned generation stops consuming the engine.
+    READY=1 once listening; WATCHDOG=1 is fed from this loop, so a blocked loop stops feeding it.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("%s listening on %s:%d", what, host, port)
+        await notify_ready_and_watch(notifier, lambda: True, status or (lambda: f"{what} listening on {host}:{port}"))
+        await asyncio.Event().wait()  # no watchdog configured: just serve until cancelled
+    finally:
+        notifier.notify(STOPPING=1)
+        await runner.cleanup()
+
+
+@dataclass
+class ServiceContext:
+    """What every service's main gets: the store, its own metrics registry, the notifier, a stop event."""
+
+    cfg: NebulaConfig
+    store: Store
+    registry: CollectorRegistry
+    notifier: Notifier
+    stop: asyncio.Event
+
+
+@asynccontextmanager
+async def service_context(cfg: NebulaConfig, env: Mapping[str, str]) -> AsyncIterator[ServiceContext]:
+    stop = stop_on_signals()
+    notifier = Notifier(env)
+    store = await open_store(cfg)
+    try:
+        yield ServiceContext(cfg=cfg, store=store, registry=CollectorRegistry(), notifier=notifier, stop=stop)
+    finally:
+        await store.close()
+        notifier.close()
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -122,7 +161,7 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
     """Wait for `stop` (or any task dying, which is a bug worth a restart by the supervisor), then cancel all."""
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -137,4 +176,4 @@ async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) 
 async def open_store(cfg: NebulaConfig) -> Store:
     from nebula.adapters.etcd import EtcdStore
 
-    return await EtcdStore.connect(list(cfg.cluster.etcd_endpoints), timeout_s=cfg.cluster.etcd_timeout_s)
+    return await EtcdStore.connect(list(cfg.cluster.etcd_endpoints), timeout=cfg.cluster.etcd_timeout_s)

@@ -66,6 +66,7 @@ class NodeAgent:
         self.lease = 0
         self._reported: dict[str, InstanceStatus] = {}
         self._healthy: set[str] = set()
+        self._stale_forgotten = False
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, items: Mapping[str, KeyValue]) -> None:
@@ -109,6 +110,9 @@ class NodeAgent:
     async def reconcile_once(self) -> None:
         if not self.placements_known:
             return  # never act on an empty view before the first listing: that would stop every engine
+        if not self._stale_forgotten:
+            await self.forget_stale_instances()
+            self._stale_forgotten = True
         desired, blocked = self.desired()
         units = dict(await self.units.list())
         files = self.specs.read_all()

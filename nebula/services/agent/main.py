@@ -6,16 +6,15 @@ import asyncio
 import logging
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from nebula import __version__
 from nebula.adapters.nvml import read_gpus
 from nebula.adapters.processes import ProcessEngineUnits
-from nebula.adapters.sdnotify import Notifier
-from nebula.adapters.systemd import SystemdEngineUnits, systemd_is_pid1
+from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
 from nebula.adapters.units import EngineUnits
 from nebula.adapters.watching import LeaseKeeper, mirror_prefix
 from nebula.core import keys
@@ -24,27 +23,24 @@ from nebula.core.model import Gpu, NodeRecord
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
-from nebula.services.runtime import (
-    metrics_route,
-    node_name,
-    notify_ready_and_watch,
-    open_store,
-    run_tasks_until,
-    serve_app,
-    stop_on_signals,
-)
+from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 
 log = logging.getLogger("nebula.agent")
 
 
-async def make_units(cfg: NebulaConfig) -> EngineUnits:
+def make_units(cfg: NebulaConfig, env: Mapping[str, str]) -> EngineUnits:
     backend = cfg.node.unit_backend
     if backend == "auto":
         backend = "systemd" if systemd_is_pid1() else "process"
     if backend == "systemd":
-        return await SystemdEngineUnits.connect()
-    return ProcessEngineUnits(argv=[sys.executable, "-m", "nebula"], run_dir=cfg.node.run_dir,
-                              log_dir=f"{cfg.node.state_dir}/logs")
+        return SystemdEngineUnits(system_bus_address(env))
+    return process_units(cfg, env)
+
+
+def process_units(cfg: NebulaConfig, env: Mapping[str, str]) -> ProcessEngineUnits:
+    """Engines as children in their own sessions, running `python -m nebula engine run <instance>`."""
+    return ProcessEngineUnits([sys.executable, "-m", "nebula"], Path(cfg.node.run_dir),
+                              Path(cfg.node.state_dir) / "logs", env)
 
 
 def node_record(cfg: NebulaConfig) -> NodeRecord:
@@ -58,35 +54,27 @@ def node_record(cfg: NebulaConfig) -> NodeRecord:
 
 
 async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
-    stop = stop_on_signals()
-    registry = CollectorRegistry()
-    notifier = Notifier(env)
-    store = await open_store(cfg)
-    units = await make_units(cfg)
-    node = node_record(cfg)
-    async with aiohttp.ClientSession() as session:
-        agent = NodeAgent(cfg, node, store, units, SpecFiles(cfg.node.run_dir),
-                          EngineHealth(session, cfg.engine.health_timeout_s), registry)
-        keeper = LeaseKeeper(store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
-        await keeper.start()
+    async with service_context(cfg, env) as svc, aiohttp.ClientSession() as session:
+        units = make_units(cfg, env)
+        node = node_record(cfg)
+        agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
+                          EngineHealth(session, cfg.engine.health_timeout_s), svc.registry)
+        keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
+        await agent.on_new_lease(await keeper.start())
         app = web.Application()
-        app.add_routes([metrics_route(registry)])
-        runner = await serve_app(app, cfg.node.host, cfg.node.port)
+        app.add_routes([metrics_route(svc.registry)])
         log.info("node agent %s up (engines via %s)", node.name, type(units).__name__,
                  extra={"NEBULA_NODE": node.name})
         tasks = [
             asyncio.create_task(keeper.run(), name="lease"),
-            asyncio.create_task(mirror_prefix(store, keys.node_placements_prefix(node.name), agent.on_placements),
-                                name="placements"),
+            asyncio.create_task(mirror_prefix(svc.store, keys.node_placements_prefix(node.name),
+                                              agent.on_placements), name="placements"),
             asyncio.create_task(agent.run(), name="reconcile"),
-            asyncio.create_task(notify_ready_and_watch(notifier, lambda: True,
-                                                       lambda: f"{len(agent.placements)} instance(s)"),
-                                name="watchdog"),
+            asyncio.create_task(serve_until_cancelled(app, cfg.node.host, cfg.node.port, svc.notifier,
+                                                      f"node agent {node.name}",
+                                                      lambda: f"{len(agent.placements)} instance(s)"), name="http"),
         ]
         try:
-            await run_tasks_until(stop, tasks)
+            await run_tasks_until(svc.stop, tasks)
         finally:
-            notifier.notify(STOPPING=1)
-            await runner.cleanup()
-            await units.close()
-            await store.close()  # engines keep running: a restarted agent re-adopts them
+            await units.close()  # engines keep running: a restarted agent re-adopts them

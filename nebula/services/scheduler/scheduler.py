@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -22,6 +23,7 @@ from nebula.core.placement import diff_placements, place
 from nebula.errors import TemporaryError, ValidationError
 
 log = logging.getLogger("nebula.scheduler")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SchedulerMetrics:
         )
 
 
-def _parse_all[T](items: Mapping[str, KeyValue], parse: Callable[[object], T]) -> list[T]:
+def _parse_all(items: Mapping[str, KeyValue], parse: Callable[[object], T]) -> list[T]:
     out: list[T] = []
     for kv in items.values():
         try:

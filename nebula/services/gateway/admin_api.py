@@ -1,0 +1,153 @@
+"""The admin API: desired models in /nebula/models/ (load, unload, scale) and views of the cluster.
+
+It reads and writes the store directly (not the mirror) so an operator sees their own write at once.
+Writes are conditional: load uses create-if-absent, scale a compare-and-swap on mod_revision, so two
+admins racing never silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from nebula.adapters.store import KeyValue
+from nebula.core import keys
+from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, dumps, loads, validate_name
+from nebula.errors import ValidationError
+from nebula.services.gateway.errors import ApiError
+from nebula.services.gateway.state import GATEWAY
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 10
+
+
+def _parse_spec(kv: KeyValue) -> ModelSpec | None:
+    try:
+        return ModelSpec.from_dict(loads(kv.value))
+    except ValidationError as e:
+        log.warning("invalid model record %s: %s", kv.key, e)
+        return None
+
+
+def _instances(items: Iterable[KeyValue]) -> list[InstanceStatus]:
+    out = []
+    for kv in items:
+        try:
+            out.append(InstanceStatus.from_dict(loads(kv.value)))
+        except ValidationError as e:
+            log.warning("invalid instance record %s: %s", kv.key, e)
+    return out
+
+
+def _model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus]) -> dict[str, Any]:
+    mine = sorted((i for i in instances if i.model == name), key=lambda i: i.instance)
+    return {
+        "name": name,
+        # None: the model was unloaded and some of its instances are still draining.
+        "spec": spec.to_dict() if spec else None,
+        "ready": sum(1 for i in mine if i.phase is Phase.READY),
+        "instances": [{"instance": i.instance, "phase": i.phase.value, "node": i.node, "endpoint": i.endpoint,
+                       "message": i.message, "since": i.since, "restarts": i.restarts} for i in mine],
+    }
+
+
+async def _read_json(request: web.Request) -> object:
+    return loads(await request.read())
+
+
+def _name(request: web.Request) -> str:
+    return validate_name(request.match_info["name"], "name")
+
+
+async def load_model(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    spec = ModelSpec.from_dict(await _read_json(request))
+    key = keys.model_key(spec.name)
+    for _ in range(CAS_ATTEMPTS):
+        if await st.store.create(key, dumps(spec.to_dict())):
+            log.info("model %s loaded (%d replicas)", spec.name, spec.replicas)
+            return web.json_response({"created": True, "model": spec.to_dict()})
+        kv = await st.store.get(key)
+        if kv is None:
+            continue  # unloaded between our create and get: try again
+        if _parse_spec(kv) == spec:
+            return web.json_response({"created": False, "model": spec.to_dict()})
+        raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
+                       "replicas with PATCH, or unload it first", param="name", code="model_exists")
+    raise ApiError(409, f"model '{spec.name}' is changing concurrently; retry", code="conflict")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := _parse_spec(kv))}
+    instances = _instances((await st.store.list_prefix(keys.INSTANCES)).items)
+    names = sorted(set(specs) | {i.model for i in instances})
+    return web.json_response({"object": "list",
+                              "data": [_model_json(n, specs.get(n), instances) for n in names]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    name = _name(request)
+    kv = await st.store.get(keys.model_key(name))
+    spec = _parse_spec(kv) if kv else None
+    instances = [i for i in _instances((await st.store.list_prefix(keys.INSTANCES)).items) if i.model == name]
+    if spec is None and not instances:
+        raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
+    return web.json_response(_model_json(name, spec, instances))
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    name = _name(request)
+    if not await st.store.delete(keys.model_key(name)):
+        raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
+    log.info("model %s unloaded", name)
+    return web.json_response({"name": name, "deleted": True})
+
+
+async def scale_model(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    name = _name(request)
+    body = await _read_json(request)
+    if not isinstance(body, dict) or set(body) != {"replicas"}:
+        raise ApiError(400, "body must be {\"replicas\": N}; other fields cannot be changed in place",
+                       param="replicas", code="invalid_value")
+    key = keys.model_key(name)
+    for _ in range(CAS_ATTEMPTS):
+        kv = await st.store.get(key)
+        current = _parse_spec(kv) if kv else None
+        if kv is None or current is None:
+            raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
+        wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": body["replicas"]})
+        if wanted == current or await st.store.replace(key, dumps(wanted.to_dict()),
+                                                       mod_revision=kv.mod_revision):
+            return web.json_response({"model": wanted.to_dict()})
+    raise ApiError(409, f"model '{name}' is changing concurrently; retry", code="conflict")
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    st = request.app[GATEWAY]
+    nodes = []
+    for kv in (await st.store.list_prefix(keys.NODES)).items:
+        try:
+            nodes.append(NodeRecord.from_dict(loads(kv.value)).to_dict())
+        except (ValidationError, KeyError, TypeError, ValueError) as e:
+            log.warning("invalid node record %s: %r", kv.key, e)
+    return web.json_response({"object": "list", "data": nodes})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/admin/models", load_model),
+        web.post("/v1/models/load", load_model),
+        web.get("/v1/admin/models", list_models),
+        web.get("/v1/admin/models/{name}", get_model),
+        web.delete("/v1/admin/models/{name}", unload_model),
+        web.patch("/v1/admin/models/{name}", scale_model),
+        web.get("/v1/admin/nodes", list_nodes),
+    ]

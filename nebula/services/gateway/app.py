@@ -1,0 +1,67 @@
+"""The gateway app: the public edge (OpenAI API, admin API, keys, validation, /metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from nebula.adapters.sdnotify import Notifier
+from nebula.adapters.store import Store
+from nebula.adapters.watching import mirror_prefix
+from nebula.core import keys
+from nebula.core.config import GatewayConfig, NebulaConfig
+from nebula.services.gateway import admin_api, openai_api
+from nebula.services.gateway.auth import Authenticator, auth_middleware
+from nebula.services.gateway.errors import error_middleware
+from nebula.services.gateway.metrics import GatewayMetrics
+from nebula.services.gateway.state import GATEWAY, GatewayState
+from nebula.services.gateway.view import ClusterView
+from nebula.services.router.relay import new_session
+from nebula.services.runtime import background, metrics_route, serve_until_cancelled
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    view = request.app[GATEWAY].view
+    return web.json_response({"status": "ok", "models_synced": view.models_synced,
+                              "models": len(view.models)})
+
+
+def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
+                      http_session: aiohttp.ClientSession | None = None) -> web.Application:
+    """The gateway app. Its mirrors of models and instances and its HTTP session live in cleanup_ctx;
+    an injected `http_session` is used as is and left open."""
+    view = ClusterView()
+    auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes)
+    state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
+                         session=http_session)
+    # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
+    app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
+                          client_max_size=cfg.max_body_bytes)
+    app[GATEWAY] = state
+
+    async def session_ctx(_: web.Application) -> AsyncIterator[None]:
+        if http_session is not None:
+            yield
+            return
+        state.session = new_session()
+        yield
+        await state.session.close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.MODELS, view.update_models),
+                                      "gateway-models-watch"))
+    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.INSTANCES, view.update_instances),
+                                      "gateway-instances-watch"))
+    app.add_routes(openai_api.routes() + admin_api.routes())
+    app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
+    return app
+
+
+async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
+                        notifier: Notifier) -> None:
+    """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening)."""
+    app = build_gateway_app(cfg.gateway, store, registry)
+    await serve_until_cancelled(app, cfg.gateway.host, cfg.gateway.port, notifier, "gateway")

@@ -1,0 +1,76 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
+
+Handlers raise `ApiError`; `error_middleware` turns it into that shape, and also aiohttp's own HTTP errors
+(404 for an unknown path, 413 for an oversized body), invalid input (ValidationError: 400 naming the
+field) and an unreachable store (TemporaryError: 503 with Retry-After). Anything else is a bug: logged
+with its traceback, answered with a 500 in the same shape, never a traceback to the client.
+The router uses the same module so both hops answer alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from nebula.errors import TemporaryError, ValidationError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# OpenAI's error types by status; `code` narrows them further (model_not_found, invalid_api_key...).
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 502: "server_error", 503: "server_error",
+          504: "server_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = dict(headers or {})
+
+    @staticmethod
+    def invalid(e: ValidationError) -> ApiError:
+        """400 naming the offending field (the field is also `param`, as OpenAI does)."""
+        return ApiError(400, str(e), param=e.field or None, code="invalid_value" if e.field else None)
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+def unavailable(message: str, retry_after_s: int = 1, code: str = "service_unavailable") -> ApiError:
+    return ApiError(503, message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except ValidationError as e:
+        return ApiError.invalid(e).response()
+    except TemporaryError as e:
+        log.warning("%s %s: temporary failure: %r", request.method, request.path, e)
+        return unavailable("a backing service is temporarily unavailable; retry shortly").response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise  # redirects and the like are not errors
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
+        message = e.text if e.status == 413 and e.text else (e.reason or "error")
+        return ApiError(e.status, message, code=code).response()
+    except ConnectionError:
+        raise  # the client went away: nothing to answer
+    except Exception:
+        log.exception("bug while handling %s %s", request.method, request.path)
+        return ApiError(500, "internal error (logged by the server)", code="internal_error").response()

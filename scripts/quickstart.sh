@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# A whole Nebula on this one machine, serving a small model, from a fresh Debian 12 (run as root):
+#
+#   scripts/quickstart.sh
+#
+# It installs etcd and the control plane (/opt/nebula/venv, `nebula` on PATH), the vLLM engine runtime
+# (/opt/nebula/engines/vllm), builds a tiny chat model locally (no model hub needed), writes
+# /etc/nebula/nebula.toml if there is none, brings Nebula up (`nebula up`: systemd units where systemd is
+# PID 1, supervised child processes elsewhere), loads the model through the admin API (desired state in
+# etcd -> scheduler -> node agent -> engine) and waits until it answers. Rerunning it is safe and quick.
+#
+# Environment: NEBULA_MODEL_NAME (default tiny), NEBULA_MODEL_SOURCE (a model directory to serve instead
+# of the tiny one), NEBULA_PREFIX (default /opt/nebula).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+caller_path=$PATH
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND=noninteractive
+prefix=${NEBULA_PREFIX:-/opt/nebula}
+name=${NEBULA_MODEL_NAME:-tiny}
+t0=$SECONDS
+step() { printf '\n==> [%4d s] %s\n' $((SECONDS - t0)) "$*"; }
+
+((EUID == 0)) || { echo "quickstart: run as root (it installs packages and services)" >&2; exit 1; }
+
+step "system packages"
+need=()
+for p in etcd-server ca-certificates; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if ((${#need[@]})); then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if [[ -d /run/systemd/system ]]; then
+    # The package starts its own etcd on 127.0.0.1:2379, which is what Nebula's defaults expect.
+    systemctl enable --now etcd.service
+fi
+
+step "control plane -> $prefix/venv"
+python=/usr/bin/python3
+uv=$(PATH=$caller_path command -v uv || true)
+if [[ -z $uv ]]; then
+    uv=/var/cache/nebula/uv/bin/uv
+    if [[ ! -x $uv ]]; then
+        "$python" -m pip --version >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends python3-pip
+        "$python" -m pip install -q --disable-pip-version-check --target /var/cache/nebula/uv uv
+    fi
+fi
+export UV=$uv
+# systemd-python compiles against libsystemd.
+apt_dev=()
+for p in libsystemd-dev pkg-config gcc python3-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || apt_dev+=("$p")
+done
+if ((${#apt_dev[@]})); then
+    apt-get update -q && apt-get install -y -q --no-install-recommends "${apt_dev[@]}"
+fi
+[[ -x $prefix/venv/bin/python ]] || "$uv" venv --quiet --python "$python" "$prefix/venv"
+"$uv" pip install --quiet --python "$prefix/venv/bin/python" "$repo"
+ln -sf "$prefix/venv/bin/nebula" /usr/local/bin/nebula
+# The units run /usr/bin/nebula (where the Debian package puts it).
+[[ -e /usr/bin/nebula ]] || ln -s "$prefix/venv/bin/nebula" /usr/bin/nebula
+
+step "vLLM engine runtime -> $prefix/engines/vllm"
+"$repo/scripts/install-engine.sh" "$prefix/engines/vllm"
+
+step "model"
+if [[ -n ${NEBULA_MODEL_SOURCE:-} ]]; then
+    source_dir=$NEBULA_MODEL_SOURCE
+else
+    "$prefix/engines/vllm/bin/python" "$repo/scripts/make_tiny_models.py" /var/lib/nebula/models
+    source_dir=/var/lib/nebula/models/tiny-llama
+fi
+
+step "config /etc/nebula/nebula.toml"
+mkdir -p /etc/nebula/engines /etc/nebula/nebula.d
+[[ -f /etc/nebula/nebula.toml ]] || nebula config init
+# Settings of this machine go in a drop-in, so the main file stays the commented reference.
+cat >/etc/nebula/nebula.d/10-quickstart.toml <<EOF
+[engine]
+vllm_venv = "$prefix/engines/vllm"
+EOF
+nebula config check
+
+if [[ -d /run/systemd/system ]]; then
+    step "systemd units"
+    getent passwd nebula >/dev/null || useradd --system --home-dir /var/lib/nebula --shell /usr/sbin/nologin nebula
+    install -m 0644 "$repo"/units/*.service "$repo"/units/*.target /etc/systemd/system/
+    # The agent (User=nebula) starts and stops engine units over D-Bus: allow exactly that.
+    install -D -m 0644 "$repo/packaging/polkit/50-nebula.rules" /etc/polkit-1/rules.d/50-nebula.rules
+    chown -R nebula:nebula /var/lib/nebula
+    systemctl daemon-reload
+    systemctl enable nebula.target nebula-gateway nebula-router nebula-scheduler nebula-node
+fi
+
+step "nebula up"
+nebula up
+
+step "load $name from $source_dir"
+nebula load "$name" --source "$source_dir" --max-model-len 512 --wait 900
+
+cat <<EOF
+
+Nebula is up and serving '$name' ($((SECONDS - t0)) s). Try:
+
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "$name", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
+
+  nebula list              # models, replicas, phases, nodes
+  nebula status            # nodes and models at a glance
+  nebula logs $name         # the engine's log
+  nebula unload $name       # drain and stop it
+  nebula down              # stop everything
+EOF

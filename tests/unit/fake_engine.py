@@ -1,0 +1,138 @@
+"""A small real HTTP server on loopback that answers like an OpenAI engine, for router and gateway tests.
+
+Answers are deterministic bytes (so proxying can be checked byte for byte) and name the engine that
+served them. Knobs: `status` (answer every request with it), `hold` (block requests until set, and
+record when one is cancelled because its client went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from nebula.adapters.store import Store
+from nebula.core import keys
+from nebula.core.model import InstanceStatus, Phase, Task, dumps
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def completion_bytes(engine: str, model: str) -> bytes:
+    return json.dumps({
+        "id": f"chatcmpl-{engine}", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {engine}"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }).encode()
+
+
+def sse_chunks(engine: str, model: str) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        body = {"id": f"chatcmpl-{engine}", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    words = ["hello", " from", f" {engine}"]
+    return ([chunk({"role": "assistant", "content": words[0]}, None)]
+            + [chunk({"content": w}, None) for w in words[1:]]
+            + [chunk({}, "stop"), b"data: [DONE]\n\n"])
+
+
+class FakeEngine:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received: list[Received] = []
+        self.status: int | None = None
+        self.hold: asyncio.Event | None = None
+        self.held = asyncio.Event()  # a held request arrived
+        self.cancelled = asyncio.Event()  # a held request was cancelled (its client went away)
+        self._runner: web.AppRunner | None = None
+        self.endpoint = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        return self.endpoint
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path_qs, request.headers, body))
+        if self.status is not None:
+            return web.json_response({"error": {"message": "busy", "type": "server_error", "param": None,
+                                                "code": None}}, status=self.status)
+        if self.hold is not None:
+            self.held.set()
+            try:
+                await self.hold.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        parsed = json.loads(body)
+        model = parsed.get("model", "")
+        if request.match_info["tail"] == "chat/completions" and parsed.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Engine": self.name})
+            await resp.prepare(request)
+            for chunk in sse_chunks(self.name, model):
+                await resp.write(chunk)
+                await asyncio.sleep(0.005)
+            await resp.write_eof()
+            return resp
+        return web.Response(body=completion_bytes(self.name, model), content_type="application/json",
+                            headers={"X-Engine": self.name})
+
+
+async def put_instance(store: Store, instance: str, endpoint: str, phase: Phase = Phase.READY,
+                       model: str = "m", task: Task = Task.GENERATE) -> None:
+    st = InstanceStatus(instance=instance, model=model, node="n1", phase=phase, endpoint=endpoint, task=task,
+                        message="" if phase is Phase.READY else "loading")
+    await store.put(keys.instance_key(instance), dumps(st.to_dict()))
+
+
+async def until(cond: Callable[[], bool | Awaitable[bool]], within_s: float = 5.0) -> None:
+    """Poll `cond` until true; fail the test when it is still false after `within_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        result = cond()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def engines(*names: str) -> AsyncIterator[list[FakeEngine]]:
+    """For fixtures: started engines, stopped afterwards."""
+    started = [FakeEngine(n) for n in names]
+    for e in started:
+        await e.start()
+    try:
+        yield started
+    finally:
+        for e in started:
+            if e.hold is not None:
+                e.hold.set()
+            await e.stop()

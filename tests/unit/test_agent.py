@@ -1,0 +1,143 @@
+"""The node agent's passes against the in-memory store and an in-memory unit table (pure-logic test;
+the real systemd and process back-ends have their own tests)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from nebula.adapters.memstore import MemoryStore
+from nebula.adapters.units import UnitState, UnitStatus
+from nebula.core import keys
+from nebula.core.config import NebulaConfig
+from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
+from nebula.services.agent.agent import NodeAgent
+from nebula.services.agent.specfiles import SpecFiles
+
+
+class TableUnits:
+    """Units that change state only when the test says so; counts starts to prove re-adoption."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, UnitStatus] = {}
+        self.starts = 0
+
+    async def list(self) -> Mapping[str, UnitStatus]:
+        return dict(self.units)
+
+    async def start(self, instance: str) -> None:
+        self.starts += 1
+        self.units[instance] = UnitStatus(instance, UnitState.ACTIVATING)
+
+    async def stop(self, instance: str) -> None:
+        self.units[instance] = UnitStatus(instance, UnitState.DEACTIVATING)
+
+    async def reset(self, instance: str) -> None:
+        self.units.pop(instance, None)
+
+    async def close(self) -> None:
+        pass
+
+    def set(self, instance: str, state: UnitState) -> None:
+        self.units[instance] = UnitStatus(instance, state)
+
+
+def model_dir(tmp_path: Path) -> str:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    return str(d)
+
+
+async def make_agent(tmp_path: Path, store: MemoryStore, units: TableUnits, healthy: set[str]) -> NodeAgent:
+    node = NodeRecord(name="n1", address="127.0.0.1", port_min=18000, port_max=18010)
+
+    async def health(endpoint: str) -> bool:
+        return endpoint in healthy
+
+    agent = NodeAgent(NebulaConfig(), node, store, units, SpecFiles(str(tmp_path / "run")), health,
+                      CollectorRegistry(), clock=lambda: 1000.0)
+    await agent.on_new_lease(await store.grant_lease(10))
+    return agent
+
+
+async def place_on(store: MemoryStore, agent: NodeAgent, inst: str, source: str) -> None:
+    spec = ModelSpec.from_dict({"name": inst, "source": source})
+    p = Placement(instance=inst, node="n1", model=spec, port=18000)
+    await store.put(keys.placement_key("n1", inst), dumps(p.to_dict()))
+    snap = await store.list_prefix(keys.node_placements_prefix("n1"))
+    agent.on_placements({kv.key: kv for kv in snap.items})
+
+
+async def phase(store: MemoryStore, inst: str) -> str | None:
+    kv = await store.get(keys.instance_key(inst))
+    return None if kv is None else str(json.loads(kv.value)["phase"])
+
+
+async def test_lifecycle_and_readoption(tmp_path: Path) -> None:
+    store, units, healthy = MemoryStore(), TableUnits(), set[str]()
+    agent = await make_agent(tmp_path, store, units, healthy)
+    assert (await store.get(keys.node_key("n1"))) is not None
+    await agent.reconcile_once()  # placements not listed yet: nothing happens
+    assert units.starts == 0
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    assert units.starts == 1 and await phase(store, "tiny") == "starting"
+    assert json.loads((tmp_path / "run/engines/tiny.json").read_text())["port"] == 18000
+    units.set("tiny", UnitState.ACTIVE)
+    healthy.add("http://127.0.0.1:18000")
+    await agent.reconcile_once()
+    assert await phase(store, "tiny") == "ready"
+
+    # A restarted agent finds the running engine with the same spec and does not restart it.
+    again = await make_agent(tmp_path, store, units, healthy)
+    await place_on(store, again, "tiny", model_dir(tmp_path))
+    await again.reconcile_once()
+    assert units.starts == 1 and await phase(store, "tiny") == "ready"
+
+    # Unload: the placement goes, the unit drains, then the instance disappears.
+    await store.delete(keys.placement_key("n1", "tiny"))
+    again.on_placements({})
+    await again.reconcile_once()
+    assert units.units["tiny"].state is UnitState.DEACTIVATING
+    assert await phase(store, "tiny") == "draining"
+    units.set("tiny", UnitState.INACTIVE)
+    await again.reconcile_once()
+    assert await phase(store, "tiny") is None
+    assert not (tmp_path / "run/engines/tiny.json").exists()
+
+
+async def test_missing_source_fails_with_reason_and_starts_nothing(tmp_path: Path) -> None:
+    store, units = MemoryStore(), TableUnits()
+    agent = await make_agent(tmp_path, store, units, set())
+    await place_on(store, agent, "ghost", "/nonexistent/model")
+    await agent.reconcile_once()
+    kv = await store.get(keys.instance_key("ghost"))
+    assert kv is not None
+    st = json.loads(kv.value)
+    assert st["phase"] == "failed" and "/nonexistent/model does not exist" in st["message"]
+    assert units.starts == 0
+
+
+async def test_orphan_unit_is_stopped(tmp_path: Path) -> None:
+    store, units = MemoryStore(), TableUnits()
+    units.set("stray", UnitState.ACTIVE)
+    agent = await make_agent(tmp_path, store, units, set())
+    agent.on_placements({})
+    await agent.reconcile_once()
+    assert units.units["stray"].state is UnitState.DEACTIVATING
+
+
+async def test_lost_lease_rewrites_node_and_instances(tmp_path: Path) -> None:
+    store, units, healthy = MemoryStore(), TableUnits(), {"http://127.0.0.1:18000"}
+    agent = await make_agent(tmp_path, store, units, healthy)
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    await store.revoke_lease(agent.lease)
+    assert await store.get(keys.node_key("n1")) is None and await phase(store, "tiny") is None
+    await agent.on_new_lease(await store.grant_lease(10))
+    await agent.reconcile_once()
+    assert await store.get(keys.node_key("n1")) is not None and await phase(store, "tiny") == "starting"

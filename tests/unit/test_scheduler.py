@@ -1,0 +1,79 @@
+"""The scheduler's passes and election against the in-memory store, on a controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from nebula.adapters.memstore import MemoryStore
+from nebula.core import keys
+from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
+from nebula.services.scheduler.scheduler import Scheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def feed(store: MemoryStore, sched: Scheduler) -> None:
+    for prefix, cb in ((keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes),
+                       (keys.PLACEMENTS, sched.on_placements)):
+        snap = await store.list_prefix(prefix)
+        cb({kv.key: kv for kv in snap.items})
+
+
+async def placements(store: MemoryStore) -> dict[str, str]:
+    snap = await store.list_prefix(keys.PLACEMENTS)
+    return {p.instance: p.node for p in (Placement.from_dict(loads(kv.value)) for kv in snap.items)}
+
+
+def node(name: str) -> bytes:
+    return dumps(NodeRecord(name=name, address="127.0.0.1", port_min=18000, port_max=18100).to_dict())
+
+
+async def test_places_moves_after_grace_only() -> None:
+    store, clock = MemoryStore(), Clock()
+    sched = Scheduler(store, "s1", lease_ttl_s=10, node_grace_s=30, resync_s=5, registry=CollectorRegistry(),
+                      clock=clock)
+    await store.put(keys.node_key("n1"), node("n1"))
+    await store.put(keys.node_key("n2"), node("n2"))
+    await store.put(keys.model_key("a"), dumps(ModelSpec.from_dict({"name": "a", "source": "/m",
+                                                                    "replicas": 2}).to_dict()))
+    await feed(store, sched)
+    await sched.schedule_once()
+    assert sorted((await placements(store)).values()) == ["n1", "n2"]
+    await feed(store, sched)
+    before = await placements(store)
+
+    await store.delete(keys.node_key("n2"))
+    await feed(store, sched)
+    clock.now += 29
+    await sched.schedule_once()
+    assert await placements(store) == before  # a blip shorter than the grace moves nothing
+    clock.now += 2
+    await feed(store, sched)
+    await sched.schedule_once()
+    assert sorted((await placements(store)).values()) == ["n1", "n1"]
+
+
+async def test_only_one_scheduler_leads() -> None:
+    store = MemoryStore()
+    s1 = Scheduler(store, "s1", lease_ttl_s=3, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    s2 = Scheduler(store, "s2", lease_ttl_s=3, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    t1 = asyncio.create_task(s1.run())
+    await asyncio.sleep(0.05)
+    t2 = asyncio.create_task(s2.run())
+    await asyncio.sleep(0.05)
+    try:
+        assert s1.is_leader and not s2.is_leader
+        kv = await store.get(keys.SCHEDULER_LEADER)
+        assert kv is not None and kv.value == b"s1"
+    finally:
+        t1.cancel()
+        t2.cancel()
+        await asyncio.gather(t1, t2, return_exceptions=True)
