@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,15 @@ def test_endpoint_must_be_http_host_port() -> None:
         EtcdStore(["https://127.0.0.1"])
     with pytest.raises(ValueError):
         EtcdStore([])
+
+
+def test_harness_strips_etcd_env_and_owns_the_pid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # etcd exits at start when ETCD_DATA_DIR conflicts with --data-dir: launching proves it was stripped.
+    monkeypatch.setenv("ETCD_DATA_DIR", str(tmp_path / "elsewhere"))
+    server = EtcdServer.launch(tmp_path)
+    try:
+        assert Path(f"/proc/{server.pid}/comm").read_text().strip() == "etcd"
+        assert server.data_dir.is_dir()
+    finally:
+        server.kill()
+    assert not server.running

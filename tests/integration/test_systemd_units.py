@@ -157,7 +157,7 @@ class EngineRig:
 
 
 @pytest.fixture(scope="module")
-def rig(systemd_sandbox: SystemdSandbox) -> EngineRig:  # noqa: F811
+def rig(systemd_sandbox: SystemdSandbox) -> EngineRig:
     d = systemd_sandbox.scratch
     venv_bin = d / "venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -190,7 +190,7 @@ RestartSec=0.5
 
 
 @pytest.fixture
-async def units(systemd_sandbox: SystemdSandbox) -> AsyncIterator[SystemdEngineUnits]:  # noqa: F811
+async def units(systemd_sandbox: SystemdSandbox) -> AsyncIterator[SystemdEngineUnits]:
     u = SystemdEngineUnits(systemd_sandbox.dbus_address)
     yield u
     await u.close()

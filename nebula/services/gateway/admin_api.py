@@ -17,8 +17,8 @@ from nebula.adapters.store import KeyValue
 from nebula.core import keys
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, dumps, loads, validate_name
 from nebula.errors import ValidationError
-from nebula.services.gateway.errors import ApiError
 from nebula.services.gateway.state import GATEWAY
+from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from nebula.core import keys
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.services.gateway import admin_api, openai_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware
-from nebula.services.gateway.errors import error_middleware
 from nebula.services.gateway.metrics import GatewayMetrics
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.view import ClusterView
-from nebula.services.router.relay import new_session
+from nebula.services.http.errors import error_middleware
+from nebula.services.http.relay import new_session
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
 
 

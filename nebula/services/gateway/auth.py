@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from nebula.services.gateway.errors import ApiError, Handler
+from nebula.services.http.errors import ApiError, Handler
 
 ADMIN_PREFIXES = ("/v1/admin/", "/v1/models/load")
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})

@@ -14,10 +14,10 @@ from aiohttp import web
 from yarl import URL
 
 from nebula.core.model import loads
-from nebula.services.gateway.errors import ApiError, Handler, unavailable
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
-from nebula.services.router.relay import MODEL_HEADER, forward_headers, relay
+from nebula.services.http.errors import ApiError, Handler, unavailable
+from nebula.services.http.relay import MODEL_HEADER, forward_headers, relay
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
 

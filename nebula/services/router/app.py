@@ -21,9 +21,9 @@ from nebula.adapters.store import Store
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
 from nebula.core.config import NebulaConfig, RouterConfig
-from nebula.services.gateway.errors import ApiError, error_middleware, unavailable
+from nebula.services.http.errors import ApiError, error_middleware, unavailable
+from nebula.services.http.relay import MODEL_HEADER, forward_headers, new_session, relay
 from nebula.services.router.metrics import RouterMetrics
-from nebula.services.router.relay import MODEL_HEADER, forward_headers, new_session, relay
 from nebula.services.router.table import ReplicaTable
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
 
