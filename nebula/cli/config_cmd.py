@@ -14,17 +14,17 @@ from nebula.services.runtime import config_path, load_config
 
 
 def render_config(cfg: NebulaConfig) -> str:
-    """A commented TOML file of every setting (commented out at its default value)."""
-    out: list[str] = ["# Nebula configuration. Every key can also be set as NEBULA_<SECTION>_<KEY>.",
-                      "# Files in nebula.d/*.toml beside this one override it, key by key.", ""]
+    """A TOML file of every setting: `## ` lines document, `# ` lines are the setting at its default."""
+    out: list[str] = ["## Nebula configuration. Every key can also be set as NEBULA_<SECTION>_<KEY>.",
+                      "## Files in nebula.d/*.toml beside this one override it, key by key.", ""]
     section = ""
     for sname, key, doc, value in config_template(cfg):
         if sname != section:
             out += ["", f"[{sname}]"] if section else [f"[{sname}]"]
             section = sname
-        out.append(f"# {doc}")
+        out.append(f"## {doc}")
         rendered = tomli_w.dumps({key: list(value) if isinstance(value, tuple) else value}).strip()
-        out.append(f"# {rendered}")
+        out += [f"# {line}" for line in rendered.splitlines()]
     return "\n".join(out) + "\n"
 
 
