@@ -85,6 +85,8 @@ class NodeConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     vllm_venv: str = _f("/opt/nebula/engines/vllm", "The virtualenv that holds the vLLM engine runtime.")
+    hand_specs_dir: str = _f("/etc/nebula/engines", "Specs of hand-run engines (<instance>.toml), used when the "
+                             "agent wrote none: `systemctl start nebula-engine@<instance>` with no control plane.")
     vllm_device: str = _f("auto", "'cpu' adds the CPU engine's settings; 'auto' detects from the install.")
     startup_timeout_s: float = _f(900.0, "Longest time a model may take to load before the start fails.")
     health_interval_s: float = _f(2.0, "How often the supervisor checks the engine's /health.")

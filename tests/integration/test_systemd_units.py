@@ -172,13 +172,13 @@ def rig(systemd_sandbox: SystemdSandbox) -> EngineRig:
     # dir under /tmp (so no PrivateTmp and that dir writable), and short timers keep the test fast.
     systemd_sandbox.install_dropin("nebula-engine@.service", f"""[Service]
 ExecStart=
-ExecStart={VENV_PYTHON} -m nebula.services.engine.supervisor %i --config {d}/none.toml
+ExecStart={VENV_PYTHON} -m nebula engine run %i
 User=root
 Group=root
 ProtectHome=no
 PrivateTmp=no
 ReadWritePaths={d}
-Environment=NEBULA_ENGINE_VLLM_VENV={d}/venv NEBULA_NODE_RUN_DIR={d}/run
+Environment=NEBULA_CONFIG={d}/none.toml NEBULA_ENGINE_VLLM_VENV={d}/venv NEBULA_NODE_RUN_DIR={d}/run
 Environment=NEBULA_ENGINE_HEALTH_INTERVAL_S=0.5 NEBULA_ENGINE_HEALTH_TIMEOUT_S=1
 Environment=NEBULA_ENGINE_STOP_TIMEOUT_S=5
 TimeoutStartSec=20

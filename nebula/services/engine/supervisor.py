@@ -9,30 +9,25 @@ The same code runs without systemd (the process back-end): every notification is
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from nebula.adapters.sdnotify import Notifier
-from nebula.core.config import EngineConfig, NebulaConfig, parse_config, parse_config_text
+from nebula.core.config import EngineConfig, NebulaConfig
 from nebula.core.engine_spec import EngineSpec, vllm_command
 from nebula.errors import NebulaError, PermanentError
-from nebula.services.logsetup import setup_logging
 
 DEFAULT_ETC_ENGINES = Path("/etc/nebula/engines")
-DEFAULT_CONFIG = Path("/etc/nebula/nebula.toml")
 NVIDIA_DEVICE = Path("/dev/nvidia0")
 
 # How long each EXTEND_TIMEOUT_USEC= grants at most: a few missed ticks must not fail the start.
@@ -224,13 +219,13 @@ class EngineSupervisor:
 
 
 def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
-               etc_dir: Path = DEFAULT_ETC_ENGINES, nvidia_device: Path = NVIDIA_DEVICE) -> int:
+               nvidia_device: Path = NVIDIA_DEVICE) -> int:
     """Run the engine of `instance` until it stops; the process's exit code."""
     fields = {"NEBULA_INSTANCE": instance}
     notifier = Notifier(env)
     try:
         try:
-            spec = load_spec(instance, Path(cfg.node.run_dir), etc_dir)
+            spec = load_spec(instance, Path(cfg.node.run_dir), Path(cfg.engine.hand_specs_dir))
         except NebulaError as e:
             log.error("cannot start engine: %s", e, extra=fields)
             notifier.notify(STATUS=f"bad spec: {e}")
@@ -245,30 +240,3 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
         return asyncio.run(supervisor.run())
     finally:
         notifier.close()
-
-
-def load_config(path: Path, env: Mapping[str, str]) -> NebulaConfig:
-    if path.is_file():
-        return parse_config_text(path.read_text(), env, str(path))
-    return parse_config({}, env, "<defaults>")
-
-
-def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    """Stand-alone entry (`python -m nebula.services.engine.supervisor INSTANCE`) for tests and debugging."""
-    parser = argparse.ArgumentParser(prog="nebula-engine-supervisor")
-    parser.add_argument("instance")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--engines-dir", type=Path, default=DEFAULT_ETC_ENGINES)
-    args = parser.parse_args(list(argv))
-    try:
-        cfg = load_config(args.config, env)
-    except NebulaError as e:
-        setup_logging("engine", "info", env)
-        log.error("%s", e, extra={"NEBULA_INSTANCE": args.instance})
-        return ExitCode.BAD_SPEC
-    setup_logging("engine", cfg.log.level, env)
-    return run_engine(args.instance, cfg, env, etc_dir=args.engines_dir)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:], os.environ))
