@@ -152,6 +152,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def required_path(name: str) -> str:
+    """The path in environment variable `name`; the test fails (never skips) when it is missing."""
+    import pytest
+
+    value = os.environ.get(name, "")
+    if not value or not Path(value).exists():
+        pytest.fail(f"{name} must point at an existing path (scripts/test.sh sets it up); got {value!r}")
+    return value
+
+
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:

@@ -7,7 +7,6 @@ bad input -> a load with a missing source fails visibly without disturbing the r
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.error
@@ -19,23 +18,16 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness.cluster import NebulaCluster, wait_until
+from tests.harness.cluster import NebulaCluster, required_path, wait_until
 from tests.harness.etcd import EtcdServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]
 READY_TIMEOUT_S = 420
 
 
-def required_env(name: str) -> str:
-    value = os.environ.get(name, "")
-    if not value or not Path(value).exists():
-        pytest.fail(f"{name} must point at an existing path (scripts/test.sh sets it up); got {value!r}")
-    return value
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NebulaCluster]:
-    venv = required_env("NEBULA_TEST_VLLM_VENV")
+    venv = required_path("NEBULA_TEST_VLLM_VENV")
     etcd = EtcdServer.launch(tmp_path_factory.mktemp("e2e-etcd"))
     c = NebulaCluster(workdir=tmp_path_factory.mktemp("e2e"), etcd=etcd, vllm_venv=venv)
     try:
@@ -63,7 +55,7 @@ def post_raw(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
 
 
 def test_load_chat_readopt_unload(cluster: NebulaCluster) -> None:
-    models = Path(required_env("NEBULA_TEST_MODELS"))
+    models = Path(required_path("NEBULA_TEST_MODELS"))
     chat_model = models / "tiny-llama"
     t0 = time.monotonic()
     cluster.cli("load", "tiny", "--source", str(chat_model), "--max-model-len", "512")

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.cluster import wait_until
+from tests.harness.cluster import required_path, wait_until
 from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
@@ -46,16 +46,9 @@ class UnitCluster:
         return out.stdout
 
 
-def env_path(name: str) -> str:
-    value = os.environ.get(name, "")
-    if not value or not Path(value).exists():
-        pytest.fail(f"{name} must point at an existing path (scripts/test.sh sets it up); got {value!r}")
-    return value
-
-
 @pytest.fixture(scope="module")
 def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitCluster]:
-    venv = env_path("NEBULA_TEST_VLLM_VENV")
+    venv = required_path("NEBULA_TEST_VLLM_VENV")
     etcd = EtcdServer.launch(tmp_path_factory.mktemp("sd-etcd"))
     sandbox = up(name=f"cluster-{os.getpid()}")
     try:
@@ -109,7 +102,7 @@ def test_units_load_chat_restart_control_plane_unload(unit_cluster: UnitCluster)
     for svc in CONTROL_PLANE:
         state = c.sandbox.show(f"{svc}.service", "ActiveState", "User")
         assert state == {"ActiveState": "active", "User": "nebula"}, (svc, state)
-    models = Path(env_path("NEBULA_TEST_MODELS"))
+    models = Path(required_path("NEBULA_TEST_MODELS"))
     c.nebula("load", "tiny", "--source", str(models / "tiny-llama"))
 
     def ready() -> bool:
