@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra `vllm serve` argument (repeatable), e.g. --engine-arg=--dtype=float32")
     ld.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until a replica is ready")
     ld.add_argument("--json", action="store_true")
+    sc = sub.add_parser("scale", help="change a model's replica count (removed replicas drain)")
+    sc.add_argument("name")
+    sc.add_argument("replicas", type=int)
     ul = sub.add_parser("unload", help="unload a model (drains, then stops its engines)")
     ul.add_argument("name")
     st = sub.add_parser("status", help="nodes and models at a glance")
@@ -108,6 +111,8 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         return m.load(client, spec, wait_s=args.wait, as_json=args.json)
     if cmd == "unload":
         return m.unload(client, args.name)
+    if cmd == "scale":
+        return m.scale(client, args.name, args.replicas)
     if cmd == "status":
         return m.status(client, as_json=args.json)
     raise CliError(f"unknown command {cmd}")

@@ -80,6 +80,12 @@ def unload(client: AdminClient, name: str) -> int:
     return 0
 
 
+def scale(client: AdminClient, name: str, replicas: int) -> int:
+    res = client.call("PATCH", f"/v1/admin/models/{name}", {"replicas": replicas})
+    print(f"model {name} scaled to {res['model']['replicas']} replica(s)")
+    return 0
+
+
 def status(client: AdminClient, *, as_json: bool) -> int:
     nodes = client.call("GET", "/v1/admin/nodes")["data"]
     models = client.call("GET", "/v1/admin/models")["data"]
