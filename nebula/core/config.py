@@ -55,6 +55,18 @@ class RouterConfig:
     max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
     no_replica_wait_s: float = _f(0.0, "How long a request waits for a ready replica of a loading model "
                                   "before 503 (0: answer 503 at once).")
+    load_poll_s: float = _f(1.0, "How often the router reads each ready replica's load from its /metrics "
+                            "(0: never; route on the router's own in-flight counts only).")
+    load_timeout_s: float = _f(0.5, "Timeout of one /metrics read. A replica that fails or is slow stays "
+                               "routable: its last load counts for 3 polls, then only its in-flight requests.")
+    load_waiting_weight: float = _f(2.0, "Weight of each request queued in an engine, against 1 per request "
+                                    "the router has in flight to it, when picking the least loaded replica.")
+    kv_cache_threshold: float = _f(0.9, "KV cache usage (0-1) from which a replica counts as overloaded: it "
+                                   "takes the penalty below and loses prefix affinity.")
+    kv_cache_penalty: float = _f(8.0, "Score added to a replica whose KV cache usage is at or above the "
+                                 "threshold (in units of in-flight requests).")
+    affinity_slack: float = _f(4.0, "Requests with the same X-Nebula-Prefix stay on their replica while its "
+                               "score is at most this much above the least loaded one's.")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,51 @@
 """Routing policy: which replica of a model gets the next request. Pure functions, no I/O.
 
-The router keeps the state (ready replicas, outstanding requests, a turn counter per model) and asks
-these functions for decisions, so the policy is tested exhaustively without sockets.
+The router keeps the state (ready replicas, outstanding requests, the engines' polled load, a turn counter
+per model) and asks these functions for decisions, so the policy is tested exhaustively without sockets.
+
+Least loaded: each replica scores its in-flight requests from this router, plus the requests queued in
+its engine (weighted: a queued request waits for a batch slot, a running one only shares the batch), plus
+a penalty while its KV cache is nearly full (vLLM preempts running requests then). Prefix affinity: a
+request carrying a prefix key goes to the key's rendezvous (highest-random-weight) replica while that one
+is not overloaded, so a conversation keeps hitting the engine whose prefix cache holds its prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from nebula.adapters.engine_metrics import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task
+
+# The gateway (which parsed the body) sends prefix_key(body) in this header; the router routes on it
+# without parsing the body, and does not forward it to the engine.
+PREFIX_HEADER = "X-Nebula-Prefix"
+# Characters of the system prompt and of the first user message that make the key: enough to tell
+# conversations apart, bounded so the gateway's hashing cost does not grow with the prompt.
+PREFIX_CHARS = 1024
+# A longer header value is not one the gateway made: ignored rather than hashed.
+MAX_PREFIX_KEY_LEN = 64
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _stable_hash(text: str) -> int:
+    # blake2b is in the stdlib and stable across processes (unlike hash()), so a key keeps its home when
+    # the router restarts and every router instance agrees on it.
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big")
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit ints that spreads every input bit over the output."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 @dataclass(frozen=True)
@@ -21,6 +56,11 @@ class Replica:
     model: str
     endpoint: str
     task: Task
+    # The endpoint's hash, computed once per table update rather than per request (rendezvous weights).
+    endpoint_hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoint_hash", _stable_hash(self.endpoint))
 
 
 def ready_replicas(statuses: Iterable[InstanceStatus]) -> dict[str, tuple[Replica, ...]]:
@@ -43,20 +83,136 @@ def ready_replicas(statuses: Iterable[InstanceStatus]) -> dict[str, tuple[Replic
             for model, reps in by_model.items()}
 
 
-def pick_least_outstanding(candidates: Sequence[Replica], outstanding: Mapping[str, int],
-                           exclude: Collection[str], turn: int) -> Replica | None:
-    """The replica with the fewest outstanding requests; among equals, the `turn`-th (mod their count).
+@dataclass(frozen=True)
+class LoadPolicy:
+    """The knobs of the policy (RouterConfig carries them; the defaults here are for tests)."""
 
-    `outstanding` is keyed by endpoint (missing = 0); `exclude` holds endpoints already tried for this
-    request. The caller advances `turn` after each pick, so equal replicas take turns (round-robin)
-    instead of the first one soaking up every request of a burst.
+    waiting_weight: float = 2.0
+    kv_cache_threshold: float = 0.9
+    kv_cache_penalty: float = 8.0
+    affinity_slack: float = 4.0
+
+
+def kv_cache_hot(load: EngineLoad | None, policy: LoadPolicy) -> bool:
+    """True when the engine reported a KV cache at or above the threshold (unknown load: not hot)."""
+    return load is not None and load.kv_cache_usage >= policy.kv_cache_threshold
+
+
+def load_score(inflight: int, load: EngineLoad | None, policy: LoadPolicy) -> float:
+    """Lower is less loaded. `load` None (never polled, or the poll failed): in-flight requests only."""
+    score = float(inflight)
+    if load is not None:
+        score += policy.waiting_weight * load.waiting
+        if kv_cache_hot(load, policy):
+            score += policy.kv_cache_penalty
+    return score
+
+
+def _home_index(candidates: Sequence[Replica], key: str) -> int:
+    # Weight of (key, replica) = mix(hash(key) ^ hash(endpoint)): one blake2b per request, not one per
+    # candidate. The endpoint breaks the (astronomically rare) tie of equal weights deterministically.
+    key_hash = _stable_hash(key)
+    return max(range(len(candidates)),
+               key=lambda i: (_mix64(key_hash ^ candidates[i].endpoint_hash), candidates[i].endpoint))
+
+
+def rendezvous_home(candidates: Sequence[Replica], key: str) -> Replica | None:
+    """The replica with the highest weight for (key, endpoint): rendezvous (highest-random-weight) hashing.
+
+    Adding a replica only takes the keys it now wins, removing one only moves the keys it held, so the
+    prefix caches of the other replicas stay useful when the set changes. Candidate order does not matter.
+    """
+    return candidates[_home_index(candidates, key)] if candidates else None
+
+
+def pick_replica(candidates: Sequence[Replica], inflight: Mapping[str, int], loads: Mapping[str, EngineLoad],
+                 exclude: Collection[str], turn: int, prefix: str | None = None,
+                 policy: LoadPolicy = LoadPolicy()) -> Replica | None:
+    """The replica for the next request, among `candidates` (READY ones) not in `exclude`.
+
+    `inflight` and `loads` are keyed by endpoint (missing: 0 in flight, load unknown); `exclude` holds
+    endpoints already tried for this request. With a `prefix` key, its rendezvous home among the allowed
+    replicas wins while its KV cache is not hot and its score is within `affinity_slack` of the best.
+    Otherwise the least-scored replica; among equals the `turn`-th (mod their count): the caller advances
+    `turn` after each pick, so equal replicas take turns instead of the first one soaking up a burst.
     """
     allowed = [r for r in candidates if r.endpoint not in exclude]
     if not allowed:
         return None
-    least = min(outstanding.get(r.endpoint, 0) for r in allowed)
-    ties = [r for r in allowed if outstanding.get(r.endpoint, 0) == least]
+    scores = [load_score(inflight.get(r.endpoint, 0), loads.get(r.endpoint), policy) for r in allowed]
+    best = min(scores)
+    if prefix is not None:
+        i = _home_index(allowed, prefix)
+        if scores[i] <= best + policy.affinity_slack and not kv_cache_hot(loads.get(allowed[i].endpoint), policy):
+            return allowed[i]
+    ties = [r for r, s in zip(allowed, scores, strict=True) if s == best]
     return ties[turn % len(ties)]
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content
+                       if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _chat_prefix(messages: Any) -> tuple[str, str] | None:
+    if not isinstance(messages, list):
+        return None
+    system = user = None
+    for m in messages:
+        if not isinstance(m, Mapping):
+            continue
+        role = m.get("role")
+        if system is None and role in ("system", "developer"):
+            system = _text(m.get("content"))[:PREFIX_CHARS]
+        elif user is None and role == "user":
+            user = _text(m.get("content"))[:PREFIX_CHARS]
+        if user is not None:
+            break  # a system prompt after the first user message is not part of the shared prefix
+    if not system and not user:
+        return None
+    return system or "", user or ""
+
+
+def _completion_prefix(prompt: Any) -> str | None:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # a batch of prompts: the first one's engine is as good a home as any
+    if isinstance(prompt, str):
+        return prompt[:PREFIX_CHARS] or None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt[:PREFIX_CHARS]):
+        return ",".join(map(str, prompt[:PREFIX_CHARS]))  # token ids
+    return None
+
+
+def prefix_key(body: Mapping[str, Any]) -> str | None:
+    """The affinity key of a parsed request body, for the X-Nebula-Prefix header (16 lowercase hex chars).
+
+    Chat (`messages`): model + the first PREFIX_CHARS characters of the first system (or developer) message
+    and of the first user message, so every turn of a conversation gets the same key. Completions
+    (`prompt`): model + the first PREFIX_CHARS characters of the prompt (of the first prompt of a batch;
+    token-id prompts by their first PREFIX_CHARS ids). Anything else (embeddings, rerank, score) or a body
+    without text: None, and no header is sent. Never raises, whatever the body holds.
+    """
+    model = body.get("model")
+    if not isinstance(model, str):
+        return None
+    parts: tuple[str, ...] | None
+    if "messages" in body:
+        parts = _chat_prefix(body["messages"])
+    elif "prompt" in body:
+        prompt = _completion_prefix(body["prompt"])
+        parts = None if prompt is None else (prompt,)
+    else:
+        parts = None
+    if parts is None:
+        return None
+    # JSON of the list: an unambiguous encoding of the parts (no separator can be forged by the content).
+    data = json.dumps([model, *parts], ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def phase_counts(statuses: Iterable[InstanceStatus]) -> dict[str, Counter[Phase]]:

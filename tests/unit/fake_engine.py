@@ -3,11 +3,15 @@
 Answers are deterministic bytes (so proxying can be checked byte for byte) and name the engine that
 served them. Knobs: `status` (answer every request with it), `hold` (block requests until set, and
 record when one is cancelled because its client went away).
+
+GET /metrics answers like vLLM's exporter (Prometheus text, gzipped when the client offers gzip) with the
+load set in `waiting`, `running`, `kv_usage`; `metrics_status` makes it fail, `metrics_hold` makes it hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from nebula.adapters.store import Store
 from nebula.core import keys
@@ -49,11 +54,42 @@ def sse_chunks(engine: str, model: str) -> list[bytes]:
             + [chunk({}, "stop"), b"data: [DONE]\n\n"])
 
 
+def vllm_metrics_text(model: str, waiting: float = 0.0, running: float = 0.0, kv_usage: float = 0.0,
+                      engines: tuple[str, ...] = ("0",)) -> str:
+    """The /metrics text of a vLLM 0.32 server, written as vLLM writes it: by prometheus_client, with its
+    process series, the load gauges, counters (with _created samples) and a histogram, labelled
+    {engine, model_name}; one label set per engine (data-parallel rank), each with the given load."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    labels = ["engine", "model_name"]
+    gauges = [(Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels,
+                     registry=registry), running),
+              (Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels,
+                     registry=registry), waiting),
+              (Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels,
+                     registry=registry), kv_usage)]
+    prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=registry)
+    ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels,
+                     buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5), registry=registry)
+    for e in engines:
+        for gauge, value in gauges:
+            gauge.labels(e, model).set(value)
+        prompt.labels(e, model).inc(913)
+        ttft.labels(e, model).observe(0.03)
+    return generate_latest(registry).decode()
+
+
 class FakeEngine:
     def __init__(self, name: str) -> None:
         self.name = name
         self.received: list[Received] = []
         self.status: int | None = None
+        self.waiting = 0.0
+        self.running = 0.0
+        self.kv_usage = 0.0
+        self.metrics_status: int | None = None
+        self.metrics_hold: asyncio.Event | None = None
+        self.metrics_polls = 0
         self.hold: asyncio.Event | None = None
         self.held = asyncio.Event()  # a held request arrived
         self.cancelled = asyncio.Event()  # a held request was cancelled (its client went away)
@@ -63,6 +99,7 @@ class FakeEngine:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/{tail:.*}", self._handle)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -74,6 +111,19 @@ class FakeEngine:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics_polls += 1
+        if self.metrics_hold is not None:
+            await self.metrics_hold.wait()
+        if self.metrics_status is not None:
+            return web.Response(status=self.metrics_status, text="no metrics")
+        body = vllm_metrics_text("m", self.waiting, self.running, self.kv_usage).encode()
+        headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body)  # as prometheus_client's exporter (vLLM's) does when offered
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -135,4 +185,6 @@ async def engines(*names: str) -> AsyncIterator[list[FakeEngine]]:
         for e in started:
             if e.hold is not None:
                 e.hold.set()
+            if e.metrics_hold is not None:
+                e.metrics_hold.set()
             await e.stop()

@@ -491,3 +491,43 @@ async def test_gateway_started_without_the_store_answers_503_not_404() -> None:
             assert_openai_error(await resp.json(), 503, "models_not_loaded")
     finally:
         await gateway.close()
+
+
+async def test_a_conversation_stays_on_one_replica_through_the_gateway() -> None:
+    """The gateway sends the prefix key; the router keeps a conversation on one replica's prefix cache."""
+    async for (a, b) in engines("a", "b"):
+        await _check_affinity(a, b)
+
+
+async def _check_affinity(a: FakeEngine, b: FakeEngine) -> None:
+    store = MemoryStore()
+    for spec in MODELS:
+        await store.put(keys.model_key(spec.name), dumps(spec.to_dict()))
+    await put_instance(store, "m", a.endpoint)
+    await put_instance(store, "m:1", b.endpoint)
+    router = TestServer(build_router_app(RouterConfig(load_poll_s=0), store, CollectorRegistry()))
+    await router.start_server()
+    gateway = TestServer(build_gateway_app(GatewayConfig(router_url=str(router.make_url("")).rstrip("/")),
+                                           store, CollectorRegistry()))
+    await gateway.start_server()
+    try:
+        await until(lambda: len(router.app[ROUTER].table.ready().get("m", [])) == 2
+                    and "m" in gateway.app[GATEWAY].view.models)
+        async with aiohttp.ClientSession() as http:
+            async def chat(system: str, turn: str) -> None:
+                body = {"model": "m", "messages": [{"role": "system", "content": system},
+                                                   {"role": "user", "content": "first question"},
+                                                   {"role": "assistant", "content": "answer"},
+                                                   {"role": "user", "content": turn}]}
+                async with http.post(gateway.make_url("/v1/chat/completions"), json=body) as resp:
+                    assert resp.status == 200
+
+            for i in range(6):
+                await chat("you are helpful", f"turn {i}")
+            assert sorted([len(a.received), len(b.received)]) == [0, 6], "a conversation was split"
+            for i in range(12):
+                await chat(f"persona {i}", "hello")
+            assert len(a.received) > 0 and len(b.received) > 0, "distinct conversations were not spread"
+    finally:
+        await gateway.close()
+        await router.close()

@@ -15,10 +15,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.engine_metrics import EngineLoad
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import NebulaConfig, RouterConfig
 from nebula.core.model import Phase
+from nebula.core.routing import PREFIX_HEADER, rendezvous_home
 from nebula.services.router.app import ROUTER, build_router_app, serve_router
 from tests.unit.fake_engine import FakeEngine, completion_bytes, engines, put_instance, sse_chunks, until
 
@@ -44,6 +46,9 @@ class Router:
 
     def ready_count(self, model: str = "m") -> int:
         return len(self.server.app[ROUTER].table.ready().get(model, ()))
+
+    def polled(self, endpoint: str) -> bool:
+        return self.server.app[ROUTER].table.loads.sample(endpoint) is not None
 
     def metric(self, name: str, labels: dict[str, str]) -> float:
         value = self.registry.get_sample_value(name, labels)
@@ -233,6 +238,84 @@ async def test_least_outstanding_avoids_the_busy_replica(make_router: MakeRouter
     resp.release()
 
 
+async def engines_used(r: Router, n: int, headers: dict[str, str] | None = None) -> list[str]:
+    """Send `n` requests one after the other; the engine that answered each."""
+    used = []
+    for _ in range(n):
+        async with r.post(CHAT, headers=headers) as resp:
+            assert resp.status == 200
+            used.append(resp.headers["X-Engine"])
+    return used
+
+
+async def test_replica_with_a_queue_in_its_engine_gets_fewer_picks(make_router: MakeRouter,
+                                                                   two: list[FakeEngine]) -> None:
+    r = await make_router(load_poll_s=0.02)
+    a, b = two
+    a.waiting, a.running, a.kv_usage = 20, 4, 0.5
+    await put_instance(r.store, "m", a.endpoint)
+    await put_instance(r.store, "m:1", b.endpoint)
+    await until(lambda: r.ready_count() == 2 and r.polled(a.endpoint) and r.polled(b.endpoint))
+    assert await engines_used(r, 6) == ["b"] * 6
+    assert r.metric("nebula_router_engine_waiting_requests", {"model": "m", "replica": "m"}) == 20
+    assert r.metric("nebula_router_engine_running_requests", {"model": "m", "replica": "m"}) == 4
+    assert r.metric("nebula_router_engine_kv_cache_usage", {"model": "m", "replica": "m"}) == 0.5
+    assert r.metric("nebula_router_engine_waiting_requests", {"model": "m", "replica": "m:1"}) == 0
+    # The queue drains: once polled again, both replicas share the traffic.
+    a.waiting = 0
+    await until(lambda: r.server.app[ROUTER].table.loads.loads().get(a.endpoint) == EngineLoad(0, 4, 0.5))
+    assert set(await engines_used(r, 6)) == {"a", "b"}
+
+
+async def test_same_prefix_goes_to_the_same_replica(make_router: MakeRouter, two: list[FakeEngine]) -> None:
+    r = await make_router(load_poll_s=0)
+    a, b = two
+    await put_instance(r.store, "m", a.endpoint)
+    await put_instance(r.store, "m:1", b.endpoint)
+    await until(lambda: r.ready_count() == 2)
+    replicas = r.server.app[ROUTER].table.ready()["m"]
+    # Two keys whose rendezvous homes differ, so the test shows the key (not luck) decides.
+    home_of = {key: rendezvous_home(replicas, key) for key in (f"{i:016x}" for i in range(64))}
+    key_a = next(k for k, h in home_of.items() if h is not None and h.endpoint == a.endpoint)
+    key_b = next(k for k, h in home_of.items() if h is not None and h.endpoint == b.endpoint)
+    assert await engines_used(r, 5, {PREFIX_HEADER: key_a}) == ["a"] * 5
+    assert await engines_used(r, 5, {PREFIX_HEADER: key_b}) == ["b"] * 5
+    assert PREFIX_HEADER not in a.received[-1].headers  # ours, not forwarded to the engine
+    # Without a key (or with one that is not ours), requests take turns.
+    assert set(await engines_used(r, 4)) == {"a", "b"}
+    assert set(await engines_used(r, 4, {PREFIX_HEADER: "x" * 65})) == {"a", "b"}
+
+
+async def test_prefix_affinity_yields_to_an_overloaded_home(make_router: MakeRouter,
+                                                            two: list[FakeEngine]) -> None:
+    r = await make_router(load_poll_s=0.02, kv_cache_threshold=0.9)
+    a, b = two
+    a.kv_usage = 0.95
+    await put_instance(r.store, "m", a.endpoint)
+    await put_instance(r.store, "m:1", b.endpoint)
+    await until(lambda: r.ready_count() == 2 and r.polled(a.endpoint))
+    replicas = r.server.app[ROUTER].table.ready()["m"]
+    key_a = next(k for k in (f"{i:016x}" for i in range(64))
+                 if (h := rendezvous_home(replicas, k)) is not None and h.endpoint == a.endpoint)
+    assert await engines_used(r, 4, {PREFIX_HEADER: key_a}) == ["b"] * 4
+
+
+async def test_failing_or_hanging_metrics_keep_routing_working(make_router: MakeRouter,
+                                                               two: list[FakeEngine]) -> None:
+    r = await make_router(load_poll_s=0.02, load_timeout_s=0.05)
+    a, b = two
+    a.metrics_status = 500
+    b.metrics_hold = asyncio.Event()  # never answers: every poll of b times out
+    await put_instance(r.store, "m", a.endpoint)
+    await put_instance(r.store, "m:1", b.endpoint)
+    await until(lambda: r.ready_count() == 2 and a.metrics_polls >= 2 and b.metrics_polls >= 2)
+    assert r.metric("nebula_router_load_poll_failures_total", {}) >= 2
+    assert not r.polled(a.endpoint) and not r.polled(b.endpoint)
+    assert set(await engines_used(r, 4)) == {"a", "b"}  # load unknown: in-flight counts only
+    async with r.http.get(r.url("/metrics")) as resp:
+        assert "nebula_router_engine_waiting_requests{" not in await resp.text()
+
+
 async def test_client_disconnect_cancels_the_upstream_request(make_router: MakeRouter,
                                                               two: list[FakeEngine]) -> None:
     r = await make_router()
@@ -255,7 +338,7 @@ async def test_missing_model_header_is_400(make_router: MakeRouter) -> None:
 
 
 async def test_replicas_view_healthz_and_metrics(make_router: MakeRouter, two: list[FakeEngine]) -> None:
-    r = await make_router()
+    r = await make_router(load_poll_s=0)
     await put_instance(r.store, "m", two[0].endpoint)
     await put_instance(r.store, "m:1", two[1].endpoint, Phase.STARTING)
     await until(lambda: r.ready_count() == 1)
@@ -264,7 +347,7 @@ async def test_replicas_view_healthz_and_metrics(make_router: MakeRouter, two: l
     assert view["synced"] is True
     assert view["models"]["m"]["phases"] == {"ready": 1, "starting": 1}
     assert view["models"]["m"]["ready"] == [{"instance": "m", "endpoint": two[0].endpoint, "task": "generate",
-                                             "inflight": 0}]
+                                             "inflight": 0, "load": None}]
     async with r.http.get(r.url("/healthz")) as resp:
         assert (await resp.json())["ready_replicas"] == 1
     async with r.http.get(r.url("/metrics")) as resp:

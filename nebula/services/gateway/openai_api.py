@@ -13,7 +13,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from nebula.core.model import loads
+from nebula.core.model import Task, loads
+from nebula.core.routing import PREFIX_HEADER, prefix_key
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
@@ -30,7 +31,8 @@ def _inference(endpoint: Endpoint) -> Handler:
         st.metrics.inflight.labels(endpoint.path).inc()
         try:
             raw = await request.read()
-            model = check_request(endpoint, loads(raw))
+            body = loads(raw)
+            model = check_request(endpoint, body)
             spec = st.view.models.get(model)
             if spec is None and not st.view.models_synced:
                 # Started while the store is unreachable: "unknown model" would be a lie.
@@ -44,7 +46,10 @@ def _inference(endpoint: Endpoint) -> Handler:
                 raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
                                f"/v1/{endpoint.path} needs a '{endpoint.task.value}' model",
                                param="model", code="model_not_supported")
-            resp = await _forward(request, st, raw, model)
+            extra = {MODEL_HEADER: model}
+            if endpoint.task is Task.GENERATE and isinstance(body, dict) and (prefix := prefix_key(body)):
+                extra[PREFIX_HEADER] = prefix  # the router keeps a conversation on one replica's prefix cache
+            resp = await _forward(request, st, raw, extra)
             status = resp.status
             return resp
         except (ApiError, web.HTTPException) as e:
@@ -61,8 +66,9 @@ def _inference(endpoint: Endpoint) -> Handler:
     return handle
 
 
-async def _forward(request: web.Request, st: GatewayState, raw: bytes, model: str) -> web.StreamResponse:
-    headers = forward_headers(request.headers, {MODEL_HEADER: model, "Content-Type": "application/json"})
+async def _forward(request: web.Request, st: GatewayState, raw: bytes, extra: dict[str, str]
+                   ) -> web.StreamResponse:
+    headers = forward_headers(request.headers, {**extra, "Content-Type": "application/json"})
     url = URL(st.cfg.router_url.rstrip("/") + request.path_qs, encoded=True)
     timeout = aiohttp.ClientTimeout(total=st.cfg.upstream_timeout_s, sock_connect=5.0)
     try:

@@ -3,11 +3,16 @@
 Retries are invisible to the client: a replica that refuses the connection (or answers 502/503 before any
 byte went out) is excluded and another is tried, up to RouterConfig.max_attempts. Once the response status
 is sent the replica is committed; the body streams through untouched.
+
+The pick is least loaded with prefix affinity (nebula.core.routing): the gateway names the model and the
+prefix key in headers, so the router never parses a body. Engine load comes from a background poll of
+each READY replica's /metrics every RouterConfig.load_poll_s, never from the request path.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,13 +21,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from nebula.adapters.engine_metrics import EngineLoad, fetch_engine_load
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.store import Store
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
 from nebula.core.config import NebulaConfig, RouterConfig
+from nebula.core.routing import MAX_PREFIX_KEY_LEN, PREFIX_HEADER, LoadPolicy
 from nebula.services.http.errors import ApiError, error_middleware, unavailable
 from nebula.services.http.relay import MODEL_HEADER, forward_headers, new_session, relay
+from nebula.services.router.load import Clock, LoadBook, poll_loads
 from nebula.services.router.metrics import RouterMetrics
 from nebula.services.router.table import ReplicaTable
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
@@ -39,12 +47,16 @@ class RouterState:
     cfg: RouterConfig
     table: ReplicaTable
     metrics: RouterMetrics
+    clock: Clock
     session: aiohttp.ClientSession | None = field(default=None)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
             raise RuntimeError("router HTTP session used outside the app's lifetime")
         return self.session
+
+    async def fetch_load(self, endpoint: str) -> EngineLoad:
+        return await fetch_engine_load(self.http(), endpoint, self.cfg.load_timeout_s)
 
 
 ROUTER = web.AppKey("router", RouterState)
@@ -58,16 +70,20 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
                        param="model")
     body = await request.read()
     label = model if st.table.knows(model) else "unknown"
+    prefix = request.headers.get(PREFIX_HEADER)
+    if prefix is not None and (not prefix or len(prefix) > MAX_PREFIX_KEY_LEN):
+        prefix = None
     headers = forward_headers(request.headers)
     del headers[MODEL_HEADER]
+    headers.popall(PREFIX_HEADER, None)  # ours, not the engine's
     timeout = aiohttp.ClientTimeout(total=None, connect=st.cfg.connect_timeout_s,
                                     sock_connect=st.cfg.connect_timeout_s)
     tried: set[str] = set()
     for attempt in range(st.cfg.max_attempts):
-        replica = st.table.pick(model, tried)
+        replica = st.table.pick(model, tried, prefix)
         if (replica is None and attempt == 0 and st.cfg.no_replica_wait_s > 0
                 and await st.table.wait_for_replica(model, st.cfg.no_replica_wait_s)):
-            replica = st.table.pick(model, tried)
+            replica = st.table.pick(model, tried, prefix)
         if replica is None:
             break
         st.metrics.picks.labels(label, replica.instance).inc()
@@ -102,7 +118,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _replicas(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER].table.to_json())
+    st = request.app[ROUTER]
+    return web.json_response(st.table.to_json(st.clock()))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -111,14 +128,22 @@ async def _healthz(request: web.Request) -> web.Response:
                               "ready_replicas": sum(len(r) for r in table.ready().values())})
 
 
+def load_policy(cfg: RouterConfig) -> LoadPolicy:
+    return LoadPolicy(waiting_weight=cfg.load_waiting_weight, kv_cache_threshold=cfg.kv_cache_threshold,
+                      kv_cache_penalty=cfg.kv_cache_penalty, affinity_slack=cfg.affinity_slack)
+
+
 def build_router_app(cfg: RouterConfig, store: Store, registry: CollectorRegistry,
-                     max_body_bytes: int = 64 * 1024 * 1024) -> web.Application:
-    """The router app; its background tasks (the instance watch, the HTTP session) live in cleanup_ctx.
+                     max_body_bytes: int = 64 * 1024 * 1024, clock: Clock = time.monotonic) -> web.Application:
+    """The router app; its background tasks (the instance watch, the load poll, the HTTP session) live in
+    cleanup_ctx.
 
     `max_body_bytes` only guards the router itself: the gateway enforces the client-facing limit.
     """
-    table = ReplicaTable()
-    state = RouterState(cfg=cfg, table=table, metrics=RouterMetrics(registry, table))
+    # A sample outlives a few failed polls (see load.py), not more: past that it describes another moment.
+    loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
+    table = ReplicaTable(load_policy(cfg), loads)
+    state = RouterState(cfg=cfg, table=table, metrics=RouterMetrics(registry, table, clock), clock=clock)
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[ROUTER] = state
 
@@ -130,6 +155,11 @@ def build_router_app(cfg: RouterConfig, store: Store, registry: CollectorRegistr
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.INSTANCES, table.update),
                                       "router-instances-watch"))
+    if cfg.load_poll_s > 0:
+        # After session_ctx: the poll uses the session, and cleanup stops the poll before closing it.
+        app.cleanup_ctx.append(background(
+            lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
+            "router-load-poll"))
     app.add_routes([
         web.post("/v1/{tail:.*}", _proxy),
         web.get("/router/replicas", _replicas),

@@ -1,7 +1,8 @@
 """The router's Prometheus metrics, on an injected registry.
 
-Gauges of the table (in flight per replica, instances by phase) are computed at scrape time from the
-table itself, so there is no second copy to keep in step and no stale series for a replica that left.
+Gauges of the table (in flight per replica, instances by phase, the engines' polled load) are computed at
+scrape time from the table itself, so there is no second copy to keep in step and no stale series for a
+replica that left.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from nebula.core.model import Phase
+from nebula.services.router.load import Clock
 from nebula.services.router.table import ReplicaTable
 
 
 class _TableCollector(Collector):
-    def __init__(self, table: ReplicaTable) -> None:
+    def __init__(self, table: ReplicaTable, clock: Clock) -> None:
         self._table = table
+        self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("nebula_router_inflight_requests",
@@ -36,14 +39,41 @@ class _TableCollector(Collector):
             for phase in Phase:
                 phases.add_metric([model, phase.value], counts.get(phase, 0))
         yield phases
+        yield from self._engine_load()
+
+    def _engine_load(self) -> Iterator[Metric]:
+        """The last polled load of each READY replica that has one (a replica never polled has no series)."""
+        labels = ["model", "replica"]
+        waiting = GaugeMetricFamily("nebula_router_engine_waiting_requests",
+                                    "Requests queued in each replica's engine, as last polled.", labels=labels)
+        running = GaugeMetricFamily("nebula_router_engine_running_requests",
+                                    "Requests running in each replica's engine, as last polled.", labels=labels)
+        kv = GaugeMetricFamily("nebula_router_engine_kv_cache_usage",
+                               "KV cache usage (0-1) of each replica's engine, as last polled.", labels=labels)
+        age = GaugeMetricFamily("nebula_router_engine_load_age_seconds",
+                                "Age of the last load sample of each replica.", labels=labels)
+        now = self._clock()
+        for model, replicas in sorted(self._table.ready().items()):
+            for r in replicas:
+                sample = self._table.loads.sample(r.endpoint)
+                if sample is None:
+                    continue
+                waiting.add_metric([model, r.instance], sample.load.waiting)
+                running.add_metric([model, r.instance], sample.load.running)
+                kv.add_metric([model, r.instance], sample.load.kv_cache_usage)
+                age.add_metric([model, r.instance], max(0.0, now - sample.at))
+        yield from (waiting, running, kv, age)
+        yield CounterMetricFamily("nebula_router_load_poll_failures",
+                                  "Engine /metrics polls that failed or timed out.",
+                                  value=self._table.loads.failures)
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry, table: ReplicaTable) -> None:
+    def __init__(self, registry: CollectorRegistry, table: ReplicaTable, clock: Clock) -> None:
         self.picks = Counter("nebula_router_picks", "Replica picks (one per attempt).",
                              ["model", "instance"], registry=registry)
         self.retries = Counter("nebula_router_retries", "Attempts retried on another replica, by reason.",
                                ["model", "reason"], registry=registry)
         self.no_replica = Counter("nebula_router_no_replica", "Requests answered 503: no replica for them.",
                                   ["model"], registry=registry)
-        registry.register(_TableCollector(table))
+        registry.register(_TableCollector(table, clock))

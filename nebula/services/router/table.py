@@ -1,4 +1,5 @@
-"""The router's view of the cluster: READY replicas per model and the requests it has in flight to each.
+"""The router's view of the cluster: READY replicas per model, the requests it has in flight to each, and
+(through its LoadBook) each engine's last polled load.
 
 Fed by `mirror_prefix` on /nebula/instances/ with the full contents each time, so an update simply
 replaces the view. In-flight counts are the router's own and survive updates: a replica that leaves
@@ -16,14 +17,17 @@ from typing import Any
 
 from nebula.adapters.store import KeyValue
 from nebula.core.model import InstanceStatus, Phase, loads
-from nebula.core.routing import Replica, phase_counts, pick_least_outstanding, ready_replicas
+from nebula.core.routing import LoadPolicy, Replica, phase_counts, pick_replica, ready_replicas
 from nebula.errors import ValidationError
+from nebula.services.router.load import LoadBook
 
 log = logging.getLogger(__name__)
 
 
 class ReplicaTable:
-    def __init__(self) -> None:
+    def __init__(self, policy: LoadPolicy | None = None, loads: LoadBook | None = None) -> None:
+        self.policy = policy or LoadPolicy()
+        self.loads = loads or LoadBook(max_age_s=3.0)
         self._statuses: dict[str, InstanceStatus] = {}
         self._ready: dict[str, tuple[Replica, ...]] = {}
         self._models: frozenset[str] = frozenset()
@@ -58,10 +62,11 @@ class ReplicaTable:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def pick(self, model: str, exclude: Collection[str] = ()) -> Replica | None:
-        """Least outstanding READY replica of `model` whose endpoint is not in `exclude`."""
+    def pick(self, model: str, exclude: Collection[str] = (), prefix: str | None = None) -> Replica | None:
+        """The READY replica of `model` for the next request (see routing.pick_replica), not in `exclude`."""
         turn = self._turns.get(model, 0)
-        replica = pick_least_outstanding(self._ready.get(model, ()), self._inflight, exclude, turn)
+        replica = pick_replica(self._ready.get(model, ()), self._inflight, self.loads.loads(), exclude, turn,
+                               prefix, self.policy)
         if replica is not None:
             self._turns[model] = turn + 1
         return replica
@@ -108,6 +113,10 @@ class ReplicaTable:
     def ready(self) -> Mapping[str, tuple[Replica, ...]]:
         return self._ready
 
+    def ready_endpoints(self) -> frozenset[str]:
+        """The endpoints the load poller reads (those of READY replicas)."""
+        return frozenset(r.endpoint for reps in self._ready.values() for r in reps)
+
     def phases(self) -> dict[str, Counter[Phase]]:
         return phase_counts(self._statuses.values())
 
@@ -116,13 +125,21 @@ class ReplicaTable:
         ready = {r.endpoint for reps in self._ready.values() for r in reps}
         return {ep: n for ep, n in self._inflight.items() if ep not in ready}
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON of GET /router/replicas."""
+    def _load_json(self, endpoint: str, now: float) -> dict[str, float] | None:
+        sample = self.loads.sample(endpoint)
+        if sample is None:
+            return None
+        return {"waiting": sample.load.waiting, "running": sample.load.running,
+                "kv_cache_usage": sample.load.kv_cache_usage, "age_s": round(max(0.0, now - sample.at), 3)}
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """The JSON of GET /router/replicas; `now` is on the load poller's clock (for the samples' age)."""
         models: dict[str, Any] = {}
         for model, counts in sorted(self.phases().items()):
             models[model] = {
                 "phases": {p.value: n for p, n in sorted(counts.items())},
                 "ready": [{"instance": r.instance, "endpoint": r.endpoint, "task": r.task.value,
-                           "inflight": self.inflight(r.endpoint)} for r in self._ready.get(model, ())],
+                           "inflight": self.inflight(r.endpoint), "load": self._load_json(r.endpoint, now)}
+                          for r in self._ready.get(model, ())],
             }
         return {"synced": self.synced, "models": models, "draining_inflight": self.draining_inflight()}
