@@ -261,3 +261,5 @@ def loads(raw: bytes) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValidationError("", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValidationError("", "not valid JSON: nested too deeply") from None

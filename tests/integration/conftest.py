@@ -21,5 +21,7 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
         server.stop()
 
 
-# --- systemd ----------------------------------------------------------------------------------------
+# --- fixtures kept in modules of their own: the systemd sandbox, and the cluster serving chat (with tools),
+# embed and rerank models that the API tests share ------------------------------------------------------
+from tests.integration.api_fixtures import api_cluster  # noqa: E402, F401
 from tests.integration.systemd_fixtures import systemd_sandbox  # noqa: E402, F401

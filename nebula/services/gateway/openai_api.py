@@ -49,7 +49,10 @@ def _inference(endpoint: Endpoint) -> Handler:
             extra = {MODEL_HEADER: model}
             if endpoint.task is Task.GENERATE and isinstance(body, dict) and (prefix := prefix_key(body)):
                 extra[PREFIX_HEADER] = prefix  # the router keeps a conversation on one replica's prefix cache
-            resp = await _forward(request, st, raw, extra)
+            if endpoint.path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
+                resp = await _forward_rerank_without_documents(request, st, raw, extra)
+            else:
+                resp = await _forward(request, st, raw, extra)
             status = resp.status
             return resp
         except (ApiError, web.HTTPException) as e:
@@ -68,19 +71,43 @@ def _inference(endpoint: Endpoint) -> Handler:
 
 async def _forward(request: web.Request, st: GatewayState, raw: bytes, extra: dict[str, str]
                    ) -> web.StreamResponse:
+    async with await _post_upstream(request, st, raw, extra) as upstream:
+        return await relay(request, upstream)
+
+
+async def _forward_rerank_without_documents(request: web.Request, st: GatewayState, raw: bytes,
+                                            extra: dict[str, str]) -> web.StreamResponse:
+    """Cohere/Jina `return_documents: false`, which vLLM does not implement: drop the echoed documents.
+
+    The one response the gateway rewrites; rerank answers are small and never streamed.
+    """
+    async with await _post_upstream(request, st, raw, extra) as upstream:
+        if upstream.status != 200:
+            return await relay(request, upstream)
+        try:
+            payload = await upstream.json(content_type=None)
+        except (ValueError, aiohttp.ClientError):
+            raise ApiError(502, "the engine sent an invalid rerank response", code="upstream_error") from None
+    if isinstance(payload, dict) and isinstance(payload.get("results"), list):
+        for result in payload["results"]:
+            if isinstance(result, dict):
+                result.pop("document", None)
+    return web.json_response(payload)
+
+
+async def _post_upstream(request: web.Request, st: GatewayState, raw: bytes, extra: dict[str, str]
+                         ) -> aiohttp.ClientResponse:
     headers = forward_headers(request.headers, {**extra, "Content-Type": "application/json"})
     url = URL(st.cfg.router_url.rstrip("/") + request.path_qs, encoded=True)
     timeout = aiohttp.ClientTimeout(total=st.cfg.upstream_timeout_s, sock_connect=5.0)
     try:
-        upstream = await st.http().post(url, data=raw, headers=headers, timeout=timeout)
+        return await st.http().post(url, data=raw, headers=headers, timeout=timeout)
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
         raise unavailable("the router is not reachable; retry shortly", code="router_unavailable") from None
     except TimeoutError:
         raise ApiError(504, "the model did not answer in time", code="timeout") from None
     except aiohttp.ClientError as e:
         raise ApiError(502, f"the router failed: {type(e).__name__}", code="upstream_error") from None
-    async with upstream:
-        return await relay(request, upstream)
 
 
 async def _list_models(request: web.Request) -> web.Response:

@@ -70,7 +70,7 @@ def _sampling(body: Body) -> None:
     _int(body, "max_tokens", 1)
     _int(body, "max_completion_tokens", 1)
     _int(body, "n", 1)
-    _int(body, "seed", 0)
+    _int(body, "seed", -(2**63))  # any int64: vLLM takes negative seeds, OpenAI sets no lower bound
     _number(body, "temperature", lo=0)
     _number(body, "top_p", lo=0, hi=1, lo_open=True)
     _number(body, "presence_penalty", lo=-2, hi=2)
@@ -119,6 +119,7 @@ def check_rerank(body: Body) -> None:
     if isinstance(documents, list) and not documents:
         raise ValidationError("documents", "must not be empty")
     _int(body, "top_n", 0)
+    expect_field(body, "return_documents", bool, None)
 
 
 def check_score(body: Body) -> None:

@@ -1,0 +1,118 @@
+"""One Nebula with three real vLLM CPU engines (chat, embed, rerank), shared by the whole test session.
+
+An engine start is the expensive part (~50 s alone, ~145 s for three at once on 2 cores), so the session
+pays it once: `api_cluster` loads all three models through the CLI (the admin API), then waits for all of
+them. Register it in tests/integration/conftest.py:
+
+    from tests.integration.api_fixtures import api_cluster  # noqa: E402, F401
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.cluster import NebulaCluster, required_path
+from tests.harness.etcd import EtcdServer
+
+CHAT_MODEL = "chat"
+EMBED_MODEL = "embed"
+RERANK_MODEL = "rerank"
+MAX_MODEL_LEN = 512
+READY_TIMEOUT_S = 600
+
+# Forced tool calls that a random model completes (see shared/notes/engine.md): structured outputs with
+# xgrammar and no free whitespace. Each flag is one argv element of `vllm serve`, so a JSON value with
+# quotes needs no shell quoting: `--engine-arg=--structured-outputs-config={...}` travels as one string.
+CHAT_ENGINE_ARGS = (
+    "--tool-call-parser=pythonic",
+    "--enable-auto-tool-choice",
+    "--structured-outputs-config=" + json.dumps({"backend": "xgrammar", "disable_any_whitespace": True},
+                                                separators=(",", ":")),
+)
+
+
+@dataclass(frozen=True)
+class ApiCluster:
+    cluster: NebulaCluster
+    ready_s: float  # from the first load to all three models ready
+
+    @property
+    def gateway_url(self) -> str:
+        return self.cluster.gateway_url
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as base_url."""
+        return self.cluster.gateway_url + "/v1"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.cluster.ports['router']}"
+
+
+def _load_commands(models: Path) -> dict[str, list[str]]:
+    chat = ["load", CHAT_MODEL, "--source", str(models / "tiny-llama"), "--task", "generate",
+            "--max-model-len", str(MAX_MODEL_LEN), *(f"--engine-arg={a}" for a in CHAT_ENGINE_ARGS)]
+    embed = ["load", EMBED_MODEL, "--source", str(models / "tiny-bert-embed"), "--task", "embed"]
+    rerank = ["load", RERANK_MODEL, "--source", str(models / "tiny-bert-rerank"), "--task", "rerank"]
+    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank}
+
+
+def _admin_models(cluster: NebulaCluster) -> dict[str, dict[str, Any]]:
+    """GET /v1/admin/models by name (plain HTTP: no CLI process per poll while engines compete for CPU)."""
+    with urllib.request.urlopen(cluster.gateway_url + "/v1/admin/models", timeout=10) as resp:
+        data = json.loads(resp.read())["data"]
+    return {m["name"]: m for m in data}
+
+
+def wait_all_ready(cluster: NebulaCluster, names: list[str], timeout_s: float) -> None:
+    """Poll until every model has a ready replica; fail at once, with the logs, when an instance fails."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(names)
+    while pending:
+        models = _admin_models(cluster)
+        for name in list(pending):
+            entry = models.get(name)
+            if entry is None:
+                continue
+            if entry["ready"] >= 1:
+                pending.remove(name)
+                continue
+            failed = [i for i in entry["instances"] if i["phase"] == "failed"]
+            if failed:
+                pytest.fail(f"model {name} failed to start: {failed[0]['message']}\n{cluster.logs()}")
+        if pending and time.monotonic() > deadline:
+            phases = {n: [i["phase"] for i in models.get(n, {}).get("instances", [])] for n in pending}
+            pytest.fail(f"models not ready after {timeout_s:.0f} s: {phases}\n{cluster.logs()}")
+        if pending:
+            time.sleep(1.0)
+
+
+@pytest.fixture(scope="session")
+def api_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiCluster]:
+    """A Nebula serving `chat` (tiny-llama, forced tool calls), `embed` and `rerank` from real vLLM engines."""
+    venv = required_path("NEBULA_TEST_VLLM_VENV")
+    models = Path(required_path("NEBULA_TEST_MODELS"))
+    etcd = EtcdServer.launch(tmp_path_factory.mktemp("api-etcd"))
+    cluster = NebulaCluster(workdir=tmp_path_factory.mktemp("api"), etcd=etcd, vllm_venv=venv)
+    try:
+        cluster.up()
+        t0 = time.monotonic()
+        commands = _load_commands(models)
+        for argv in commands.values():  # load all three, then wait for all: the engines start together
+            cluster.cli(*argv)
+        wait_all_ready(cluster, list(commands), READY_TIMEOUT_S)
+        ready_s = time.monotonic() - t0
+        print(f"\napi_cluster: {', '.join(commands)} ready {ready_s:.1f} s after the first load")
+        yield ApiCluster(cluster=cluster, ready_s=ready_s)
+    finally:
+        cluster.down()
+        etcd.stop()
