@@ -23,27 +23,33 @@ class _NodeCapacity:
     gpu_free_mib: dict[int, int]
     used_ports: set[int]
     replicas_by_model: dict[str, int]
+    total_free_mib: int = 0
+    next_port: int = 0
+    """Every port below it is taken: ports are only ever taken during a pass, so the lowest free one only rises."""
 
     def free_gpus(self, need_mib: int) -> list[int]:
         return sorted((i for i, free in self.gpu_free_mib.items() if free >= need_mib),
                       key=lambda i: (-self.gpu_free_mib[i], i))
 
     def free_port(self) -> int | None:
-        for port in range(self.node.port_min, self.node.port_max + 1):
-            if port not in self.used_ports:
-                return port
-        return None
+        port = max(self.next_port, self.node.port_min)
+        while port in self.used_ports:
+            port += 1
+        self.next_port = port
+        return port if port <= self.node.port_max else None
 
     def take(self, p: Placement) -> None:
         for i in p.gpu_indices:
             self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - p.model.gpu_memory_mib
+            self.total_free_mib -= p.model.gpu_memory_mib
         self.used_ports.add(p.port)
         self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
 
 
 def _capacities(nodes: Iterable[NodeRecord]) -> dict[str, _NodeCapacity]:
     return {n.name: _NodeCapacity(node=n, gpu_free_mib={g.index: g.memory_total_mib for g in n.gpus},
-                                  used_ports=set(), replicas_by_model={}) for n in nodes}
+                                  used_ports=set(), replicas_by_model={},
+                                  total_free_mib=sum(g.memory_total_mib for g in n.gpus)) for n in nodes}
 
 
 def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
@@ -103,31 +109,39 @@ def _replica_index(inst: str, model: ModelSpec) -> int | None:
 
 
 def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity]) -> Placement | str:
-    candidates: list[tuple[tuple[int, int, str], Placement]] = []
+    # Rank every fitting node by a cheap key first; build the placement for the winner only (this loop runs
+    # replicas x nodes times on a first placement of a fleet).
+    best: tuple[tuple[int, int, str], _NodeCapacity, list[int], int] | None = None
     largest_free = 0
+    need = model.gpus_per_replica
     for cap in caps.values():
-        if not _matches_labels(model, cap.node):
+        if model.labels and not _matches_labels(model, cap.node):
             continue
         gpus: list[int] = []
-        if model.gpus_per_replica:
-            free = cap.free_gpus(model.gpu_memory_mib)
-            largest_free = max([largest_free, *cap.gpu_free_mib.values()])
-            if len(free) < model.gpus_per_replica:
+        if need:
+            largest = max(cap.gpu_free_mib.values(), default=0)
+            largest_free = max(largest_free, largest)
+            if largest < model.gpu_memory_mib or len(cap.gpu_free_mib) < need:
                 continue
-            gpus = sorted(free[: model.gpus_per_replica])
+            free = cap.free_gpus(model.gpu_memory_mib)
+            if len(free) < need:
+                continue
+            gpus = free[:need]
+        key = (cap.replicas_by_model.get(model.name, 0), -cap.total_free_mib, cap.node.name)
+        if best is not None and key >= best[0]:
+            continue
         port = cap.free_port()
         if port is None:
             continue
-        total_free = sum(cap.gpu_free_mib.values())
-        key = (cap.replicas_by_model.get(model.name, 0), -total_free, cap.node.name)
-        candidates.append((key, Placement(instance=inst, node=cap.node.name, model=_one_replica(model), port=port,
-                                          gpu_indices=tuple(gpus))))
-    if candidates:
-        return min(candidates, key=lambda c: c[0])[1]
+        best = (key, cap, gpus, port)
+    if best is not None:
+        _, cap, gpus, port = best
+        return Placement(instance=inst, node=cap.node.name, model=_one_replica(model), port=port,
+                         gpu_indices=tuple(sorted(gpus)))
     if not caps:
         return "no live nodes"
-    if model.gpus_per_replica:
-        return (f"needs {model.gpus_per_replica} GPU(s) with {model.gpu_memory_mib} MiB free each; "
+    if need:
+        return (f"needs {need} GPU(s) with {model.gpu_memory_mib} MiB free each; "
                 f"largest free is {largest_free} MiB")
     return "no node matches the model's labels or has a free port"
 
