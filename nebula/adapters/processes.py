@@ -116,6 +116,14 @@ class ProcessEngineUnits:
         _check_instance(instance)
         self._exit_path(instance).unlink(missing_ok=True)
 
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        _check_instance(instance)
+        return await asyncio.to_thread(_tail, self._log_dir / f"{instance}.log", lines)
+
+    @property
+    def restarts_failed(self) -> bool:
+        return False  # no service manager here: the agent's restart policy applies
+
     async def close(self) -> None:
         """Leave running engines alone; abandon pending stops (a later agent sees `stopping` and finishes)."""
         for task in list(self._stops.values()):
@@ -230,6 +238,17 @@ class ProcessEngineUnits:
 
     def _exit_path(self, instance: str) -> Path:
         return self._pid_dir / f"{instance}.exit"
+
+
+def _tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    return [line for line in data.decode(errors="replace").splitlines() if line.strip()][-lines:]
 
 
 def _spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:

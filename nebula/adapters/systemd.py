@@ -8,7 +8,7 @@ TemporaryError: the agent retries on its next pass.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,21 @@ class SystemdEngineUnits:
             # A unit systemd does not know is as stopped as it gets.
             if e.name != NO_SUCH_UNIT:
                 raise
+
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        """From the journal (the agent's unit is in group systemd-journal to read it)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), "-u", engine_unit_name(instance),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=self._call_timeout_s)
+        except (OSError, TimeoutError):
+            return []
+        return [line for line in out.decode(errors="replace").splitlines() if line.strip()]
+
+    @property
+    def restarts_failed(self) -> bool:
+        return True  # Restart=on-failure with a start limit, in nebula-engine@.service
 
     async def reset(self, instance: str) -> None:
         try:

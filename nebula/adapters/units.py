@@ -7,7 +7,7 @@ Both back-ends run the same command, `nebula engine run <instance>`, which reads
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,6 +69,15 @@ class EngineUnits(Protocol):
 
     async def reset(self, instance: str) -> None:
         """Forget a failed instance's state so it can start afresh."""
+        ...
+
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        """The last `lines` lines the instance's engine wrote (its journal, or its log file), oldest first."""
+        ...
+
+    @property
+    def restarts_failed(self) -> bool:
+        """Whether the back-end restarts a crashed engine itself (systemd's Restart=), so the agent need not."""
         ...
 
     async def close(self) -> None: ...

@@ -47,14 +47,16 @@ class RemoveSpec:
 Action = Stop | Start | ResetFailed | RemoveSpec
 
 
-def plan(desired: Mapping[str, EngineSpec], actual: Mapping[str, Actual]) -> list[Action]:
+def plan(desired: Mapping[str, EngineSpec], actual: Mapping[str, Actual],
+         restart: frozenset[str] = frozenset()) -> list[Action]:
     """Actions that move the node from `actual` to `desired`, stops first.
 
     - running but not desired: stop (an orphan holds GPU memory);
     - running with another spec: stop now, start on a later pass once it is down;
     - failed and not desired: reset, so the unit is forgotten;
-    - failed with the desired spec: left alone (systemd's restarts are spent; the agent reports it failed);
-      a changed spec resets it and starts afresh;
+    - failed with the desired spec: left alone (systemd's restarts are spent; the agent reports it failed),
+      unless it is in `restart` (the agent's own restart policy allows one more); a changed spec resets it
+      and starts afresh;
     - desired with no running unit: (re)write the spec and start;
     - a spec file with no unit and not desired: remove it.
     """
@@ -78,7 +80,7 @@ def plan(desired: Mapping[str, EngineSpec], actual: Mapping[str, Actual]) -> lis
                 cleanups.append(ResetFailed(inst))
                 if have.spec is not None:
                     cleanups.append(RemoveSpec(inst))
-            elif have.spec != want:
+            elif have.spec != want or inst in restart:
                 cleanups.append(ResetFailed(inst))
                 starts.append(Start(inst, want))
             continue

@@ -4,7 +4,7 @@ the real systemd and process back-ends have their own tests)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -21,9 +21,10 @@ from nebula.services.agent.specfiles import SpecFiles
 class TableUnits:
     """Units that change state only when the test says so; counts starts to prove re-adoption."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, manager_restarts: bool = True) -> None:
         self.units: dict[str, UnitStatus] = {}
         self.starts = 0
+        self.manager_restarts = manager_restarts
 
     async def list(self) -> Mapping[str, UnitStatus]:
         return dict(self.units)
@@ -41,8 +42,15 @@ class TableUnits:
     async def close(self) -> None:
         pass
 
-    def set(self, instance: str, state: UnitState) -> None:
-        self.units[instance] = UnitStatus(instance, state)
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        return [f"{instance}: line {i}" for i in range(lines)][-2:]
+
+    @property
+    def restarts_failed(self) -> bool:
+        return self.manager_restarts
+
+    def set(self, instance: str, state: UnitState, result: str = "", restarts: int = 0) -> None:
+        self.units[instance] = UnitStatus(instance, state, result=result, restarts=restarts)
 
 
 def model_dir(tmp_path: Path) -> str:
@@ -52,14 +60,15 @@ def model_dir(tmp_path: Path) -> str:
     return str(d)
 
 
-async def make_agent(tmp_path: Path, store: MemoryStore, units: TableUnits, healthy: set[str]) -> NodeAgent:
+async def make_agent(tmp_path: Path, store: MemoryStore, units: TableUnits, healthy: set[str],
+                     clock: Callable[[], float] = lambda: 1000.0) -> NodeAgent:
     node = NodeRecord(name="n1", address="127.0.0.1", port_min=18000, port_max=18010)
 
     async def health(endpoint: str) -> bool:
         return endpoint in healthy
 
     agent = NodeAgent(NebulaConfig(), node, store, units, SpecFiles(str(tmp_path / "run")), health,
-                      CollectorRegistry(), clock=lambda: 1000.0)
+                      CollectorRegistry(), clock=clock)
     await agent.on_new_lease(await store.grant_lease(10))
     return agent
 
@@ -141,3 +150,46 @@ async def test_lost_lease_rewrites_node_and_instances(tmp_path: Path) -> None:
     await agent.on_new_lease(await store.grant_lease(10))
     await agent.reconcile_once()
     assert await store.get(keys.node_key("n1")) is not None and await phase(store, "tiny") == "starting"
+
+
+async def status_of(store: MemoryStore, inst: str) -> dict[str, object]:
+    kv = await store.get(keys.instance_key(inst))
+    assert kv is not None
+    return dict(json.loads(kv.value))
+
+
+async def test_systemd_failure_shows_last_output(tmp_path: Path) -> None:
+    store, units = MemoryStore(), TableUnits(manager_restarts=True)
+    agent = await make_agent(tmp_path, store, units, set())
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    units.set("tiny", UnitState.FAILED, result="start-limit-hit", restarts=5)
+    await agent.reconcile_once()
+    st = await status_of(store, "tiny")
+    assert st["phase"] == "failed" and st["restarts"] == 5
+    assert "start-limit-hit" in str(st["message"]) and "tiny: line 7" in str(st["message"])
+    assert units.starts == 1, "systemd restarts engines itself; the agent must not"
+
+
+async def test_process_engine_restarts_with_delay_then_gives_up(tmp_path: Path) -> None:
+    now = [1000.0]
+    store, units = MemoryStore(), TableUnits(manager_restarts=False)
+    agent = await make_agent(tmp_path, store, units, set(), clock=lambda: now[0])
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    assert units.starts == 1
+    for attempt in range(1, 6):
+        units.set("tiny", UnitState.FAILED, result="exit-code:1")
+        await agent.reconcile_once()  # failure seen; the restart waits for its delay
+        st = await status_of(store, "tiny")
+        assert st["phase"] == "starting" and st["restarts"] == attempt and "restarting" in str(st["message"])
+        assert units.starts == attempt
+        now[0] += 6
+        await agent.reconcile_once()
+        assert units.starts == attempt + 1
+    units.set("tiny", UnitState.FAILED, result="exit-code:1")
+    await agent.reconcile_once()
+    now[0] += 60
+    await agent.reconcile_once()
+    st = await status_of(store, "tiny")
+    assert units.starts == 6 and st["phase"] == "failed" and "tiny: line 7" in str(st["message"])

@@ -64,3 +64,9 @@ def test_phase_from_observations() -> None:
     assert observe_phase(blocked=None, unit=unit("a", UnitState.DEACTIVATING), healthy=True)[0] is Phase.DRAINING
     ph, msg = observe_phase(blocked=None, unit=unit("a", UnitState.FAILED, restarts=3), healthy=False)
     assert ph is Phase.FAILED and "3 restart" in msg
+
+
+def test_failed_unit_restarts_when_the_agent_policy_allows() -> None:
+    failed = {"a": Actual(unit("a", UnitState.FAILED), spec("a"))}
+    assert plan({"a": spec("a")}, failed, frozenset({"a"})) == [ResetFailed("a"), Start("a", spec("a"))]
+    assert plan({}, failed, frozenset({"a"})) == [ResetFailed("a"), RemoveSpec("a")]

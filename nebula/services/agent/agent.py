@@ -23,11 +23,14 @@ from nebula.core.engine_spec import EngineSpec
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads
 from nebula.core.phase import observe_phase
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
+from nebula.core.restarts import RestartBook
 from nebula.errors import PermanentError, TemporaryError, ValidationError
 from nebula.services.agent.sources import resolve_source
 from nebula.services.agent.specfiles import SpecFiles
 
 log = logging.getLogger("nebula.agent")
+FAILURE_LINES = 8
+FAILURE_CHARS = 1500
 HealthCheck = Callable[[str], Awaitable[bool]]
 
 
@@ -67,6 +70,9 @@ class NodeAgent:
         self._reported: dict[str, InstanceStatus] = {}
         self._healthy: set[str] = set()
         self._stale_forgotten = False
+        self.restart_book = RestartBook()
+        self._failures_seen: set[str] = set()
+        self._failure_output: dict[str, str] = {}
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, items: Mapping[str, KeyValue]) -> None:
@@ -117,7 +123,8 @@ class NodeAgent:
         units = dict(await self.units.list())
         files = self.specs.read_all()
         actual = {i: Actual(unit=units.get(i), spec=files.get(i)) for i in set(units) | set(files)}
-        actions = plan(desired, actual)
+        restart = await self.note_failures(desired, units)
+        actions = plan(desired, actual, restart)
         for action in actions:
             await self.apply(action)
         if any(isinstance(a, (Start, Stop)) for a in actions):
@@ -125,6 +132,34 @@ class NodeAgent:
         await self.check_health(units)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
+
+    async def note_failures(self, desired: Mapping[str, EngineSpec], units: Mapping[str, UnitStatus]
+                            ) -> frozenset[str]:
+        """Record new engine failures, keep their last output for the status, and say which to restart.
+
+        Only back-ends without a service manager's own Restart= get restarts from the agent.
+        """
+        now = self.clock()
+        for inst, unit in units.items():
+            if unit.state is not UnitState.FAILED:
+                self._failures_seen.discard(inst)
+                continue
+            if inst in self._failures_seen:
+                continue
+            self._failures_seen.add(inst)
+            if not self.units.restarts_failed:
+                self.restart_book.failed(inst, now)
+            lines = await self.units.recent_output(inst, FAILURE_LINES)
+            self._failure_output[inst] = " | ".join(lines)[-FAILURE_CHARS:]
+            log.warning("engine %s failed (%s); last output: %s", inst, unit.result or "?",
+                        self._failure_output[inst], extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
+        for inst in list(self._failure_output):
+            if inst not in desired and inst not in units:
+                self._failure_output.pop(inst)
+                self.restart_book.forget(inst)
+        if self.units.restarts_failed:
+            return frozenset()
+        return frozenset(i for i in desired if i in self._failures_seen and self.restart_book.may_restart(i, now))
 
     async def apply(self, action: Action) -> None:
         kind = type(action).__name__.lower()
@@ -137,6 +172,7 @@ class NodeAgent:
                      extra=fields | {"NEBULA_MODEL": action.spec.model})
             self.specs.write(action.spec)
             await self.units.start(action.instance)
+            self._failures_seen.discard(action.instance)  # its next failure is a new one
         elif isinstance(action, ResetFailed):
             await self.units.reset(action.instance)
         elif isinstance(action, RemoveSpec):
@@ -156,6 +192,8 @@ class NodeAgent:
         for inst, p in self.placements.items():
             unit = units.get(inst)
             phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy)
+            if phase is Phase.FAILED and unit is not None and unit.state is UnitState.FAILED:
+                phase, message = self._failure_phase(inst, unit, message, now)
             endpoint = f"http://{self.node.address}:{p.port}"
             out[inst] = self._status(inst, p.model.name, phase, message, endpoint, p, unit, now)
         for inst, unit in units.items():
@@ -169,13 +207,25 @@ class NodeAgent:
                                            message="unloading", restarts=unit.restarts)
         return out
 
+    def _failure_phase(self, inst: str, unit: UnitStatus, message: str, now: float) -> tuple[Phase, str]:
+        output = self._failure_output.get(inst, "")
+        if not self.units.restarts_failed and not self.restart_book.given_up(inst, now):
+            n = self.restart_book.restarts(inst)
+            return Phase.STARTING, f"engine exited ({unit.result or 'failed'}); restarting ({n} so far): {output}"
+        return Phase.FAILED, f"{message}; last output: {output}" if output else message
+
     def _status(self, inst: str, model: str, phase: Phase, message: str, endpoint: str, p: Placement,
                 unit: UnitStatus | None, now: float) -> InstanceStatus:
         prev = self._reported.get(inst)
         since = prev.since if prev is not None and prev.phase is phase else now
         return InstanceStatus(instance=inst, model=model, node=self.node.name, phase=phase, endpoint=endpoint,
                               task=p.model.task, since=since, message=message,
-                              restarts=unit.restarts if unit else 0)
+                              restarts=self._restarts(inst, unit))
+
+    def _restarts(self, inst: str, unit: UnitStatus | None) -> int:
+        if not self.units.restarts_failed:
+            return self.restart_book.restarts(inst)
+        return unit.restarts if unit else 0
 
     async def report(self, desired: Mapping[str, EngineSpec], blocked: Mapping[str, str],
                      units: Mapping[str, UnitStatus]) -> None:
@@ -225,6 +275,6 @@ class NodeAgent:
             self.wake.clear()
 
     def _next_wait(self, period: float) -> float:
-        # Poll fast while something is changing (starting, draining), so the router learns within ~1 s.
+        # Poll fast while something is changing (starting, draining), so the gateways learn within ~1 s.
         settling = any(s.phase in (Phase.PENDING, Phase.STARTING, Phase.DRAINING) for s in self._reported.values())
         return min(period, 1.0) if settling else period

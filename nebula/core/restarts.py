@@ -1,0 +1,48 @@
+"""When the agent restarts a crashed engine itself (back-ends without a service manager's Restart=).
+
+Mirrors nebula-engine@.service: restart after a delay, at most `max_restarts` within `window_s`; past that the
+instance stays failed until its spec changes or it is loaded again. Pure: the caller passes the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5
+    window_s: float = 600.0
+    delay_s: float = 5.0
+
+
+@dataclass
+class RestartBook:
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+    _total: dict[str, int] = field(default_factory=dict)
+
+    def failed(self, instance: str, at: float) -> None:
+        """Record one failure (call once per failure, e.g. when the exit is first seen)."""
+        self._failures.setdefault(instance, []).append(at)
+        self._total[instance] = self._total.get(instance, 0) + 1
+
+    def restarts(self, instance: str) -> int:
+        """Restarts so far, for the instance's status."""
+        return self._total.get(instance, 0)
+
+    def may_restart(self, instance: str, now: float) -> bool:
+        """True once the delay after the last failure has passed, while the window's budget lasts."""
+        times = [t for t in self._failures.get(instance, []) if now - t < self.policy.window_s]
+        self._failures[instance] = times
+        if not times:
+            return False
+        return len(times) <= self.policy.max_restarts and now - times[-1] >= self.policy.delay_s
+
+    def given_up(self, instance: str, now: float) -> bool:
+        times = [t for t in self._failures.get(instance, []) if now - t < self.policy.window_s]
+        return len(times) > self.policy.max_restarts
+
+    def forget(self, instance: str) -> None:
+        self._failures.pop(instance, None)
+        self._total.pop(instance, None)
