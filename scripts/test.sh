@@ -47,7 +47,8 @@ else
     engine=${NEBULA_TEST_VLLM_VENV:-$cache/engines/vllm}
 fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
-apt_packages=(etcd-server systemd-container dbus libsystemd-dev pkg-config gcc prometheus)
+apt_packages=(etcd-server systemd-container dbus polkitd libsystemd-dev pkg-config gcc python3-dev python3-venv
+              python3-pip dpkg-dev lintian prometheus)
 
 find_python311() {
     # Debian's own 3.11 first (what production nodes have), else the first python3.11 the caller has.

@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Build the nebula Debian package: a staged venv + dpkg-deb --build (see docs/packaging.md).
+#
+#   scripts/build-deb.sh [-o OUTDIR]     build OUTDIR/nebula_<version>_amd64.deb (default OUTDIR: dist)
+#   scripts/build-deb.sh --relock        regenerate packaging/debian/requirements.lock from pyproject.toml
+#
+# The control plane goes into its own venv at /opt/nebula/venv (inside a staging root), made by Debian's
+# /usr/bin/python3.11 and filled offline from a wheelhouse that holds exactly the hash-pinned versions of
+# packaging/debian/requirements.lock. The wheelhouse is built once per lock (pip checks every hash; the
+# systemd-python sdist is compiled to a wheel there) and reused: a warm build takes a few seconds.
+# The vLLM engine runtime is not in this package (scripts/install-engine.sh).
+#
+# Environment: NEBULA_WHEELHOUSE (wheelhouse cache root, default ~/.cache/nebula/deb-wheelhouse),
+# UV (the uv binary; default: the caller's `uv`; without one, Debian's pip does the same, slower),
+# SOURCE_DATE_EPOCH (default: the changelog's date).
+# Needs: python3.11 python3-venv python3-dev python3-pip libsystemd-dev pkg-config gcc dpkg-dev (+ uv).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+deb=$repo/packaging/debian
+lock=$deb/requirements.lock
+
+# Find uv before narrowing PATH (it may live behind a pyenv shim or in ~/.local/bin). From here on only
+# Debian's tools and Debian's Python run: a pyenv python3 would build a venv no Debian host has.
+uv=${UV:-$(command -v uv || true)}
+if [[ -z $uv ]]; then  # where scripts/test.sh and quickstart.sh install it when the caller has none
+    for c in "${XDG_CACHE_HOME:-$HOME/.cache}/nebula/uv/bin/uv" /var/cache/nebula-dev/uv/bin/uv \
+             /opt/nebula/uv/bin/uv "$HOME/.local/bin/uv"; do
+        [[ -x $c ]] && { uv=$c; break; }
+    done
+fi
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C.UTF-8 TZ=UTC PYTHONDONTWRITEBYTECODE=1
+unset PYTHONPATH VIRTUAL_ENV
+python=/usr/bin/python3.11
+log() { printf 'build-deb: %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+outdir=$repo/dist
+relock=0
+while (($#)); do
+    case $1 in
+        -o) outdir=$2; shift 2 ;;
+        -o*) outdir=${1#-o}; shift ;;
+        --relock) relock=1; shift ;;
+        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument $1 (see --help)" ;;
+    esac
+done
+[[ -x $python ]] || die "$python missing: apt-get install python3.11 python3-venv"
+if ((relock)) && [[ -z $uv ]]; then die "--relock needs uv (set UV=/path/to/uv)"; fi
+
+if ((relock)); then
+    # Resolved for the target (Debian 12: CPython 3.11, x86_64), not for whatever Python runs uv.
+    cd "$repo"
+    "$uv" pip compile pyproject.toml --quiet --generate-hashes --python "$python" --python-version 3.11 \
+        --python-platform x86_64-unknown-linux-gnu --no-header -o "$lock.tmp"
+    { cat <<'EOF'
+# Locked runtime dependencies of the nebula .deb's control-plane venv (/opt/nebula/venv), with hashes.
+# scripts/build-deb.sh installs exactly these versions (offline, from a wheelhouse built from this file).
+# Regenerate after changing [project] dependencies in pyproject.toml, and commit the result:
+#    scripts/build-deb.sh --relock
+# which runs: uv pip compile pyproject.toml --generate-hashes --python-version 3.11
+#             --python-platform x86_64-unknown-linux-gnu -o packaging/debian/requirements.lock
+EOF
+      cat "$lock.tmp"; } >"$lock"
+    rm -f "$lock.tmp"
+    log "wrote $lock ($(grep -c '^[a-z0-9]' "$lock") packages)"
+    exit 0
+fi
+
+t0=$SECONDS
+[[ -f $lock ]] || die "no $lock: run scripts/build-deb.sh --relock"
+version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
+          "$repo/pyproject.toml")
+deb_version=$(dpkg-parsechangelog -l "$deb/changelog" -S Version)
+[[ $deb_version == "$version" ]] \
+    || die "packaging/debian/changelog is at $deb_version but pyproject.toml at $version: add a changelog entry"
+# The same inputs give the same file dates, whenever and wherever the package is built.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(dpkg-parsechangelog -l "$deb/changelog" -S Timestamp)}
+
+# --- wheelhouse: the locked wheels, built once per lock ------------------------------------------------
+wh_root=${NEBULA_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/nebula/deb-wheelhouse}
+key=$( { cat "$lock"; "$python" -V; } | sha256sum | cut -c1-16)
+wh=$wh_root/$key
+if [[ ! -f $wh/.complete ]]; then
+    mkdir -p "$wh_root"
+    exec 9>"$wh_root/.lock"
+    flock 9
+    if [[ ! -f $wh/.complete ]]; then
+        log "building wheelhouse $wh"
+        rm -rf "$wh" "$wh.tmp"
+        # pip checks each downloaded file against the lock's hashes, and compiles sdists (systemd-python:
+        # needs libsystemd-dev, pkg-config, gcc, python3-dev) into wheels.
+        "$python" -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --require-hashes --no-deps \
+            -r "$lock" -w "$wh.tmp" 2>"$wh_root/pip.log" || { cat "$wh_root/pip.log" >&2; die "pip wheel failed"; }
+        touch "$wh.tmp/.complete"
+        mv "$wh.tmp" "$wh"
+    fi
+    exec 9>&-
+fi
+
+# --- staging root -----------------------------------------------------------------------------------
+work=$(mktemp -d /tmp/nebula-deb.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+stage=$work/root
+venv=$stage/opt/nebula/venv
+mkdir -p "$stage"
+
+# The project's wheel, built from a copy so that setuptools' build/ and *.egg-info never land in the checkout.
+mkdir -p "$work/src"
+cp "$repo/pyproject.toml" "$work/src/"
+(cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - nebula) | tar -C "$work/src" -xf -
+# uv when there is one (faster); Debian's pip otherwise. Either fetches the build backend (setuptools)
+# from its cache or the index.
+if [[ -n $uv ]]; then
+    "$uv" build --quiet --wheel --python "$python" -o "$work/wheel" "$work/src" 2>"$work/build.log"
+else
+    "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$work/wheel" "$work/src" \
+        2>"$work/build.log"
+fi || { cat "$work/build.log" >&2; die "building the nebula wheel failed"; }
+
+"$python" -m venv --without-pip "$venv"
+# Exactly the locked versions (name==version; the hashes were checked when the wheelhouse was built), no
+# resolver, no index.
+sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' "$lock" >"$work/pins.txt"
+if [[ -n $uv ]]; then
+    "$uv" pip install --quiet --python "$venv/bin/python" --offline --no-index --no-deps --no-cache \
+        --link-mode=copy --find-links "$wh" -r "$work/pins.txt" "$work"/wheel/nebula-*.whl
+    # Every requirement of nebula and its dependencies must hold: catches a lock older than pyproject.toml.
+    "$uv" pip check --quiet --python "$venv/bin/python" || die "the venv is inconsistent: run --relock"
+else
+    pip=("$python" -m pip --disable-pip-version-check --python "$venv/bin/python")
+    "${pip[@]}" install --quiet --no-index --no-deps --no-compile --find-links "$wh" -r "$work/pins.txt" \
+        "$work"/wheel/nebula-*.whl
+    "${pip[@]}" check >/dev/null || { "${pip[@]}" check >&2; die "the venv is inconsistent: run --relock"; }
+fi
+
+# /etc/nebula/nebula.toml: every setting documented and commented out (a conffile that admins rarely need
+# to edit; their settings go in nebula.d/ drop-ins, which never trigger a conffile prompt).
+mkdir -p "$stage/etc/nebula/nebula.d" "$stage/etc/nebula/engines"
+"$venv/bin/nebula" --config "$stage/etc/nebula/nebula.toml" config init >/dev/null
+"$python" - "$stage/etc/nebula/nebula.toml" <<'EOF'
+import sys, tomllib
+data = tomllib.load(open(sys.argv[1], "rb"))
+if any(data.values()):
+    sys.exit(f"build-deb: {sys.argv[1]} sets values; the packaged file must be comment-only: {data}")
+EOF
+
+# Make the venv relocatable to /opt/nebula/venv: the staging prefix appears in bin/ shebangs and
+# pyvenv.cfg. Activation scripts are for interactive use, not for a service venv: dropped. So is
+# direct_url.json (it names the build's temporary wheel path).
+rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1
+find "$venv" -name direct_url.json -delete
+# uv's own cache metadata (install timestamps) is no part of an installed distribution.
+find "$venv" -name uv_cache.json -delete
+{ grep -lIr --null -F "$stage" "$venv/bin" "$venv/pyvenv.cfg" || true; } | xargs -0 -r sed -i "s|$stage||g"
+find "$venv" -depth -type d -name __pycache__ -exec rm -rf {} +
+# Console scripts of dependencies (idna, ...) are not this package's commands; the empty include/ is unused.
+find "$venv/bin" -type f ! -name nebula -delete
+rm -rf "$venv/include" "$venv/.lock"
+# Library modules are not scripts: a few wheels ship modules with a `#!/usr/bin/env python` line, or
+# everything executable (protobuf). Blank the line (line numbers in tracebacks stay right) and fix modes.
+find "$venv/lib" -type f -exec chmod 0644 {} +
+{ find "$venv/lib" -type f -name '*.py' -exec grep -l --null '^#!' {} + || true; } | xargs -0 -r sed -i '1s/^#!.*$//'
+# Bundled wheels' shared objects keep no debugging symbols (as dh_strip would do).
+find "$venv" -name '*.so*' -type f -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
+# RECORD files must describe the files as shipped (rewritten shebangs, blanked lines, stripped objects,
+# dropped scripts): recompute each row's hash and size, drop rows of files that are gone. This also keeps
+# the build reproducible (the console scripts' hashes would otherwise depend on the random staging path).
+"$python" - "$venv/lib/python3.11/site-packages" <<'PY'
+import base64, csv, hashlib, io, pathlib, sys
+site = pathlib.Path(sys.argv[1])
+for record in sorted(site.glob("*.dist-info/RECORD")):
+    rows = []
+    for row in csv.reader(io.StringIO(record.read_text())):
+        if not row:
+            continue
+        path = (site / row[0]).resolve()
+        if path == record.resolve():
+            rows.append([row[0], "", ""])
+        elif path.is_file():
+            data = path.read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append([row[0], f"sha256={digest}", str(len(data))])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    record.write_text(out.getvalue())
+PY
+
+# Files from the repository.
+install -D -m 0644 -t "$stage/lib/systemd/system" "$repo"/units/*.service "$repo"/units/*.target
+install -D -m 0644 -t "$stage/usr/share/polkit-1/rules.d" "$repo/packaging/polkit/50-nebula.rules"
+install -D -m 0644 "$repo/packaging/sysusers.d/nebula.conf" "$stage/usr/lib/sysusers.d/nebula.conf"
+install -D -m 0644 "$repo/packaging/tmpfiles.d/nebula.conf" "$stage/usr/lib/tmpfiles.d/nebula.conf"
+mkdir -p "$stage/usr/bin"
+ln -s /opt/nebula/venv/bin/nebula "$stage/usr/bin/nebula"
+doc=$stage/usr/share/doc/nebula
+# README.md stays uncompressed: the units' Documentation= points at it.
+install -D -m 0644 "$repo/README.md" "$doc/README.md"
+install -m 0644 "$repo/docs/packaging.md" "$doc/packaging.md"
+install -m 0644 "$deb/copyright" "$doc/copyright"
+gzip -9nc "$deb/changelog" >"$doc/changelog.gz"
+install -D -m 0644 "$deb/nebula.1" "$stage/usr/share/man/man1/nebula.1"
+gzip -9n "$stage/usr/share/man/man1/nebula.1"
+install -D -m 0644 "$deb/lintian-overrides" "$stage/usr/share/lintian/overrides/nebula"
+
+if grep -rlI -F "$stage" "$stage" >"$work/leaks"; then
+    die "the staging path is left in: $(tr '\n' ' ' <"$work/leaks")"
+fi
+
+# --- control files ----------------------------------------------------------------------------------
+mkdir -p "$stage/DEBIAN" "$work/debian"
+# The maintainer scripts act on the control-plane units: every nebula-*.service of units/ but templates.
+control_plane=$(cd "$repo/units" && ls nebula-*.service | grep -v '@' | tr '\n' ' ' | sed 's/ $//')
+[[ -n $control_plane ]] || die "no control-plane units in units/"
+for script in postinst prerm postrm; do
+    sed "s|@CONTROL_PLANE@|$control_plane|g" "$deb/$script" >"$stage/DEBIAN/$script"
+    chmod 0755 "$stage/DEBIAN/$script"
+    ! grep -q '@[A-Z_]*@' "$stage/DEBIAN/$script" || die "unfilled token in $script"
+    sh -n "$stage/DEBIAN/$script"
+done
+echo /etc/nebula/nebula.toml >"$stage/DEBIAN/conffiles"
+# dpkg-shlibdeps and dpkg-gencontrol expect a source tree with debian/control.
+cp "$deb/control" "$deb/changelog" "$work/debian/"
+mapfile -t elfs < <(find "$venv" -type f -name '*.so*' | sort)
+# (Its warnings about wheels linked against libraries they do not use are the wheels' business.)
+(cd "$work" && dpkg-shlibdeps -O --ignore-missing-info "${elfs[@]}" 2>"$work/shlibdeps.log") | sed 's/^shlibs:Depends=//' \
+    >"$work/shlibs"
+(cd "$work" && dpkg-gencontrol -pnebula -P"$stage" -Vshlibs:Depends="$(cat "$work/shlibs")")
+(cd "$stage" && find . \( -path ./DEBIAN -o -path ./etc \) -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) \
+    >"$stage/DEBIAN/md5sums"
+chmod 0644 "$stage/DEBIAN/md5sums" "$stage/DEBIAN/conffiles" "$stage/DEBIAN/control"
+
+# Normalised modes and dates; root ownership comes from --root-owner-group.
+chmod -R u+rwX,go+rX,go-w "$stage"
+find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+
+mkdir -p "$outdir"
+out=$outdir/nebula_${version}_amd64.deb
+# xz -1: 8 MB instead of 7 MB at -6, in a fifth of the time (most of it is grpcio's 17 MB extension).
+dpkg-deb --root-owner-group -Zxz -z1 --build "$stage" "$out" >/dev/null
+log "built $out ($(du -h "$out" | cut -f1), installed $(dpkg-deb -f "$out" Installed-Size) KiB) in $((SECONDS - t0)) s"
+echo "$out"

@@ -1,0 +1,275 @@
+"""The Debian package: built by scripts/build-deb.sh, checked by lintian and systemd-analyze, and installed,
+started, upgraded, removed and purged with apt inside a real systemd (the nspawn sandbox).
+
+The .deb is built once per module (warm: about 10 s; the first build on a machine also fills the wheelhouse
+cache). The sandbox is an overlay of this host: whatever a from-source install left on the host (/opt/nebula/venv,
+/usr/bin/nebula, /etc/nebula) is removed inside it first, so apt sees a machine without Nebula.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
+
+pytestmark = [pytest.mark.package, pytest.mark.systemd, pytest.mark.etcd]
+
+# Every nebula-*.service of units/ but the engine template (as scripts/build-deb.sh fills in the maintainer
+# scripts): gateway, scheduler, node.
+CONTROL_PLANE = tuple(sorted(p.name for p in (REPO_ROOT / "units").glob("nebula-*.service") if "@" not in p.name))
+# Debian's tools, Debian's Python: pyenv shims on PATH would otherwise win (see the packaging notes).
+DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-install-recommends",
+       "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]
+
+
+def run(argv: list[str], *, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": DEBIAN_PATH, "LC_ALL": "C.UTF-8"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, check=False)
+
+
+@dataclass(frozen=True)
+class Package:
+    deb: Path
+    version: str
+    tree: Path  # the .deb extracted, plus the host's base units (for systemd-analyze --root)
+
+    @property
+    def units(self) -> list[str]:
+        return sorted(p.name for p in (self.tree / "lib/systemd/system").glob("nebula*"))
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
+    out = tmp_path_factory.mktemp("deb")
+    env = dict(os.environ)
+    uv = shutil.which("uv")
+    if uv and "UV" not in env:
+        env["UV"] = uv
+    t0 = time.monotonic()
+    proc = subprocess.run([str(REPO_ROOT / "scripts/build-deb.sh"), "-o", str(out)], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, f"build-deb.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    debs = list(out.glob("nebula_*_amd64.deb"))
+    assert len(debs) == 1, debs
+    print(f"built {debs[0].name} ({debs[0].stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t0:.1f} s")
+    version = run(["dpkg-deb", "-f", str(debs[0]), "Version"]).stdout.strip()
+    tree = tmp_path_factory.mktemp("tree")
+    res = run(["dpkg-deb", "-x", str(debs[0]), str(tree)])
+    assert res.returncode == 0, res.stderr
+    # systemd-analyze --root= resolves dependencies (sysinit.target, ...) inside the tree only.
+    units = tree / "lib/systemd/system"
+    for base in Path("/lib/systemd/system").iterdir():
+        if not (units / base.name).exists() and not base.is_dir():
+            shutil.copy2(base, units / base.name, follow_symlinks=False)
+    return Package(debs[0], version, tree)
+
+
+def test_lintian_passes(package: Package) -> None:
+    assert shutil.which("lintian", path=DEBIAN_PATH), "lintian missing: apt-get install lintian"
+    res = run(["lintian", "--fail-on", "error,warning", str(package.deb)], timeout=300)
+    # Info tags print too; only E:/W: fail it. Every override lives in packaging/debian/lintian-overrides.
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not re.search(r"^[EW]: ", res.stdout, re.M), res.stdout
+
+
+def test_package_layout(package: Package) -> None:
+    t = package.tree
+    assert os.readlink(t / "usr/bin/nebula") == "/opt/nebula/venv/bin/nebula"
+    assert (t / "opt/nebula/venv/bin/nebula").read_text().startswith("#!/opt/nebula/venv/bin/python\n")
+    assert "/opt/nebula/venv" in (t / "opt/nebula/venv/pyvenv.cfg").read_text()
+    assert not list(t.glob("opt/nebula/venv/lib/python3.11/site-packages/*.dist-info/direct_url.json"))
+    assert not list(t.glob("opt/**/__pycache__"))
+    assert {"nebula.target", "nebula-engine@.service", *CONTROL_PLANE} <= set(package.units)
+    assert (t / "usr/share/polkit-1/rules.d/50-nebula.rules").is_file()
+    assert (t / "usr/lib/sysusers.d/nebula.conf").is_file() and (t / "usr/lib/tmpfiles.d/nebula.conf").is_file()
+    assert (t / "etc/nebula/nebula.d").is_dir() and (t / "etc/nebula/engines").is_dir()
+    conf = (t / "etc/nebula/nebula.toml").read_text()
+    assert all(line.startswith(("#", "[")) or not line.strip() for line in conf.splitlines()), conf
+    control = run(["dpkg-deb", "-I", str(package.deb)]).stdout
+    for field in ("Depends: ", "python3.11", "systemd", "polkitd", "Recommends: etcd-server",
+                  "Suggests: etcd-client, prometheus"):
+        assert field in control, control
+    res = run(["sh", "-c", f"dpkg-deb --ctrl-tarfile {package.deb} | tar -xO ./conffiles"])
+    assert res.stdout.split() == ["/etc/nebula/nebula.toml"], res
+
+
+def test_units_verify_silently(package: Package) -> None:
+    names = [u.replace("@.service", "@test.service") for u in package.units]
+    for name in names:
+        res = run(["systemd-analyze", "verify", "--man=no", f"--root={package.tree}", name])
+        # verify exits 0 on parse warnings: any output at all is a failure.
+        assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), (name, res.stdout + res.stderr)
+
+
+def test_control_plane_security_scores(package: Package) -> None:
+    scores = {}
+    for unit in CONTROL_PLANE:
+        res = run(["systemd-analyze", "security", "--offline=yes", f"--root={package.tree}", "--no-pager", unit])
+        m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout + res.stderr)
+        assert m, res.stdout + res.stderr
+        scores[unit] = float(m.group(1))
+    print("systemd-analyze security:", scores)
+    assert all(score <= 2.0 for score in scores.values()), scores
+
+
+# --- apt install / start / upgrade / remove / purge under a real systemd -----------------------------------
+
+
+@dataclass
+class Box:
+    sb: SystemdSandbox
+
+    def sh(self, script: str, *, check: bool = True, timeout: float = 120.0) -> str:
+        return self.sb.exec(["sh", "-c", script], check=check, timeout=timeout).stdout
+
+    def apt(self, *args: str) -> str:
+        return self.sb.exec([*APT, *args], timeout=300).stdout
+
+    def state(self, unit: str) -> tuple[str, int]:
+        props = self.sb.show(unit, "ActiveState", "MainPID")
+        return props.get("ActiveState", ""), int(props.get("MainPID", "0") or 0)
+
+    def logs(self) -> str:
+        return self.sh("journalctl --no-pager -n 80 -u 'nebula*'", check=False)
+
+    def wait_active(self, units: tuple[str, ...], timeout: float = 30.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {u: self.state(u) for u in units}
+            if all(s == "active" for s, _ in states.values()):
+                return {u: pid for u, (_, pid) in states.items()}
+            assert time.monotonic() < deadline, f"not active: {states}\n{self.logs()}"
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    sb = up(name=f"pkg-{os.getpid()}")
+    try:
+        yield Box(sb)
+    finally:
+        sb.systemctl("stop", "nebula.target", "nebula-*.service", check=False)
+        sb.down()
+
+
+def repack(deb: Path, out: Path, version: str) -> Path:
+    """The same package at a higher version whose conffile changed: a real upgrade with a conffile decision."""
+    tree = out / "tree"
+    assert run(["dpkg-deb", "-R", str(deb), str(tree)]).returncode == 0
+    control = tree / "DEBIAN/control"
+    control.write_text(re.sub(r"(?m)^Version: .*$", f"Version: {version}", control.read_text()))
+    with (tree / "etc/nebula/nebula.toml").open("a") as f:
+        f.write("## (a setting documented in the newer release)\n")
+    new = out / f"nebula_{version}_amd64.deb"
+    res = run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build", str(tree), str(new)])
+    assert res.returncode == 0, res.stderr
+    return new
+
+
+def test_apt_install_start_upgrade_remove_purge(package: Package, box: Box,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    etcd = EtcdServer.launch(tmp_path_factory.mktemp("pkg-etcd"))
+    try:
+        _lifecycle(package, box, etcd, tmp_path_factory.mktemp("repack"))
+    finally:
+        etcd.stop()
+
+
+def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None:
+    sb = box.sb
+    # A machine without Nebula: drop what a from-source install left on the host (overlay: only in here), and
+    # the container image's policy-rc.d, which forbids maintainer scripts to start or stop anything.
+    box.sh("rm -rf /opt/nebula/venv /usr/bin/nebula /usr/local/bin/nebula /etc/nebula /var/lib/nebula "
+           "/var/cache/nebula /run/nebula /etc/systemd/system/nebula* /etc/polkit-1/rules.d/50-nebula.rules "
+           "/usr/sbin/policy-rc.d; if getent passwd nebula >/dev/null; then userdel nebula; fi")
+    debs = sb.scratch / "debs"
+    debs.mkdir()
+    deb = debs / package.deb.name
+    shutil.copy2(package.deb, deb)
+    newer = repack(package.deb, work, package.version + "+test1")
+    shutil.copy2(newer, debs / newer.name)
+    newer = debs / newer.name
+    # Settings of this test in a drop-in (the packaged nebula.toml stays as shipped): the host's etcd, free
+    # ports (the sandbox shares the host's network).
+    ports = {u: free_port() for u in CONTROL_PLANE}
+    engine_base = 23000 + (os.getpid() % 200) * 20
+    dropin = sb.root / "etc/nebula/nebula.d/10-test.toml"
+    dropin.parent.mkdir(parents=True)
+    sections: dict[str, dict[str, object]] = {"cluster": {"etcd_endpoints": [etcd.endpoint]}}
+    for unit, port in ports.items():
+        sections[unit.removeprefix("nebula-").removesuffix(".service")] = {"port": port}
+    sections["node"].update(name="pkg-node", port_min=engine_base, port_max=engine_base + 19)
+    dropin.write_text("".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        for name, values in sections.items()))
+
+    # --- install -------------------------------------------------------------------------------------------
+    box.apt("install", str(deb))
+    assert box.sh("/usr/bin/nebula --version").strip() == f"nebula {package.version}"
+    assert box.sh("getent passwd nebula").strip().split(":")[5:] == ["/var/lib/nebula", "/usr/sbin/nologin"]
+    assert box.sh("stat -c '%U %a' /var/lib/nebula /run/nebula").split("\n")[:2] == ["nebula 755", "nebula 755"]
+    for unit in ("nebula.target", *CONTROL_PLANE):
+        assert box.sh(f"systemctl is-enabled {unit}").strip() == "enabled", unit
+    # A fresh install starts nothing: the admin points it at etcd first.
+    assert all(box.state(u)[0] == "inactive" for u in CONTROL_PLANE)
+    # polkitd's rules directory keeps its owner and mode.
+    assert box.sh("stat -c '%U %a' /usr/share/polkit-1/rules.d").strip() == "polkitd 700"
+    assert box.sh("find /opt/nebula/venv -name '*.pyc' | head -1").strip()  # postinst byte-compiled the venv
+
+    sb.systemctl("start", "nebula.target")
+    pids = box.wait_active(CONTROL_PLANE)
+    assert sb.show("nebula-gateway.service", "User")["User"] == "nebula"
+
+    # --- upgrade with an admin-edited conffile (non-interactive: confold keeps the admin's version) ----------
+    conf = sb.root / "etc/nebula/nebula.toml"
+    conf.write_text(conf.read_text() + "# edited by the admin\n")
+    box.apt("install", str(newer))
+    assert box.sh("dpkg-query -W -f='${Version}' nebula") == package.version + "+test1"
+    assert conf.read_text().endswith("# edited by the admin\n")
+    assert (sb.root / "etc/nebula/nebula.toml.dpkg-dist").exists()
+    after = box.wait_active(CONTROL_PLANE)
+    assert all(after[u] != pids[u] for u in CONTROL_PLANE), (pids, after)  # every control-plane unit restarted
+
+    # --- an upgrade never touches an engine ----------------------------------------------------------------
+    # A stand-in engine instance (no vLLM here): the real unit with its command replaced. The agent would stop
+    # it as an orphan, so it is stopped first; try-restart leaves a stopped unit stopped.
+    sb.systemctl("stop", "nebula-node.service")
+    sb.install_dropin("nebula-engine@fake.service",
+                      "[Service]\nType=simple\nWatchdogSec=0\nExecStart=\nExecStart=/bin/sleep infinity\n")
+    sb.daemon_reload()
+    sb.systemctl("start", "nebula-engine@fake.service")
+    sb.systemctl("add-wants", "nebula.target", "nebula-engine@fake.service")  # an admin-made instance link
+    engine = box.state("nebula-engine@fake.service")
+    assert engine[0] == "active"
+    box.apt("install", "--reinstall", str(newer))
+    assert box.state("nebula-engine@fake.service") == engine
+    assert box.state("nebula-node.service")[0] == "inactive"
+    box.wait_active(tuple(u for u in CONTROL_PLANE if u != "nebula-node.service"))
+
+    # --- remove: everything stops (the engine too), configuration stays ---------------------------------------
+    box.apt("remove", "nebula")
+    states = {u: box.state(u)[0] for u in (*CONTROL_PLANE, "nebula.target", "nebula-engine@fake.service")}
+    assert set(states.values()) == {"inactive"}, states
+    assert not (sb.root / "usr/bin/nebula").exists() and not (sb.root / "opt/nebula/venv").exists()
+    assert conf.exists() and dropin.exists()
+
+    # --- purge: configuration and engine instance links go, the user stays ----------------------------------
+    box.apt("purge", "nebula")
+    assert not (sb.root / "etc/nebula").exists()
+    assert not (sb.root / "var/lib/nebula").exists()
+    assert box.sh("find /etc/systemd/system -name 'nebula*' ! -name '*.service.d'").strip() == ""
+    status = box.sh("dpkg-query -W -f='${db:Status-Status}' nebula 2>/dev/null || echo absent").strip()
+    assert status in ("absent", "not-installed"), status
+    assert box.sh("getent passwd nebula || true").startswith("nebula:")
