@@ -92,7 +92,7 @@ if [[ -d /run/systemd/system ]]; then
     install -D -m 0644 "$repo/packaging/polkit/50-nebula.rules" /etc/polkit-1/rules.d/50-nebula.rules
     chown -R nebula:nebula /var/lib/nebula
     systemctl daemon-reload
-    systemctl enable nebula.target nebula-gateway nebula-router nebula-scheduler nebula-node
+    systemctl enable nebula.target nebula-gateway nebula-scheduler nebula-node
 fi
 
 step "nebula up"

@@ -46,7 +46,7 @@ def parse_engine_load(text: str) -> EngineLoad:
     """The load in a vLLM /metrics exposition (Prometheus text format).
 
     Only the lines of the three gauges reach the parser: a vLLM exposition is mostly histogram buckets,
-    and parsing all of it every second per replica would cost the router's event loop for nothing.
+    and parsing all of it every second per replica would cost the gateway's event loop for nothing.
     Raises EngineMetricsError when the text is malformed or holds none of the gauges (not a vLLM server).
     """
     lines = [line for line in text.splitlines() if _is_wanted(line)]
@@ -69,7 +69,7 @@ def parse_engine_load(text: str) -> EngineLoad:
 async def fetch_engine_load(http: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> EngineLoad:
     """GET `endpoint`/metrics and parse it; any failure (including the timeout) is EngineMetricsError.
 
-    Accept-Encoding is pinned to identity: vLLM's exporter gzips when offered, and the router's session
+    Accept-Encoding is pinned to identity: vLLM's exporter gzips when offered, and the gateway's session
     does not decompress (it relays bytes untouched).
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -9,7 +9,7 @@ from pathlib import Path
 from nebula.cli.client import CliError
 from nebula.core.config import NebulaConfig
 
-SERVICES = ("gateway", "router", "scheduler", "node")
+SERVICES = ("gateway", "scheduler", "node")
 
 
 def journal_units(target: str) -> list[str]:

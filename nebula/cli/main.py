@@ -16,7 +16,7 @@ from nebula.core.config import NebulaConfig
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.runtime import load_config
 
-SERVICES = ("gateway", "router", "scheduler", "node")
+SERVICES = ("gateway", "scheduler", "node")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes and models at a glance")
     st.add_argument("--json", action="store_true")
     lg = sub.add_parser("logs", help="journal (or log files) of a model's engines or a service")
-    lg.add_argument("target", nargs="?", default="", help="model name, or gateway/router/scheduler/node")
+    lg.add_argument("target", nargs="?", default="", help="model name, or gateway/scheduler/node")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=100)
     cf = sub.add_parser("config", help="check or write the config file")
@@ -138,10 +138,6 @@ def run_service(cmd: str, args: argparse.Namespace, cfg: NebulaConfig, env: dict
         from nebula.services.gateway.main import run_gateway
 
         asyncio.run(run_gateway(cfg, env))
-    elif cmd == "router":
-        from nebula.services.router.main import run_router
-
-        asyncio.run(run_router(cfg, env))
     return 0
 
 

@@ -38,34 +38,28 @@ class ClusterConfig:
 class GatewayConfig:
     host: str = _f("127.0.0.1", "Address the gateway listens on (loopback unless you mean to expose it).")
     port: int = _f(8000, "Port of the OpenAI-compatible API, the admin API and /metrics.")
-    router_url: str = _f("http://127.0.0.1:8001", "Where the gateway sends inference requests.")
     max_body_bytes: int = _f(8 * 1024 * 1024, "Largest request body accepted; larger gets 413.")
     admin_key_hashes: tuple[str, ...] = _f(
         (), "SHA-256 hex digests of admin API keys. Empty: the admin API is open (loopback only!).")
     api_key_hashes: tuple[str, ...] = _f(
         (), "SHA-256 hex digests of inference API keys. Empty: inference needs no key.")
     upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    host: str = _f("127.0.0.1", "Address the router listens on.")
-    port: int = _f(8001, "Port of the router's data path and /metrics.")
+    # Routing: the gateway picks the replica and forwards to its engine itself (one hop).
     connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
     max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
     no_replica_wait_s: float = _f(0.0, "How long a request waits for a ready replica of a loading model "
                                   "before 503 (0: answer 503 at once).")
-    load_poll_s: float = _f(1.0, "How often the router reads each ready replica's load from its /metrics "
-                            "(0: never; route on the router's own in-flight counts only).")
+    load_poll_s: float = _f(1.0, "How often the gateway reads each ready replica's load from its /metrics "
+                            "(0: never; route on the gateway's own in-flight counts only).")
     load_timeout_s: float = _f(0.5, "Timeout of one /metrics read. A replica that fails or is slow stays "
                                "routable: its last load counts for 3 polls, then only its in-flight requests.")
     load_waiting_weight: float = _f(2.0, "Weight of each request queued in an engine, against 1 per request "
-                                    "the router has in flight to it, when picking the least loaded replica.")
+                                    "the gateway has in flight to it, when picking the least loaded replica.")
     kv_cache_threshold: float = _f(0.9, "KV cache usage (0-1) from which a replica counts as overloaded: it "
                                    "takes the penalty below and loses prefix affinity.")
     kv_cache_penalty: float = _f(8.0, "Score added to a replica whose KV cache usage is at or above the "
                                  "threshold (in units of in-flight requests).")
-    affinity_slack: float = _f(4.0, "Requests with the same X-Nebula-Prefix stay on their replica while its "
+    affinity_slack: float = _f(4.0, "Requests that share a prompt prefix stay on their replica while its "
                                "score is at most this much above the least loaded one's.")
 
 
@@ -80,7 +74,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class NodeConfig:
     name: str = _f("", "This node's name in the cluster. Empty: the host name.")
-    address: str = _f("127.0.0.1", "Address at which the router reaches this node's engines.")
+    address: str = _f("127.0.0.1", "Address at which the gateway reaches this node's engines.")
     host: str = _f("127.0.0.1", "Address of the agent's /metrics.")
     port: int = _f(8003, "Port of the agent's /metrics.")
     engine_host: str = _f("127.0.0.1", "Address the engines on this node listen on.")
@@ -118,7 +112,6 @@ class LogConfig:
 class NebulaConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -185,7 +178,7 @@ def _from_env(raw: str, hint: Any, where: str) -> Any:
 
 
 def _validate(cfg: NebulaConfig) -> None:
-    for section, name in (("gateway", "port"), ("router", "port"), ("scheduler", "port"), ("node", "port")):
+    for section, name in (("gateway", "port"), ("scheduler", "port"), ("node", "port")):
         port = getattr(getattr(cfg, section), name)
         if not 1 <= port <= 65535:
             raise ValidationError(f"{section}.{name}", f"must be a TCP port (1-65535), got {port}")
@@ -207,6 +200,8 @@ def _validate(cfg: NebulaConfig) -> None:
             raise ValidationError("gateway.admin_key_hashes", "entries must be lowercase SHA-256 hex digests")
     if cfg.cluster.lease_ttl_s < 2:
         raise ValidationError("cluster.lease_ttl_s", "must be at least 2 seconds")
+    if cfg.gateway.max_attempts < 1:
+        raise ValidationError("gateway.max_attempts", "must be at least 1")
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<config>") -> NebulaConfig:
@@ -218,6 +213,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
     try:
         built: dict[str, Any] = {}
         for key in data:
+            if key == "router":
+                raise ValidationError(key, "the router service is retired: routing moved into the gateway; move "
+                                      "these keys (not host, port) into [gateway] and drop [gateway] router_url")
             if key not in sections:
                 raise ValidationError(key, f"unknown section (known: {', '.join(sections)})")
         for sname, stype in sections.items():

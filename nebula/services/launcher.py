@@ -2,7 +2,7 @@
 
 Where systemd is PID 1 the control plane runs as its units (`nebula.target`). Elsewhere (containers, CI,
 this kind of dev box) `nebula supervise` runs the same commands as children: etcd when none answers,
-then router, gateway, scheduler and the node agent, each restarted with backoff when it dies.
+then gateway, scheduler and the node agent, each restarted with backoff when it dies.
 Engines are not its children: the agent starts them in their own sessions, so they outlive agent restarts.
 """
 
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from nebula.core.config import NebulaConfig
 
 log = logging.getLogger("nebula.launcher")
-CONTROL_PLANE = ("router", "gateway", "scheduler", "node")
+CONTROL_PLANE = ("gateway", "scheduler", "node")
 
 
 def endpoint_answers(url: str, timeout_s: float = 0.5) -> bool:

@@ -45,7 +45,7 @@ def _journal_handler(service: str) -> logging.Handler:
 
 
 def setup_logging(service: str, level: str, env: Mapping[str, str]) -> None:
-    """Configure the root logger for `service` (gateway, router, scheduler, node, engine).
+    """Configure the root logger for `service` (gateway, scheduler, node, engine).
 
     $JOURNAL_STREAM is set by systemd when stdout/stderr go to the journal: then log natively to
     journald so extras become fields; otherwise write text to stderr.

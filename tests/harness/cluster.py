@@ -1,4 +1,4 @@
-"""A whole Nebula on loopback for end-to-end tests: real etcd, the four control-plane services as
+"""A whole Nebula on loopback for end-to-end tests: real etcd, the three control-plane services as
 processes (`python -m nebula <svc> run`), engines as the agent's children running real vLLM."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from tests.harness.etcd import EtcdServer, free_port
 
-SERVICES = ("router", "gateway", "scheduler", "node")
+SERVICES = ("gateway", "scheduler", "node")
 
 
 @dataclass
@@ -57,10 +57,6 @@ lease_ttl_s = 5
 
 [gateway]
 port = {self.ports['gateway']}
-router_url = "http://127.0.0.1:{self.ports['router']}"
-
-[router]
-port = {self.ports['router']}
 
 [scheduler]
 port = {self.ports['scheduler']}

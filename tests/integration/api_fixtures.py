@@ -53,10 +53,6 @@ class ApiCluster:
         """What an OpenAI client takes as base_url."""
         return self.cluster.gateway_url + "/v1"
 
-    @property
-    def router_url(self) -> str:
-        return f"http://127.0.0.1:{self.cluster.ports['router']}"
-
 
 def _load_commands(models: Path) -> dict[str, list[str]]:
     chat = ["load", CHAT_MODEL, "--source", str(models / "tiny-llama"), "--task", "generate",

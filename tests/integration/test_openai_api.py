@@ -1,4 +1,4 @@
-"""The full OpenAI API through Nebula (gateway -> router -> vLLM CPU engines), with the real `openai` client.
+"""The full OpenAI API through Nebula (gateway -> vLLM CPU engines), with the real `openai` client.
 
 One session-wide cluster serves three models (see api_fixtures.py): `chat` (tiny-llama, a random model
 whose tool calls and JSON are forced by structured outputs), `embed` (tiny BERT, 64 dimensions) and
@@ -511,25 +511,25 @@ def test_bad_input(gateway: str, body: bytes | dict[str, Any], status: int, para
         assert error["param"] == param, f"param {error['param']!r}, expected {param!r}: {error}"
 
 
-def router_picks(router_url: str) -> float:
-    """Total replica picks the router made (one per request it forwarded to an engine)."""
-    with urllib.request.urlopen(router_url + "/metrics", timeout=10) as resp:
+def replica_picks(gateway_url: str) -> float:
+    """Total replica picks the gateway made (one per request it forwarded to an engine)."""
+    with urllib.request.urlopen(gateway_url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("nebula_router_picks_total"))
+               if line.startswith("nebula_gateway_picks_total"))
 
 
 def test_rejected_requests_never_reach_an_engine(api_cluster: ApiCluster) -> None:
     gateway = api_cluster.gateway_url
-    before = router_picks(api_cluster.router_url)
+    before = replica_picks(gateway)
     for what, body, _, _ in BAD_INPUT:  # their statuses are test_bad_input's concern
         assert post(gateway + "/v1/chat/completions", body)[0] >= 400, f"{what} was accepted"
     for path, model, fields in WRONG_TASK:
         assert post(f"{gateway}/v1/{path}", {"model": model, **fields})[0] >= 400, f"{path} -> {model} accepted"
-    assert router_picks(api_cluster.router_url) == before, "a rejected request was forwarded to the router"
+    assert replica_picks(gateway) == before, "a rejected request was forwarded to an engine"
     client_ok = post(gateway + "/v1/chat/completions", CHAT_OK)
     assert client_ok[0] == 200
-    assert router_picks(api_cluster.router_url) == before + 1, "the router metric does not count picks"
+    assert replica_picks(gateway) == before + 1, "the picks metric does not count picks"
 
 
 def test_unknown_path_and_wrong_method(gateway: str) -> None:

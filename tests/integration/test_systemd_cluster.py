@@ -23,7 +23,7 @@ from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
 pytestmark = [pytest.mark.systemd, pytest.mark.engine, pytest.mark.etcd]
-CONTROL_PLANE = ("nebula-gateway", "nebula-router", "nebula-scheduler", "nebula-node")
+CONTROL_PLANE = ("nebula-gateway", "nebula-scheduler", "nebula-node")
 
 
 @dataclass
@@ -61,9 +61,6 @@ def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitClust
 etcd_endpoints = ["{etcd.endpoint}"]
 [gateway]
 port = {ports['nebula-gateway']}
-router_url = "http://127.0.0.1:{ports['nebula-router']}"
-[router]
-port = {ports['nebula-router']}
 [scheduler]
 port = {ports['nebula-scheduler']}
 [node]

@@ -27,8 +27,7 @@ from nebula.errors import TemporaryError
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox
 
 UNITS = REPO_ROOT / "units"
-CONTROL_PLANE = ("nebula-gateway.service", "nebula-router.service", "nebula-scheduler.service",
-                 "nebula-node.service")
+CONTROL_PLANE = ("nebula-gateway.service", "nebula-scheduler.service", "nebula-node.service")
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 # A stand-in for `vllm serve`: sleeps --fake-load-s ("loading the model"), then answers GET /health.

@@ -1,4 +1,4 @@
-"""A small real HTTP server on loopback that answers like an OpenAI engine, for router and gateway tests.
+"""A small real HTTP server on loopback that answers like an OpenAI engine, for gateway tests.
 
 Answers are deterministic bytes (so proxying can be checked byte for byte) and name the engine that
 served them. Knobs: `status` (answer every request with it), `hold` (block requests until set, and

@@ -15,17 +15,17 @@ SRC = "/etc/nebula/nebula.toml"
 def test_defaults_are_valid_and_loopback() -> None:
     cfg = parse_config({}, {}, SRC)
     assert cfg == NebulaConfig()
-    assert cfg.gateway.host == "127.0.0.1" and cfg.router.host == "127.0.0.1"
+    assert cfg.gateway.host == "127.0.0.1"
 
 
 def test_toml_values_and_env_override() -> None:
     cfg = parse_config_text('[gateway]\nport = 9000\n[cluster]\netcd_endpoints = ["http://e1:2379"]\n',
                             {"NEBULA_GATEWAY_PORT": "9100", "NEBULA_ENGINE_EXTRA_ARGS": "--a,--b",
-                             "NEBULA_ROUTER_CONNECT_TIMEOUT_S": "0.5"}, SRC)
+                             "NEBULA_GATEWAY_CONNECT_TIMEOUT_S": "0.5"}, SRC)
     assert cfg.gateway.port == 9100
     assert cfg.cluster.etcd_endpoints == ("http://e1:2379",)
     assert cfg.engine.extra_args == ("--a", "--b")
-    assert cfg.router.connect_timeout_s == 0.5
+    assert cfg.gateway.connect_timeout_s == 0.5
 
 
 @pytest.mark.parametrize(("text", "env", "expected"), [
@@ -33,6 +33,9 @@ def test_toml_values_and_env_override() -> None:
     ("[gateway]\nport = 70000\n", {}, f"{SRC}: gateway.port: must be a TCP port"),
     ("[gateway]\nprot = 1\n", {}, f"{SRC}: gateway.prot: unknown key"),
     ("[gatway]\n", {}, f"{SRC}: gatway: unknown section"),
+    ("[router]\nport = 8001\n", {}, f"{SRC}: router: the router service is retired: routing moved into the gateway"),
+    ('[gateway]\nrouter_url = "http://127.0.0.1:8001"\n', {}, f"{SRC}: gateway.router_url: unknown key"),
+    ("[gateway]\nmax_attempts = 0\n", {}, f"{SRC}: gateway.max_attempts: must be at least 1"),
     ("[gateway\n", {}, f"{SRC}: not valid TOML"),
     ("", {"NEBULA_GATEWAY_PORT": "abc"}, f"{SRC}: NEBULA_GATEWAY_PORT: must be an integer"),
     ('[node]\nunit_backend = "docker"\n', {}, f"{SRC}: node.unit_backend: must be"),

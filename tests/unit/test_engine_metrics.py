@@ -1,4 +1,4 @@
-"""Reading an engine's load: parsing vLLM's /metrics text, fetching it, and the router's book and poll."""
+"""Reading an engine's load: parsing vLLM's /metrics text, fetching it, and the gateway's book and poll."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from nebula.adapters.engine_metrics import EngineLoad, EngineMetricsError, fetch_engine_load, parse_engine_load
-from nebula.services.router.load import LoadBook, poll_loads, poll_round
+from nebula.services.gateway.load import LoadBook, poll_loads, poll_round
 from tests.unit.fake_engine import FakeEngine, engines, vllm_metrics_text
 
 # The head of a vLLM 0.32 /metrics page (one engine, model tiny-llama, 2 running, 5 waiting), as served:
@@ -112,7 +112,7 @@ async def engine() -> AsyncIterator[FakeEngine]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # Like the router's session: no decompression, which is why the fetch must ask for identity.
+    # Like the gateway's session: no decompression, which is why the fetch must ask for identity.
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
 

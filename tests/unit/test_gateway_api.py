@@ -1,5 +1,6 @@
 """The gateway over loopback: validation, errors, admin API, keys, and the full path
-client -> gateway -> router -> fake engine (with the real `openai` client too)."""
+client -> gateway -> fake engine (with the real `openai` client too). Forwarding itself (picks, retries,
+load, affinity) is test_gateway_forward's."""
 
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
 from nebula.core import keys
-from nebula.core.config import GatewayConfig, NebulaConfig, RouterConfig
+from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import ModelSpec, NodeRecord, Phase, Task, dumps, loads
 from nebula.services.gateway.app import build_gateway_app, serve_gateway
 from nebula.services.gateway.state import GATEWAY
-from nebula.services.router.app import ROUTER, build_router_app
 from tests.unit.fake_engine import FakeEngine, completion_bytes, engines, put_instance, sse_chunks, until
 
 ADMIN_KEY, USER_KEY = "admin-secret", "user-secret"
@@ -45,7 +45,6 @@ class Stack:
     store: MemoryStore
     registry: CollectorRegistry
     gateway: TestServer
-    router: TestServer
     http: aiohttp.ClientSession
     engine: FakeEngine
 
@@ -81,23 +80,19 @@ async def make_stack(engine: FakeEngine) -> AsyncIterator[MakeStack]:
         await put_instance(store, "m", engine.endpoint)
         await put_instance(store, "m:1", "http://127.0.0.1:1", Phase.STARTING)
         await put_instance(store, "e", engine.endpoint, model="e", task=Task.EMBED)
-        router = TestServer(build_router_app(RouterConfig(), store, CollectorRegistry()))
-        await router.start_server()
         registry = CollectorRegistry()
-        gcfg = GatewayConfig(router_url=str(router.make_url("")).rstrip("/"), **cfg)
-        gateway = TestServer(build_gateway_app(gcfg, store, registry))
+        gateway = TestServer(build_gateway_app(GatewayConfig(**cfg), store, registry))
         await gateway.start_server()
-        stack = Stack(store, registry, gateway, router, aiohttp.ClientSession(), engine)
+        stack = Stack(store, registry, gateway, aiohttp.ClientSession(), engine)
         made.append(stack)
         await until(lambda: len(gateway.app[GATEWAY].view.models) == len(MODELS)
-                    and bool(router.app[ROUTER].table.ready().get("m")))
+                    and bool(gateway.app[GATEWAY].table.ready().get("m")))
         return stack
 
     yield make
     for s in made:
         await s.http.close()
         await s.gateway.close()
-        await s.router.close()
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -195,15 +190,16 @@ async def test_unknown_path_and_wrong_method_keep_the_openai_shape(make_stack: M
     assert_openai_error(body, 405, "method_not_allowed")
 
 
-async def test_ready_model_without_reachable_router_is_503(make_stack: MakeStack) -> None:
+async def test_ready_model_with_unreachable_engines_is_503(make_stack: MakeStack) -> None:
     s = await make_stack()
-    await s.router.close()
-    status, headers, body = await s.call("POST", "/v1/chat/completions", CHAT)
+    await put_instance(s.store, "e", "http://127.0.0.1:1", model="e", task=Task.EMBED)
+    await until(lambda: s.gateway.app[GATEWAY].table.ready()["e"][0].endpoint == "http://127.0.0.1:1")
+    status, headers, body = await s.call("POST", "/v1/embeddings", {"model": "e", "input": "x"})
     assert status == 503 and headers["Retry-After"]
-    assert_openai_error(body, 503, "router_unavailable")
+    assert_openai_error(body, 503, "service_unavailable")
 
 
-async def test_model_with_no_ready_replica_is_503_from_the_router(make_stack: MakeStack) -> None:
+async def test_model_with_no_ready_replica_is_503(make_stack: MakeStack) -> None:
     s = await make_stack()
     rerank = {"model": "r", "query": "q", "documents": ["d"]}
     status, headers, body = await s.call("POST", "/v1/rerank", rerank)
@@ -231,7 +227,7 @@ async def test_original_bytes_reach_the_engine_and_come_back_exact(make_stack: M
                                        {"endpoint": "chat/completions"}) == 0
 
 
-async def test_sse_through_gateway_and_router_is_byte_exact(make_stack: MakeStack) -> None:
+async def test_sse_through_the_gateway_is_byte_exact(make_stack: MakeStack) -> None:
     s = await make_stack()
     async with s.http.post(s.url("/v1/chat/completions"), json={**CHAT, "stream": True}) as resp:
         assert resp.status == 200
@@ -264,7 +260,7 @@ async def test_openai_client_chat_and_stream(make_stack: MakeStack) -> None:
 
 async def test_models_list_has_task_replicas_and_phases(make_stack: MakeStack) -> None:
     s = await make_stack()
-    await until(lambda: s.gateway.app[GATEWAY].view.phases("m").get(Phase.STARTING) == 1)
+    await until(lambda: s.gateway.app[GATEWAY].table.phases()["m"].get(Phase.STARTING) == 1)
     status, _, body = await s.call("GET", "/v1/models")
     assert status == 200 and body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"]}
@@ -397,7 +393,7 @@ async def test_store_outage_is_503_not_500(make_stack: MakeStack) -> None:
         status, headers, body = await s.call("GET", "/v1/admin/models")
         assert status == 503 and headers["Retry-After"]
         assert_openai_error(body, 503)
-        # Inference keeps working from the gateway's and router's last view.
+        # Inference keeps working from the gateway's last view.
         status, _, _ = await s.call("POST", "/v1/chat/completions", CHAT)
         assert status == 200
     finally:
@@ -445,7 +441,7 @@ async def test_healthz_and_metrics(make_stack: MakeStack) -> None:
     assert 'nebula_gateway_requests_total{endpoint="chat/completions",model="m",status="200"} 1.0' in text
 
 
-async def test_client_disconnect_cancels_the_engine_request_through_both_hops(make_stack: MakeStack) -> None:
+async def test_client_disconnect_cancels_the_engine_request(make_stack: MakeStack) -> None:
     s = await make_stack()
     s.engine.hold = asyncio.Event()
     request = asyncio.create_task(s.http.post(s.url("/v1/chat/completions"), json=CHAT).__aenter__())
@@ -481,8 +477,7 @@ async def test_serve_gateway_listens_and_notifies_ready(tmp_path: Path) -> None:
 async def test_gateway_started_without_the_store_answers_503_not_404() -> None:
     store = MemoryStore()
     store.set_reachable(False)
-    gateway = TestServer(build_gateway_app(GatewayConfig(router_url="http://127.0.0.1:1"), store,
-                                           CollectorRegistry()))
+    gateway = TestServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
     await gateway.start_server()
     try:
         async with aiohttp.ClientSession() as http, http.post(gateway.make_url("/v1/chat/completions"),
@@ -494,7 +489,7 @@ async def test_gateway_started_without_the_store_answers_503_not_404() -> None:
 
 
 async def test_a_conversation_stays_on_one_replica_through_the_gateway() -> None:
-    """The gateway sends the prefix key; the router keeps a conversation on one replica's prefix cache."""
+    """The gateway keys each request on its prompt prefix and keeps a conversation on one replica's cache."""
     async for (a, b) in engines("a", "b"):
         await _check_affinity(a, b)
 
@@ -505,13 +500,10 @@ async def _check_affinity(a: FakeEngine, b: FakeEngine) -> None:
         await store.put(keys.model_key(spec.name), dumps(spec.to_dict()))
     await put_instance(store, "m", a.endpoint)
     await put_instance(store, "m:1", b.endpoint)
-    router = TestServer(build_router_app(RouterConfig(load_poll_s=0), store, CollectorRegistry()))
-    await router.start_server()
-    gateway = TestServer(build_gateway_app(GatewayConfig(router_url=str(router.make_url("")).rstrip("/")),
-                                           store, CollectorRegistry()))
+    gateway = TestServer(build_gateway_app(GatewayConfig(load_poll_s=0), store, CollectorRegistry()))
     await gateway.start_server()
     try:
-        await until(lambda: len(router.app[ROUTER].table.ready().get("m", [])) == 2
+        await until(lambda: len(gateway.app[GATEWAY].table.ready().get("m", [])) == 2
                     and "m" in gateway.app[GATEWAY].view.models)
         async with aiohttp.ClientSession() as http:
             async def chat(system: str, turn: str) -> None:
@@ -530,4 +522,3 @@ async def _check_affinity(a: FakeEngine, b: FakeEngine) -> None:
             assert len(a.received) > 0 and len(b.received) > 0, "distinct conversations were not spread"
     finally:
         await gateway.close()
-        await router.close()

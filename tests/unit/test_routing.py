@@ -1,4 +1,4 @@
-"""The routing policy (pure: least loaded, prefix affinity, the prefix key) and the router's replica table."""
+"""The routing policy (pure: least loaded, prefix affinity, the prefix key) and the gateway's replica table."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from nebula.core.routing import (
     ready_replicas,
     rendezvous_home,
 )
-from nebula.services.router.load import LoadBook
-from nebula.services.router.table import ReplicaTable
+from nebula.services.gateway.load import LoadBook
+from nebula.services.gateway.replicas import ReplicaTable
 
 
 def status(instance: str, phase: Phase = Phase.READY, model: str = "m", port: int = 9000,
@@ -102,7 +102,7 @@ def test_score_adds_weighted_waiting_and_the_kv_penalty() -> None:
 
 def test_engine_queue_outweighs_own_inflight() -> None:
     a, b = rep(1), rep(2)
-    # a: idle here but 5 queued in its engine (other routers' traffic); b: 3 of ours in flight.
+    # a: idle here but 5 queued in its engine (other gateways' traffic); b: 3 of ours in flight.
     loads = {a.endpoint: EngineLoad(waiting=5)}
     assert pick_replica([a, b], {b.endpoint: 3}, loads, (), 0, policy=POLICY) == b
     # A replica whose load is unknown (poll failed) is judged on in-flight requests alone.

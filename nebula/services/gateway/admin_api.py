@@ -1,6 +1,7 @@
 """The admin API: desired models in /nebula/models/ (load, unload, scale) and views of the cluster.
 
-It reads and writes the store directly (not the mirror) so an operator sees their own write at once.
+It reads and writes the store directly (not the mirror) so an operator sees their own write at once;
+/v1/admin/replicas is the exception: it shows this gateway's routing table, mirror and in-flight counts.
 Writes are conditional: load uses create-if-absent, scale a compare-and-swap on mod_revision, so two
 admins racing never silently overwrite each other.
 """
@@ -141,6 +142,12 @@ async def list_nodes(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": nodes})
 
 
+async def list_replicas(request: web.Request) -> web.Response:
+    """The routing table as this gateway sees it: phases, READY replicas, in-flight counts, polled load."""
+    st = request.app[GATEWAY]
+    return web.json_response(st.table.to_json(st.clock()))
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/admin/models", load_model),
@@ -150,4 +157,5 @@ def routes() -> list[web.RouteDef]:
         web.delete("/v1/admin/models/{name}", unload_model),
         web.patch("/v1/admin/models/{name}", scale_model),
         web.get("/v1/admin/nodes", list_nodes),
+        web.get("/v1/admin/replicas", list_replicas),
     ]

@@ -1,4 +1,4 @@
-"""The engines' load as the router last read it: a book of samples and the background poll that fills it.
+"""The engines' load as the gateway last read it: a book of samples and the background poll that fills it.
 
 The poll runs beside the data path, never in it: a request reads the book (a dict lookup per candidate),
 it never waits for a poll. A replica whose poll fails or times out stays routable: its last sample counts

@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics, on an injected registry.
+"""The gateway's request metrics, on an injected registry.
 
 The model label only ever takes names of known models (or "unknown"), so a client cannot grow the
 series count by sending made-up model names.
@@ -6,18 +6,44 @@ series count by sending made-up model names.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # Inference latency spans milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """The labelled children of one metric, each looked up once and then kept.
+
+    `.labels()` validates, joins and locks on every call, a measurable share of a request's CPU at high
+    rates; a dict lookup is not. Label values must be bounded (known models, endpoints, instances), which
+    they are anyway for the series' sake, so the cache holds no more than the registry itself.
+    """
+
+    def __init__(self, family: M) -> None:
+        self._family = family
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._family.labels(*labels)
+        return child
+
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("nebula_gateway_requests", "Inference requests by model, endpoint, status.",
-                                ["model", "endpoint", "status"], registry=registry)
-        self.latency = Histogram("nebula_gateway_request_duration_seconds",
-                                 "Time from request to the last byte of the response.",
-                                 ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.inflight = Gauge("nebula_gateway_inflight_requests", "Inference requests being served.",
-                              ["endpoint"], registry=registry)
+        self.requests = Children(Counter(
+            "nebula_gateway_requests", "Inference requests by model, endpoint, status.",
+            ["model", "endpoint", "status"], registry=registry))
+        self.latency = Children(Histogram(
+            "nebula_gateway_request_duration_seconds", "Time from request to the last byte of the response.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry))
+        self.inflight = Children(Gauge(
+            "nebula_gateway_inflight_requests", "Inference requests being served.", ["endpoint"],
+            registry=registry))

@@ -1,34 +1,38 @@
-"""The OpenAI-compatible endpoints: validate at the edge, then hand the original bytes to the router.
+"""The OpenAI-compatible endpoints: validate at the edge, then forward the original bytes to a replica.
 
-The body is parsed once to validate it and learn the model, but what goes on is the client's own bytes,
-so fields the gateway does not know reach the engine exactly as sent.
+The body is parsed once to validate it, learn the model and compute its prefix-affinity key, but what
+goes on is the client's own bytes, so fields the gateway does not know reach the engine exactly as sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from nebula.core.model import Task, loads
-from nebula.core.routing import PREFIX_HEADER, prefix_key
-from nebula.services.gateway.state import GATEWAY, GatewayState
+from nebula.core.routing import prefix_key
+from nebula.services.gateway.forward import forward
+from nebula.services.gateway.state import GATEWAY
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
-from nebula.services.http.relay import MODEL_HEADER, forward_headers, relay
+from nebula.services.http.relay import relay
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
 
 
 def _inference(endpoint: Endpoint) -> Handler:
+    path = endpoint.path
+
     async def handle(request: web.Request) -> web.StreamResponse:
         st = request.app[GATEWAY]
         label, status = "unknown", 500
         started = time.monotonic()
-        st.metrics.inflight.labels(endpoint.path).inc()
+        inflight = st.metrics.inflight(path)
+        inflight.inc()
         try:
             raw = await request.read()
             body = loads(raw)
@@ -44,15 +48,14 @@ def _inference(endpoint: Endpoint) -> Handler:
             label = model
             if spec.task is not endpoint.task:
                 raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
-                               f"/v1/{endpoint.path} needs a '{endpoint.task.value}' model",
+                               f"/v1/{path} needs a '{endpoint.task.value}' model",
                                param="model", code="model_not_supported")
-            extra = {MODEL_HEADER: model}
-            if endpoint.task is Task.GENERATE and isinstance(body, dict) and (prefix := prefix_key(body)):
-                extra[PREFIX_HEADER] = prefix  # the router keeps a conversation on one replica's prefix cache
-            if endpoint.path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
-                resp = await _forward_rerank_without_documents(request, st, raw, extra)
-            else:
-                resp = await _forward(request, st, raw, extra)
+            # The key keeps a conversation on one replica's prefix cache (check_request proved body a dict).
+            prefix = prefix_key(body) if endpoint.task is Task.GENERATE and isinstance(body, dict) else None
+            respond = relay
+            if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
+                respond = _rerank_without_documents
+            resp = await forward(request, st, model, raw, prefix, respond)
             status = resp.status
             return resp
         except (ApiError, web.HTTPException) as e:
@@ -62,32 +65,27 @@ def _inference(endpoint: Endpoint) -> Handler:
             status = CLIENT_CLOSED
             raise
         finally:
-            st.metrics.inflight.labels(endpoint.path).dec()
-            st.metrics.requests.labels(label, endpoint.path, str(status)).inc()
-            st.metrics.latency.labels(label, endpoint.path).observe(time.monotonic() - started)
+            inflight.dec()
+            st.metrics.requests(label, path, str(status)).inc()
+            st.metrics.latency(label, path).observe(time.monotonic() - started)
 
     return handle
 
 
-async def _forward(request: web.Request, st: GatewayState, raw: bytes, extra: dict[str, str]
-                   ) -> web.StreamResponse:
-    async with await _post_upstream(request, st, raw, extra) as upstream:
-        return await relay(request, upstream)
-
-
-async def _forward_rerank_without_documents(request: web.Request, st: GatewayState, raw: bytes,
-                                            extra: dict[str, str]) -> web.StreamResponse:
+async def _rerank_without_documents(request: web.Request, upstream: aiohttp.ClientResponse
+                                    ) -> web.StreamResponse:
     """Cohere/Jina `return_documents: false`, which vLLM does not implement: drop the echoed documents.
 
     The one response the gateway rewrites; rerank answers are small and never streamed.
     """
-    async with await _post_upstream(request, st, raw, extra) as upstream:
-        if upstream.status != 200:
-            return await relay(request, upstream)
-        try:
-            payload = await upstream.json(content_type=None)
-        except (ValueError, aiohttp.ClientError):
-            raise ApiError(502, "the engine sent an invalid rerank response", code="upstream_error") from None
+    if upstream.status != 200:
+        return await relay(request, upstream)
+    try:
+        payload = await upstream.json(content_type=None)
+    except TimeoutError:
+        raise ApiError(504, "the model did not answer in time", code="timeout") from None
+    except (ValueError, aiohttp.ClientError):
+        raise ApiError(502, "the engine sent an invalid rerank response", code="upstream_error") from None
     if isinstance(payload, dict) and isinstance(payload.get("results"), list):
         for result in payload["results"]:
             if isinstance(result, dict):
@@ -95,34 +93,20 @@ async def _forward_rerank_without_documents(request: web.Request, st: GatewaySta
     return web.json_response(payload)
 
 
-async def _post_upstream(request: web.Request, st: GatewayState, raw: bytes, extra: dict[str, str]
-                         ) -> aiohttp.ClientResponse:
-    headers = forward_headers(request.headers, {**extra, "Content-Type": "application/json"})
-    url = URL(st.cfg.router_url.rstrip("/") + request.path_qs, encoded=True)
-    timeout = aiohttp.ClientTimeout(total=st.cfg.upstream_timeout_s, sock_connect=5.0)
-    try:
-        return await st.http().post(url, data=raw, headers=headers, timeout=timeout)
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-        raise unavailable("the router is not reachable; retry shortly", code="router_unavailable") from None
-    except TimeoutError:
-        raise ApiError(504, "the model did not answer in time", code="timeout") from None
-    except aiohttp.ClientError as e:
-        raise ApiError(502, f"the router failed: {type(e).__name__}", code="upstream_error") from None
-
-
 async def _list_models(request: web.Request) -> web.Response:
-    view = request.app[GATEWAY].view
-    data = [view.model_entry(spec) for _, spec in sorted(view.models.items())]
+    st = request.app[GATEWAY]
+    phases = st.table.phases()
+    data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())]
     return web.json_response({"object": "list", "data": data})
 
 
 async def _get_model(request: web.Request) -> web.Response:
-    view = request.app[GATEWAY].view
+    st = request.app[GATEWAY]
     name = request.match_info["name"]
-    spec = view.models.get(name)
+    spec = st.view.models.get(name)
     if spec is None:
         raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-    return web.json_response(view.model_entry(spec))
+    return web.json_response(st.view.model_entry(spec, st.table.phases().get(name, Counter())))
 
 
 def routes() -> list[web.RouteDef]:

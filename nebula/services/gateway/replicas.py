@@ -1,8 +1,8 @@
-"""The router's view of the cluster: READY replicas per model, the requests it has in flight to each, and
-(through its LoadBook) each engine's last polled load.
+"""The gateway's routing view of the cluster: READY replicas per model, the requests this gateway has in
+flight to each, and (through its LoadBook) each engine's last polled load.
 
 Fed by `mirror_prefix` on /nebula/instances/ with the full contents each time, so an update simply
-replaces the view. In-flight counts are the router's own and survive updates: a replica that leaves
+replaces the view. In-flight counts are this gateway's own and survive updates: a replica that leaves
 READY keeps its count until its last request finishes, it just gets no new ones.
 """
 
@@ -19,7 +19,7 @@ from nebula.adapters.store import KeyValue
 from nebula.core.model import InstanceStatus, Phase, loads
 from nebula.core.routing import LoadPolicy, Replica, phase_counts, pick_replica, ready_replicas
 from nebula.errors import ValidationError
-from nebula.services.router.load import LoadBook
+from nebula.services.gateway.load import LoadBook
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ReplicaTable:
                 "kv_cache_usage": sample.load.kv_cache_usage, "age_s": round(max(0.0, now - sample.at), 3)}
 
     def to_json(self, now: float) -> dict[str, Any]:
-        """The JSON of GET /router/replicas; `now` is on the load poller's clock (for the samples' age)."""
+        """The JSON of GET /v1/admin/replicas; `now` is on the load poller's clock (for the samples' age)."""
         models: dict[str, Any] = {}
         for model, counts in sorted(self.phases().items()):
             models[model] = {

@@ -1,4 +1,4 @@
-"""The router's Prometheus metrics, on an injected registry.
+"""The gateway's routing metrics (picks, retries, the replica table, engine load), on an injected registry.
 
 Gauges of the table (in flight per replica, instances by phase, the engines' polled load) are computed at
 scrape time from the table itself, so there is no second copy to keep in step and no stale series for a
@@ -14,8 +14,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from nebula.core.model import Phase
-from nebula.services.router.load import Clock
-from nebula.services.router.table import ReplicaTable
+from nebula.services.gateway.load import Clock
+from nebula.services.gateway.metrics import Children
+from nebula.services.gateway.replicas import ReplicaTable
 
 
 class _TableCollector(Collector):
@@ -24,8 +25,9 @@ class _TableCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        inflight = GaugeMetricFamily("nebula_router_inflight_requests",
-                                     "Requests the router has in flight to each replica.",
+        # Not nebula_gateway_inflight_requests: that one counts client requests by endpoint (metrics.py).
+        inflight = GaugeMetricFamily("nebula_gateway_replica_inflight",
+                                     "Requests this gateway has in flight to each replica.",
                                      labels=["model", "instance", "endpoint"])
         for model, replicas in sorted(self._table.ready().items()):
             for r in replicas:
@@ -33,7 +35,7 @@ class _TableCollector(Collector):
         for endpoint, n in sorted(self._table.draining_inflight().items()):
             inflight.add_metric(["", "", endpoint], n)
         yield inflight
-        phases = GaugeMetricFamily("nebula_router_replicas", "Instances of each model by phase.",
+        phases = GaugeMetricFamily("nebula_gateway_replicas", "Instances of each model by phase.",
                                    labels=["model", "phase"])
         for model, counts in sorted(self._table.phases().items()):
             for phase in Phase:
@@ -44,13 +46,13 @@ class _TableCollector(Collector):
     def _engine_load(self) -> Iterator[Metric]:
         """The last polled load of each READY replica that has one (a replica never polled has no series)."""
         labels = ["model", "replica"]
-        waiting = GaugeMetricFamily("nebula_router_engine_waiting_requests",
+        waiting = GaugeMetricFamily("nebula_gateway_engine_waiting_requests",
                                     "Requests queued in each replica's engine, as last polled.", labels=labels)
-        running = GaugeMetricFamily("nebula_router_engine_running_requests",
+        running = GaugeMetricFamily("nebula_gateway_engine_running_requests",
                                     "Requests running in each replica's engine, as last polled.", labels=labels)
-        kv = GaugeMetricFamily("nebula_router_engine_kv_cache_usage",
+        kv = GaugeMetricFamily("nebula_gateway_engine_kv_cache_usage",
                                "KV cache usage (0-1) of each replica's engine, as last polled.", labels=labels)
-        age = GaugeMetricFamily("nebula_router_engine_load_age_seconds",
+        age = GaugeMetricFamily("nebula_gateway_engine_load_age_seconds",
                                 "Age of the last load sample of each replica.", labels=labels)
         now = self._clock()
         for model, replicas in sorted(self._table.ready().items()):
@@ -63,17 +65,21 @@ class _TableCollector(Collector):
                 kv.add_metric([model, r.instance], sample.load.kv_cache_usage)
                 age.add_metric([model, r.instance], max(0.0, now - sample.at))
         yield from (waiting, running, kv, age)
-        yield CounterMetricFamily("nebula_router_load_poll_failures",
+        yield CounterMetricFamily("nebula_gateway_load_poll_failures",
                                   "Engine /metrics polls that failed or timed out.",
                                   value=self._table.loads.failures)
 
 
-class RouterMetrics:
+class RoutingMetrics:
+    """Counters of the forwarding path (the table's gauges are computed at scrape time, above)."""
+
     def __init__(self, registry: CollectorRegistry, table: ReplicaTable, clock: Clock) -> None:
-        self.picks = Counter("nebula_router_picks", "Replica picks (one per attempt).",
-                             ["model", "instance"], registry=registry)
-        self.retries = Counter("nebula_router_retries", "Attempts retried on another replica, by reason.",
-                               ["model", "reason"], registry=registry)
-        self.no_replica = Counter("nebula_router_no_replica", "Requests answered 503: no replica for them.",
-                                  ["model"], registry=registry)
+        self.picks = Children(Counter("nebula_gateway_picks", "Replica picks (one per attempt).",
+                                      ["model", "instance"], registry=registry))
+        self.retries = Children(Counter("nebula_gateway_retries",
+                                        "Attempts retried on another replica, by reason.",
+                                        ["model", "reason"], registry=registry))
+        self.no_replica = Children(Counter("nebula_gateway_no_replica",
+                                           "Requests answered 503: no replica for them.",
+                                           ["model"], registry=registry))
         registry.register(_TableCollector(table, clock))

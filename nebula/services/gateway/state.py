@@ -1,4 +1,4 @@
-"""The gateway's typed app state, shared by its OpenAI and admin handlers."""
+"""The gateway's typed app state, shared by its OpenAI, forwarding and admin handlers."""
 
 from __future__ import annotations
 
@@ -7,11 +7,22 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from nebula.adapters.engine_metrics import EngineLoad, fetch_engine_load
 from nebula.adapters.store import Store
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.auth import Authenticator
+from nebula.services.gateway.load import Clock
 from nebula.services.gateway.metrics import GatewayMetrics
+from nebula.services.gateway.replicas import ReplicaTable
+from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.view import ClusterView
+
+
+def engine_timeout(cfg: GatewayConfig) -> aiohttp.ClientTimeout:
+    """The timeout of one forwarded request: connecting is bounded tightly (a refused or silent replica is
+    retried on another), the whole exchange by upstream_timeout_s. Built once: it is the same every time."""
+    return aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, connect=cfg.connect_timeout_s,
+                                 sock_connect=cfg.connect_timeout_s)
 
 
 @dataclass
@@ -21,6 +32,10 @@ class GatewayState:
     view: ClusterView
     metrics: GatewayMetrics
     auth: Authenticator
+    table: ReplicaTable
+    routing: RoutingMetrics
+    clock: Clock
+    timeout: aiohttp.ClientTimeout
     # Opened in the app's cleanup_ctx (a session belongs to a running loop), or injected by the caller.
     session: aiohttp.ClientSession | None = field(default=None)
 
@@ -28,6 +43,9 @@ class GatewayState:
         if self.session is None:
             raise RuntimeError("gateway HTTP session used outside the app's lifetime")
         return self.session
+
+    async def fetch_load(self, endpoint: str) -> EngineLoad:
+        return await fetch_engine_load(self.http(), endpoint, self.cfg.load_timeout_s)
 
 
 GATEWAY = web.AppKey("gateway", GatewayState)

@@ -1,4 +1,4 @@
-"""The gateway's mirror of /nebula/models/ and /nebula/instances/, for routing checks and GET /v1/models.
+"""The gateway's mirror of /nebula/models/, for request checks and GET /v1/models (instances: replicas.py).
 
 Inference requests are checked against this mirror (no store round trip per request, and it keeps
 answering from its last view while etcd is down). The admin API reads the store itself, so it sees
@@ -14,8 +14,7 @@ from typing import Any
 
 from nebula.adapters.store import KeyValue
 from nebula.core import keys
-from nebula.core.model import InstanceStatus, ModelSpec, Phase, loads
-from nebula.core.routing import phase_counts
+from nebula.core.model import ModelSpec, Phase, loads
 from nebula.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 class ClusterView:
     def __init__(self) -> None:
         self.models: dict[str, ModelSpec] = {}
-        self._phases: dict[str, Counter[Phase]] = {}
         self._warned: set[tuple[str, int]] = set()
         self.models_synced = False
 
@@ -40,19 +38,9 @@ class ClusterView:
                 self._warn(key, kv, ValidationError("name", f"'{spec.name}' does not match its key"))
                 continue
             models[spec.name] = spec
-        self._prune(keys.MODELS, items)
+        self._prune(items)
         self.models = models
         self.models_synced = True
-
-    def update_instances(self, items: Mapping[str, KeyValue]) -> None:
-        statuses: list[InstanceStatus] = []
-        for key, kv in items.items():
-            try:
-                statuses.append(InstanceStatus.from_dict(loads(kv.value)))
-            except ValidationError as e:
-                self._warn(key, kv, e)
-        self._prune(keys.INSTANCES, items)
-        self._phases = phase_counts(statuses)
 
     def _warn(self, key: str, kv: KeyValue, e: ValidationError) -> None:
         # Every update re-delivers the whole prefix: warn once per bad record version, not per update.
@@ -60,16 +48,12 @@ class ClusterView:
             self._warned.add((key, kv.mod_revision))
             log.warning("ignoring invalid record %s: %s", key, e)
 
-    def _prune(self, prefix: str, items: Mapping[str, KeyValue]) -> None:
-        self._warned = {(k, rev) for k, rev in self._warned
-                        if not k.startswith(prefix) or (k in items and items[k].mod_revision == rev)}
+    def _prune(self, items: Mapping[str, KeyValue]) -> None:
+        self._warned = {(k, rev) for k, rev in self._warned if k in items and items[k].mod_revision == rev}
 
-    def phases(self, model: str) -> Counter[Phase]:
-        return self._phases.get(model, Counter())
-
-    def model_entry(self, spec: ModelSpec) -> dict[str, Any]:
-        """One entry of GET /v1/models: OpenAI's fields plus Nebula's."""
-        phases = self.phases(spec.name)
+    @staticmethod
+    def model_entry(spec: ModelSpec, phases: Counter[Phase]) -> dict[str, Any]:
+        """One entry of GET /v1/models: OpenAI's fields plus Nebula's (`phases`: of its instances)."""
         return {"id": spec.name, "object": "model", "created": 0, "owned_by": "nebula",
                 "task": spec.task.value, "replicas": spec.replicas, "ready": phases.get(Phase.READY, 0),
                 "phases": {p.value: n for p, n in sorted(phases.items())}}

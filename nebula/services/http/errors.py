@@ -4,7 +4,6 @@ Handlers raise `ApiError`; `error_middleware` turns it into that shape, and also
 (404 for an unknown path, 413 for an oversized body), invalid input (ValidationError: 400 naming the
 field) and an unreachable store (TemporaryError: 503 with Retry-After). Anything else is a bug: logged
 with its traceback, answered with a 500 in the same shape, never a traceback to the client.
-The router uses the same module so both hops answer alike.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Byte relay between an upstream aiohttp response and a downstream client, shared by gateway and router.
+"""Byte relay between an upstream aiohttp response (an engine's) and a downstream client.
 
 Kept lean on purpose: the body is forwarded as the chunks arrive, never parsed (SSE included), and
 content is never re-encoded (the client session does not decompress).
@@ -11,12 +11,8 @@ from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 log = logging.getLogger(__name__)
-
-# Set by the gateway (which parsed and validated the body) so the router can route without parsing it.
-MODEL_HEADER = "X-Nebula-Model"
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those each hop sets for itself.
 _SKIP_REQUEST = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
@@ -28,25 +24,37 @@ _SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "t
 
 def new_session() -> aiohttp.ClientSession:
     """A client session fit for proxying: no pool limit (the default of 100 would cap concurrency),
-    no decompression (bytes pass through as the upstream encoded them), no overall default timeout."""
+    no decompression (bytes pass through as the upstream encoded them), no overall default timeout, and
+    no cookie jar (engines set no cookies, and the jar would be consulted on every request and response)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-                                 timeout=aiohttp.ClientTimeout(total=None))
+                                 timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar())
 
 
-def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
-    """The request headers to send upstream: end-to-end ones only, credentials stripped.
+def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The request headers to send upstream: end-to-end ones only, credentials stripped; `extra` replaces
+    any client header of the same name (compared without case).
 
+    A plain dict rather than a CIMultiDict: it is built on every request, and aiohttp takes either. A
+    header the client repeated is joined into one comma-separated field, which RFC 9110 5.3 makes equivalent.
     Accept-Encoding is pinned (identity unless the client asked) because aiohttp would otherwise
     offer gzip on our behalf and, without decompression, hand the client an encoding it never asked for.
     """
-    out: CIMultiDict[str] = CIMultiDict()
+    skip = _SKIP_REQUEST if not extra else _SKIP_REQUEST | {k.lower() for k in extra}
+    out: dict[str, str] = {}
+    accept_encoding = False
     for k, v in headers.items():
-        if k.lower() not in _SKIP_REQUEST:
-            out.add(k, v)
-    if "Accept-Encoding" not in out:
+        low = k.lower()
+        if low in skip:
+            continue
+        accept_encoding = accept_encoding or low == "accept-encoding"
+        if k in out:
+            out[k] += ", " + v
+        else:
+            out[k] = v
+    if not accept_encoding:
         out["Accept-Encoding"] = "identity"
-    for k, v in (extra or {}).items():
-        out[k] = v
+    if extra:
+        out.update(extra)
     return out
 
 

@@ -1,0 +1,92 @@
+"""Forwarding a validated request to a READY replica of its model: the gateway's one data-plane hop.
+
+The pick is least loaded with prefix affinity (nebula.core.routing over the ReplicaTable). Retries are
+invisible to the client: a replica that refuses the connection (or answers 502/503 before any byte went
+out) is excluded and another is tried, up to GatewayConfig.max_attempts. Once the response status is
+sent the replica is committed; the body streams through untouched. Engine load comes from a background
+poll of each READY replica's /metrics (load.py), never from the request path.
+
+A client that goes away cancels the handler (the server runs with handler_cancellation), which closes
+the engine connection, and the engine aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from nebula.core.routing import Replica
+from nebula.services.gateway.state import GatewayState
+from nebula.services.http.errors import ApiError, unavailable
+from nebula.services.http.relay import forward_headers, relay
+
+log = logging.getLogger(__name__)
+
+# Statuses an engine gives while it cannot take the request at all (starting, shutting down, overloaded
+# proxy in front of it): safe to try elsewhere because the engine did no work.
+RETRY_STATUSES = frozenset({502, 503})
+# The body is always the client's JSON, whatever Content-Type the client claimed.
+_JSON = {"Content-Type": "application/json"}
+
+# What to make of the engine's committed response: relay it (the default) or rewrite it.
+Respond = Callable[[web.Request, aiohttp.ClientResponse], Awaitable[web.StreamResponse]]
+
+
+async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | None, first: bool
+                ) -> Replica | None:
+    replica = st.table.pick(model, tried, prefix)
+    # Only the first attempt waits: a model that is loading gets its first replica, a retry does not
+    # wait for replicas that were already all tried.
+    if (replica is None and first and st.cfg.no_replica_wait_s > 0
+            and await st.table.wait_for_replica(model, st.cfg.no_replica_wait_s)):
+        replica = st.table.pick(model, tried, prefix)
+    return replica
+
+
+async def forward(request: web.Request, st: GatewayState, model: str, body: bytes, prefix: str | None,
+                  respond: Respond = relay) -> web.StreamResponse:
+    """POST `body` to request.path_qs on a replica of `model` and answer with `respond` (the relay).
+
+    `prefix` is the request's affinity key (routing.prefix_key), None for none. Raises ApiError 503 (with
+    Retry-After) when no replica could take it, 504 on upstream_timeout_s, 502 when the engine failed after
+    it may have started on the request (not replayed elsewhere: it may not be idempotent).
+    """
+    headers = forward_headers(request.headers, _JSON)
+    tried: set[str] = set()
+    for attempt in range(st.cfg.max_attempts):
+        replica = await _pick(st, model, tried, prefix, attempt == 0)
+        if replica is None:
+            break
+        st.routing.picks(model, replica.instance).inc()
+        url = URL(replica.endpoint + request.path_qs, encoded=True)
+        with st.table.track(replica):
+            try:
+                upstream = await st.http().post(url, data=body, headers=headers, timeout=st.timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e)
+                st.routing.retries(model, "connect").inc()
+                tried.add(replica.endpoint)
+                continue
+            except TimeoutError:
+                raise ApiError(504, "the model did not answer in time", code="timeout") from None
+            except aiohttp.ClientError as e:
+                # The request may have reached the engine: not safe to replay elsewhere.
+                log.warning("replica %s failed before answering: %r", replica.instance, e)
+                raise ApiError(502, f"replica {replica.instance} failed before answering",
+                               code="upstream_error") from None
+            async with upstream:
+                if (upstream.status in RETRY_STATUSES and attempt + 1 < st.cfg.max_attempts
+                        and st.table.has_candidate(model, tried | {replica.endpoint})):
+                    log.info("replica %s answered %d, trying another", replica.instance, upstream.status)
+                    st.routing.retries(model, str(upstream.status)).inc()
+                    tried.add(replica.endpoint)
+                    continue
+                return await respond(request, upstream)
+    st.routing.no_replica(model).inc()
+    if tried:
+        raise unavailable(f"no replica of model '{model}' could be reached (tried {len(tried)})")
+    raise unavailable(f"model '{model}' has no ready replica yet", code="model_not_ready")
