@@ -1,7 +1,7 @@
 """The whole control plane as the shipped units, under a real systemd, serving real vLLM.
 
 Runs the units from units/ as they ship (User=nebula, hardening, Type=notify, watchdog), with the polkit rule
-that lets the agent manage engine units, and this checkout's code as /usr/bin/nebula. Proves: a load goes
+that lets the agent manage engine units, and this checkout installed in a venv as /usr/bin/nebula. Proves: a load goes
 through etcd to `nebula-engine@tiny.service` started over D-Bus; restarting every control-plane unit restarts
 no engine; unload stops the engine unit.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
 pytestmark = [pytest.mark.systemd, pytest.mark.engine, pytest.mark.etcd]
+TEST_VENV = Path("/opt/nebula-test/venv")
 CONTROL_PLANE = ("nebula-gateway", "nebula-scheduler", "nebula-node")
 
 
@@ -50,7 +52,10 @@ class UnitCluster:
 def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitCluster]:
     venv = required_path("NEBULA_TEST_VLLM_VENV")
     etcd = EtcdServer.launch(tmp_path_factory.mktemp("sd-etcd"))
-    sandbox = up(name=f"cluster-{os.getpid()}")
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if not uv:
+        pytest.fail("uv is needed to install this checkout inside the sandbox (scripts/test.sh provides it)")
+    sandbox = up([REPO_ROOT], name=f"cluster-{os.getpid()}")
     try:
         ports = {svc: free_port() for svc in CONTROL_PLANE}
         engine_base = 21000 + (os.getpid() % 200) * 20
@@ -73,9 +78,13 @@ vllm_venv = "{venv}"
 vllm_device = "cpu"
 default_max_model_len = 512
 """)
-        # The container is an overlay of this host: the checkout's venv serves as the installed package.
+        # Install this checkout where the units can see it: the checkout may live under /tmp or /root, which
+        # PrivateTmp= and ProtectHome= hide from the services (as they would on a real host).
+        sandbox.exec([uv, "venv", "-q", "--python", "/usr/bin/python3", str(TEST_VENV)], timeout=120)
+        sandbox.exec([uv, "pip", "install", "-q", "--python", str(TEST_VENV / "bin/python"), str(REPO_ROOT)],
+                     timeout=600)
         (root / "usr/bin/nebula").unlink(missing_ok=True)
-        (root / "usr/bin/nebula").symlink_to(REPO_ROOT / ".venv" / "bin" / "nebula")
+        (root / "usr/bin/nebula").symlink_to(TEST_VENV / "bin" / "nebula")
         sandbox.exec(["sh", "-c", "getent passwd nebula >/dev/null || useradd --system --home-dir "
                       "/var/lib/nebula --shell /usr/sbin/nologin nebula"])
         polkit = root / "etc/polkit-1/rules.d"
