@@ -99,6 +99,10 @@ class EngineConfig:
     health_timeout_s: float = _f(5.0, "Timeout of one /health check; a failed check withholds WATCHDOG=1.")
     stop_timeout_s: float = _f(30.0, "How long in-flight requests may drain on stop before vLLM is killed.")
     cpu_kvcache_gib: int = _f(1, "KV cache size of CPU engines (VLLM_CPU_KVCACHE_SPACE), in GiB.")
+    cpu_threads_bind: str = _f(
+        "nobind", "VLLM_CPU_OMP_THREADS_BIND of CPU engines. vLLM's 'auto' pins every engine of a node to the same "
+        "cores, where a busy engine's spinning threads starve a starting one (seen: a start stalled for minutes); "
+        "'nobind' leaves placement to the kernel. Use 'auto' or explicit lists only with one engine per node.")
     default_max_model_len: int = _f(2048, "max_model_len for models that do not set one (0: the model's own).")
     extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line.")
 

@@ -98,6 +98,7 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool) -> tuple[lis
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
     elif spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     return argv, env

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.etcd import EtcdServer, free_port, port_is_free
 
 SERVICES = ("gateway", "scheduler", "node")
 
@@ -24,6 +25,9 @@ class NebulaCluster:
     workdir: Path
     etcd: EtcdServer
     vllm_venv: str
+    node_grace_s: float = 30.0
+    extra_nodes: tuple[str, ...] = ()
+    """More node agents, each its own node (own name, config, port range, run dir): `node:<name>` in procs."""
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -39,9 +43,12 @@ class NebulaCluster:
     def run_dir(self) -> Path:
         return self.workdir / "run"
 
-    def env(self) -> dict[str, str]:
+    def node_run_dir(self, node: str) -> Path:
+        return self.run_dir if node == "node-a" else self.workdir / f"run-{node}"
+
+    def env(self, config: Path | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NEBULA_", "ETCD_"))}
-        env["NEBULA_CONFIG"] = str(self.config_path)
+        env["NEBULA_CONFIG"] = str(config or self.config_path)
         env["NEBULA_URL"] = self.gateway_url
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -49,8 +56,13 @@ class NebulaCluster:
     def write_config(self) -> None:
         for svc in (*SERVICES, "engine_port"):
             self.ports[svc] = free_port()
-        engine_base = 20000 + (os.getpid() % 200) * 50
-        self.config_path.write_text(f"""
+        self.config_path.write_text(self._config_text("node-a", 0))
+        for i, name in enumerate(self.extra_nodes, start=1):
+            (self.workdir / f"nebula-{name}.toml").write_text(self._config_text(name, i))
+
+    def _config_text(self, node: str, index: int) -> str:
+        engine_base = free_port_range(20)
+        return f"""
 [cluster]
 etcd_endpoints = ["{self.etcd.endpoint}"]
 lease_ttl_s = 5
@@ -60,17 +72,17 @@ port = {self.ports['gateway']}
 
 [scheduler]
 port = {self.ports['scheduler']}
-node_grace_s = 30
+node_grace_s = {self.node_grace_s}
 resync_s = 2
 
 [node]
-name = "node-a"
-port = {self.ports['node']}
+name = "{node}"
+port = {self.ports['node'] if index == 0 else free_port()}
 port_min = {engine_base}
-port_max = {engine_base + 49}
+port_max = {engine_base + 19}
 unit_backend = "process"
-run_dir = "{self.run_dir}"
-state_dir = "{self.workdir / 'state'}"
+run_dir = "{self.node_run_dir(node)}"
+state_dir = "{self.workdir / ('state' if index == 0 else f'state-{node}')}"
 resync_s = 2
 
 [engine]
@@ -78,11 +90,14 @@ vllm_venv = "{self.vllm_venv}"
 vllm_device = "cpu"
 default_max_model_len = 512
 stop_timeout_s = 10
-""")
+"""
 
     def start(self, svc: str) -> None:
-        log = (self.workdir / f"{svc}.log").open("ab")
-        self.procs[svc] = subprocess.Popen([sys.executable, "-m", "nebula", svc, "run"], env=self.env(),
+        """`gateway`, `scheduler`, `node` (node-a), or `node:<name>` for an extra node."""
+        kind, _, node = svc.partition(":")
+        config = self.workdir / f"nebula-{node}.toml" if node else None
+        log = (self.workdir / f"{svc.replace(':', '-')}.log").open("ab")
+        self.procs[svc] = subprocess.Popen([sys.executable, "-m", "nebula", kind, "run"], env=self.env(config),
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 
@@ -93,7 +108,7 @@ stop_timeout_s = 10
 
     def up(self, timeout_s: float = 60) -> None:
         self.write_config()
-        for svc in SERVICES:
+        for svc in (*SERVICES, *(f"node:{n}" for n in self.extra_nodes)):
             self.start(svc)
         wait_until(lambda: http_ok(self.gateway_url + "/healthz"), timeout_s, "gateway healthy", self)
 
@@ -107,11 +122,14 @@ stop_timeout_s = 10
     def models(self) -> Any:
         return json.loads(self.cli("list", "--json").stdout)
 
-    def engine_pids(self) -> dict[str, int]:
+    def engine_pids(self, node: str = "node-a") -> dict[str, int]:
         out = {}
-        for f in (self.run_dir / "pids").glob("*.pid"):
+        for f in (self.node_run_dir(node) / "pids").glob("*.pid"):
             out[f.stem] = int(json.loads(f.read_text())["pid"])
         return out
+
+    def all_engine_pids(self) -> list[int]:
+        return [pid for node in ("node-a", *self.extra_nodes) for pid in self.engine_pids(node).values()]
 
     def logs(self) -> str:
         parts = []
@@ -120,18 +138,17 @@ stop_timeout_s = 10
         return "\n".join(parts)
 
     def down(self) -> None:
-        for svc in reversed(SERVICES):
-            if svc in self.procs:
-                self.kill(svc, signal.SIGTERM)
-        for pid in self.engine_pids().values():
+        for svc in reversed(list(self.procs)):
+            self.kill(svc, signal.SIGTERM)
+        for pid in self.all_engine_pids():
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(p) for p in self.engine_pids().values()):
+        while time.monotonic() < deadline and any(_alive(p) for p in self.all_engine_pids()):
             time.sleep(0.3)
-        for pid in self.engine_pids().values():
+        for pid in self.all_engine_pids():
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
 
@@ -146,6 +163,17 @@ def _alive(pid: int) -> bool:
         return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return False
+
+
+def free_port_range(size: int) -> int:
+    """The first of `size` free consecutive ports below the ephemeral range (clients cannot take them meanwhile),
+    at a random place so that clusters of one test session do not collide."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - size)
+        if all(port_is_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError(f"no {size} free consecutive ports in 20000-32000")
 
 
 def required_path(name: str) -> str:

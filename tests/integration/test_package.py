@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cluster import free_port_range
 from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
@@ -204,7 +205,7 @@ def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None
     # Settings of this test in a drop-in (the packaged nebula.toml stays as shipped): the host's etcd, free
     # ports (the sandbox shares the host's network).
     ports = {u: free_port() for u in CONTROL_PLANE}
-    engine_base = 23000 + (os.getpid() % 200) * 20
+    engine_base = free_port_range(20)
     dropin = sb.root / "etc/nebula/nebula.d/10-test.toml"
     dropin.parent.mkdir(parents=True)
     sections: dict[str, dict[str, object]] = {"cluster": {"etcd_endpoints": [etcd.endpoint]}}

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.cluster import required_path, wait_until
+from tests.harness.cluster import free_port_range, required_path, wait_until
 from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
@@ -58,7 +58,7 @@ def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitClust
     sandbox = up([REPO_ROOT], name=f"cluster-{os.getpid()}")
     try:
         ports = {svc: free_port() for svc in CONTROL_PLANE}
-        engine_base = 21000 + (os.getpid() % 200) * 20
+        engine_base = free_port_range(20)
         root = sandbox.root
         (root / "etc/nebula").mkdir(parents=True, exist_ok=True)
         (root / "etc/nebula/nebula.toml").write_text(f"""

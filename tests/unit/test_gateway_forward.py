@@ -158,6 +158,29 @@ async def test_refused_connection_is_retried_on_another_replica(make_gateway: Ma
     assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "connect"}) >= 1
 
 
+async def test_engine_dying_before_it_answers_is_retried(make_gateway: MakeGateway, two: list[FakeEngine]) -> None:
+    """An engine that takes the request and dies (connection closed, no response): replayed on another."""
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.close()
+
+    dying = await asyncio.start_server(die, "127.0.0.1", 0)
+    port = dying.sockets[0].getsockname()[1]
+    try:
+        r = await make_gateway()
+        await put_instance(r.store, "m", f"http://127.0.0.1:{port}")
+        await put_instance(r.store, "m:1", two[1].endpoint)
+        await until(lambda: r.ready_count() == 2)
+        for _ in range(4):
+            async with r.post(CHAT) as resp:
+                assert resp.status == 200
+                assert await resp.read() == completion_bytes("b", "m")
+        assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "disconnect"}) >= 1
+    finally:
+        dying.close()
+        await dying.wait_closed()
+
+
 async def test_engine_503_before_any_byte_is_retried(make_gateway: MakeGateway, two: list[FakeEngine]) -> None:
     r = await make_gateway()
     a, b = two

@@ -51,12 +51,14 @@ async def forward(request: web.Request, st: GatewayState, model: str, body: byte
                   respond: Respond = relay) -> web.StreamResponse:
     """POST `body` to request.path_qs on a replica of `model` and answer with `respond` (the relay).
 
-    `prefix` is the request's affinity key (routing.prefix_key), None for none. Raises ApiError 503 (with
-    Retry-After) when no replica could take it, 504 on upstream_timeout_s, 502 when the engine failed after
-    it may have started on the request (not replayed elsewhere: it may not be idempotent).
+    `prefix` is the request's affinity key (routing.prefix_key), None for none. A replica that refuses the
+    connection, or dies before its response starts, is replaced by another: nothing reached the client yet, and
+    an inference request has no effect beyond its answer, so replaying it is safe. Raises ApiError 503 (with
+    Retry-After) when no replica could take it, 504 on upstream_timeout_s, 502 when every try failed so.
     """
     headers = forward_headers(request.headers, _JSON)
     tried: set[str] = set()
+    failed_midway = ""
     for attempt in range(st.cfg.max_attempts):
         replica = await _pick(st, model, tried, prefix, attempt == 0)
         if replica is None:
@@ -74,10 +76,11 @@ async def forward(request: web.Request, st: GatewayState, model: str, body: byte
             except TimeoutError:
                 raise ApiError(504, "the model did not answer in time", code="timeout") from None
             except aiohttp.ClientError as e:
-                # The request may have reached the engine: not safe to replay elsewhere.
-                log.warning("replica %s failed before answering: %r", replica.instance, e)
-                raise ApiError(502, f"replica {replica.instance} failed before answering",
-                               code="upstream_error") from None
+                log.warning("replica %s failed before answering, trying another: %r", replica.instance, e)
+                st.routing.retries(model, "disconnect").inc()
+                tried.add(replica.endpoint)
+                failed_midway = replica.instance
+                continue
             async with upstream:
                 if (upstream.status in RETRY_STATUSES and attempt + 1 < st.cfg.max_attempts
                         and st.table.has_candidate(model, tried | {replica.endpoint})):
@@ -87,6 +90,9 @@ async def forward(request: web.Request, st: GatewayState, model: str, body: byte
                     continue
                 return await respond(request, upstream)
     st.routing.no_replica(model).inc()
+    if failed_midway:
+        raise ApiError(502, f"replica {failed_midway} failed before answering and no other could take the request",
+                       code="upstream_error")
     if tried:
         raise unavailable(f"no replica of model '{model}' could be reached (tried {len(tried)})")
     raise unavailable(f"model '{model}' has no ready replica yet", code="model_not_ready")
