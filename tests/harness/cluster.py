@@ -10,7 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +166,31 @@ def _alive(pid: int) -> bool:
         return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return False
+
+
+@contextmanager
+def running_cluster(workdir: Path, etcd_dir: Path, **kwargs: Any) -> Iterator[NebulaCluster]:
+    """A cluster with its own etcd, up for the block, with every process and engine stopped after it."""
+    venv = required_path("NEBULA_TEST_VLLM_VENV")
+    etcd = EtcdServer.launch(etcd_dir)
+    c = NebulaCluster(workdir=workdir, etcd=etcd, vllm_venv=venv, **kwargs)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.down()
+        etcd.stop()
+
+
+def post_json(url: str, body: bytes | Mapping[str, Any], timeout_s: float = 120) -> tuple[int, dict[str, Any]]:
+    """POST raw bytes or a JSON object; the status and the parsed JSON answer, errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def free_port_range(size: int) -> int:

@@ -6,11 +6,8 @@ bad input -> a load with a missing source fails visibly without disturbing the r
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness.cluster import NebulaCluster, required_path, wait_until
-from tests.harness.etcd import EtcdServer
+from tests.harness.cluster import NebulaCluster, post_json, required_path, running_cluster, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]
 READY_TIMEOUT_S = 420
@@ -27,15 +23,8 @@ READY_TIMEOUT_S = 420
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NebulaCluster]:
-    venv = required_path("NEBULA_TEST_VLLM_VENV")
-    etcd = EtcdServer.launch(tmp_path_factory.mktemp("e2e-etcd"))
-    c = NebulaCluster(workdir=tmp_path_factory.mktemp("e2e"), etcd=etcd, vllm_venv=venv)
-    try:
-        c.up()
+    with running_cluster(tmp_path_factory.mktemp("e2e"), tmp_path_factory.mktemp("e2e-etcd")) as c:
         yield c
-    finally:
-        c.down()
-        etcd.stop()
 
 
 def model_entry(c: NebulaCluster, name: str) -> dict[str, Any] | None:
@@ -43,15 +32,6 @@ def model_entry(c: NebulaCluster, name: str) -> dict[str, Any] | None:
         if m["name"] == name:
             return dict(m)
     return None
-
-
-def post_raw(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_load_chat_readopt_unload(cluster: NebulaCluster) -> None:
@@ -95,7 +75,7 @@ def test_load_chat_readopt_unload(cluster: NebulaCluster) -> None:
     with pytest.raises(openai.NotFoundError) as nf:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], max_tokens=4)
     assert nf.value.status_code == 404
-    status, body = post_raw(cluster.gateway_url + "/v1/chat/completions", b'{"model": "tiny", "messages": [')
+    status, body = post_json(cluster.gateway_url + "/v1/chat/completions", b'{"model": "tiny", "messages": [')
     assert status == 400 and body["error"]["message"]
 
     # A model whose source does not exist: accepted, then failed with the reason; tiny is undisturbed.

@@ -14,8 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.cluster import NebulaCluster, required_path, wait_until
-from tests.harness.etcd import EtcdServer
+from tests.harness.cluster import NebulaCluster, required_path, running_cluster, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]
 GRACE_S = 8.0
@@ -23,16 +22,9 @@ GRACE_S = 8.0
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NebulaCluster]:
-    venv = required_path("NEBULA_TEST_VLLM_VENV")
-    etcd = EtcdServer.launch(tmp_path_factory.mktemp("fleet-etcd"))
-    c = NebulaCluster(workdir=tmp_path_factory.mktemp("fleet"), etcd=etcd, vllm_venv=venv,
-                      node_grace_s=GRACE_S, extra_nodes=("node-b",))
-    try:
-        c.up()
+    with running_cluster(tmp_path_factory.mktemp("fleet"), tmp_path_factory.mktemp("fleet-etcd"),
+                         node_grace_s=GRACE_S, extra_nodes=("node-b",)) as c:
         yield c
-    finally:
-        c.down()
-        etcd.stop()
 
 
 def placement(c: NebulaCluster, model: str) -> dict[str, tuple[str, str]]:

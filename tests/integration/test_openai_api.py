@@ -24,6 +24,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
+from tests.harness.cluster import post_json
 from tests.integration.api_fixtures import (
     CHAT_MODEL,
     EMBED_MODEL,
@@ -70,17 +71,6 @@ def gateway(api_cluster: ApiCluster) -> str:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def post(url: str, body: bytes | Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-    """POST raw bytes or a JSON object; returns the status and the parsed JSON answer, errors included."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def get(url: str) -> dict[str, Any]:
@@ -367,7 +357,7 @@ DOCUMENTS = ["def add(a, b): return a + b", "the cat sat on the mat", "import os
 
 
 def rerank(gateway: str, **fields: Any) -> dict[str, Any]:
-    status, body = post(gateway + "/v1/rerank", {"model": RERANK_MODEL, "query": "a python function",
+    status, body = post_json(gateway + "/v1/rerank", {"model": RERANK_MODEL, "query": "a python function",
                                                  "documents": DOCUMENTS, **fields})
     assert status == 200, f"rerank -> {status}: {body}"
     return body
@@ -409,7 +399,7 @@ def test_rerank_return_documents_false_omits_documents(gateway: str) -> None:
 @pytest.mark.parametrize("sides", [("text_1", "text_2"), ("queries", "documents")])
 def test_score(gateway: str, sides: tuple[str, str]) -> None:
     first, second = sides
-    status, body = post(gateway + "/v1/score", {"model": RERANK_MODEL, first: "a python function",
+    status, body = post_json(gateway + "/v1/score", {"model": RERANK_MODEL, first: "a python function",
                                                 second: DOCUMENTS[:2]})
     assert status == 200, f"score -> {status}: {body}"
     assert [d["index"] for d in body["data"]] == [0, 1]
@@ -449,7 +439,7 @@ WRONG_TASK: list[tuple[str, str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("path", "model", "fields"), WRONG_TASK, ids=[f"{p}->{m}" for p, m, _ in WRONG_TASK])
 def test_endpoint_the_model_does_not_serve(gateway: str, path: str, model: str, fields: dict[str, Any]) -> None:
-    status, body = post(f"{gateway}/v1/{path}", {"model": model, **fields})
+    status, body = post_json(f"{gateway}/v1/{path}", {"model": model, **fields})
     error = assert_error_shape(status, body, 400)
     assert error["code"] == "model_not_supported" and error["param"] == "model", error
     assert f"/v1/{path}" in error["message"] and model in error["message"], error["message"]
@@ -480,7 +470,7 @@ def test_engine_error_passes_through_on_a_stream(client: openai.OpenAI) -> None:
 
 
 def test_engine_validation_of_an_unknown_field_passes_through(gateway: str) -> None:
-    status, body = post(gateway + "/v1/chat/completions", {"model": CHAT_MODEL, "messages": HELLO,
+    status, body = post_json(gateway + "/v1/chat/completions", {"model": CHAT_MODEL, "messages": HELLO,
                                                            "max_tokens": 5, "min_tokens": 10})
     error = assert_error_shape(status, body, 400)
     assert "min_tokens must be less than or equal to" in error["message"], error
@@ -505,7 +495,7 @@ BAD_INPUT: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
 
 @pytest.mark.parametrize(("body", "status", "param"), [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
 def test_bad_input(gateway: str, body: bytes | dict[str, Any], status: int, param: str | None) -> None:
-    got, answer = post(gateway + "/v1/chat/completions", body)
+    got, answer = post_json(gateway + "/v1/chat/completions", body)
     error = assert_error_shape(got, answer, status)
     if param is not None:
         assert error["param"] == param, f"param {error['param']!r}, expected {param!r}: {error}"
@@ -523,17 +513,17 @@ def test_rejected_requests_never_reach_an_engine(api_cluster: ApiCluster) -> Non
     gateway = api_cluster.gateway_url
     before = replica_picks(gateway)
     for what, body, _, _ in BAD_INPUT:  # their statuses are test_bad_input's concern
-        assert post(gateway + "/v1/chat/completions", body)[0] >= 400, f"{what} was accepted"
+        assert post_json(gateway + "/v1/chat/completions", body)[0] >= 400, f"{what} was accepted"
     for path, model, fields in WRONG_TASK:
-        assert post(f"{gateway}/v1/{path}", {"model": model, **fields})[0] >= 400, f"{path} -> {model} accepted"
+        assert post_json(f"{gateway}/v1/{path}", {"model": model, **fields})[0] >= 400, f"{path} -> {model} accepted"
     assert replica_picks(gateway) == before, "a rejected request was forwarded to an engine"
-    client_ok = post(gateway + "/v1/chat/completions", CHAT_OK)
+    client_ok = post_json(gateway + "/v1/chat/completions", CHAT_OK)
     assert client_ok[0] == 200
     assert replica_picks(gateway) == before + 1, "the picks metric does not count picks"
 
 
 def test_unknown_path_and_wrong_method(gateway: str) -> None:
-    status, body = post(gateway + "/v1/no-such-endpoint", CHAT_OK)
+    status, body = post_json(gateway + "/v1/no-such-endpoint", CHAT_OK)
     assert_error_shape(status, body, 404)
     try:
         urllib.request.urlopen(gateway + "/v1/chat/completions", timeout=10)
@@ -545,7 +535,7 @@ def test_unknown_path_and_wrong_method(gateway: str) -> None:
 
 def test_oversized_body_is_413(gateway: str) -> None:
     big = {**CHAT_OK, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
-    status, body = post(gateway + "/v1/chat/completions", big)
+    status, body = post_json(gateway + "/v1/chat/completions", big)
     error = assert_error_shape(status, body, 413)
     assert error["code"] == "request_too_large", error
 
