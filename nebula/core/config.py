@@ -85,7 +85,8 @@ class NodeConfig:
     run_dir: str = _f("/run/nebula", "Runtime files: engine specs (engines/<instance>.json), pid files.")
     state_dir: str = _f("/var/lib/nebula", "Persistent state of the agent.")
     cache_dir: str = _f("/var/cache/nebula/models", "Where downloaded model weights are kept.")
-    resync_s: float = _f(5.0, "How often the agent re-checks its engines on top of watch events.")
+    resync_s: float = _f(1.0, "How often the agent re-checks its engines (units, /health) on top of watch events; "
+                         "a hung engine leaves `ready`, and so the gateway's choice, within about this long.")
 
 
 @dataclass(frozen=True)
