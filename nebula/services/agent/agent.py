@@ -127,9 +127,10 @@ class NodeAgent:
         actions = plan(desired, actual, restart)
         for action in actions:
             await self.apply(action)
-        if any(isinstance(a, (Start, Stop)) for a in actions):
+        if actions:  # re-read only what the actions changed; most passes have none
             units = dict(await self.units.list())
-        await self.check_health(units)
+            files = self.specs.read_all()
+        await self.check_health(units, files)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
 
@@ -179,8 +180,7 @@ class NodeAgent:
             self.specs.remove(action.instance)
         self.metrics.actions.labels(kind).inc()
 
-    async def check_health(self, units: Mapping[str, UnitStatus]) -> None:
-        files = self.specs.read_all()
+    async def check_health(self, units: Mapping[str, UnitStatus], files: Mapping[str, EngineSpec]) -> None:
         active = [i for i, u in units.items() if u.state is UnitState.ACTIVE and i in files]
         results = await asyncio.gather(*(self.health(files[i].endpoint) for i in active))
         self._healthy = {i for i, ok in zip(active, results, strict=True) if ok}
