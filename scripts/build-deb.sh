@@ -191,6 +191,11 @@ PY
 # Files from the repository.
 install -D -m 0644 -t "$stage/lib/systemd/system" "$repo"/units/*.service "$repo"/units/*.target
 install -D -m 0644 -t "$stage/usr/share/polkit-1/rules.d" "$repo/packaging/polkit/50-nebula.rules"
+# Monitoring, to copy into place: /etc/prometheus and Grafana's provisioning belong to their own packages.
+install -D -m 0644 -t "$stage/usr/share/nebula/prometheus" "$repo"/etc/prometheus/*.yml
+install -D -m 0644 -t "$stage/usr/share/nebula/grafana" "$repo/etc/grafana/nebula.json"
+# Log shipping (docs/observability.md), laid out as under /etc/systemd/: systemd-journal-remote's package owns it.
+(cd "$repo/etc" && find systemd -type f -name '*.conf' -exec install -D -m 0644 {} "$stage/usr/share/nebula/{}" \;)
 install -D -m 0644 "$repo/packaging/sysusers.d/nebula.conf" "$stage/usr/lib/sysusers.d/nebula.conf"
 install -D -m 0644 "$repo/packaging/tmpfiles.d/nebula.conf" "$stage/usr/lib/tmpfiles.d/nebula.conf"
 mkdir -p "$stage/usr/bin"

@@ -4,12 +4,15 @@ vLLM labels its gauges {engine, model_name}; a server with data parallelism (or 
 has several label sets, which are folded into one load per server: queue lengths add up, and the KV cache
 usage is the fullest engine's, since a fraction summed over engines means nothing and the fullest engine
 is the one that starts preempting first.
+
+The same read carries the engine's token counters (prompt and generated tokens since it started), summed
+over label sets, so the gateway counts tokens per model without touching the request path.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
-_WANTED = (WAITING, RUNNING, KV_CACHE_USAGE)
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+_GAUGES = (WAITING, RUNNING, KV_CACHE_USAGE)
+_WANTED = (*_GAUGES, PROMPT_TOKENS, GENERATION_TOKENS)
 
 
 class EngineMetricsError(Exception):
@@ -31,10 +37,14 @@ class EngineLoad:
     waiting: float = 0.0
     running: float = 0.0
     kv_cache_usage: float = 0.0
+    # The token counters ride along with the reading but are no part of the load: two readings with
+    # the same queues and cache are the same load (None: the engine exposes no such counter).
+    prompt_tokens: float | None = field(default=None, compare=False)
+    generation_tokens: float | None = field(default=None, compare=False)
 
 
 def _is_wanted(line: str) -> bool:
-    """True for a sample, HELP or TYPE line of one of the three gauges (exact name, not a longer one)."""
+    """True for a sample, HELP or TYPE line of one of the wanted series (exact name, not a longer one)."""
     if line.startswith("# "):
         parts = line.split(" ", 3)
         return len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2] in _WANTED
@@ -45,7 +55,7 @@ def _is_wanted(line: str) -> bool:
 def parse_engine_load(text: str) -> EngineLoad:
     """The load in a vLLM /metrics exposition (Prometheus text format).
 
-    Only the lines of the three gauges reach the parser: a vLLM exposition is mostly histogram buckets,
+    Only the lines of the wanted series reach the parser: a vLLM exposition is mostly histogram buckets,
     and parsing all of it every second per replica would cost the gateway's event loop for nothing.
     Raises EngineMetricsError when the text is malformed or holds none of the gauges (not a vLLM server).
     """
@@ -58,12 +68,15 @@ def parse_engine_load(text: str) -> EngineLoad:
                     totals.setdefault(sample.name, []).append(sample.value)
     except ValueError as e:
         raise EngineMetricsError(f"malformed metrics text: {e}") from None
-    if not totals:
+    if not any(name in totals for name in _GAUGES):
         raise EngineMetricsError("no vLLM load gauges in the metrics text")
+    prompt, generation = totals.get(PROMPT_TOKENS), totals.get(GENERATION_TOKENS)
     # Clamped: a nonsensical negative reading must not make a replica look better than idle.
     return EngineLoad(waiting=max(0.0, float(sum(totals.get(WAITING, ())))),
                       running=max(0.0, float(sum(totals.get(RUNNING, ())))),
-                      kv_cache_usage=min(1.0, max(0.0, float(max(totals.get(KV_CACHE_USAGE, ()), default=0.0)))))
+                      kv_cache_usage=min(1.0, max(0.0, float(max(totals.get(KV_CACHE_USAGE, ()), default=0.0)))),
+                      prompt_tokens=None if prompt is None else float(sum(prompt)),
+                      generation_tokens=None if generation is None else float(sum(generation)))
 
 
 async def fetch_engine_load(http: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> EngineLoad:

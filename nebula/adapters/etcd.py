@@ -11,6 +11,9 @@ our exception types, and watches resume without losing events (see /work/shared/
 - gRPC keepalive pings every 10 s (etcd rejects < 5 s) so a frozen member breaks open watch streams.
 - watch_prefix resumes from the last delivered event's mod_revision + 1, never the header revision.
 - One EtcdStore per event loop (gRPC aio channels are bound to the loop that created them).
+- https:// endpoints use TLS (`EtcdSecurity`: CA, client certificate); a user and password authenticate
+  each new channel, and a call refused for an expired token (UNAUTHENTICATED) re-authenticates and is
+  sent again once: etcd rejected it before applying it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
+import grpc
 from aetcd import rpc
 
 from nebula.adapters.store import (
@@ -65,6 +69,8 @@ _TEMPORARY_CODES = frozenset(
 )
 # Codes that mean "this member may be gone": switch endpoint.
 _FAILOVER_CODES = frozenset({rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED, rpc.StatusCode.INTERNAL})
+# etcd's "invalid auth token": the channel's token expired (etcd restarted, or the token's TTL ran out).
+_REAUTH_CODE = rpc.StatusCode.UNAUTHENTICATED
 
 _TXN_MOD = 2  # etcdserverpb.Compare.CompareTarget.MOD
 _TXN_VERSION = 0  # etcdserverpb.Compare.CompareTarget.VERSION
@@ -77,19 +83,44 @@ class EtcdRequestError(PermanentError):
 
 
 @dataclass(frozen=True)
-class _Conn:
-    """One aetcd client (one gRPC channel to one endpoint) and the generation it belongs to."""
+class EtcdSecurity:
+    """TLS material (PEM bytes, read by the caller) and credentials. TLS is on for https:// endpoints."""
 
-    client: Any
+    ca: bytes | None = None  # None: the system's CAs
+    cert: bytes | None = None  # client certificate chain, with `key`, for etcd's --client-cert-auth
+    key: bytes | None = None
+    user: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class _Client:
+    """One gRPC channel to one endpoint, its stubs, and the auth token every call carries (if any)."""
+
+    channel: Any
+    metadata: tuple[tuple[str, str], ...] | None
+    kvstub: Any
+    leasestub: Any
+    maintenancestub: Any
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(frozen=True)
+class _Conn:
+    """One client and the generation it belongs to."""
+
+    client: _Client
     generation: int
     endpoint: str
 
 
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    if parts.scheme != "http" or not parts.hostname or parts.port is None:
-        raise ValueError(f"etcd endpoint must look like http://host:port, got {endpoint!r}")
-    return parts.hostname, parts.port
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ValueError(f"etcd endpoint must look like http://host:port or https://host:port, got {endpoint!r}")
+    return parts.scheme, parts.hostname, parts.port
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -141,7 +172,7 @@ def _translate(exc: Any) -> Exception:
     if code == rpc.StatusCode.OUT_OF_RANGE:
         # "required revision has been compacted" on reads/compactions at an old revision.
         return CompactedError(f"etcd: {exc.details()}")
-    if code in _TEMPORARY_CODES:
+    if code in _TEMPORARY_CODES or code == _REAUTH_CODE:
         return StoreUnavailableError(f"etcd {code.name}: {exc.details()}")
     return EtcdRequestError(f"etcd {code.name}: {exc.details()}")
 
@@ -156,12 +187,22 @@ class EtcdStore:
         timeout: float = 5.0,
         watch_retry_delay: float = 0.2,
         watch_max_retry_delay: float = 2.0,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("EtcdStore needs at least one endpoint")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        self._endpoints = [_parse_endpoint(e) for e in endpoints]
+        parsed = [_parse_endpoint(e) for e in endpoints]
+        schemes = {scheme for scheme, _, _ in parsed}
+        if len(schemes) > 1:
+            raise ValueError("etcd endpoints must all be http:// or all https://")
+        self._scheme = schemes.pop()
+        self._endpoints = [(host, port) for _, host, port in parsed]
+        self._security = security or EtcdSecurity()
+        if bool(self._security.user) != bool(self._security.password):
+            raise ValueError("etcd auth needs both a user and a password")
+        self._opening = asyncio.Lock()
         self._timeout = timeout
         self._watch_retry_delay = watch_retry_delay
         self._watch_max_retry_delay = watch_max_retry_delay
@@ -177,13 +218,14 @@ class EtcdStore:
         endpoints: Sequence[str],
         *,
         timeout: float = 5.0,  # noqa: ASYNC109 (the store's per-call timeout, not a deadline for connect)
+        security: EtcdSecurity | None = None,
     ) -> EtcdStore:
         """Create a store and check that some endpoint answers (tries each one once)."""
-        store = cls(endpoints, timeout=timeout)
+        store = cls(endpoints, timeout=timeout, security=security)
         last: StoreUnavailableError | None = None
         for _ in endpoints:
             try:
-                await store.get("\0nebula-connect-probe")
+                await store.ping()
                 return store
             except StoreUnavailableError as exc:
                 last = exc
@@ -195,7 +237,7 @@ class EtcdStore:
     def endpoint(self) -> str:
         """The endpoint the next call goes to."""
         host, port = self._endpoints[self._index]
-        return f"http://{host}:{port}"
+        return f"{self._scheme}://{host}:{port}"
 
     # --- connection management ------------------------------------------------------------------
 
@@ -208,24 +250,58 @@ class EtcdStore:
         elif self._loop is not loop:
             raise RuntimeError("EtcdStore used from a second event loop: create one store per loop")
         if self._conn is None:
-            host, port = self._endpoints[self._index]
-            client = aetcd.Client(
-                host=host,
-                port=port,
-                timeout=self._timeout,
-                options={
-                    "grpc.keepalive_time_ms": _KEEPALIVE_TIME_MS,
-                    "grpc.keepalive_timeout_ms": _KEEPALIVE_TIMEOUT_MS,
-                    # etcd's server policy forbids pings while no stream is open.
-                    "grpc.keepalive_permit_without_calls": 0,
-                    "grpc.http2.max_pings_without_data": 0,
-                    "grpc.max_reconnect_backoff_ms": _MAX_RECONNECT_BACKOFF_MS,
-                },
-            )
-            # Only builds the channel and stubs: no network I/O, so it cannot hang.
-            await client.connect()
-            self._conn = _Conn(client, self._generation, f"http://{host}:{port}")
+            async with self._opening:  # one channel (and one Authenticate) even when many calls start at once
+                if self._conn is None:
+                    endpoint = self.endpoint
+                    client = await self._open(*self._endpoints[self._index])
+                    self._conn = _Conn(client, self._generation, endpoint)
         return self._conn
+
+    async def _open(self, host: str, port: int) -> _Client:
+        options = [
+            ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+            # etcd's server policy forbids pings while no stream is open.
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+        ]
+        sec = self._security
+        if self._scheme == "https":
+            creds = grpc.ssl_channel_credentials(root_certificates=sec.ca, private_key=sec.key,
+                                                 certificate_chain=sec.cert)
+            channel = rpc.secure_channel(f"{host}:{port}", creds, options=options)
+        else:
+            channel = rpc.insecure_channel(f"{host}:{port}", options=options)
+        metadata = None
+        if sec.user:
+            metadata = (("token", await self._authenticate(channel)),)
+        # Building the channel and stubs does no network I/O; only Authenticate talks (under a deadline).
+        return _Client(channel, metadata, rpc.KVStub(channel), rpc.LeaseStub(channel), rpc.MaintenanceStub(channel))
+
+    async def _authenticate(self, channel: Any) -> str:
+        request = rpc.AuthenticateRequest(name=self._security.user, password=self._security.password)
+        where = self.endpoint
+        try:
+            call = rpc.AuthStub(channel).Authenticate(request, timeout=self._timeout)
+            response = await asyncio.wait_for(call, self._timeout + _GUARD_MARGIN_S)
+            return str(response.token)
+        except TimeoutError as exc:
+            await self._discard(channel, next_endpoint=True)
+            raise StoreUnavailableError(f"etcd {where} did not authenticate in {self._timeout}s") from exc
+        except rpc.AioRpcError as exc:
+            await self._discard(channel, next_endpoint=exc.code() in _FAILOVER_CODES)
+            raise _translate(exc) from exc
+        except BaseException:
+            await self._discard(channel, next_endpoint=False)
+            raise
+
+    async def _discard(self, channel: Any, *, next_endpoint: bool) -> None:
+        """Drop a channel that never became the connection (its Authenticate failed)."""
+        if next_endpoint:
+            self._generation += 1
+            self._index = (self._index + 1) % len(self._endpoints)
+        await self._close_client(_Client(channel, None, None, None, None))
 
     async def _failover(self, conn: _Conn) -> None:
         """Drop `conn` and point at the next endpoint, unless another task already did."""
@@ -246,23 +322,37 @@ class EtcdStore:
 
     async def _call(self, op: Callable[[Any], Awaitable[T]]) -> T:
         """Run one RPC on the current connection, translating failures into our error types."""
-        conn = await self._current()
-        try:
-            return await asyncio.wait_for(op(conn.client), self._timeout + _GUARD_MARGIN_S)
-        except TimeoutError as exc:
-            await self._failover(conn)
-            raise StoreUnavailableError(f"etcd {conn.endpoint} did not answer in {self._timeout}s") from exc
-        except rpc.AioRpcError as exc:
-            if exc.code() in _FAILOVER_CODES:
+        for attempt in (1, 2):
+            conn = await self._current()
+            try:
+                return await asyncio.wait_for(op(conn.client), self._timeout + _GUARD_MARGIN_S)
+            except TimeoutError as exc:
                 await self._failover(conn)
-            raise _translate(exc) from exc
-        except asyncio.CancelledError:
-            if _cancelled_by_caller():
-                raise
-            raise StoreUnavailableError(f"etcd {conn.endpoint}: connection closed during the call") from None
+                raise StoreUnavailableError(f"etcd {conn.endpoint} did not answer in {self._timeout}s") from exc
+            except rpc.AioRpcError as exc:
+                if exc.code() in _FAILOVER_CODES or exc.code() == _REAUTH_CODE:
+                    await self._failover(conn)
+                if exc.code() == _REAUTH_CODE and self._security.user and attempt == 1:
+                    log.info("etcd auth token of %s expired; authenticating again", conn.endpoint)
+                    continue
+                raise _translate(exc) from exc
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+                raise StoreUnavailableError(f"etcd {conn.endpoint}: connection closed during the call") from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _kw(self, client: Any) -> dict[str, Any]:
         return {"timeout": self._timeout, "metadata": client.metadata}
+
+    async def ping(self) -> None:
+        """One round trip that needs no permission on any key (etcd's Status), so a user whose role covers
+        only Nebula's prefix can still be checked at connect time."""
+
+        async def op(c: Any) -> Any:
+            return await c.maintenancestub.Status(rpc.StatusRequest(), **self._kw(c))
+
+        await self._call(op)
 
     # --- KV -------------------------------------------------------------------------------------
 
@@ -349,7 +439,14 @@ class EtcdStore:
         next_rev = start_revision
         failures = 0
         while True:
-            conn = await self._current()
+            try:
+                conn = await self._current()
+            except StoreUnavailableError as exc:  # authenticating a new channel failed: try again later
+                log.warning("etcd watch on %r cannot connect (%s); resuming at %d", prefix, exc, next_rev)
+                failures += 1
+                await asyncio.sleep(backoff_delay(failures, base=self._watch_retry_delay,
+                                                  cap=self._watch_max_retry_delay, jitter=random.random() * 0.2))
+                continue
             try:
                 async for batch in self._watch_stream(conn, prefix, next_rev):
                     failures = 0

@@ -7,7 +7,9 @@ these files, and the start time guards against a recycled pid being mistaken for
 
 What systemd would report is mirrored: ACTIVE while the process runs (the agent checks engine health itself;
 there is no NOTIFY_SOCKET here), DEACTIVATING during a stop, FAILED after an exit nobody asked for. An exit
-status is kept in `<instance>.exit` until reset() or the next start().
+status is kept in `<instance>.exit` until reset() or the next start(). As systemd does with a unit's cgroup,
+whatever is left of an engine's session once its main process is gone is killed: vLLM outlives a killed
+supervisor, and vLLM's workers outlive a killed vLLM, each holding the port or the (GPU) memory.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class ProcessEngineUnits:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(record.pid, signal.SIGKILL)
             await self._wait_gone(instance, record, _KILL_WAIT_S)
+        _kill_leftovers(record.pid)
         self._forget(instance)
 
     async def _wait_gone(self, instance: str, record: PidRecord, timeout_s: float) -> bool:
@@ -167,6 +170,7 @@ class ProcessEngineUnits:
             if self._is_alive(instance, record):
                 state = UnitState.DEACTIVATING if record.stopping else UnitState.ACTIVE
                 return UnitStatus(instance, state, "running", main_pid=record.pid)
+            _kill_leftovers(record.pid)
             if record.stopping:
                 self._forget(instance)
                 return None
@@ -184,6 +188,7 @@ class ProcessEngineUnits:
             if code is None:
                 continue
             del self._children[instance]
+            _kill_leftovers(child.pid)
             record = self._read_pid(instance)
             if record is None or record.pid != child.pid:
                 continue
@@ -238,6 +243,14 @@ class ProcessEngineUnits:
 
     def _exit_path(self, instance: str) -> Path:
         return self._pid_dir / f"{instance}.exit"
+
+
+def _kill_leftovers(pid: int) -> None:
+    """SIGKILL the rest of the process group of `pid`, an engine's main process known to be gone."""
+    if process_start_time(pid) is not None:
+        return  # another live process has this pid now, so the group with its number is not the engine's
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> list[str]:

@@ -13,20 +13,48 @@ from nebula.core.config import NebulaConfig
 
 ADMIN_KEY_FILE = "/etc/nebula/admin.key"
 
+# Exit codes of every `nebula` command (also in `nebula --help` and the README).
+EXIT_OK = 0
+EXIT_FAILURE = 1      # refused or failed: conflict, server error, a model failed, an unhealthy status
+EXIT_USAGE = 2        # bad arguments, config or input (argparse, ConfigError, HTTP 400)
+EXIT_NOT_FOUND = 3    # no such model, node or log (HTTP 404)
+EXIT_TIMEOUT = 4      # --wait ran out before the model was ready
+EXIT_UNREACHABLE = 5  # the gateway or etcd did not answer (HTTP 503: the gateway cannot reach etcd)
+
+EXIT_CODES_HELP = """exit codes:
+  0  ok
+  1  failed: refused (conflict, permission), server error, a model failed to load, status unhealthy
+  2  usage: bad arguments, config or input
+  3  not found: no such model, node or logs
+  4  timeout: --wait ran out before the model was ready
+  5  unreachable: the gateway or etcd did not answer"""
+
 
 class CliError(Exception):
     """One line for the operator, with the fix when there is one; exit code attached."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.code = code
+
+
+def http_exit_code(status: int) -> int:
+    if status in (400, 413, 422):
+        return EXIT_USAGE
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status == 503:
+        return EXIT_UNREACHABLE
+    return EXIT_FAILURE
 
 
 def gateway_url(cfg: NebulaConfig, env: Mapping[str, str]) -> str:
     if env.get("NEBULA_URL"):
         return env["NEBULA_URL"].rstrip("/")
     host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::", "") else cfg.gateway.host
-    return f"http://{host}:{cfg.gateway.port}"
+    # A self-signed gateway certificate: trust it with SSL_CERT_FILE=/path/ca.pem (docs/security.md).
+    scheme = "https" if cfg.gateway.tls_cert_file else "http"
+    return f"{scheme}://{host}:{cfg.gateway.port}"
 
 
 def admin_key(env: Mapping[str, str]) -> str | None:
@@ -55,11 +83,11 @@ class AdminClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            raise CliError(_error_message(e), 1 if e.code < 500 else 3) from None
+            raise CliError(_error_message(e), http_exit_code(e.code)) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise CliError(f"cannot reach the gateway at {self.base} ({reason}); is Nebula up? "
-                           "(`nebula up`, or set NEBULA_URL)", 2) from None
+                           "(`nebula up`, or set NEBULA_URL)", EXIT_UNREACHABLE) from None
         return json.loads(raw) if raw else None
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -28,7 +30,7 @@ def render_config(cfg: NebulaConfig) -> str:
     return "\n".join(out) + "\n"
 
 
-def config_command(action: str, explicit: str | None, env: Mapping[str, str]) -> int:
+def config_command(action: str, explicit: str | None, env: Mapping[str, str], *, as_json: bool = False) -> int:
     path = config_path(env, explicit)
     if action == "init":
         if path.exists():
@@ -41,8 +43,23 @@ def config_command(action: str, explicit: str | None, env: Mapping[str, str]) ->
         return 0
     cfg = load_config(env, explicit)
     if action == "check":
-        print(f"{path}: ok" if Path(path).exists() else f"{path}: absent, defaults are valid")
+        if as_json:
+            print(json.dumps({"path": str(path), "exists": Path(path).exists(), "ok": True}, sort_keys=True))
+        else:
+            print(f"{path}: ok" if Path(path).exists() else f"{path}: absent, defaults are valid")
+        return 0
+    shown = [(sname, key, _shown_value(key, value)) for sname, key, _doc, value in config_template(cfg)]
+    if as_json:
+        tables: dict[str, dict[str, Any]] = {}
+        for sname, key, value in shown:
+            tables.setdefault(sname, {})[key] = list(value) if isinstance(value, tuple) else value
+        print(json.dumps(tables, indent=2, sort_keys=True))
     else:
-        for sname, key, _doc, value in config_template(cfg):
+        for sname, key, value in shown:
             print(f"{sname}.{key} = {value!r}")
     return 0
+
+
+def _shown_value(key: str, value: Any) -> Any:
+    # `config show` output ends up in tickets and chat: never print a secret, only whether one is set.
+    return "(set)" if key.endswith("password") and value else value

@@ -8,10 +8,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from nebula import __version__
-from nebula.cli.client import AdminClient, CliError, admin_key, gateway_url
+from nebula.cli.client import EXIT_CODES_HELP, EXIT_USAGE, AdminClient, CliError, admin_key, gateway_url
+from nebula.cli.keys import add_keys_parser, keys_command
+from nebula.cli.pull import add_pull_parser, pull_command
 from nebula.core.config import NebulaConfig
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.runtime import load_config
@@ -20,14 +23,16 @@ SERVICES = ("gateway", "scheduler", "node")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nebula", description="Serve LLMs on your own GPU machines.")
+    p = argparse.ArgumentParser(prog="nebula", description="Serve LLMs on your own GPU machines.",
+                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"nebula {__version__}")
     p.add_argument("--config", help="config file (default: $NEBULA_CONFIG or /etc/nebula/nebula.toml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for svc in SERVICES:
+    for svc in ("gateway", "scheduler"):
         s = sub.add_parser(svc, help=f"the {svc} service")
         s.add_argument("action", choices=["run"])
+    add_node_parser(sub)
     e = sub.add_parser("engine", help="the engine supervisor of one instance (run by nebula-engine@.service)")
     e.add_argument("action", choices=["run"])
     e.add_argument("instance")
@@ -40,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ld = sub.add_parser("load", help="load a model (writes its desired state)")
     ld.add_argument("name")
-    ld.add_argument("--source", required=True, help="model directory (absolute path)")
+    ld.add_argument("--source", required=True,
+                    help="model directory (absolute path), Hugging Face repo (org/name, hf://org/name) or "
+                    "modelscope://org/name")
     ld.add_argument("--task", default="generate", choices=["generate", "embed", "rerank"])
     ld.add_argument("--replicas", type=int, default=1)
     ld.add_argument("--max-model-len", type=int)
@@ -51,17 +58,52 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="change a model's replica count (removed replicas drain)")
     sc.add_argument("name")
     sc.add_argument("replicas", type=int)
+    sc.add_argument("--json", action="store_true")
     ul = sub.add_parser("unload", help="unload a model (drains, then stops its engines)")
     ul.add_argument("name")
-    st = sub.add_parser("status", help="nodes and models at a glance")
+    ul.add_argument("--json", action="store_true")
+    st = sub.add_parser("status", help="control plane health, nodes and models at a glance (exit 1: unhealthy)")
     st.add_argument("--json", action="store_true")
-    lg = sub.add_parser("logs", help="journal (or log files) of a model's engines or a service")
-    lg.add_argument("target", nargs="?", default="", help="model name, or gateway/scheduler/node")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("-n", "--lines", type=int, default=100)
+    st.add_argument("-w", "--watch", action="store_true", help="redraw until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch refresh (default 2)")
+    add_logs_parser(sub)
+    add_pull_parser(sub)
+    add_keys_parser(sub)
     cf = sub.add_parser("config", help="check or write the config file")
     cf.add_argument("action", choices=["check", "init", "show"])
+    cf.add_argument("--json", action="store_true", help="check, show: machine-readable output")
     return p
+
+
+def add_node_parser(sub: Any) -> None:
+    n = sub.add_parser("node", help="the node agent: run it, or join this machine to a cluster")
+    nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
+    nsub.add_parser("run", help="run the node agent (what nebula-node.service runs)")
+    j = nsub.add_parser("join", help="write this node's config (nebula.d/50-node.toml), check etcd, start the agent")
+    j.add_argument("--etcd", required=True, metavar="URL[,URL...]", help="etcd client URL(s) of the cluster")
+    j.add_argument("--name", default="", help="node name (default: the host name)")
+    j.add_argument("--labels", default="", metavar="K=V[,K=V...]", help="node labels, e.g. zone=a,gpu=h100")
+    j.add_argument("--address", default="",
+                   help="address the gateway reaches this node's engines at (default: this machine's address "
+                        "on the route to etcd)")
+    j.add_argument("--config", dest="join_config", metavar="PATH",
+                   help="main config file; the drop-in goes in nebula.d/ beside it (default: as --config)")
+    j.add_argument("--no-start", action="store_true", help="write and check only; do not start nebula-node")
+    j.add_argument("--json", action="store_true")
+
+
+def add_logs_parser(sub: Any) -> None:
+    lg = sub.add_parser("logs", help="journal (or log files) of a model's engines or a service")
+    lg.add_argument("target", nargs="?", default="",
+                    help="model (all its replicas), instance (qwen:1), gateway/scheduler/node, or a unit name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=100)
+    lg.add_argument("--since", default="", help="e.g. 10m, 2h, today, '2025-01-31 12:00' (journalctl --since)")
+    lg.add_argument("--node", default="", help="only this node's entries (the journal's _HOSTNAME)")
+    where = lg.add_mutually_exclusive_group()
+    where.add_argument("--remote", action="store_true",
+                       help="read the journals shipped to this collector (/var/log/journal/remote)")
+    where.add_argument("--directory", default="", metavar="DIR", help="read the journal files in DIR")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -71,7 +113,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return dispatch(args, env)
     except (ConfigError, ValidationError) as e:
         print(f"nebula: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except CliError as e:
         print(f"nebula: {e}", file=sys.stderr)
         return e.code
@@ -84,7 +126,22 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
     if cmd == "config":
         from nebula.cli.config_cmd import config_command
 
-        return config_command(args.action, args.config, env)
+        return config_command(args.action, args.config, env, as_json=args.json)
+    if cmd == "node" and args.action == "join":
+        from nebula.cli import node_join as nj
+
+        req = nj.JoinRequest(etcd=tuple(u.strip() for u in args.etcd.split(",") if u.strip()), name=args.name,
+                             labels=nj.parse_labels(args.labels), address=args.address)
+        return nj.join(req, env, args.join_config or args.config, start=not args.no_start,
+                       systemd=Path("/run/systemd/system").is_dir(), as_json=args.json)
+    if cmd == "logs":
+        from nebula.cli.logs import REMOTE_DIR, LogQuery, logs
+
+        # The config is read only without systemd (where the log files are): a broken config must not
+        # hide the logs that explain it.
+        return logs(lambda: load_config(env, args.config),
+                    LogQuery(target=args.target, follow=args.follow, lines=args.lines, since=args.since,
+                             node=args.node, directory=REMOTE_DIR if args.remote else args.directory))
     cfg = load_config(env, args.config)
     if args.config:
         env["NEBULA_CONFIG"] = args.config  # children (supervise, engines) read the same file
@@ -94,11 +151,11 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         from nebula.cli import up
 
         return {"up": up.up, "down": up.down, "supervise": up.supervise_cmd}[cmd](cfg, env)
-    if cmd == "logs":
-        from nebula.cli.logs import logs
-
-        return logs(cfg, args.target, follow=args.follow, lines=args.lines)
     client = AdminClient(gateway_url(cfg, env), admin_key(env))
+    if cmd == "pull":
+        return pull_command(client, args)
+    if cmd == "keys":
+        return keys_command(client, args)
     from nebula.cli import models as m
 
     if cmd == "list":
@@ -108,13 +165,21 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
                                 "replicas": args.replicas, "engine_args": args.engine_args}
         if args.max_model_len:
             spec["max_model_len"] = args.max_model_len
-        return m.load(client, spec, wait_s=args.wait, as_json=args.json)
+        return m.load(client, spec, wait_s=args.wait, as_json=args.json, out=sys.stdout)
     if cmd == "unload":
-        return m.unload(client, args.name)
+        return m.unload(client, args.name, as_json=args.json)
     if cmd == "scale":
-        return m.scale(client, args.name, args.replicas)
+        return m.scale(client, args.name, args.replicas, as_json=args.json)
     if cmd == "status":
-        return m.status(client, as_json=args.json)
+        from nebula.cli import status as st
+
+        if args.watch:
+            if args.interval <= 0:
+                raise CliError("--interval must be positive", EXIT_USAGE)
+            if args.json:
+                raise CliError("--watch redraws for people; scripts poll `nebula status --json`", EXIT_USAGE)
+            return st.watch(client, interval_s=args.interval, out=sys.stdout)
+        return st.status(client, as_json=args.json, out=sys.stdout)
     raise CliError(f"unknown command {cmd}")
 
 
@@ -135,9 +200,9 @@ def run_service(cmd: str, args: argparse.Namespace, cfg: NebulaConfig, env: dict
 
         asyncio.run(run_scheduler(cfg, env))
     elif cmd == "gateway":
-        from nebula.services.gateway.main import run_gateway
+        from nebula.services.gateway.main import run_gateway_process
 
-        asyncio.run(run_gateway(cfg, env))
+        run_gateway_process(cfg, env)
     return 0
 
 

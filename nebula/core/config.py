@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -32,6 +33,14 @@ class ClusterConfig:
     etcd_endpoints: tuple[str, ...] = _f(("http://127.0.0.1:2379",), "etcd client URLs, tried in order.")
     etcd_timeout_s: float = _f(5.0, "Timeout of each etcd call, in seconds.")
     lease_ttl_s: int = _f(10, "TTL of the leases that hold node records, instance states and the leader key.")
+    etcd_ca_file: str = _f("", "CA bundle that signed etcd's server certificate (https:// endpoints). Empty: the "
+                           "system's CAs.")
+    etcd_cert_file: str = _f("", "Client certificate for etcd (with etcd_key_file), when etcd asks for one "
+                             "(--client-cert-auth).")
+    etcd_key_file: str = _f("", "Private key of etcd_cert_file.")
+    etcd_user: str = _f("", "etcd user (with etcd_password), when etcd has auth enabled. Empty: no auth.")
+    etcd_password: str = _f("", "Password of etcd_user; prefer NEBULA_CLUSTER_ETCD_PASSWORD or a drop-in readable "
+                            "only by root and the nebula group.")
 
 
 @dataclass(frozen=True)
@@ -40,9 +49,15 @@ class GatewayConfig:
     port: int = _f(8000, "Port of the OpenAI-compatible API, the admin API and /metrics.")
     max_body_bytes: int = _f(8 * 1024 * 1024, "Largest request body accepted; larger gets 413.")
     admin_key_hashes: tuple[str, ...] = _f(
-        (), "SHA-256 hex digests of admin API keys. Empty: the admin API is open (loopback only!).")
+        (), "SHA-256 hex digests of admin API keys (they open the OpenAI endpoints too).")
     api_key_hashes: tuple[str, ...] = _f(
-        (), "SHA-256 hex digests of inference API keys. Empty: inference needs no key.")
+        (), "SHA-256 hex digests of inference API keys. Keys also live in etcd (`nebula keys create`); while no "
+        "key exists anywhere, nothing needs one.")
+    admin_key_digest_file: str = _f(
+        "/etc/nebula/admin.key.sha256", "File with the SHA-256 digest of the bootstrap admin key (written at install; "
+        "the key itself is root's, in /etc/nebula/admin.key). A missing file adds no key.")
+    tls_cert_file: str = _f("", "PEM certificate (chain) to serve HTTPS with (with tls_key_file). Empty: plain HTTP.")
+    tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
     upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")
     # Routing: the gateway picks the replica and forwards to its engine itself (one hop).
     connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
@@ -61,6 +76,11 @@ class GatewayConfig:
                                  "threshold (in units of in-flight requests).")
     affinity_slack: float = _f(4.0, "Requests that share a prompt prefix stay on their replica while its "
                                "score is at most this much above the least loaded one's.")
+    access_log: str = _f("errors", "Journal lines per inference request: 'all' (one line each, with model, "
+                         "replica, status, duration and request id), 'errors' (only those ending 5xx) or 'off'. "
+                         "At thousands of requests per second 'all' costs more CPU than the rest of the path; "
+                         "the metrics carry the totals either way.")
+    event_loop: str = _f("uvloop", "The gateway's event loop: 'uvloop' (less CPU per request) or 'asyncio'.")
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,8 @@ class NodeConfig:
     address: str = _f("127.0.0.1", "Address at which the gateway reaches this node's engines.")
     host: str = _f("127.0.0.1", "Address of the agent's /metrics.")
     port: int = _f(8003, "Port of the agent's /metrics.")
+    gpu_sample_s: float = _f(5.0, "How often the agent reads its GPUs' utilisation, memory, temperature and power "
+                             "for /metrics (0: never).")
     engine_host: str = _f("127.0.0.1", "Address the engines on this node listen on.")
     port_min: int = _f(18000, "First port handed to engines on this node.")
     port_max: int = _f(18999, "Last port handed to engines on this node.")
@@ -84,9 +106,21 @@ class NodeConfig:
                            "agent), or 'auto' (systemd when it is PID 1).")
     run_dir: str = _f("/run/nebula", "Runtime files: engine specs (engines/<instance>.json), pid files.")
     state_dir: str = _f("/var/lib/nebula", "Persistent state of the agent.")
-    cache_dir: str = _f("/var/cache/nebula/models", "Where downloaded model weights are kept.")
+    cache_dir: str = _f("/var/cache/nebula/models", "Where downloaded model weights are kept: one copy per node, "
+                        "shared by every instance and replica on it.")
+    hf_endpoint: str = _f("", "Hugging Face Hub endpoint or mirror (e.g. http://hf-mirror.internal). Empty: the "
+                          "HF_ENDPOINT environment variable, else the public Hub.")
+    hf_token_file: str = _f("", "File holding a Hugging Face access token, for gated or private repos. Empty: none.")
+    modelscope_endpoint: str = _f("https://www.modelscope.cn",
+                                  "ModelScope endpoint or mirror for modelscope:// sources.")
+    modelscope_token_file: str = _f("", "File holding a ModelScope access token. Empty: none.")
+    download_workers: int = _f(8, "Files of one model downloaded in parallel.")
+    download_retry_max_s: float = _f(300.0, "Longest wait between retries of a download that failed for a "
+                                     "passing reason (network, 5xx); waits double from 2 s up to this.")
     resync_s: float = _f(1.0, "How often the agent re-checks its engines (units, /health) on top of watch events; "
                          "a hung engine leaves `ready`, and so the gateway's choice, within about this long.")
+    labels: tuple[str, ...] = _f((), "This node's labels as 'key=value' strings (e.g. 'zone=a'), published with its "
+                                 "record; a model's `labels` place it only on nodes that carry them all.")
 
 
 @dataclass(frozen=True)
@@ -98,6 +132,9 @@ class EngineConfig:
     startup_timeout_s: float = _f(900.0, "Longest time a model may take to load before the start fails.")
     health_interval_s: float = _f(2.0, "How often the supervisor checks the engine's /health.")
     health_timeout_s: float = _f(5.0, "Timeout of one /health check; a failed check withholds WATCHDOG=1.")
+    watchdog_s: float = _f(30.0, "Engines run as processes (no systemd watchdog): how long a ready engine's /health "
+                           "may fail before its supervisor kills it, so that it is restarted. Under systemd the "
+                           "unit's WatchdogSec= (30 s) does this instead.")
     stop_timeout_s: float = _f(30.0, "How long in-flight requests may drain on stop before vLLM is killed.")
     cpu_kvcache_gib: int = _f(1, "KV cache size of CPU engines (VLLM_CPU_KVCACHE_SPACE), in GiB.")
     cpu_threads_bind: str = _f(
@@ -106,6 +143,14 @@ class EngineConfig:
         "'nobind' leaves placement to the kernel. Use 'auto' or explicit lists only with one engine per node.")
     default_max_model_len: int = _f(2048, "max_model_len for models that do not set one (0: the model's own).")
     extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line.")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    otlp_endpoint: str = _f("", "OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces). Set: the gateway "
+                            "exports a span per request and engines get --otlp-traces-endpoint, so one request is "
+                            "one trace. Empty: no spans (W3C traceparent headers still pass through to engines).")
+    sample_ratio: float = _f(1.0, "Share of new traces sampled (0-1); a client's sampled traceparent is honoured.")
 
 
 @dataclass(frozen=True)
@@ -120,6 +165,7 @@ class NebulaConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -128,27 +174,44 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(NebulaConfig)}
 
 
+def _key(key: object) -> str:
+    """A key as written in TOML when it is a plain one, else quoted (TOML allows any string as a key)."""
+    return key if isinstance(key, str) and key.isprintable() and key and len(key) <= 60 else _show(key)
+
+
+def _show(value: object) -> str:
+    """A value or key for a one-line message: repr'd (so a newline shows as \\n) and cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValidationError(where, f"must be true or false, got {value!r}")
+        raise ValidationError(where, f"must be true or false, got {_show(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValidationError(where, f"must be an integer, got {value!r}")
+        raise ValidationError(where, f"must be an integer, got {_show(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValidationError(where, f"must be a number, got {value!r}")
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ValidationError(where, f"must be a finite number, got {_show(value)}")
+        raise ValidationError(where, f"must be a number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValidationError(where, f"must be a string, got {value!r}")
+        raise ValidationError(where, f"must be a string, got {_show(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValidationError(where, f"must be a list, got {value!r}")
+            raise ValidationError(where, f"must be a list, got {_show(value)}")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
@@ -166,20 +229,20 @@ def _from_env(raw: str, hint: Any, where: str) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValidationError(where, f"must be true or false, got {raw!r}")
+        raise ValidationError(where, f"must be true or false, got {_show(raw)}")
     if typing.get_origin(hint) is tuple:
         text = raw.strip()
         if text.startswith("["):
             try:
                 return json.loads(text)
-            except ValueError:
-                raise ValidationError(where, f"is not a valid JSON list: {raw!r}") from None
+            except (ValueError, RecursionError):
+                raise ValidationError(where, f"is not a valid JSON list: {_show(raw)}") from None
         return [p.strip() for p in text.split(",") if p.strip()]
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         kind = "an integer" if hint is int else "a number"
-        raise ValidationError(where, f"must be {kind}, got {raw!r}") from None
+        raise ValidationError(where, f"must be {kind}, got {_show(raw)}") from None
 
 
 def _validate(cfg: NebulaConfig) -> None:
@@ -195,6 +258,10 @@ def _validate(cfg: NebulaConfig) -> None:
         raise ValidationError("engine.vllm_device", "must be 'auto', 'cpu' or 'gpu'")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         raise ValidationError("log.level", "must be one of debug, info, warning, error")
+    for i, label in enumerate(cfg.node.labels):
+        key, sep, _ = label.partition("=")
+        if not sep or not key.strip():
+            raise ValidationError(f"node.labels[{i}]", f"must look like key=value, got {label!r}")
     if not cfg.cluster.etcd_endpoints:
         raise ValidationError("cluster.etcd_endpoints", "must list at least one etcd URL")
     for i, ep in enumerate(cfg.cluster.etcd_endpoints):
@@ -203,10 +270,43 @@ def _validate(cfg: NebulaConfig) -> None:
     for key in cfg.gateway.admin_key_hashes + cfg.gateway.api_key_hashes:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValidationError("gateway.admin_key_hashes", "entries must be lowercase SHA-256 hex digests")
+    _validate_security(cfg)
     if cfg.cluster.lease_ttl_s < 2:
         raise ValidationError("cluster.lease_ttl_s", "must be at least 2 seconds")
     if cfg.gateway.max_attempts < 1:
         raise ValidationError("gateway.max_attempts", "must be at least 1")
+    if cfg.engine.watchdog_s <= 0:
+        raise ValidationError("engine.watchdog_s", "must be more than 0 seconds")
+    for name in ("hf_endpoint", "modelscope_endpoint"):
+        url = getattr(cfg.node, name)
+        if url and not url.startswith(("http://", "https://")):
+            raise ValidationError(f"node.{name}", f"must be an http(s):// URL, got {url!r}")
+    if cfg.node.download_workers < 1:
+        raise ValidationError("node.download_workers", "must be at least 1")
+    if cfg.gateway.access_log not in ("all", "errors", "off"):
+        raise ValidationError("gateway.access_log", "must be 'all', 'errors' or 'off'")
+    if cfg.gateway.event_loop not in ("uvloop", "asyncio"):
+        raise ValidationError("gateway.event_loop", "must be 'uvloop' or 'asyncio'")
+    ep = cfg.tracing.otlp_endpoint
+    if ep and not ep.startswith(("http://", "https://")):
+        raise ValidationError("tracing.otlp_endpoint", f"must be an http(s):// URL, got {ep!r}")
+    if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
+        raise ValidationError("tracing.sample_ratio", "must be between 0 and 1")
+
+
+def _validate_security(cfg: NebulaConfig) -> None:
+    gw, cl = cfg.gateway, cfg.cluster
+    if bool(gw.tls_cert_file) != bool(gw.tls_key_file):
+        raise ValidationError("gateway.tls_cert_file", "set both tls_cert_file and tls_key_file, or neither")
+    if bool(cl.etcd_cert_file) != bool(cl.etcd_key_file):
+        raise ValidationError("cluster.etcd_cert_file", "set both etcd_cert_file and etcd_key_file, or neither")
+    if bool(cl.etcd_user) != bool(cl.etcd_password):
+        raise ValidationError("cluster.etcd_user", "set both etcd_user and etcd_password, or neither")
+    schemes = {ep.split("://", 1)[0] for ep in cl.etcd_endpoints}
+    if len(schemes) > 1:
+        raise ValidationError("cluster.etcd_endpoints", "use https:// for every endpoint or for none")
+    if (cl.etcd_ca_file or cl.etcd_cert_file) and schemes != {"https"}:
+        raise ValidationError("cluster.etcd_ca_file", "etcd TLS files need https:// etcd_endpoints")
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<config>") -> NebulaConfig:
@@ -222,7 +322,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
                 raise ValidationError(key, "the router service is retired: routing moved into the gateway; move "
                                       "these keys (not host, port) into [gateway] and drop [gateway] router_url")
             if key not in sections:
-                raise ValidationError(key, f"unknown section (known: {', '.join(sections)})")
+                raise ValidationError(_key(key), f"unknown section (known: {', '.join(sections)})")
         for sname, stype in sections.items():
             raw = data.get(sname, {})
             if not isinstance(raw, Mapping):
@@ -231,7 +331,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
             names = {f.name for f in dataclasses.fields(stype)}
             for key in raw:
                 if key not in names:
-                    raise ValidationError(f"{sname}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+                    raise ValidationError(f"{sname}.{_key(key)}", f"unknown key (known: {', '.join(sorted(names))})")
             values: dict[str, Any] = {}
             for fname in names:
                 where = f"{sname}.{fname}"

@@ -78,8 +78,10 @@ class EngineSpec:
         return f"http://{self.host}:{self.port}"
 
 
-def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool) -> tuple[list[str], dict[str, str]]:
-    """The `vllm serve` argv and the environment it adds, for `spec` under `cfg`."""
+def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoint: str = ""
+                 ) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` argv and the environment it adds, for `spec` under `cfg`; `otlp_endpoint` (OTLP/HTTP)
+    turns on vLLM's request spans, parented by the traceparent header the gateway forwards."""
     argv = [f"{cfg.vllm_venv}/bin/vllm", "serve", spec.source,
             "--served-model-name", spec.model,
             "--host", spec.host, "--port", str(spec.port),
@@ -94,8 +96,13 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool) -> tuple[lis
         argv += ["--runner", "pooling", "--convert", "classify"]
     if cpu:
         argv += ["--enforce-eager"]
+    if otlp_endpoint:
+        argv += ["--otlp-traces-endpoint", otlp_endpoint]
     argv += list(cfg.extra_args) + list(spec.engine_args)
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if otlp_endpoint:
+        # vLLM defaults to OTLP over gRPC; Nebula speaks OTLP/HTTP everywhere, one endpoint for all.
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind

@@ -6,11 +6,27 @@ NODES = ROOT + "nodes/"
 PLACEMENTS = ROOT + "placements/"
 INSTANCES = ROOT + "instances/"
 SCHEDULER_LEADER = ROOT + "leader/scheduler"
+PULLS = ROOT + "pulls/"
+PULL_STATUS = ROOT + "pull-status/"
+MODEL_STATUS = ROOT + "status/models/"
+SERVICES = ROOT + "services/"
+APIKEYS = ROOT + "apikeys/"
 
 
 def model_key(name: str) -> str:
     """Desired model; written by the gateway's admin API."""
     return MODELS + name
+
+
+def apikey_key(key_id: str) -> str:
+    """An API key's record (digest, scopes, limits; never the token); written by the gateway's admin API."""
+    return APIKEYS + key_id
+
+
+def service_key(service: str, node: str, address: str) -> str:
+    """Where one running service's /metrics answers (for Prometheus discovery); written by that service
+    under a lease of its own, so the record leaves with the process."""
+    return SERVICES + service + "/" + node + "/" + address
 
 
 def node_key(node: str) -> str:
@@ -41,3 +57,22 @@ def split_placement_key(key: str) -> tuple[str, str] | None:
     if not sep or not node or not instance or "/" in instance:
         return None
     return node, instance
+
+
+def pull_key(node: str, pull: str) -> str:
+    """Pull intent: fetch a source into that node's cache; written by the gateway's admin API."""
+    return PULLS + node + "/" + pull
+
+
+def node_pulls_prefix(node: str) -> str:
+    return PULLS + node + "/"
+
+
+def pull_status_key(node: str, pull: str) -> str:
+    """Progress of one pull on one node, under the agent's lease; written only by that node's agent."""
+    return PULL_STATUS + node + "/" + pull
+
+
+def model_status_key(model: str) -> str:
+    """Why a model has replicas that fit nowhere, under the leader's lease; written only by the scheduler leader."""
+    return MODEL_STATUS + model

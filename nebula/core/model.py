@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nebula.core.sources import parse_source
 from nebula.errors import ValidationError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -39,7 +40,7 @@ class Phase(enum.StrEnum):
 
 
 def validate_name(value: object, field_name: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: `$` admits a final "\n"
         raise ValidationError(
             field_name,
             "must be 1-63 characters of lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -116,6 +117,7 @@ class ModelSpec:
         if max_len is not None and max_len < 1:
             raise ValidationError("max_model_len", "must be positive")
         revision = expect_field(obj, "revision", str, None)
+        parse_source(source, revision)
         labels = expect_field(obj, "labels", dict, {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ValidationError("labels", "must map strings to strings")
@@ -129,6 +131,11 @@ class ModelSpec:
         d["engine_args"] = list(self.engine_args)
         d["labels"] = dict(self.labels)
         return d
+
+    @property
+    def source_id(self) -> str:
+        """Canonical id of the weights (core/sources.py): equal for every spelling of one source."""
+        return parse_source(self.source, self.revision).id
 
     def same_deployment(self, other: ModelSpec) -> bool:
         """True when `other` differs from this spec at most in its replica count."""
@@ -166,6 +173,8 @@ class NodeRecord:
     gpus: tuple[Gpu, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     agent_version: str = ""
+    cached: tuple[str, ...] = ()
+    """Canonical ids of the hub sources whose weights this node holds (core/sources.py), sorted."""
 
     @staticmethod
     def from_dict(obj: object) -> NodeRecord:
@@ -179,12 +188,13 @@ class NodeRecord:
         return NodeRecord(name=validate_name(expect_field(obj, "name", str)), address=expect_field(obj, "address", str),
                           port_min=expect_field(obj, "port_min", int), port_max=expect_field(obj, "port_max", int),
                           gpus=gpus, labels=dict(expect_field(obj, "labels", dict, {})),
-                          agent_version=expect_field(obj, "agent_version", str, ""))
+                          agent_version=expect_field(obj, "agent_version", str, ""),
+                          cached=tuple(str(s) for s in expect_field(obj, "cached", list, [])))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "port_min": self.port_min,
                 "port_max": self.port_max, "gpus": [asdict(g) for g in self.gpus],
-                "labels": dict(self.labels), "agent_version": self.agent_version}
+                "labels": dict(self.labels), "agent_version": self.agent_version, "cached": list(self.cached)}
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,8 @@ class InstanceStatus:
     since: float = 0.0
     message: str = ""
     restarts: int = 0
+    progress: float | None = None
+    """Fraction (0-1) of the model's weights downloaded, while the phase is `downloading`; else None."""
 
     @staticmethod
     def from_dict(obj: object) -> InstanceStatus:
@@ -243,13 +255,22 @@ class InstanceStatus:
                               endpoint=expect_field(obj, "endpoint", str),
                               task=task, since=float(expect_field(obj, "since", (int, float), 0.0)),
                               message=expect_field(obj, "message", str, ""),
-                              restarts=expect_field(obj, "restarts", int, 0))
+                              restarts=expect_field(obj, "restarts", int, 0),
+                              progress=_fraction(expect_field(obj, "progress", (int, float), None)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["phase"] = self.phase.value
         d["task"] = self.task.value
         return d
+
+
+def _fraction(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not 0.0 <= value <= 1.0:
+        raise ValidationError("progress", "must be between 0 and 1")
+    return float(value)
 
 
 def dumps(obj: Mapping[str, Any]) -> bytes:

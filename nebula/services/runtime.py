@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,7 +19,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.store import Store
 from nebula.core.config import NebulaConfig, merge_tables, parse_config
-from nebula.errors import ConfigError
+from nebula.errors import ConfigError, PermanentError
+
+if TYPE_CHECKING:
+    from nebula.adapters.etcd import EtcdSecurity
 
 DEFAULT_CONFIG = "/etc/nebula/nebula.toml"
 log = logging.getLogger("nebula.runtime")
@@ -107,7 +111,8 @@ async def _logged(coro_fn: Callable[[], Awaitable[None]], name: str) -> None:
 
 
 async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
-                                status: Callable[[], str] | None = None) -> None:
+                                status: Callable[[], str] | None = None,
+                                ssl_context: ssl.SSLContext | None = None) -> None:
     """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
 
     handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
@@ -117,9 +122,9 @@ async def serve_until_cancelled(app: web.Application, host: str, port: int, noti
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
-        log.info("%s listening on %s:%d", what, host, port)
+        log.info("%s listening on %s:%d%s", what, host, port, " (TLS)" if ssl_context else "")
         await notify_ready_and_watch(notifier, lambda: True, status or (lambda: f"{what} listening on {host}:{port}"))
         await asyncio.Event().wait()  # no watchdog configured: just serve until cancelled
     finally:
@@ -176,4 +181,26 @@ async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -
 async def open_store(cfg: NebulaConfig) -> Store:
     from nebula.adapters.etcd import EtcdStore
 
-    return await EtcdStore.connect(list(cfg.cluster.etcd_endpoints), timeout=cfg.cluster.etcd_timeout_s)
+    security = etcd_security(cfg)
+    try:
+        return await EtcdStore.connect(list(cfg.cluster.etcd_endpoints), timeout=cfg.cluster.etcd_timeout_s,
+                                       security=security)
+    except PermanentError as e:  # e.g. a wrong etcd_user/etcd_password: no retry can fix it
+        raise ConfigError("cluster", f"cluster: etcd refused this client: {e}") from None
+
+
+def etcd_security(cfg: NebulaConfig) -> EtcdSecurity:
+    """[cluster]'s TLS files, read now (a bad path stops the start, naming its key), and credentials."""
+    from nebula.adapters.etcd import EtcdSecurity
+
+    def read(key: str, path: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cluster.{key}", f"cluster.{key}: cannot read {path}: {e.strerror}") from None
+
+    c = cfg.cluster
+    return EtcdSecurity(ca=read("etcd_ca_file", c.etcd_ca_file), cert=read("etcd_cert_file", c.etcd_cert_file),
+                        key=read("etcd_key_file", c.etcd_key_file), user=c.etcd_user, password=c.etcd_password)

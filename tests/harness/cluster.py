@@ -1,5 +1,9 @@
 """A whole Nebula on loopback for end-to-end tests: real etcd, the three control-plane services as
-processes (`python -m nebula <svc> run`), engines as the agent's children running real vLLM."""
+processes (`python -m nebula <svc> run`), engines as the agent's children running real vLLM.
+
+With `restart_on_failure` the cluster does what the units' `Restart=on-failure` + `RestartSec=2` do under
+systemd: a service that exits uncleanly (a crash, SIGKILL; see `crash()`) is started again 2 s later by a
+keeper thread. `kill()` is an operator's stop and is never undone."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,21 +23,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.etcd import EtcdServer, free_port, port_is_free
+from tests.harness.etcd import EtcdCluster, EtcdServer, free_port, port_is_free
 
 SERVICES = ("gateway", "scheduler", "node")
+RESTART_SEC = 2.0  # the units' RestartSec=
 
 
 @dataclass
 class NebulaCluster:
     workdir: Path
-    etcd: EtcdServer
+    etcd: EtcdServer | EtcdCluster
     vllm_venv: str
     node_grace_s: float = 30.0
     extra_nodes: tuple[str, ...] = ()
     """More node agents, each its own node (own name, config, port range, run dir): `node:<name>` in procs."""
+    extra_config: str = ""
+    """TOML appended to every node's config (whole sections, e.g. "[tracing]\notlp_endpoint = ...")."""
+    extra_schedulers: int = 0
+    """More schedulers (standbys while another leads): `scheduler:2`, `scheduler:3`, ... in procs."""
+    restart_on_failure: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """NEBULA_<SECTION>_<KEY> overrides for every process (e.g. NEBULA_NODE_HF_ENDPOINT)."""
+    node_resync_s: float = 2.0
+    engine_watchdog_s: float = 30.0
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    """Restarts the keeper did per service (what systemd counts as NRestarts)."""
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _keeper_stop: threading.Event = field(default_factory=threading.Event)
+    _keeper: threading.Thread | None = None
 
     @property
     def config_path(self) -> Path:
@@ -54,20 +74,26 @@ class NebulaCluster:
         env["NEBULA_CONFIG"] = str(config or self.config_path)
         env["NEBULA_URL"] = self.gateway_url
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def write_config(self) -> None:
         for svc in (*SERVICES, "engine_port"):
             self.ports[svc] = free_port()
+        self.rewrite_config()
+
+    def rewrite_config(self) -> None:
+        """Write the config files again (same ports), e.g. after `etcd` changed; services read them at start."""
         self.config_path.write_text(self._config_text("node-a", 0))
         for i, name in enumerate(self.extra_nodes, start=1):
             (self.workdir / f"nebula-{name}.toml").write_text(self._config_text(name, i))
 
     def _config_text(self, node: str, index: int) -> str:
-        engine_base = free_port_range(20)
+        engine_base = self.ports.setdefault(f"engines:{node}", free_port_range(20))
+        node_port = self.ports["node"] if index == 0 else self.ports.setdefault(f"node:{node}", free_port())
         return f"""
 [cluster]
-etcd_endpoints = ["{self.etcd.endpoint}"]
+etcd_endpoints = {json.dumps(list(self.etcd.endpoints))}
 lease_ttl_s = 5
 
 [gateway]
@@ -80,40 +106,86 @@ resync_s = 2
 
 [node]
 name = "{node}"
-port = {self.ports['node'] if index == 0 else free_port()}
+port = {node_port}
 port_min = {engine_base}
 port_max = {engine_base + 19}
 unit_backend = "process"
 run_dir = "{self.node_run_dir(node)}"
 state_dir = "{self.workdir / ('state' if index == 0 else f'state-{node}')}"
-resync_s = 2
+cache_dir = "{self.workdir / ('cache' if index == 0 else f'cache-{node}')}"
+resync_s = {self.node_resync_s}
 
 [engine]
 vllm_venv = "{self.vllm_venv}"
 vllm_device = "cpu"
 default_max_model_len = 512
 stop_timeout_s = 10
-"""
+watchdog_s = {self.engine_watchdog_s}
+""" + self.extra_config
 
     def start(self, svc: str) -> None:
-        """`gateway`, `scheduler`, `node` (node-a), or `node:<name>` for an extra node."""
-        kind, _, node = svc.partition(":")
-        config = self.workdir / f"nebula-{node}.toml" if node else None
-        log = (self.workdir / f"{svc.replace(':', '-')}.log").open("ab")
-        self.procs[svc] = subprocess.Popen([sys.executable, "-m", "nebula", kind, "run"], env=self.env(config),
-                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        """`gateway`, `scheduler`, `node` (node-a), `node:<name>` for an extra node, `scheduler:<n>` for an
+        extra scheduler."""
+        kind, _, name = svc.partition(":")
+        config = self.workdir / f"nebula-{name}.toml" if kind == "node" and name else None
+        env = self.env(config)
+        if kind == "scheduler" and name:
+            env["NEBULA_SCHEDULER_PORT"] = str(self.ports.setdefault(svc, free_port()))
+        with self._lock, (self.workdir / f"{svc.replace(':', '-')}.log").open("ab") as log:
+            self.procs[svc] = subprocess.Popen([sys.executable, "-m", "nebula", kind, "run"], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def kill(self, svc: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs.pop(svc)
+        with self._lock:
+            proc = self.procs.pop(svc)
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
+    def crash(self, svc: str, sig: int = signal.SIGKILL) -> int:
+        """Signal `svc` as a crash would end it, leaving the restart to the keeper; its pid."""
+        with self._lock:
+            proc = self.procs[svc]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        return proc.pid
+
+    def pid(self, svc: str) -> int | None:
+        """The pid of `svc` while it runs (None while it is down, e.g. waiting for its restart)."""
+        with self._lock:
+            proc = self.procs.get(svc)
+            return proc.pid if proc is not None and proc.poll() is None else None
+
+    def services(self) -> tuple[str, ...]:
+        return (*SERVICES, *(f"node:{n}" for n in self.extra_nodes),
+                *(f"scheduler:{i}" for i in range(2, 2 + self.extra_schedulers)))
+
     def up(self, timeout_s: float = 60) -> None:
         self.write_config()
-        for svc in (*SERVICES, *(f"node:{n}" for n in self.extra_nodes)):
+        for svc in self.services():
             self.start(svc)
+        if self.restart_on_failure:
+            self._keeper = threading.Thread(target=self._keep, name="nebula-keeper", daemon=True)
+            self._keeper.start()
         wait_until(lambda: http_ok(self.gateway_url + "/healthz"), timeout_s, "gateway healthy", self)
+
+    def _keep(self) -> None:
+        """Restart=on-failure: restart a service RESTART_SEC after it exited uncleanly."""
+        exited: dict[str, float] = {}
+        while not self._keeper_stop.wait(0.1):
+            with self._lock:
+                for svc, proc in list(self.procs.items()):
+                    code = proc.poll()
+                    if code is None or code == 0:
+                        exited.pop(svc, None)
+                        continue
+                    since = exited.setdefault(svc, time.monotonic())
+                    if time.monotonic() - since < RESTART_SEC:
+                        continue
+                    with (self.workdir / f"{svc.replace(':', '-')}.log").open("a") as log:
+                        log.write(f"harness: {svc} exited with {code}; restarting it (Restart=on-failure)\n")
+                    self.start(svc)
+                    self.restarts[svc] = self.restarts.get(svc, 0) + 1
+                    exited.pop(svc)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([sys.executable, "-m", "nebula", *args], env=self.env(), capture_output=True,
@@ -141,6 +213,9 @@ stop_timeout_s = 10
         return "\n".join(parts)
 
     def down(self) -> None:
+        self._keeper_stop.set()
+        if self._keeper is not None:
+            self._keeper.join(5)
         for svc in reversed(list(self.procs)):
             self.kill(svc, signal.SIGTERM)
         for pid in self.all_engine_pids():
@@ -169,10 +244,13 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def running_cluster(workdir: Path, etcd_dir: Path, **kwargs: Any) -> Iterator[NebulaCluster]:
-    """A cluster with its own etcd, up for the block, with every process and engine stopped after it."""
+def running_cluster(workdir: Path, etcd_dir: Path, *, etcd_members: int = 1, **kwargs: Any
+                    ) -> Iterator[NebulaCluster]:
+    """A cluster with its own etcd (`etcd_members` > 1: an etcd cluster of that many), up for the block, with
+    every process and engine stopped after it."""
     venv = required_path("NEBULA_TEST_VLLM_VENV")
-    etcd = EtcdServer.launch(etcd_dir)
+    etcd: EtcdServer | EtcdCluster = (EtcdCluster.launch(etcd_dir, size=etcd_members) if etcd_members > 1
+                                      else EtcdServer.launch(etcd_dir))
     c = NebulaCluster(workdir=workdir, etcd=etcd, vllm_venv=venv, **kwargs)
     try:
         c.up()

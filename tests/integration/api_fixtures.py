@@ -21,6 +21,7 @@ import pytest
 
 from tests.harness.cluster import NebulaCluster, required_path
 from tests.harness.etcd import EtcdServer
+from tests.harness.otlp import ThreadedOtlpReceiver
 
 CHAT_MODEL = "chat"
 EMBED_MODEL = "embed"
@@ -43,6 +44,7 @@ CHAT_ENGINE_ARGS = (
 class ApiCluster:
     cluster: NebulaCluster
     ready_s: float  # from the first load to all three models ready
+    traces: ThreadedOtlpReceiver  # where the gateway and the engines export their spans
 
     @property
     def gateway_url(self) -> str:
@@ -98,7 +100,10 @@ def api_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiCluster
     venv = required_path("NEBULA_TEST_VLLM_VENV")
     models = Path(required_path("NEBULA_TEST_MODELS"))
     etcd = EtcdServer.launch(tmp_path_factory.mktemp("api-etcd"))
-    cluster = NebulaCluster(workdir=tmp_path_factory.mktemp("api"), etcd=etcd, vllm_venv=venv)
+    traces = ThreadedOtlpReceiver()
+    tracing = f'\n[tracing]\notlp_endpoint = "{traces.start()}"\n'
+    cluster = NebulaCluster(workdir=tmp_path_factory.mktemp("api"), etcd=etcd, vllm_venv=venv,
+                            extra_config=tracing)
     try:
         cluster.up()
         t0 = time.monotonic()
@@ -108,7 +113,8 @@ def api_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiCluster
         wait_all_ready(cluster, list(commands), READY_TIMEOUT_S)
         ready_s = time.monotonic() - t0
         print(f"\napi_cluster: {', '.join(commands)} ready {ready_s:.1f} s after the first load")
-        yield ApiCluster(cluster=cluster, ready_s=ready_s)
+        yield ApiCluster(cluster=cluster, ready_s=ready_s, traces=traces)
     finally:
         cluster.down()
         etcd.stop()
+        traces.stop()

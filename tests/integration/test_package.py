@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.cluster import free_port_range
+from tests.harness.cluster import free_port_range, post_json, required_path
 from tests.harness.etcd import EtcdServer, free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
@@ -232,6 +232,13 @@ def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None
     sb.systemctl("start", "nebula.target")
     pids = box.wait_active(CONTROL_PLANE)
     assert sb.show("nebula-gateway.service", "User")["User"] == "nebula"
+    # The bootstrap admin key: the token is root's, the gateway (User=nebula) reads only its digest; the CLI,
+    # as root, uses the token by default, and without it the admin API refuses.
+    modes = box.sh("stat -c '%U %G %a' /etc/nebula/admin.key /etc/nebula/admin.key.sha256").split("\n")[:2]
+    assert modes == ["root root 600", "root nebula 640"], modes
+    assert isinstance(json.loads(box.sh("nebula list --json")), list)
+    refused = box.sh("NEBULA_ADMIN_KEY_FILE=/nonexistent nebula list 2>&1; echo rc=$?", check=False)
+    assert "missing API key" in refused and "rc=1" in refused, refused
 
     # --- upgrade with an admin-edited conffile (non-interactive: confold keeps the admin's version) ----------
     conf = sb.root / "etc/nebula/nebula.toml"
@@ -274,3 +281,42 @@ def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None
     status = box.sh("dpkg-query -W -f='${db:Status-Status}' nebula 2>/dev/null || echo absent").strip()
     assert status in ("absent", "not-installed"), status
     assert box.sh("getent passwd nebula || true").startswith("nebula:")
+
+
+# --- one engine by hand, from the installed package, with no control plane ----------------------------------
+
+
+@pytest.mark.engine
+def test_hand_run_engine_serves_a_model_with_no_control_plane(package: Package, box: Box) -> None:
+    """`systemctl start nebula-engine@tiny` on a box with only the package and /etc/nebula/engines/tiny.toml:
+    real vLLM starts as User=nebula under the shipped hardening, answers chat, logs to its unit's journal."""
+    venv, models = required_path("NEBULA_TEST_VLLM_VENV"), required_path("NEBULA_TEST_MODELS")
+    box.sh("rm -rf /opt/nebula/venv /usr/bin/nebula /usr/local/bin/nebula /etc/nebula /var/lib/nebula "
+           "/var/cache/nebula /run/nebula /etc/systemd/system/nebula* /usr/sbin/policy-rc.d; "
+           "if getent passwd nebula >/dev/null; then userdel nebula; fi")
+    debs = box.sb.scratch / "debs"
+    debs.mkdir(exist_ok=True)
+    shutil.copy2(package.deb, debs / package.deb.name)
+    box.apt("install", str(debs / package.deb.name))
+    port = free_port()
+    engines = box.sb.root / "etc/nebula/engines"
+    (engines / "tiny.toml").write_text(f'source = "{models}/tiny-llama"\nport = {port}\nmax_model_len = 512\n')
+    (box.sb.root / "etc/nebula/nebula.d/10-test.toml").write_text(
+        f'[engine]\nvllm_venv = "{venv}"\nvllm_device = "cpu"\n')
+    box.sb.systemctl("start", "--no-block", "nebula-engine@tiny.service")
+    deadline = time.monotonic() + 420
+    while (state := box.state("nebula-engine@tiny.service")[0]) != "active":
+        assert state in ("activating", "active"), f"engine {state}:\n{box.logs()}"
+        assert time.monotonic() < deadline, f"engine not ready in 420 s:\n{box.logs()}"
+        time.sleep(2)
+    status = box.sb.show("nebula-engine@tiny.service", "StatusText", "User")
+    assert status["User"] == "nebula", status
+    assert box.state("nebula-gateway.service")[0] == "inactive"  # no control plane involved
+    code, answer = post_json(f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert code == 200 and answer["choices"], answer
+    journal = box.sh("journalctl --no-pager -o cat -u nebula-engine@tiny.service")
+    assert "Application startup complete" in journal or "Starting vLLM" in journal, journal[-3000:]
+    box.sb.systemctl("stop", "nebula-engine@tiny.service")
+    assert box.state("nebula-engine@tiny.service") == ("inactive", 0)
+    assert box.sh("pgrep -u nebula -f 'vllm serve' || true").strip() == ""

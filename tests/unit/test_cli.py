@@ -2,49 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import io
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from nebula.adapters.memstore import MemoryStore
-from nebula.cli.main import main
-from nebula.core.config import GatewayConfig
-from nebula.services.gateway.app import build_gateway_app
+from nebula.cli.client import AdminClient, CliError
+from nebula.cli.main import build_parser, main
+from nebula.cli.models import load
 from tests.harness.etcd import free_port
-
-ADMIN_KEY = "admin-secret"
+from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, served_gateway
 
 
 @pytest.fixture(scope="module")
-def gateway_url() -> Iterator[str]:
-    """A gateway served from its own thread and loop, since the CLI under test blocks."""
-    port = free_port()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    runner_box: list[web.AppRunner] = []
+def gateway() -> Iterator[ServedGateway]:
+    with served_gateway() as gw:
+        yield gw
 
-    async def start() -> None:
-        cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),))
-        runner = web.AppRunner(build_gateway_app(cfg, MemoryStore(), CollectorRegistry()))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runner_box.append(runner)
-        ready.set()
 
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner_box[0].cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+@pytest.fixture(scope="module")
+def gateway_url(gateway: ServedGateway) -> str:
+    return gateway.url
 
 
 def run(capsys: pytest.CaptureFixture[str], url: str, *argv: str, key: str | None = ADMIN_KEY
@@ -76,10 +57,13 @@ def test_load_list_scale_unload(capsys: pytest.CaptureFixture[str], gateway_url:
 
 
 @pytest.mark.parametrize(("argv", "code", "message"), [
-    (("load", "m2", "--source", "/x", "--replicas", "0"), 1, "replicas: must be between 1 and 64"),
-    (("load", "M!", "--source", "/x"), 1, "name: must be"),
-    (("unload", "ghost"), 1, "not loaded"),
-    (("scale", "ghost", "2"), 1, "not loaded"),
+    (("load", "m2", "--source", "/x", "--replicas", "0"), 2, "replicas: must be between 1 and 64"),
+    (("load", "M!", "--source", "/x"), 2, "name: must be"),
+    (("unload", "ghost"), 3, "not loaded"),
+    (("scale", "ghost", "2"), 3, "not loaded"),
+    (("scale", "ghost", "2", "--json"), 3, "not loaded"),
+    (("status", "--watch", "--interval", "0"), 2, "--interval must be positive"),
+    (("status", "--watch", "--json"), 2, "scripts poll `nebula status --json`"),
 ])
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], gateway_url: str, argv: tuple[str, ...],
                              code: int, message: str) -> None:
@@ -95,7 +79,7 @@ def test_admin_key_required_and_hint(capsys: pytest.CaptureFixture[str], gateway
 
 def test_gateway_down_says_how_to_fix(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, f"http://127.0.0.1:{free_port()}", "list")
-    assert code == 2 and "nebula up" in err and err.count("\n") == 1
+    assert code == 5 and "nebula up" in err and err.count("\n") == 1
 
 
 def test_bad_config_names_file_and_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -104,3 +88,90 @@ def test_bad_config_names_file_and_key(capsys: pytest.CaptureFixture[str], tmp_p
     code = main(["--config", str(cfg), "list"], {})
     err = capsys.readouterr().err
     assert code == 2 and err == f"nebula: {cfg}: gateway.port: must be an integer, got 'eighty'\n"
+
+
+def test_every_write_has_json(capsys: pytest.CaptureFixture[str], gateway_url: str, tmp_path: Path) -> None:
+    code, out, _ = run(capsys, gateway_url, "load", "j1", "--source", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["model"]["name"] == "j1"
+    code, out, _ = run(capsys, gateway_url, "scale", "j1", "2", "--json")
+    assert code == 0 and json.loads(out)["model"]["replicas"] == 2
+    code, out, _ = run(capsys, gateway_url, "unload", "j1", "--json")
+    assert code == 0 and json.loads(out) == {"name": "j1", "deleted": True}
+
+
+def test_help_documents_exit_codes() -> None:
+    text = build_parser().format_help()
+    for line in ("0  ok", "2  usage", "3  not found", "4  timeout", "5  unreachable"):
+        assert line in text
+
+
+def _instance(phase: str, message: str = "", progress: float | None = None) -> dict[str, Any]:
+    return {"instance": "w1", "model": "w1", "node": "node-a", "phase": phase, "endpoint": "http://127.0.0.1:1",
+            "task": "generate", "since": 0.0, "message": message, "restarts": 0, "progress": progress}
+
+
+class Steps:
+    """A clock and sleep for load --wait: each sleep moves time on and applies the next cluster change."""
+
+    def __init__(self, gateway: ServedGateway, changes: list[dict[str, Any] | None]) -> None:
+        self.gateway = gateway
+        self.changes = changes
+        self.now = 100.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.changes and (change := self.changes.pop(0)) is not None:
+            self.gateway.put("/nebula/instances/w1", change)
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def w1(gateway: ServedGateway) -> Iterator[AdminClient]:
+    yield AdminClient(gateway.url, ADMIN_KEY)
+    gateway.delete("/nebula/models/w1")
+    gateway.delete("/nebula/instances/w1")
+
+
+def test_load_wait_prints_a_line_per_change_when_piped(capsys: pytest.CaptureFixture[str], gateway: ServedGateway,
+                                                       w1: AdminClient) -> None:
+    steps = Steps(gateway, [_instance("downloading", "fetching weights", 0.43), None,
+                            _instance("starting"), None, _instance("ready")])
+    out = io.StringIO()
+    code = load(w1, {"name": "w1", "source": "/models/w1"}, wait_s=60, as_json=False, out=out,
+                clock=steps.clock, sleep=steps.sleep)
+    lines = out.getvalue().splitlines()
+    assert code == 0
+    assert lines[0] == "w1: 0/1 ready [waiting for placement], 0s"
+    assert lines[1].startswith("w1: 0/1 ready [1 downloading], ") and "fetching weights" in lines[1]
+    assert lines[2] == "w1: 0/1 ready [1 starting], 3s"  # one line per change: the unchanged poll printed none
+    assert lines[3] == "w1: 1/1 ready [1 ready], 5s" and len(lines) == 4
+    assert "model w1 is ready (1/1 replica(s) ready) after 5 s" in capsys.readouterr().out
+
+
+def test_load_wait_redraws_one_line_on_a_tty(gateway: ServedGateway, w1: AdminClient) -> None:
+    steps = Steps(gateway, [_instance("starting"), _instance("ready")])
+    out = Tty()
+    load(w1, {"name": "w1", "source": "/models/w1"}, wait_s=60, as_json=False, out=out, clock=steps.clock,
+         sleep=steps.sleep)
+    text = out.getvalue()
+    assert text.count("\r\x1b[2K") == 3 and text.count("\n") == 1 and text.endswith("[1 ready], 2s\n")
+
+
+def test_load_wait_timeout_and_failure_exit_codes(gateway: ServedGateway, w1: AdminClient) -> None:
+    steps = Steps(gateway, [_instance("starting")] + [None] * 20)
+    with pytest.raises(CliError) as timeout:
+        load(w1, {"name": "w1", "source": "/models/w1"}, wait_s=5, as_json=True, out=io.StringIO(),
+             clock=steps.clock, sleep=steps.sleep)
+    assert timeout.value.code == 4 and "not ready after 5 s (w1: 0/1 ready [1 starting])" in str(timeout.value)
+    steps = Steps(gateway, [_instance("failed", "source path /models/w1 does not exist on this node")])
+    with pytest.raises(CliError) as failed:
+        load(w1, {"name": "w1", "source": "/models/w1"}, wait_s=60, as_json=True, out=io.StringIO(),
+             clock=steps.clock, sleep=steps.sleep)
+    assert failed.value.code == 1 and "does not exist on this node" in str(failed.value)

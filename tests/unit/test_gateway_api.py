@@ -423,10 +423,12 @@ async def test_keys_scope_admin_and_inference(make_stack: MakeStack) -> None:
     assert await stored_spec(s.store, "m") is not None  # the refused DELETE did nothing
 
 
-async def test_admin_open_when_no_admin_keys_but_inference_keys_set(make_stack: MakeStack) -> None:
+async def test_once_any_key_exists_nothing_is_open(make_stack: MakeStack) -> None:
     s = await make_stack(api_key_hashes=(sha(USER_KEY),))
     status, _, _ = await s.call("GET", "/v1/admin/models")
-    assert status == 200
+    assert status == 401
+    status, _, _ = await s.call("GET", "/v1/admin/models", key=USER_KEY)
+    assert status == 403
     status, _, _ = await s.call("GET", "/v1/models")
     assert status == 401
 
@@ -477,11 +479,13 @@ async def test_serve_gateway_listens_and_notifies_ready(tmp_path: Path) -> None:
 async def test_gateway_started_without_the_store_answers_503_not_404() -> None:
     store = MemoryStore()
     store.set_reachable(False)
-    gateway = TestServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
+    # A key from the config passes while the stored keys are unknown (without it: 503 keys_not_loaded).
+    gateway = TestServer(build_gateway_app(GatewayConfig(api_key_hashes=(sha(USER_KEY),)), store,
+                                           CollectorRegistry()))
     await gateway.start_server()
     try:
-        async with aiohttp.ClientSession() as http, http.post(gateway.make_url("/v1/chat/completions"),
-                                                              json=CHAT) as resp:
+        async with aiohttp.ClientSession() as http, http.post(gateway.make_url("/v1/chat/completions"), json=CHAT,
+                                                              headers={"Authorization": f"Bearer {USER_KEY}"}) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"]
             assert_openai_error(await resp.json(), 503, "models_not_loaded")
     finally:

@@ -158,27 +158,59 @@ async def test_refused_connection_is_retried_on_another_replica(make_gateway: Ma
     assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "connect"}) >= 1
 
 
+@contextlib.asynccontextmanager
+async def raw_engine(behave: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                     ) -> AsyncIterator[str]:
+    """An engine that misbehaves at the socket level, as `behave` does with each connection: its endpoint."""
+    server = await asyncio.start_server(behave, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def assert_replayed_on_b(r: Gateway, bad: str, b: FakeEngine, reason: str) -> None:
+    """Replicas `m` (at `bad`) and `m:1` (engine b): every request ends as b's answer, some after a retry."""
+    await put_instance(r.store, "m", bad)
+    await put_instance(r.store, "m:1", b.endpoint)
+    await until(lambda: r.ready_count() == 2)
+    for _ in range(4):  # round-robin makes the bad replica come first at least once
+        async with r.post(CHAT) as resp:
+            assert resp.status == 200
+            assert await resp.read() == completion_bytes("b", "m")
+    assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": reason}) >= 1
+
+
 async def test_engine_dying_before_it_answers_is_retried(make_gateway: MakeGateway, two: list[FakeEngine]) -> None:
     """An engine that takes the request and dies (connection closed, no response): replayed on another."""
     async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1024)
         writer.close()
 
-    dying = await asyncio.start_server(die, "127.0.0.1", 0)
-    port = dying.sockets[0].getsockname()[1]
-    try:
+    async with raw_engine(die) as dying:
+        await assert_replayed_on_b(await make_gateway(), dying, two[1], "disconnect")
+
+
+async def test_body_breaking_off_before_anything_was_relayed_is_retried(make_gateway: MakeGateway,
+                                                                        two: list[FakeEngine]) -> None:
+    """Headers promise 1000 bytes, 10 come, the connection closes: a small body is relayed whole, so the
+    client has seen nothing yet and another replica answers instead; with no other replica, a clean 502."""
+    async def break_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"partial"')
+        await writer.drain()
+        writer.close()
+
+    async with raw_engine(break_off) as broken:
         r = await make_gateway()
-        await put_instance(r.store, "m", f"http://127.0.0.1:{port}")
-        await put_instance(r.store, "m:1", two[1].endpoint)
-        await until(lambda: r.ready_count() == 2)
-        for _ in range(4):
-            async with r.post(CHAT) as resp:
-                assert resp.status == 200
-                assert await resp.read() == completion_bytes("b", "m")
-        assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "disconnect"}) >= 1
-    finally:
-        dying.close()
-        await dying.wait_closed()
+        await put_instance(r.store, "m", broken)
+        await until(lambda: r.ready_count() == 1)
+        async with r.post(CHAT) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["code"] == "upstream_error"
+        await assert_replayed_on_b(r, broken, two[1], "broken")
 
 
 async def test_engine_503_before_any_byte_is_retried(make_gateway: MakeGateway, two: list[FakeEngine]) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
-from nebula.core.placement import diff_placements, place
+from nebula.core.placement import diff_placements, mib_text, place
 
 
-def node(name: str, gpus: int = 0, mem: int = 24_000, labels: dict[str, str] | None = None) -> NodeRecord:
-    return NodeRecord(name=name, address="10.0.0.1", port_min=18000, port_max=18009,
-                      gpus=tuple(Gpu(i, "H100", mem, 0) for i in range(gpus)), labels=labels or {})
+def node(name: str, gpus: int = 0, mem: int = 24_000, labels: dict[str, str] | None = None,
+         cached: tuple[str, ...] = (), ports: int = 10) -> NodeRecord:
+    return NodeRecord(name=name, address="10.0.0.1", port_min=18000, port_max=18000 + ports - 1,
+                      gpus=tuple(Gpu(i, "H100", mem, 0) for i in range(gpus)), labels=labels or {}, cached=cached)
 
 
 def model(name: str, replicas: int = 1, gpus: int = 0, mem: int = 0, **kw: object) -> ModelSpec:
@@ -45,7 +49,8 @@ def test_gpu_memory_is_not_overcommitted_and_pending_has_reason() -> None:
     r = place(models, {"n1": node("n1", gpus=2, mem=24_000)}, {})
     assert len(r.placements) == 2
     assert {p.gpu_indices for p in r.placements.values()} == {(0,), (1,)}
-    assert "largest free is 4000 MiB" in r.pending["big"]
+    assert r.pending["big"] == ("2 of 3 replicas placed; the others: needs 19.5 GiB on one GPU; "
+                                "largest free is 3.9 GiB on n1")
 
 
 def test_engines_share_a_gpu_when_memory_allows() -> None:
@@ -125,3 +130,90 @@ def test_properties(replicas: list[int], gpu_need: list[int], mem_need: list[int
 def test_placement_round_trips_json() -> None:
     p = Placement(instance="a", node="n1", model=model("a"), port=18000, gpu_indices=(0,))
     assert Placement.from_dict(p.to_dict()) == p
+
+
+# --- why a model is pending -------------------------------------------------------------------------
+
+
+def test_pending_names_the_largest_free_gpu_and_its_node() -> None:
+    nodes = {"node-a": node("node-a", gpus=2, mem=16 * 1024), "node-b": node("node-b", gpus=1, mem=22 * 1024)}
+    r = place({"big": model("big", gpus=1, mem=40 * 1024)}, nodes, {})
+    assert r.placements == {}
+    assert r.pending == {"big": "needs 40 GiB on one GPU; largest free is 22 GiB on node-b"}
+
+
+def test_pending_counts_gpus_on_one_node() -> None:
+    nodes = {"n1": node("n1", gpus=2), "n2": node("n2", gpus=3)}
+    r = place({"wide": model("wide", gpus=4, mem=10_000)}, nodes, {})
+    assert r.pending == {"wide": "needs 4 GPUs with 9.8 GiB free on one node; at most 3 on n2"}
+
+
+def test_pending_without_any_gpu() -> None:
+    r = place({"g": model("g", gpus=1, mem=1000)}, {"cpu": node("cpu")}, {})
+    assert r.pending == {"g": "needs 1 GPU; no live node has a GPU"}
+
+
+def test_pending_for_labels_and_ports() -> None:
+    r = place({"a": model("a", labels={"zone": "x"})}, {"n1": node("n1")}, {})
+    assert r.pending == {"a": "no live node has the labels zone=x"}
+    r = place({"a": model("a", 3)}, {"n1": node("n1", ports=2)}, {})
+    assert r.pending == {"a": "2 of 3 replicas placed; the others: no free engine port on n1"}
+
+
+def test_pending_memory_text() -> None:
+    assert [mib_text(m) for m in (512, 1024, 4000, 40960)] == ["512 MiB", "1 GiB", "3.9 GiB", "40 GiB"]
+
+
+# --- nodes that hold the weights already ----------------------------------------------------------
+
+
+def test_prefers_a_node_that_holds_the_weights() -> None:
+    hub = model("a", source="org/llama")
+    nodes = {"n1": node("n1", gpus=2), "n2": node("n2", gpus=1, cached=("hf://org/llama",))}
+    assert place({"a": hub}, nodes, {}).placements["a"].node == "n2"  # n1 has more free memory
+    other_rev = model("a", source="org/llama", revision="v2")
+    assert place({"a": other_rev}, nodes, {}).placements["a"].node == "n1"  # n2 holds another revision
+
+
+def test_cache_never_beats_spread_and_never_moves_placements() -> None:
+    hub = model("a", 2, source="hf://org/llama")
+    nodes = {"n1": node("n1", cached=("hf://org/llama",)), "n2": node("n2")}
+    first = place({"a": hub}, nodes, {}).placements
+    assert {p.node for p in first.values()} == {"n1", "n2"}
+    assert first["a"].node == "n1"
+    now_cached = {"n1": node("n1"), "n2": node("n2", cached=("hf://org/llama",))}
+    assert place({"a": hub}, now_cached, first).placements == first
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    replicas=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    gpu_need=st.lists(st.integers(0, 2), min_size=4, max_size=4),
+    mem_need=st.lists(st.integers(1, 30_000), min_size=4, max_size=4),
+    node_gpus=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    cached=st.lists(st.sets(st.integers(0, 3)), min_size=4, max_size=4),
+)
+def test_cache_preference_keeps_capacity_and_spread(replicas: list[int], gpu_need: list[int], mem_need: list[int],
+                                                     node_gpus: list[int], cached: list[set[int]]) -> None:
+    models = {f"m{i}": model(f"m{i}", r, gpus=gpu_need[i], mem=mem_need[i] if gpu_need[i] else 0,
+                             source=f"org/m{i}") for i, r in enumerate(replicas)}
+    nodes = {f"n{i}": node(f"n{i}", g, mem=40_000, cached=tuple(sorted(f"hf://org/m{j}" for j in cached[i])))
+             for i, g in enumerate(node_gpus)}
+    r = place(models, nodes, {})
+    plain = place(models, {n: replace(rec, cached=()) for n, rec in nodes.items()}, {})
+    used: dict[tuple[str, int], int] = {}
+    for p in r.placements.values():
+        for g in p.gpu_indices:
+            used[(p.node, g)] = used.get((p.node, g), 0) + p.model.gpu_memory_mib
+    assert all(v <= 40_000 for v in used.values()), "a GPU is over-committed"
+    for name, m in models.items():
+        per_node = Counter(p.node for p in r.placements.values() if p.model.name == name)
+        assert sum(per_node.values()) == m.replicas or name in r.pending
+        if m.gpus_per_replica == 0 and sum(per_node.values()) <= len(nodes):
+            assert max(per_node.values(), default=0) <= 1, "the cache stacked replicas while a node had none"
+        if not r.pending and not plain.pending:  # same shape as without the cache: only which node differs
+            plain_per_node = Counter(p.node for p in plain.placements.values() if p.model.name == name)
+            assert sorted(per_node.values()) == sorted(plain_per_node.values()), "the cache changed the spread"
+    if not any(gpu_need[: len(replicas)]):  # without GPU contention, the cache never costs a placement
+        assert len(r.placements) == len(plain.placements)
+    assert place(models, nodes, r.placements).placements == r.placements

@@ -18,14 +18,18 @@ from nebula.adapters.units import UnitState, UnitStatus
 
 MakeUnits = Callable[..., ProcessEngineUnits]
 
-# Behaves by instance name: "fail-N" exits N at once, "stubborn" ignores SIGTERM, others run until SIGTERM
-# and then "drain" for 0.5 s, like vLLM finishing its requests.
+# Behaves by instance name: "fail-N" exits N at once, "stubborn" ignores SIGTERM, "forker" first starts a child
+# of its own (as the supervisor starts vLLM) and prints its pid, others run until SIGTERM and then "drain" for
+# 0.5 s, like vLLM finishing its requests.
 FAKE_ENGINE = """\
-import os, signal, sys, time
+import os, signal, subprocess, sys, time
 assert sys.argv[1:3] == ["engine", "run"], sys.argv
 instance = sys.argv[3]
 if instance.startswith("fail-"):
     sys.exit(int(instance.split("-", 1)[1]))
+if instance == "forker":
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(f"worker pid {worker.pid}", flush=True)
 if instance == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 else:
@@ -138,6 +142,32 @@ async def test_stop_escalates_to_sigkill(make_units: MakeUnits, tmp_path: Path) 
     await units.wait_stopped("stubborn")
     assert process_start_time(status.main_pid) is None
     assert await units.list() == {}
+
+
+@pytest.mark.parametrize("readopted", [False, True])
+async def test_what_a_dead_engine_leaves_behind_is_killed(make_units: MakeUnits, tmp_path: Path,
+                                                          readopted: bool) -> None:
+    """A killed supervisor leaves vLLM running (holding its port and memory): like systemd with a unit's
+    cgroup, the back-end kills the rest of the engine's process group once its main process is gone."""
+    units = make_units()
+    await units.start("forker")
+    status = await wait_for(units, "forker", UnitState.ACTIVE)
+    assert status is not None
+    log = tmp_path / "log" / "forker.log"
+    await wait_ready(log)
+    worker = int(log.read_text().split("worker pid ")[1].split()[0])
+    assert process_start_time(worker) is not None
+    if readopted:  # the agent that started it is gone; a new one finds the engine by its pid file
+        units = make_units()
+    os.kill(status.main_pid, signal.SIGKILL)
+    failed = await wait_for(units, "forker", UnitState.FAILED)
+    assert failed is not None
+    assert failed.result == ("exited" if readopted else "signal:9")
+    for _ in range(100):
+        if process_start_time(worker) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert process_start_time(worker) is None, "the engine's child outlived it"
 
 
 async def test_recycled_pid_is_not_mistaken_for_the_engine(

@@ -212,7 +212,8 @@ def test_affinity_is_stable_across_calls(
     reps, inflight, loads, exclude = sit
     home = rendezvous_home([r for r in reps if r.endpoint not in exclude], key)
     first = pick_replica(reps, inflight, loads, exclude, turn1, key, policy)
-    if first == home:
+    # A hot home loses affinity and may still come first by its turn among equals: that pick may move.
+    if first == home and home is not None and not kv_cache_hot(loads.get(home.endpoint), policy):
         # The turn counter moves between calls; an affinity pick does not move with it.
         assert pick_replica(reps, inflight, loads, exclude, turn2, key, policy) == home
 

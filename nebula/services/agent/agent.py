@@ -11,21 +11,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from nebula.adapters.store import KeyValue, Store
 from nebula.adapters.units import EngineUnits, UnitState, UnitStatus
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
 from nebula.core.engine_spec import EngineSpec
-from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads
+from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads, parse_instance_name
 from nebula.core.phase import observe_phase
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
-from nebula.errors import PermanentError, TemporaryError, ValidationError
-from nebula.services.agent.sources import resolve_source
+from nebula.errors import TemporaryError, ValidationError
+from nebula.services.agent.metrics import AgentMetrics
+from nebula.services.agent.pulls import PullWorker
+from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
 from nebula.services.agent.specfiles import SpecFiles
 
 log = logging.getLogger("nebula.agent")
@@ -34,27 +36,10 @@ FAILURE_CHARS = 1500
 HealthCheck = Callable[[str], Awaitable[bool]]
 
 
-@dataclass(frozen=True)
-class AgentMetrics:
-    instances: Gauge
-    actions: Counter
-    passes: Counter
-
-    @staticmethod
-    def create(registry: CollectorRegistry) -> AgentMetrics:
-        return AgentMetrics(
-            instances=Gauge("nebula_agent_instances", "Instances on this node by phase", ["phase"],
-                            registry=registry),
-            actions=Counter("nebula_agent_actions_total", "Reconcile actions applied", ["action"],
-                            registry=registry),
-            passes=Counter("nebula_agent_reconcile_passes_total", "Reconcile passes run", registry=registry),
-        )
-
-
 class NodeAgent:
     def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sources: ModelSources | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -66,6 +51,9 @@ class NodeAgent:
         self.placements: dict[str, Placement] = {}
         self.placements_known = False
         self.wake = asyncio.Event()
+        self.sources = sources or build_sources(cfg.node, registry, on_change=self.wake.set, clock=clock)
+        self.pulls = PullWorker(node.name, store, self.sources)
+        self._fetching: dict[str, Fetching] = {}
         self.lease = 0
         self._reported: dict[str, InstanceStatus] = {}
         self._healthy: set[str] = set()
@@ -89,29 +77,52 @@ class NodeAgent:
         self.placements_known = True
         self.wake.set()
 
+    def on_pulls(self, items: Mapping[str, KeyValue]) -> None:
+        """mirror_prefix callback: the full set of this node's pull intents (`nebula pull`)."""
+        self.pulls.on_pulls(items)
+        self.wake.set()
+
+    def status_line(self) -> str:
+        """The agent unit's STATUS=: its instances, and the downloads in progress with their progress."""
+        return "; ".join([f"{len(self.placements)} instance(s)", *self.sources.progress_lines()])
+
     async def on_new_lease(self, lease: int) -> None:
         """Register (again) under a new lease: the node record and every instance state."""
         self.lease = lease
         await self.store.put(keys.node_key(self.node.name), dumps(self.node.to_dict()), lease=lease)
         self._reported.clear()
+        self.pulls.forget_reports()
         self.wake.set()
 
     # --- one pass -----------------------------------------------------------------------------------
     def desired(self) -> tuple[dict[str, EngineSpec], dict[str, str]]:
-        """Engine specs to run, and the instances that cannot run with the reason (shown as failed)."""
+        """Engine specs to run, and the instances that cannot run with the reason (shown as failed).
+
+        Instances whose weights are still downloading are neither: they are in `self._fetching`.
+        """
         specs: dict[str, EngineSpec] = {}
         blocked: dict[str, str] = {}
+        self._fetching = {}
         for inst, p in self.placements.items():
-            try:
-                source = resolve_source(p.model.source)
-            except PermanentError as e:
-                blocked[inst] = str(e)
+            res = self.sources.resolve(p.model.source, p.model.revision)
+            if isinstance(res, Broken):
+                blocked[inst] = res.message
                 continue
-            specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=source, port=p.port,
+            if isinstance(res, Fetching):
+                self._fetching[inst] = res
+                continue
+            specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=res.path, port=p.port,
                                      host=self.cfg.node.engine_host, task=p.model.task,
                                      max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
                                      gpu_indices=p.gpu_indices)
         return specs, blocked
+
+    async def advertise_cache(self) -> None:
+        """Keep the node record's list of cached sources current: the scheduler prefers nodes holding a model."""
+        cached = self.sources.cached()
+        if cached != self.node.cached:
+            self.node = replace(self.node, cached=cached)
+            await self.store.put(keys.node_key(self.node.name), dumps(self.node.to_dict()), lease=self.lease)
 
     async def reconcile_once(self) -> None:
         if not self.placements_known:
@@ -120,6 +131,9 @@ class NodeAgent:
             await self.forget_stale_instances()
             self._stale_forgotten = True
         desired, blocked = self.desired()
+        await self.pulls.step(self.lease)
+        self.sources.forget_unused({p.model.source_id for p in self.placements.values()} | self.pulls.source_ids())
+        await self.advertise_cache()
         units = dict(await self.units.list())
         files = self.specs.read_all()
         actual = {i: Actual(unit=units.get(i), spec=files.get(i)) for i in set(units) | set(files)}
@@ -152,6 +166,8 @@ class NodeAgent:
                 self.restart_book.failed(inst, now)
             lines = await self.units.recent_output(inst, FAILURE_LINES)
             self._failure_output[inst] = " | ".join(lines)[-FAILURE_CHARS:]
+            model = desired[inst].model if inst in desired else parse_instance_name(inst)[0]
+            self.metrics.failures.labels(model).inc()
             log.warning("engine %s failed (%s); last output: %s", inst, unit.result or "?",
                         self._failure_output[inst], extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
         for inst in list(self._failure_output):
@@ -191,11 +207,17 @@ class NodeAgent:
         out: dict[str, InstanceStatus] = {}
         for inst, p in self.placements.items():
             unit = units.get(inst)
-            phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy)
+            fetching = self._fetching.get(inst)
+            phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy,
+                                           downloading=fetching is not None)
+            if fetching is not None:
+                message = fetching.message
             if phase is Phase.FAILED and unit is not None and unit.state is UnitState.FAILED:
                 phase, message = self._failure_phase(inst, unit, message, now)
             endpoint = f"http://{self.node.address}:{p.port}"
             out[inst] = self._status(inst, p.model.name, phase, message, endpoint, p, unit, now)
+            if fetching is not None:
+                out[inst] = replace(out[inst], progress=fetching.progress)
         for inst, unit in units.items():
             if inst in out or unit.state not in (UnitState.DEACTIVATING, UnitState.ACTIVE, UnitState.ACTIVATING):
                 continue
@@ -245,9 +267,7 @@ class NodeAgent:
                 log.info("instance %s gone", inst, extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
                 await self.store.delete(keys.instance_key(inst))
                 del self._reported[inst]
-        self.metrics.instances.clear()
-        for phase in Phase:
-            self.metrics.instances.labels(phase.value).set(sum(1 for s in statuses.values() if s.phase is phase))
+        self.metrics.observe(statuses)
 
     async def forget_stale_instances(self) -> None:
         """Delete instance keys a previous run of this agent left for instances it no longer has."""
@@ -265,7 +285,8 @@ class NodeAgent:
         period = self.cfg.node.resync_s
         while True:
             try:
-                await self.reconcile_once()
+                with self.metrics.pass_seconds.time():
+                    await self.reconcile_once()
             except TemporaryError as e:
                 log.warning("reconcile pass failed, retrying: %s", e)
             try:
@@ -276,5 +297,6 @@ class NodeAgent:
 
     def _next_wait(self, period: float) -> float:
         # Poll fast while something is changing (starting, draining), so the gateways learn within ~1 s.
-        settling = any(s.phase in (Phase.PENDING, Phase.STARTING, Phase.DRAINING) for s in self._reported.values())
+        settling = any(s.phase in (Phase.PENDING, Phase.DOWNLOADING, Phase.STARTING, Phase.DRAINING)
+                       for s in self._reported.values()) or bool(self.sources.downloading())
         return min(period, 1.0) if settling else period

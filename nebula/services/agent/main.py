@@ -12,17 +12,20 @@ import aiohttp
 from aiohttp import web
 
 from nebula import __version__
-from nebula.adapters.nvml import read_gpus
+from nebula.adapters.nvml import GpuReading, read_gpus
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
 from nebula.adapters.units import EngineUnits
 from nebula.adapters.watching import LeaseKeeper, mirror_prefix
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
+from nebula.core.discovery import ServiceKind
 from nebula.core.model import Gpu, NodeRecord
 from nebula.services.agent.agent import NodeAgent
+from nebula.services.agent.gpus import GpuCollector, GpuSampler
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
+from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 
 log = logging.getLogger("nebula.agent")
@@ -43,20 +46,21 @@ def process_units(cfg: NebulaConfig, env: Mapping[str, str]) -> ProcessEngineUni
                               Path(cfg.node.state_dir) / "logs", env)
 
 
-def node_record(cfg: NebulaConfig) -> NodeRecord:
-    readings, note = read_gpus()
-    if note:
-        log.info("no GPUs reported: %s", note)
+def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...]) -> NodeRecord:
     gpus = tuple(Gpu(index=g.index, name=g.name, memory_total_mib=g.memory_total_mib,
                      memory_used_mib=g.memory_used_mib) for g in readings)
     return NodeRecord(name=node_name(cfg), address=cfg.node.address, port_min=cfg.node.port_min,
-                      port_max=cfg.node.port_max, gpus=gpus, agent_version=__version__)
+                      port_max=cfg.node.port_max, gpus=gpus, agent_version=__version__,
+                      labels={k: v for k, _, v in (label.partition("=") for label in cfg.node.labels)})
 
 
 async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
     async with service_context(cfg, env) as svc, aiohttp.ClientSession() as session:
         units = make_units(cfg, env)
-        node = node_record(cfg)
+        gpus = GpuSampler(read_gpus, node_name(cfg))
+        gpus.sample()  # the inventory for the node record; it logs why when there are no GPUs
+        svc.registry.register(GpuCollector(gpus))
+        node = node_record(cfg, gpus.readings)
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
                           EngineHealth(session, cfg.engine.health_timeout_s), svc.registry)
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
@@ -69,10 +73,15 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
             asyncio.create_task(keeper.run(), name="lease"),
             asyncio.create_task(mirror_prefix(svc.store, keys.node_placements_prefix(node.name),
                                               agent.on_placements), name="placements"),
+            asyncio.create_task(mirror_prefix(svc.store, keys.node_pulls_prefix(node.name), agent.on_pulls),
+                                name="pulls"),
             asyncio.create_task(agent.run(), name="reconcile"),
+            *([asyncio.create_task(gpus.run(cfg.node.gpu_sample_s), name="gpus")] if cfg.node.gpu_sample_s > 0 else []),
+            asyncio.create_task(keep_registered(svc.store, service_record(cfg, ServiceKind.NODE, node.name),
+                                                cfg.cluster.lease_ttl_s), name="registration"),
             asyncio.create_task(serve_until_cancelled(app, cfg.node.host, cfg.node.port, svc.notifier,
                                                       f"node agent {node.name}",
-                                                      lambda: f"{len(agent.placements)} instance(s)"), name="http"),
+                                                      agent.status_line), name="http"),
         ]
         try:
             await run_tasks_until(svc.stop, tasks)

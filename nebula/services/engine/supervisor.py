@@ -87,8 +87,9 @@ class EngineSupervisor:
     """Runs one vLLM child to completion; `run()` returns the supervisor's exit code."""
 
     def __init__(self, spec: EngineSpec, cfg: EngineConfig, notifier: Notifier, env: Mapping[str, str], *,
-                 cpu: bool) -> None:
+                 cpu: bool, otlp_endpoint: str = "") -> None:
         self._spec = spec
+        self._otlp_endpoint = otlp_endpoint
         self._cfg = cfg
         self._notifier = notifier
         self._env = env
@@ -113,7 +114,8 @@ class EngineSupervisor:
         self._stop.set()
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        argv, extra_env = vllm_command(self._spec, self._cfg, cpu=self._cpu)
+        argv, extra_env = vllm_command(self._spec, self._cfg, cpu=self._cpu,
+                                       otlp_endpoint=self._otlp_endpoint)
         self._log.info("starting engine: %s", " ".join(argv))
         self._notifier.notify(STATUS=f"starting {self._spec.model}")
         # stdout/stderr are inherited: vLLM's own output lands in the unit's journal.
@@ -129,8 +131,9 @@ class EngineSupervisor:
                 self._log.info("engine ready at %s", self._spec.endpoint)
                 outcome = await self._watch(exited, session)
             if outcome is ExitCode.ENGINE_FAILED:
-                self._log.error("engine exited unexpectedly with status %s", child.returncode)
-                return outcome
+                if exited.done():
+                    self._log.error("engine exited unexpectedly with status %s", child.returncode)
+                return outcome  # a hung engine is killed on the way out
             await self._drain(child, exited)
             return outcome
         finally:
@@ -168,13 +171,22 @@ class EngineSupervisor:
             interval = min(interval, self._notifier.watchdog_interval_s)
         url = f"{self._spec.endpoint}/health"
         healthy = True
+        loop = asyncio.get_running_loop()
+        unhealthy_since = loop.time()
+        # Without systemd's watchdog (the process back-end) nothing else would end a hung engine.
+        own_watchdog = self._notifier.watchdog_interval_s is None
         while True:
             ok = await check_health(session, url, min(self._cfg.health_timeout_s, interval))
             if ok:
                 self._notifier.notify(WATCHDOG=1)
             if ok != healthy:
                 healthy = ok
+                unhealthy_since = loop.time()
                 self._report_health(ok)
+            if not healthy and own_watchdog and loop.time() - unhealthy_since >= self._cfg.watchdog_s:
+                self._log.error("engine /health has not answered for %.0f s (engine.watchdog_s): killing it",
+                                self._cfg.watchdog_s)
+                return ExitCode.ENGINE_FAILED
             event = await self._pause(exited, interval)
             if event is not None:
                 return event
@@ -236,7 +248,8 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
             notifier.notify(STATUS=f"model source {spec.source} does not exist")
             return ExitCode.NO_SOURCE
         cpu = engine_on_cpu(cfg.engine.vllm_device, nvidia_device)
-        supervisor = EngineSupervisor(spec, cfg.engine, notifier, env, cpu=cpu)
+        supervisor = EngineSupervisor(spec, cfg.engine, notifier, env, cpu=cpu,
+                                      otlp_endpoint=cfg.tracing.otlp_endpoint)
         return asyncio.run(supervisor.run())
     finally:
         notifier.close()

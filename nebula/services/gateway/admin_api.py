@@ -9,7 +9,7 @@ admins racing never silently overwrite each other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -17,8 +17,10 @@ from aiohttp import web
 from nebula.adapters.store import KeyValue
 from nebula.core import keys
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, dumps, loads, validate_name
+from nebula.core.status import ModelStatus
 from nebula.errors import ValidationError
-from nebula.services.gateway.state import GATEWAY
+from nebula.services.gateway import pulls_api
+from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -44,16 +46,35 @@ def _instances(items: Iterable[KeyValue]) -> list[InstanceStatus]:
     return out
 
 
-def _model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus]) -> dict[str, Any]:
+def _model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],
+                pending: Mapping[str, str] | None = None) -> dict[str, Any]:
     mine = sorted((i for i in instances if i.model == name), key=lambda i: i.instance)
     return {
         "name": name,
         # None: the model was unloaded and some of its instances are still draining.
         "spec": spec.to_dict() if spec else None,
         "ready": sum(1 for i in mine if i.phase is Phase.READY),
+        # Why replicas fit nowhere (the scheduler's words), or None.
+        "pending_reason": (pending or {}).get(name) if spec else None,
         "instances": [{"instance": i.instance, "phase": i.phase.value, "node": i.node, "endpoint": i.endpoint,
-                       "message": i.message, "since": i.since, "restarts": i.restarts} for i in mine],
+                       "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress}
+                      for i in mine],
     }
+
+
+async def _pending(st: GatewayState, name: str | None = None) -> dict[str, str]:
+    """Pending reasons by model, as the scheduler leader wrote them (all, or the one of `name`)."""
+    items = ((await st.store.list_prefix(keys.MODEL_STATUS)).items if name is None
+             else [kv for kv in [await st.store.get(keys.model_status_key(name))] if kv is not None])
+    out: dict[str, str] = {}
+    for kv in items:
+        try:
+            status = ModelStatus.from_dict(loads(kv.value))
+        except ValidationError as e:
+            log.warning("invalid model status %s: %s", kv.key, e)
+            continue
+        out[status.model] = status.pending
+    return out
 
 
 async def _read_json(request: web.Request) -> object:
@@ -87,8 +108,9 @@ async def list_models(request: web.Request) -> web.Response:
     specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := _parse_spec(kv))}
     instances = _instances((await st.store.list_prefix(keys.INSTANCES)).items)
     names = sorted(set(specs) | {i.model for i in instances})
+    pending = await _pending(st)
     return web.json_response({"object": "list",
-                              "data": [_model_json(n, specs.get(n), instances) for n in names]})
+                              "data": [_model_json(n, specs.get(n), instances, pending) for n in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -99,7 +121,7 @@ async def get_model(request: web.Request) -> web.Response:
     instances = [i for i in _instances((await st.store.list_prefix(keys.INSTANCES)).items) if i.model == name]
     if spec is None and not instances:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
-    return web.json_response(_model_json(name, spec, instances))
+    return web.json_response(_model_json(name, spec, instances, await _pending(st, name)))
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -158,4 +180,5 @@ def routes() -> list[web.RouteDef]:
         web.patch("/v1/admin/models/{name}", scale_model),
         web.get("/v1/admin/nodes", list_nodes),
         web.get("/v1/admin/replicas", list_replicas),
+        *pulls_api.routes(),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -14,15 +15,20 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.store import Store
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
-from nebula.core.config import GatewayConfig, NebulaConfig
+from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
-from nebula.services.gateway import admin_api, openai_api
-from nebula.services.gateway.auth import Authenticator, auth_middleware
+from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
+from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
+from nebula.services.gateway.exchange import add_request_id_header
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
 from nebula.services.gateway.metrics import GatewayMetrics
+from nebula.services.gateway.model_metrics import ModelCollector
+from nebula.services.gateway.openapi import openapi_route
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.state import GATEWAY, GatewayState, engine_timeout
+from nebula.services.gateway.tls import server_ssl_context
+from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
 from nebula.services.http.errors import error_middleware
 from nebula.services.http.relay import new_session
@@ -43,14 +49,14 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
-                      clock: Clock = time.monotonic) -> web.Application:
-    """The gateway app. Its mirrors of models and instances, the engine load poll and its HTTP session
-    live in cleanup_ctx; an injected `http_session` is used as is and left open."""
+                      clock: Clock = time.monotonic, tracing: TracingConfig | None = None) -> web.Application:
+    """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session and
+    its span exporter live in cleanup_ctx; an injected `http_session` is used as is and left open."""
     view = ClusterView()
     # A sample outlives a few failed polls (see load.py), not more: past that it describes another moment.
     loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
     table = ReplicaTable(load_policy(cfg), loads)
-    auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes)
+    auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock)
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          timeout=engine_timeout(cfg), session=http_session)
@@ -58,7 +64,16 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
     app[GATEWAY] = state
+    registry.register(ModelCollector(view, table))
+    app.on_response_prepare.append(add_request_id_header)
 
+    async def tracer_ctx(_: web.Application) -> AsyncIterator[None]:
+        state.tracer = RequestTracer.create(tracing, "nebula-gateway") if tracing is not None else None
+        yield
+        if state.tracer is not None:
+            await state.tracer.shutdown()
+
+    app.cleanup_ctx.append(tracer_ctx)
     async def session_ctx(_: web.Application) -> AsyncIterator[None]:
         if http_session is not None:
             yield
@@ -72,12 +87,15 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                                       "gateway-models-watch"))
     app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.INSTANCES, table.update),
                                       "gateway-instances-watch"))
+    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.APIKEYS, auth.update_keys),
+                                      "gateway-apikeys-watch"))
     if cfg.load_poll_s > 0:
         # After session_ctx: the poll uses the session, and cleanup stops the poll before closing it.
         app.cleanup_ctx.append(background(
             lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
             "gateway-load-poll"))
-    app.add_routes(openai_api.routes() + admin_api.routes())
+    app.add_routes(openai_api.routes() + admin_api.routes() + status_api.routes() + keys_api.routes()
+                   + discovery.routes() + [openapi_route()])
     app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
     return app
 
@@ -85,5 +103,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
                         notifier: Notifier) -> None:
     """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening)."""
-    app = build_gateway_app(cfg.gateway, store, registry)
-    await serve_until_cancelled(app, cfg.gateway.host, cfg.gateway.port, notifier, "gateway")
+    # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
+    gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
+                 + read_digest_file(cfg.gateway.admin_key_digest_file))
+    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
+    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=server_ssl_context(gw))

@@ -1,28 +1,48 @@
-"""API keys: bearer tokens checked against configured SHA-256 digests.
+"""API keys at the gateway: who may call what, and how much.
 
-Two scopes. Admin keys open everything; inference keys open the OpenAI endpoints only, never the admin
-API. A scope with no configured keys is open (the config documents that the admin API should then stay
-on loopback). Only digests are kept, and they are compared in constant time.
+Keys come from two places, used together: SHA-256 digests in the config (`gateway.admin_key_hashes`,
+`gateway.api_key_hashes`, and the bootstrap admin key's digest file written at install), and records in
+etcd under /nebula/apikeys/ (created and revoked through the admin API), mirrored here by a watch. While
+no key exists anywhere the gateway is open (meant for loopback); once one exists (a damaged record in etcd
+counts), every path but /healthz and /metrics needs a key. Scopes: inference keys open the OpenAI
+endpoints, admin keys the admin API; a key with the wrong scope gets 403, an unknown one 401.
+
+Per request this is one SHA-256 and one dict lookup by digest. The lookup need not be constant-time: at
+worst its timing tells an attacker something about stored *digests*, and a digest is useless without a
+token that hashes to it (a preimage of SHA-256); the token itself is never compared with anything.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from nebula.services.http.errors import ApiError, Handler
+from nebula.adapters.store import KeyValue
+from nebula.core import keys
+from nebula.core.apikeys import DIGEST_RE, KeyRecord, KeyScope, digest
+from nebula.core.limits import Clock, Limiter
+from nebula.core.model import loads
+from nebula.errors import ConfigError, ValidationError
+from nebula.services.http.errors import ApiError, Handler, unavailable
+
+log = logging.getLogger(__name__)
 
 ADMIN_PREFIXES = ("/v1/admin/", "/v1/models/load")
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+ANY_KEY_PATHS = frozenset({"/openapi.json"})
+
+# The key a request was authenticated with (absent while the gateway is open).
+API_KEY = web.RequestKey("nebula_api_key", KeyRecord)
 
 
 class Scope(enum.Enum):
     OPEN = "open"
+    ANY_KEY = "any_key"
     INFERENCE = "inference"
     ADMIN = "admin"
 
@@ -32,45 +52,109 @@ def scope_of(path: str) -> Scope:
         return Scope.OPEN
     if path.startswith(ADMIN_PREFIXES) or path == "/v1/admin":
         return Scope.ADMIN
+    if path in ANY_KEY_PATHS:
+        return Scope.ANY_KEY
     return Scope.INFERENCE
 
 
-def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def _config_records(admin_hashes: Iterable[str], api_hashes: Iterable[str]) -> dict[str, KeyRecord]:
+    # Config admin keys open everything, as they always did; their ids cannot collide with stored ones.
+    out: dict[str, KeyRecord] = {}
+    for h in api_hashes:
+        h = h.lower()
+        out[h] = KeyRecord(id=f"config:{h[:12]}", name="config api key", digest=h,
+                           scopes=frozenset({KeyScope.INFERENCE}))
+    for h in admin_hashes:
+        h = h.lower()
+        out[h] = KeyRecord(id=f"config:{h[:12]}", name="config admin key", digest=h,
+                           scopes=frozenset({KeyScope.INFERENCE, KeyScope.ADMIN}))
+    return out
 
 
-def _matches(token_digest: str, hashes: Iterable[str]) -> bool:
-    # Compare against every digest (no early exit) so timing does not tell which or how many matched.
-    found = False
-    for h in hashes:
-        found |= hmac.compare_digest(token_digest, h)
-    return found
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 class Authenticator:
-    def __init__(self, admin_hashes: Iterable[str], api_hashes: Iterable[str]) -> None:
-        self._admin = tuple(h.lower() for h in admin_hashes)
-        self._api = tuple(h.lower() for h in api_hashes)
+    def __init__(self, admin_hashes: Iterable[str], api_hashes: Iterable[str], clock: Clock) -> None:
+        self._config = _config_records(admin_hashes, api_hashes)
+        self._stored: dict[str, KeyRecord] = {}  # id -> record, as the mirror of /nebula/apikeys/ last saw it
+        # This gateway's own writes, applied before its mirror sees them, so a created key works and a
+        # revoked one stops at once here (other gateways follow within their watch's delay).
+        self._created: dict[str, KeyRecord] = {}
+        self._revoked: set[str] = set()
+        self._by_digest: dict[str, KeyRecord] = dict(self._config)
+        self._warned: set[tuple[str, int]] = set()
+        self._any_stored = False  # a record exists, valid or not: a damaged key record must not open the gateway
+        self.synced = False  # the mirror delivered its first listing: "no such key" is then the truth
+        self.limiter = Limiter(clock)
 
-    def check(self, scope: Scope, authorization: str | None) -> None:
-        """Raise ApiError 401 (no or unknown key) or 403 (an inference key on the admin API)."""
+    # --- the key set -------------------------------------------------------------------------------------
+
+    def update_keys(self, items: Mapping[str, KeyValue]) -> None:
+        """The mirror's callback: the full content of /nebula/apikeys/."""
+        stored: dict[str, KeyRecord] = {}
+        for key, kv in items.items():
+            try:
+                record = KeyRecord.from_dict(loads(kv.value))
+                if keys.apikey_key(record.id) != key:
+                    raise ValidationError("id", f"'{record.id}' does not match its key")
+            except ValidationError as e:
+                if (key, kv.mod_revision) not in self._warned:
+                    self._warned.add((key, kv.mod_revision))
+                    log.warning("ignoring invalid API key record %s: %s", key, e)
+                continue
+            stored[record.id] = record
+        self._stored = stored
+        self._any_stored = bool(items)
+        self._created = {i: r for i, r in self._created.items() if i not in stored}
+        self._revoked &= set(stored)
+        self.synced = True
+        self._rebuild()
+
+    def created(self, record: KeyRecord) -> None:
+        self._created[record.id] = record
+        self._rebuild()
+
+    def revoked(self, key_id: str) -> None:
+        self._revoked.add(key_id)
+        self._created.pop(key_id, None)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        live = [r for r in (self._stored | self._created).values() if r.id not in self._revoked]
+        by_digest = {r.digest: r for r in live}
+        by_digest.update(self._config)  # a config key wins: the config is the operator's last word
+        self._by_digest = by_digest
+        self.limiter.keep_only(r.id for r in live)
+
+    def config_keys(self) -> list[KeyRecord]:
+        return sorted(self._config.values(), key=lambda r: r.id)
+
+    # --- per request -------------------------------------------------------------------------------------
+
+    def authenticate(self, scope: Scope, authorization: str | None) -> KeyRecord | None:
+        """The key's record, or None while the gateway is open. Raises ApiError 401 (no or unknown key),
+        403 (the key's scopes do not cover the path), 503 (stored keys not loaded yet: fail closed)."""
         if scope is Scope.OPEN:
-            return
-        needed = self._admin if scope is Scope.ADMIN else self._api
-        if not needed:
-            return
+            return None
         token = _bearer(authorization)
+        record = self._by_digest.get(digest(token)) if token is not None else None
+        if record is not None:
+            if scope is Scope.ADMIN and KeyScope.ADMIN not in record.scopes:
+                raise ApiError(403, "this API key may not use the admin API", code="insufficient_scope")
+            if scope is Scope.INFERENCE and KeyScope.INFERENCE not in record.scopes:
+                raise ApiError(403, "this API key is for the admin API only", code="insufficient_scope")
+            return record
+        if token is None and self._config:
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        if not self.synced:
+            raise unavailable("the gateway has not loaded its API keys yet; retry shortly", code="keys_not_loaded")
+        if not self._by_digest and not self._any_stored:
+            return None
         if token is None:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        d = digest(token)
-        if _matches(d, self._admin):
-            return
-        if scope is Scope.INFERENCE and _matches(d, self._api):
-            return
-        if scope is Scope.ADMIN and _matches(d, self._api):
-            raise ApiError(403, "this API key may not use the admin API", code="insufficient_scope")
-        raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise _unauthorized("invalid API key")
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -82,11 +166,75 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def auth_middleware(auth: Authenticator) -> Middleware:
-    """Checks the key before any handler runs; sits inside error_middleware, which shapes its errors."""
+    """Checks the key and its limits before any handler runs; sits inside error_middleware, which shapes
+    its errors. A limited key's slot is held until the handler returns, which for a streamed answer is
+    when its last byte went out, and also when the client goes away (the handler is cancelled)."""
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        auth.check(scope_of(request.path), request.headers.get("Authorization"))
-        return await handler(request)
+        record = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"))
+        if record is None:
+            return await handler(request)
+        request[API_KEY] = record
+        if record.limits.unlimited:
+            return await handler(request)
+        refusal = auth.limiter.admit(record.id, record.limits)
+        if refusal is not None:
+            raise ApiError(429, refusal.message, code=f"{refusal.reason}_limit_exceeded",
+                           headers={"Retry-After": str(refusal.retry_after_s)})
+        try:
+            return await handler(request)
+        finally:
+            auth.limiter.release(record.id)
 
     return check_key
+
+
+# --- for the handlers -----------------------------------------------------------------------------------
+
+def request_key(request: web.Request) -> KeyRecord | None:
+    """The key `request` was authenticated with; None while the gateway is open (no keys anywhere)."""
+    return request.get(API_KEY)
+
+
+def model_allowed(record: KeyRecord | None, model: str) -> bool:
+    return record is None or record.allows_model(model)
+
+
+def check_model_allowed(record: KeyRecord | None, model: str) -> None:
+    """403 in the OpenAI shape when the key is restricted to other models."""
+    if not model_allowed(record, model):
+        raise ApiError(403, f"this API key may not use the model '{model}'", param="model",
+                       code="model_not_allowed")
+
+
+# --- the bootstrap admin key ----------------------------------------------------------------------------
+
+_DIGEST_FILE = "gateway.admin_key_digest_file"
+
+
+def read_digest_file(path: str) -> tuple[str, ...]:
+    """Digests from a file like `sha256sum` writes (`<hex>  -`), one per line; '#' comments allowed.
+
+    A missing file (or an empty path) is no keys; an unreadable or malformed one stops the gateway, since
+    starting without a key the operator counted on could leave it open.
+    """
+    if not path:
+        return ()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(_DIGEST_FILE, f"{_DIGEST_FILE}: {path}: cannot read: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if not DIGEST_RE.fullmatch(words[0].lower()):
+            raise ConfigError(_DIGEST_FILE, f"{_DIGEST_FILE}: {path}:{n}: not a SHA-256 hex digest "
+                              "(write one with `sha256sum`)")
+        out.append(words[0].lower())
+    return tuple(out)

@@ -20,20 +20,19 @@ from aiohttp import web
 from yarl import URL
 
 from nebula.core.routing import Replica
+from nebula.services.gateway.exchange import Exchange
 from nebula.services.gateway.state import GatewayState
 from nebula.services.http.errors import ApiError, unavailable
-from nebula.services.http.relay import forward_headers, relay
+from nebula.services.http.relay import RelayStats, UpstreamBroke, relay
 
 log = logging.getLogger(__name__)
 
 # Statuses an engine gives while it cannot take the request at all (starting, shutting down, overloaded
 # proxy in front of it): safe to try elsewhere because the engine did no work.
 RETRY_STATUSES = frozenset({502, 503})
-# The body is always the client's JSON, whatever Content-Type the client claimed.
-_JSON = {"Content-Type": "application/json"}
 
 # What to make of the engine's committed response: relay it (the default) or rewrite it.
-Respond = Callable[[web.Request, aiohttp.ClientResponse], Awaitable[web.StreamResponse]]
+Respond = Callable[[web.Request, aiohttp.ClientResponse, RelayStats], Awaitable[web.StreamResponse]]
 
 
 async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | None, first: bool
@@ -47,36 +46,40 @@ async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | Non
     return replica
 
 
-async def forward(request: web.Request, st: GatewayState, model: str, body: bytes, prefix: str | None,
-                  respond: Respond = relay) -> web.StreamResponse:
-    """POST `body` to request.path_qs on a replica of `model` and answer with `respond` (the relay).
+async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: bytes, headers: dict[str, str],
+                  prefix: str | None, respond: Respond = relay) -> web.StreamResponse:
+    """POST `body` with `headers` to request.path_qs on a replica of `ex.model` and answer with `respond`.
 
-    `prefix` is the request's affinity key (routing.prefix_key), None for none. A replica that refuses the
+    `prefix` is the request's affinity key (routing.prefix_key), None for none; `ex` records the replica
+    that answered, the attempts and (through the relay) the body's timing. A replica that refuses the
     connection, or dies before its response starts, is replaced by another: nothing reached the client yet, and
     an inference request has no effect beyond its answer, so replaying it is safe. Raises ApiError 503 (with
     Retry-After) when no replica could take it, 504 on upstream_timeout_s, 502 when every try failed so.
     """
-    headers = forward_headers(request.headers, _JSON)
+    model = ex.model
     tried: set[str] = set()
     failed_midway = ""
     for attempt in range(st.cfg.max_attempts):
         replica = await _pick(st, model, tried, prefix, attempt == 0)
         if replica is None:
             break
+        ex.replica, ex.attempts = replica.instance, attempt + 1
         st.routing.picks(model, replica.instance).inc()
         url = URL(replica.endpoint + request.path_qs, encoded=True)
         with st.table.track(replica):
             try:
                 upstream = await st.http().post(url, data=body, headers=headers, timeout=st.timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-                log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e)
+                log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e,
+                         extra=ex.log_fields())
                 st.routing.retries(model, "connect").inc()
                 tried.add(replica.endpoint)
                 continue
             except TimeoutError:
                 raise ApiError(504, "the model did not answer in time", code="timeout") from None
             except aiohttp.ClientError as e:
-                log.warning("replica %s failed before answering, trying another: %r", replica.instance, e)
+                log.warning("replica %s failed before answering, trying another: %r", replica.instance, e,
+                            extra=ex.log_fields())
                 st.routing.retries(model, "disconnect").inc()
                 tried.add(replica.endpoint)
                 failed_midway = replica.instance
@@ -84,11 +87,21 @@ async def forward(request: web.Request, st: GatewayState, model: str, body: byte
             async with upstream:
                 if (upstream.status in RETRY_STATUSES and attempt + 1 < st.cfg.max_attempts
                         and st.table.has_candidate(model, tried | {replica.endpoint})):
-                    log.info("replica %s answered %d, trying another", replica.instance, upstream.status)
+                    log.info("replica %s answered %d, trying another", replica.instance, upstream.status,
+                             extra=ex.log_fields())
                     st.routing.retries(model, str(upstream.status)).inc()
                     tried.add(replica.endpoint)
                     continue
-                return await respond(request, upstream)
+                try:
+                    return await respond(request, upstream, ex.stats)
+                except UpstreamBroke as e:
+                    # Its body broke off before anything went to the client: as good as no answer.
+                    log.warning("replica %s broke off its answer, trying another: %s", replica.instance, e,
+                                extra=ex.log_fields())
+                    st.routing.retries(model, "broken").inc()
+                    tried.add(replica.endpoint)
+                    failed_midway = replica.instance
+                    continue
     st.routing.no_replica(model).inc()
     if failed_midway:
         raise ApiError(502, f"replica {failed_midway} failed before answering and no other could take the request",

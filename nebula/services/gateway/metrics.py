@@ -13,6 +13,10 @@ from prometheus_client.metrics import MetricWrapperBase
 
 # Inference latency spans milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Time to first token: tens of milliseconds on an idle GPU, tens of seconds behind a long queue.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+# Gap between streamed tokens: a few ms (small models) to a few hundred (large ones under load).
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -44,6 +48,13 @@ class GatewayMetrics:
         self.latency = Children(Histogram(
             "nebula_gateway_request_duration_seconds", "Time from request to the last byte of the response.",
             ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry))
+        self.ttft = Children(Histogram(
+            "nebula_gateway_ttft_seconds", "Time from request to the first byte of the engine's answer (for a "
+            "stream: its first token), chat and completions only.", ["model", "endpoint"], buckets=TTFT_BUCKETS,
+            registry=registry))
+        self.itl = Children(Histogram(
+            "nebula_gateway_inter_token_latency_seconds", "Mean gap between the streamed events of one response "
+            "(one observation per stream).", ["model", "endpoint"], buckets=ITL_BUCKETS, registry=registry))
         self.inflight = Children(Gauge(
             "nebula_gateway_inflight_requests", "Inference requests being served.", ["endpoint"],
             registry=registry))

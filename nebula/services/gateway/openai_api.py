@@ -7,6 +7,7 @@ goes on is the client's own bytes, so fields the gateway does not know reach the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 
@@ -15,28 +16,42 @@ from aiohttp import web
 
 from nebula.core.model import Task, loads
 from nebula.core.routing import prefix_key
-from nebula.services.gateway.forward import forward
-from nebula.services.gateway.state import GATEWAY
+from nebula.errors import ValidationError
+from nebula.services.gateway.auth import check_model_allowed, model_allowed, request_key
+from nebula.services.gateway.exchange import REQUEST_ID_HEADER, Exchange, request_id
+from nebula.services.gateway.forward import Respond, forward
+from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
-from nebula.services.http.relay import relay
+from nebula.services.http.relay import RelayStats, forward_headers, relay
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
+# The body is always the client's JSON, whatever Content-Type the client claimed.
+_JSON = {"Content-Type": "application/json"}
 
 
 def _inference(endpoint: Endpoint) -> Handler:
     path = endpoint.path
+    span_name = f"POST /v1/{path}"
+    generative = endpoint.task is Task.GENERATE
 
     async def handle(request: web.Request) -> web.StreamResponse:
         st = request.app[GATEWAY]
-        label, status = "unknown", 500
+        status = 500
         started = time.monotonic()
+        ex = Exchange(request_id(request), "unknown")
+        streaming = False
+        span = None
         inflight = st.metrics.inflight(path)
         inflight.inc()
         try:
             raw = await request.read()
             body = loads(raw)
             model = check_request(endpoint, body)
+            # Before the lookup: a key restricted to other models learns nothing about which exist.
+            check_model_allowed(request_key(request), model)
             spec = st.view.models.get(model)
             if spec is None and not st.view.models_synced:
                 # Started while the store is unreachable: "unknown model" would be a lie.
@@ -45,41 +60,70 @@ def _inference(endpoint: Endpoint) -> Handler:
             if spec is None:
                 raise ApiError(404, f"The model '{model}' does not exist or is not loaded", param="model",
                                code="model_not_found")
-            label = model
+            ex.model = model
             if spec.task is not endpoint.task:
                 raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
                                f"/v1/{path} needs a '{endpoint.task.value}' model",
                                param="model", code="model_not_supported")
-            # The key keeps a conversation on one replica's prefix cache (check_request proved body a dict).
-            prefix = prefix_key(body) if endpoint.task is Task.GENERATE and isinstance(body, dict) else None
-            respond = relay
+            # check_request proved body a dict.
+            streaming = isinstance(body, dict) and body.get("stream") is True
+            # The key keeps a conversation on one replica's prefix cache.
+            prefix = prefix_key(body) if generative and isinstance(body, dict) else None
+            respond: Respond = relay
             if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
                 respond = _rerank_without_documents
-            resp = await forward(request, st, model, raw, prefix, respond)
+            # vLLM takes X-Request-ID as its own request id, so its logs name the same request.
+            headers = forward_headers(request.headers, {**_JSON, REQUEST_ID_HEADER: ex.request_id})
+            if st.tracer is not None:
+                span = st.tracer.start(span_name, request.headers, headers,
+                                       {"nebula.model": model, "nebula.request_id": ex.request_id})
+            resp = await forward(request, st, ex, raw, headers, prefix, respond)
             status = resp.status
             return resp
         except (ApiError, web.HTTPException) as e:
             status = e.status
+            raise
+        except ValidationError:
+            status = 400  # error_middleware answers it so
             raise
         except (asyncio.CancelledError, ConnectionResetError):
             status = CLIENT_CLOSED
             raise
         finally:
             inflight.dec()
-            st.metrics.requests(label, path, str(status)).inc()
-            st.metrics.latency(label, path).observe(time.monotonic() - started)
+            _observe(st, path, ex, started, status, generative, streaming)
+            if span is not None and st.tracer is not None:
+                st.tracer.finish(span, status, ex.replica, ex.attempts)
 
     return handle
 
 
-async def _rerank_without_documents(request: web.Request, upstream: aiohttp.ClientResponse
-                                    ) -> web.StreamResponse:
+def _observe(st: GatewayState, path: str, ex: Exchange, started: float, status: int, generative: bool,
+             streaming: bool) -> None:
+    model = ex.model
+    st.metrics.requests(model, path, str(status)).inc()
+    elapsed = time.monotonic() - started
+    st.metrics.latency(model, path).observe(elapsed)
+    stats = ex.stats
+    if generative and stats.first_chunk_at and status == 200:
+        st.metrics.ttft(model, path).observe(stats.first_chunk_at - started)
+        if streaming and stats.complete and stats.events >= 3:
+            st.metrics.itl(model, path).observe((stats.last_chunk_at - stats.first_chunk_at) / (stats.events - 1))
+    access_log = st.cfg.access_log
+    if access_log == "all" or (access_log == "errors" and status >= 500):
+        log.log(logging.WARNING if status >= 500 else logging.INFO,
+                "POST /v1/%s model=%s status=%d %.3fs replica=%s attempts=%d", path, model, status, elapsed,
+                ex.replica or "-", ex.attempts, extra={**ex.log_fields(), "NEBULA_STATUS": status})
+
+
+async def _rerank_without_documents(request: web.Request, upstream: aiohttp.ClientResponse,
+                                    stats: RelayStats) -> web.StreamResponse:
     """Cohere/Jina `return_documents: false`, which vLLM does not implement: drop the echoed documents.
 
     The one response the gateway rewrites; rerank answers are small and never streamed.
     """
     if upstream.status != 200:
-        return await relay(request, upstream)
+        return await relay(request, upstream, stats)
     try:
         payload = await upstream.json(content_type=None)
     except TimeoutError:
@@ -96,7 +140,9 @@ async def _rerank_without_documents(request: web.Request, upstream: aiohttp.Clie
 async def _list_models(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     phases = st.table.phases()
-    data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())]
+    key = request_key(request)
+    data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())
+            if model_allowed(key, name)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -104,7 +150,7 @@ async def _get_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     name = request.match_info["name"]
     spec = st.view.models.get(name)
-    if spec is None:
+    if spec is None or not model_allowed(request_key(request), name):
         raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
     return web.json_response(st.view.model_entry(spec, st.table.phases().get(name, Counter())))
 

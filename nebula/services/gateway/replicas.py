@@ -55,6 +55,7 @@ class ReplicaTable:
         self._statuses = statuses
         self._models = frozenset(st.model for st in statuses.values())
         self._ready = ready_replicas(statuses.values())
+        self.loads.assign_models({r.endpoint: r.model for reps in self._ready.values() for r in reps})
         self.synced = True
         # Wake everything waiting for a replica, then arm a fresh event for the next change.
         self._changed.set()

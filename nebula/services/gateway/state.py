@@ -15,6 +15,7 @@ from nebula.services.gateway.load import Clock
 from nebula.services.gateway.metrics import GatewayMetrics
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
+from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
 
 
@@ -38,6 +39,8 @@ class GatewayState:
     timeout: aiohttp.ClientTimeout
     # Opened in the app's cleanup_ctx (a session belongs to a running loop), or injected by the caller.
     session: aiohttp.ClientSession | None = field(default=None)
+    # None unless [tracing] otlp_endpoint is set.
+    tracer: RequestTracer | None = field(default=None)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:

@@ -7,10 +7,14 @@ content is never re-encoded (the client session does not decompress).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +62,36 @@ def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None 
     return out
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+# Bodies of known length up to this size are relayed whole (see _relay_whole); larger ones stream.
+WHOLE_BODY_MAX = 1 << 20
+
+
+class UpstreamBroke(Exception):
+    """The engine's answer broke off before its whole body arrived (nothing was sent to the client yet)."""
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What a relay saw of the body, for latency metrics: monotonic times of the first and last chunk and the
+    number of SSE events (`data:` lines), which for a token stream is the number of token deltas plus one or
+    two (usage, [DONE]). Counting is one bytes.count per chunk; nothing is parsed."""
+
+    first_chunk_at: float = 0.0
+    last_chunk_at: float = 0.0
+    events: int = 0
+    complete: bool = False
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
+                stats: RelayStats | None = None) -> web.StreamResponse:
     """Send `upstream`'s status, headers and body to the client as they arrive.
 
     An upstream failure mid-body aborts the client connection rather than ending the response
     cleanly, so the client sees a truncated response as an error and not as a complete one.
     """
+    length = upstream.content_length
+    if length is not None and length <= WHOLE_BODY_MAX:
+        return await _relay_whole(request, upstream, stats)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for k, v in upstream.headers.items():
         if k.lower() not in _SKIP_RESPONSE:
@@ -79,9 +107,38 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.S
             return resp
         if not chunk:
             break
+        if stats is not None:
+            now = time.monotonic()
+            if not stats.first_chunk_at:
+                stats.first_chunk_at = now
+            stats.last_chunk_at = now
+            stats.events += chunk.count(b"data:")
         try:
             await resp.write(chunk)
         except ConnectionResetError:
             return resp  # the client went away; leaving the block releases the upstream connection
     await resp.write_eof()
+    if stats is not None:
+        stats.complete = True
+    return resp
+
+
+async def _relay_whole(request: web.Request, upstream: aiohttp.ClientResponse,
+                       stats: RelayStats | None) -> web.StreamResponse:
+    """A small body of known length (every non-streamed answer): read it whole, then send headers and body
+    in one write, where streaming it would cost a write (a syscall) for the headers and one per chunk."""
+    try:
+        body = await upstream.read()
+    except TimeoutError:
+        raise ApiError(504, "the model did not answer in time", code="timeout") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamBroke(repr(e)) from e
+    if stats is not None:
+        stats.first_chunk_at = stats.last_chunk_at = time.monotonic()
+        stats.complete = True
+    resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+    for k, v in upstream.headers.items():
+        low = k.lower()
+        if low not in _SKIP_RESPONSE and low != "content-length":
+            resp.headers.add(k, v)
     return resp

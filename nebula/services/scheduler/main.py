@@ -11,6 +11,8 @@ from aiohttp import web
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
+from nebula.core.discovery import ServiceKind
+from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 from nebula.services.scheduler.scheduler import Scheduler
 
@@ -28,6 +30,8 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
             asyncio.create_task(mirror_prefix(svc.store, keys.NODES, sched.on_nodes), name="nodes"),
             asyncio.create_task(mirror_prefix(svc.store, keys.PLACEMENTS, sched.on_placements), name="placements"),
             asyncio.create_task(sched.run(), name="leadership"),
+            asyncio.create_task(keep_registered(svc.store, service_record(cfg, ServiceKind.SCHEDULER, node_name(cfg)),
+                                                cfg.cluster.lease_ttl_s), name="registration"),
             asyncio.create_task(serve_until_cancelled(
                 app, cfg.scheduler.host, cfg.scheduler.port, svc.notifier, f"scheduler {identity}",
                 lambda: "leader" if sched.is_leader else "standby"), name="http"),

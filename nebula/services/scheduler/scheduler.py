@@ -11,36 +11,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from nebula.adapters.store import KeyValue, LeaseLostError, Store
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
 from nebula.core.placement import diff_placements, place
 from nebula.errors import TemporaryError, ValidationError
+from nebula.services.scheduler.metrics import SchedulerMetrics
+from nebula.services.scheduler.pending import PendingReporter
 
 log = logging.getLogger("nebula.scheduler")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SchedulerMetrics:
-    leader: Gauge
-    pending: Gauge
-    pass_seconds: Histogram
-
-    @staticmethod
-    def create(registry: CollectorRegistry) -> SchedulerMetrics:
-        return SchedulerMetrics(
-            leader=Gauge("nebula_scheduler_leader", "1 while this scheduler leads", registry=registry),
-            pending=Gauge("nebula_scheduler_pending_models", "Models with replicas that fit nowhere",
-                          registry=registry),
-            pass_seconds=Histogram("nebula_scheduler_pass_seconds", "Duration of one placement pass",
-                                   registry=registry),
-        )
 
 
 def _parse_all(items: Mapping[str, KeyValue], parse: Callable[[object], T]) -> list[T]:
@@ -63,7 +47,6 @@ class Scheduler:
         self.node_grace_s = node_grace_s
         self.resync_s = resync_s
         self.clock = clock
-        self.metrics = SchedulerMetrics.create(registry)
         self.models: dict[str, ModelSpec] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.placements: dict[str, Placement] = {}
@@ -72,6 +55,9 @@ class Scheduler:
         self.seen: set[str] = set()
         self.wake = asyncio.Event()
         self.is_leader = False
+        self.pending_report = PendingReporter(store)
+        self._lease = 0
+        self.metrics = SchedulerMetrics.create(registry, self, clock)
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_models(self, items: Mapping[str, KeyValue]) -> None:
@@ -117,7 +103,6 @@ class Scheduler:
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
                             extra={"NEBULA_MODEL": model})
         self.pending = dict(result.pending)
-        self.metrics.pending.set(len(self.pending))
         return diff_placements(self.placements, result.placements)
 
     async def schedule_once(self) -> None:
@@ -129,10 +114,13 @@ class Scheduler:
                 log.info("removing placement %s from %s", p.instance, p.node,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node})
                 await self.store.delete(keys.placement_key(p.node, p.instance))
+                self.metrics.changes.labels("delete").inc()
             for p in to_write:
                 log.info("placing %s on %s port %d", p.instance, p.node, p.port,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node, "NEBULA_MODEL": p.model.name})
                 await self.store.put(keys.placement_key(p.node, p.instance), dumps(p.to_dict()))
+                self.metrics.changes.labels("write").inc()
+            await self.pending_report.sync(self.pending, self._lease)
 
     # --- leadership ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -151,15 +139,19 @@ class Scheduler:
 
     async def _lead(self, lease: int) -> None:
         self._set_leader(True)
+        self._lease = lease
+        self.pending_report.reset()
         keepalive = asyncio.create_task(self._keep_lease(lease))
         try:
             while not keepalive.done():
                 await self.schedule_once()
                 self.wake.clear()
                 waiter = asyncio.create_task(self.wake.wait())
-                await asyncio.wait({waiter, keepalive}, timeout=min(self.resync_s, self._grace_tick()),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait({waiter, keepalive}, timeout=min(self.resync_s, self._grace_tick()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()  # also when we are cancelled: no task left pending
             keepalive.result()
         finally:
             keepalive.cancel()

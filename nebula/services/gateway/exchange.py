@@ -1,0 +1,47 @@
+"""One inference request's bookkeeping as it crosses the gateway: its id, the replica that answered, the
+number of attempts and what the relay saw of the body (for TTFT and inter-token latency)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from nebula.services.http.relay import RelayStats
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# An incoming id is kept if it is short printable ASCII: it goes into headers and journal fields as is.
+_ACCEPTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID = web.RequestKey("nebula_request_id", str)
+
+
+def request_id(request: web.Request) -> str:
+    """The request's id: the client's X-Request-ID when acceptable, else a new one; the same on every call."""
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        rid = incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request[REQUEST_ID] = rid
+    return rid
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer, errors included, names its request (replacing an engine's own)."""
+    response.headers[REQUEST_ID_HEADER] = request_id(request)
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    model: str
+    replica: str = ""
+    attempts: int = 0
+    stats: RelayStats = field(default_factory=RelayStats)
+
+    def log_fields(self) -> dict[str, str]:
+        fields = {"NEBULA_REQUEST_ID": self.request_id, "NEBULA_MODEL": self.model}
+        if self.replica:
+            fields["NEBULA_INSTANCE"] = self.replica
+        return fields

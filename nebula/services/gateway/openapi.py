@@ -1,0 +1,225 @@
+"""GET /openapi.json: an OpenAPI 3.1 description of the gateway's OpenAI endpoints and admin API.
+
+Hand-written to say what the gateway itself checks (validation.py, ModelSpec, KeyRequest), no more: the
+inference bodies allow other fields, which reach the engine unchanged and are the engine's to judge.
+tests/unit/test_gateway_fuzz.py fuzzes the gateway from this document.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from nebula import __version__
+from nebula.core.apikeys import MAX_CONCURRENT, MAX_MODELS, MAX_NAME, MAX_RPM
+
+Schema = dict[str, Any]
+
+NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+def _opt(schema: Schema) -> Schema:
+    """An optional field: JSON null counts as absent (validation.expect_field)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _int(minimum: int) -> Schema:
+    return _opt({"type": "integer", "minimum": minimum})
+
+
+def _num(**bounds: float) -> Schema:
+    return _opt({"type": "number", **bounds})
+
+
+_STR_OR_STRS: Schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_TOKEN: Schema = {"type": "integer", "minimum": 0}
+_PROMPT: Schema = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "minItems": 1, "items": {"type": "string"}},
+    {"type": "array", "minItems": 1, "items": _TOKEN},
+    {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _TOKEN}},
+]}
+_MODEL: Schema = {"type": "string", "pattern": "\\S", "description": "A loaded model's name (GET /v1/models)."}
+
+_SAMPLING: Schema = {
+    "stream": _opt({"type": "boolean"}), "stream_options": _opt({"type": "object"}),
+    "max_tokens": _int(1), "max_completion_tokens": _int(1), "n": _int(1), "seed": _int(-(2**63)),
+    "temperature": _num(minimum=0), "top_p": _num(exclusiveMinimum=0, maximum=1),
+    "presence_penalty": _num(minimum=-2, maximum=2), "frequency_penalty": _num(minimum=-2, maximum=2),
+    "stop": _opt(_STR_OR_STRS),
+}
+
+
+def _body(properties: Schema, required: list[str]) -> Schema:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": True}
+
+
+def _inference_bodies() -> dict[str, Schema]:
+    message = {"type": "object", "required": ["role"], "additionalProperties": True,
+               "properties": {"role": {"type": "string"},
+                              "content": _opt({"anyOf": [{"type": "string"}, {"type": "array"}]})}}
+    score_old = _body({"model": _MODEL, "text_1": _STR_OR_STRS, "text_2": _STR_OR_STRS},
+                      ["model", "text_1", "text_2"])
+    score_new = _body({"model": _MODEL, "queries": _STR_OR_STRS, "documents": _STR_OR_STRS},
+                      ["model", "queries", "documents"])
+    score_new["not"] = {"required": ["text_1"]}
+    return {
+        "chat/completions": _body({"model": _MODEL, "messages": {"type": "array", "minItems": 1, "items": message},
+                                   "logprobs": _opt({"type": "boolean"}), "top_logprobs": _int(0), **_SAMPLING},
+                                  ["model", "messages"]),
+        "completions": _body({"model": _MODEL, "prompt": _PROMPT, "logprobs": _int(0),
+                              "echo": _opt({"type": "boolean"}), **_SAMPLING}, ["model", "prompt"]),
+        "embeddings": _body({"model": _MODEL, "input": _PROMPT,
+                             "encoding_format": _opt({"enum": ["float", "base64"]}), "dimensions": _int(1)},
+                            ["model", "input"]),
+        "rerank": _body({"model": _MODEL,
+                         "query": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "object"}]},
+                         "documents": {"anyOf": [{"type": "array", "minItems": 1}, {"type": "object"}]},
+                         "top_n": _int(0), "return_documents": _opt({"type": "boolean"})},
+                        ["model", "query", "documents"]),
+        "score": {"oneOf": [score_old, score_new]},
+    }
+
+
+def _model_spec() -> Schema:
+    return {"type": "object", "required": ["name", "source"], "additionalProperties": True, "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "source": {"type": "string", "pattern": "\\S",
+                   "description": "An absolute model directory on the nodes, or a hub reference."},
+        "task": _opt({"enum": ["generate", "embed", "rerank"]}),
+        "replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
+        "gpus_per_replica": _opt({"type": "integer", "minimum": 0, "maximum": 16}),
+        "gpu_memory_mib": _int(0), "engine": _opt({"enum": ["vllm"]}),
+        "engine_args": _opt({"type": "array", "items": {"type": "string"}}), "max_model_len": _int(1),
+        "revision": _opt({"type": "string"}),
+        "labels": _opt({"type": "object", "additionalProperties": {"type": "string"}}),
+    }}
+
+
+def _key_request() -> Schema:
+    return {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": "^[^\\x00-\\x1f\\x7f]*\\S"
+                 "[^\\x00-\\x1f\\x7f]*$"},
+        "scopes": _opt({"type": "array", "minItems": 1, "items": {"enum": ["inference", "admin"]}}),
+        "models": _opt({"type": "array", "minItems": 1, "maxItems": MAX_MODELS,
+                        "items": {"type": "string", "pattern": NAME_PATTERN},
+                        "description": "Only these models (others get 403). Absent: every model."}),
+        "limits": _opt({"type": "object", "additionalProperties": False, "properties": {
+            "requests_per_minute": _opt({"type": "integer", "minimum": 1, "maximum": MAX_RPM}),
+            "max_concurrent": _opt({"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENT})}}),
+    }}
+
+
+def _pull_request() -> Schema:
+    return {"type": "object", "additionalProperties": True,
+            "anyOf": [{"required": ["source"]}, {"required": ["model"]}], "properties": {
+                "source": {"type": "string", "description": "org/name, hf://org/name, modelscope://org/name"},
+                "model": {"type": "string", "pattern": NAME_PATTERN, "description": "a loaded model's source"},
+                "revision": _opt({"type": "string"}), "nodes": _opt({"type": "array", "items": {"type": "string"}})}}
+
+
+def _error_response(description: str) -> Schema:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_ERRORS = {"400": "invalid request (`param` names the field)", "401": "missing or unknown API key",
+           "403": "the key's scope or models do not allow this", "404": "no such model, key or path",
+           "409": "conflicts with the current state", "413": "body larger than gateway.max_body_bytes",
+           "429": "the key's rate or concurrency limit (see Retry-After)",
+           "503": "no ready replica, or etcd unreachable (see Retry-After)"}
+
+
+def _op(summary: str, ok: str, body: Schema | None = None, params: list[Schema] | None = None,
+        errors: tuple[str, ...] = ("400", "401", "403", "404", "429", "503"), ok_status: str = "200",
+        ok_schema: Schema | None = None) -> Schema:
+    op: Schema = {"summary": summary, "responses": {
+        ok_status: {"description": ok, "content": {"application/json": {"schema": ok_schema or {"type": "object"}}}},
+        **{code: _error_response(_ERRORS[code]) for code in errors}}}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path_param(name: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def openapi_document() -> Schema:
+    bodies = _inference_bodies()
+    inference = {f"/v1/{path}": {"post": _op(f"OpenAI-compatible /v1/{path}, forwarded to a ready replica",
+                                             "the engine's answer (SSE when stream is true)", body,
+                                             errors=("400", "401", "403", "404", "413", "429", "503"))}
+                 for path, body in bodies.items()}
+    name = _path_param("name", {"type": "string", "pattern": NAME_PATTERN})
+    key_id = _path_param("id", {"type": "string", "pattern": "^[0-9a-f]{16}$"})
+    pull_id = _path_param("id", {"type": "string"})
+    admin = ("400", "401", "403", "503")
+    paths: Schema = {
+        **inference,
+        "/v1/models": {"get": _op("Models and their ready replicas", "a list", errors=("401", "403", "429"))},
+        "/v1/models/{name}": {"get": _op("One model", "the model", params=[
+            _path_param("name", {"type": "string"})], errors=("401", "403", "404", "429"))},
+        "/v1/admin/models": {
+            "post": _op("Load a model (idempotent: the same spec again changes nothing)", "created or unchanged",
+                        _model_spec(), errors=(*admin, "409", "413")),
+            "get": _op("Models with their instances", "a list", errors=admin)},
+        "/v1/models/load": {"post": _op("Load a model (alias)", "created or unchanged", _model_spec(),
+                                        errors=(*admin, "409", "413"))},
+        "/v1/admin/models/{name}": {
+            "get": _op("One model with its instances", "the model", params=[name], errors=(*admin, "404")),
+            "delete": _op("Unload a model", "deleted", params=[name], errors=(*admin, "404")),
+            "patch": _op("Change a model's replica count", "the new spec", params=[name],
+                         errors=(*admin, "404", "409"),
+                         body={"type": "object", "required": ["replicas"], "additionalProperties": False,
+                               "properties": {"replicas": {"type": "integer", "minimum": 1, "maximum": 64}}})},
+        "/v1/admin/nodes": {"get": _op("Live nodes", "a list", errors=admin)},
+        "/v1/admin/replicas": {"get": _op("This gateway's routing table", "the table", errors=admin)},
+        "/v1/admin/status": {"get": _op("The whole cluster at a glance", "the status", errors=admin)},
+        "/v1/admin/keys": {
+            "post": _op("Create an API key; the answer holds its token, shown this once", "the key and its token",
+                        _key_request(), errors=(*admin, "413"), ok_status="201"),
+            "get": _op("API keys (never their tokens)", "a list", errors=admin)},
+        "/v1/admin/keys/{id}": {"delete": _op("Revoke an API key", "deleted", params=[key_id],
+                                              errors=(*admin, "404"))},
+        "/v1/admin/pulls": {
+            "post": _op("Pre-fetch a model's weights onto nodes", "the pull", _pull_request(),
+                        errors=(*admin, "404", "409", "413"), ok_status="201"),
+            "get": _op("Pulls and each node's progress", "a list", errors=admin)},
+        "/v1/admin/pulls/{id}": {
+            "get": _op("One pull", "the pull", params=[pull_id], errors=(*admin, "404")),
+            "delete": _op("Withdraw a pull (the weights stay cached)", "deleted", params=[pull_id],
+                          errors=(*admin, "404"))},
+        "/v1/admin/prometheus/sd": {"get": _op("Prometheus http_sd targets of the cluster", "target groups",
+                                               errors=admin, ok_schema={"type": "array"})},
+        "/healthz": {"get": {"summary": "Liveness and sync state (never needs a key)", "security": [],
+                             "responses": {"200": {"description": "ok"}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Nebula gateway", "version": __version__,
+                 "description": "OpenAI-compatible inference and Nebula's admin API. Errors use OpenAI's shape."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "An API key; not needed while no key exists"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def openapi_route() -> web.RouteDef:
+    body = json.dumps(openapi_document()).encode()
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return web.get("/openapi.json", openapi)

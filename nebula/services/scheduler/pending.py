@@ -1,0 +1,45 @@
+"""Why models are pending, where operators see it: `/nebula/status/models/<name>`, under the leader's lease.
+
+Only the leader writes them; they vanish with its lease, and a new leader first deletes the ones it does not
+confirm, so a reason never outlives the condition by more than one pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from nebula.adapters.store import Store
+from nebula.core import keys
+from nebula.core.model import dumps
+from nebula.core.status import ModelStatus
+
+
+class PendingReporter:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._written: dict[str, ModelStatus] | None = None
+
+    def reset(self) -> None:
+        """Leadership (re)gained: what is in the store is someone else's; check it all on the next sync."""
+        self._written = None
+
+    async def sync(self, pending: Mapping[str, str], lease: int) -> None:
+        if self._written is None:
+            snap = await self.store.list_prefix(keys.MODEL_STATUS)
+            for kv in snap.items:
+                if kv.key.removeprefix(keys.MODEL_STATUS) not in pending:
+                    await self.store.delete(kv.key)
+            self._written = {}
+        now = self.clock()
+        for name, reason in sorted(pending.items()):
+            prev = self._written.get(name)
+            if prev is not None and prev.pending == reason:
+                continue
+            st = ModelStatus(model=name, pending=reason, since=prev.since if prev else now)
+            await self.store.put(keys.model_status_key(name), dumps(st.to_dict()), lease=lease)
+            self._written[name] = st
+        for name in [n for n in self._written if n not in pending]:
+            await self.store.delete(keys.model_status_key(name))
+            del self._written[name]

@@ -1,0 +1,68 @@
+"""A real gateway app on an in-memory store, served from its own thread and loop for the (blocking) CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from nebula.adapters.memstore import MemoryStore
+from nebula.core.config import GatewayConfig
+from nebula.services.gateway.app import build_gateway_app
+from tests.harness.etcd import free_port
+
+ADMIN_KEY = "admin-secret"
+T = TypeVar("T")
+
+
+@dataclass
+class ServedGateway:
+    url: str
+    store: MemoryStore
+    loop: asyncio.AbstractEventLoop
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def put(self, key: str, value: Mapping[str, Any] | str) -> None:
+        raw = value.encode() if isinstance(value, str) else json.dumps(value).encode()
+        self.run(self.store.put(key, raw))
+
+    def delete(self, key: str) -> None:
+        self.run(self.store.delete(key))
+
+
+@contextmanager
+def served_gateway() -> Iterator[ServedGateway]:
+    port = free_port()
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    box: list[tuple[web.AppRunner, MemoryStore]] = []
+
+    async def start() -> None:
+        store = MemoryStore()
+        cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),))
+        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        box.append((runner, store))
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    runner, store = box[0]
+    try:
+        yield ServedGateway(f"http://127.0.0.1:{port}", store, loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

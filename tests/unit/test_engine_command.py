@@ -1,0 +1,47 @@
+"""The `vllm serve` command line an engine spec turns into (pure)."""
+
+from __future__ import annotations
+
+from nebula.core.config import EngineConfig
+from nebula.core.engine_spec import EngineSpec, vllm_command
+from nebula.core.model import Task
+
+
+def spec(**kw: object) -> EngineSpec:
+    base: dict[str, object] = {"instance": "qwen:1", "model": "qwen", "source": "/models/qwen", "port": 18001}
+    return EngineSpec.from_dict({**base, **kw})
+
+
+def test_generate_on_gpu_pins_the_placed_gpus() -> None:
+    argv, env = vllm_command(spec(gpu_indices=[2, 3]), EngineConfig(), cpu=False)
+    assert argv[:3] == ["/opt/nebula/engines/vllm/bin/vllm", "serve", "/models/qwen"]
+    assert argv[argv.index("--served-model-name") + 1] == "qwen"
+    assert argv[argv.index("--port") + 1] == "18001" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert "--enforce-eager" not in argv and "--otlp-traces-endpoint" not in argv
+
+
+def test_cpu_engines_get_the_cpu_settings() -> None:
+    argv, env = vllm_command(spec(), EngineConfig(cpu_kvcache_gib=3), cpu=True)
+    assert "--enforce-eager" in argv
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_pooling_tasks_select_vllm_runners() -> None:
+    argv, _ = vllm_command(spec(task=Task.EMBED.value), EngineConfig(), cpu=True)
+    assert argv[argv.index("--convert") + 1] == "embed"
+    argv, _ = vllm_command(spec(task=Task.RERANK.value), EngineConfig(), cpu=True)
+    assert argv[argv.index("--convert") + 1] == "classify"
+
+
+def test_tracing_endpoint_turns_on_vllm_spans_over_otlp_http() -> None:
+    argv, env = vllm_command(spec(), EngineConfig(), cpu=True, otlp_endpoint="http://otel:4318/v1/traces")
+    assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://otel:4318/v1/traces"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+
+
+def test_operator_arguments_come_last_so_they_win() -> None:
+    argv, _ = vllm_command(spec(engine_args=["--max-num-seqs", "8"]), EngineConfig(extra_args=("--seed", "1")),
+                           cpu=False)
+    assert argv[-4:] == ["--seed", "1", "--max-num-seqs", "8"]
