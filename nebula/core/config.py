@@ -80,7 +80,9 @@ class GatewayConfig:
                          "replica, status, duration and request id), 'errors' (only those ending 5xx) or 'off'. "
                          "At thousands of requests per second 'all' costs more CPU than the rest of the path; "
                          "the metrics carry the totals either way.")
-    event_loop: str = _f("uvloop", "The gateway's event loop: 'uvloop' (less CPU per request) or 'asyncio'.")
+    event_loop: str = _f("asyncio", "The gateway's event loop: 'asyncio' or 'uvloop'. uvloop saves a minimal "
+                         "proxy 5-10% CPU per request, but measured no gain for the gateway, whose etcd client "
+                         "(gRPC) then polls from threads of its own; scripts/bench_gateway.py compares them.")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ class NodeConfig:
                                      "passing reason (network, 5xx); waits double from 2 s up to this.")
     resync_s: float = _f(1.0, "How often the agent re-checks its engines (units, /health) on top of watch events; "
                          "a hung engine leaves `ready`, and so the gateway's choice, within about this long.")
+    health_timeout_s: float = _f(2.0, "Timeout of the agent's /health check of each engine. Short on purpose: a "
+                                 "hung engine takes connections and never answers, and leaves ready (and the "
+                                 "gateway's choice) within about resync_s + this; engine.health_timeout_s is the "
+                                 "supervisor's (watchdog) check.")
     labels: tuple[str, ...] = _f((), "This node's labels as 'key=value' strings (e.g. 'zone=a'), published with its "
                                  "record; a model's `labels` place it only on nodes that carry them all.")
 

@@ -151,14 +151,25 @@ def test_grow_etcd_to_three_members(chaos: Chaos) -> None:
             if svc == "gateway":
                 chaos.load.pause()
             try:
-                c.kill(svc, signal.SIGTERM)
-                c.start(svc)
-                chaos.wait_ready(120)
+                restart_cleanly(chaos, svc)
             finally:
                 chaos.load.resume()
         m.note("etcd grown by `member add` one member at a time; each service restarted (SIGTERM) once the "
                "previous one was fully ready; load paused only around the gateway's restart")
     assert_nothing_lost(m)
+
+
+def restart_cleanly(chaos: Chaos, svc: str) -> None:
+    """SIGTERM `svc`, start it again, wait until all is fully ready."""
+    c = chaos.cluster
+    kind, _, name = svc.partition(":")
+    node = (name or "node-a") if kind == "node" else ""
+    lease = probes.node_lease(c, node) if node else None
+    c.kill(svc, signal.SIGTERM)
+    c.start(svc)
+    if node:  # until the new agent has registered, the old one's records only look ready
+        wait_for(lambda: probes.node_lease(c, node) not in (None, lease), 60, f"{node} to register again")
+    chaos.wait_ready(120)
 
 
 def test_etcd_member_sigkill(chaos: Chaos) -> None:

@@ -1,4 +1,4 @@
-"""The `vllm serve` command line an engine spec turns into (pure)."""
+"""The `vllm serve` command line an engine spec turns into (pure), and the gateway process's event loop."""
 
 from __future__ import annotations
 
@@ -45,3 +45,20 @@ def test_operator_arguments_come_last_so_they_win() -> None:
     argv, _ = vllm_command(spec(engine_args=["--max-num-seqs", "8"]), EngineConfig(extra_args=("--seed", "1")),
                            cpu=False)
     assert argv[-4:] == ["--seed", "1", "--max-num-seqs", "8"]
+
+
+def test_gateway_event_loop_choice() -> None:
+    import asyncio
+
+    import uvloop
+
+    from nebula.services.gateway.main import gateway_loop_factory
+
+    assert gateway_loop_factory("asyncio") is None
+    factory = gateway_loop_factory("uvloop")
+    assert factory is not None
+    loop = factory()
+    try:
+        assert isinstance(loop, uvloop.Loop) and isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()

@@ -62,7 +62,7 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         svc.registry.register(GpuCollector(gpus))
         node = node_record(cfg, gpus.readings)
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
-                          EngineHealth(session, cfg.engine.health_timeout_s), svc.registry)
+                          EngineHealth(session, cfg.node.health_timeout_s), svc.registry)
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()

@@ -25,8 +25,7 @@ async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
 
 
 def gateway_loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when asked for and installed (None: asyncio's own). The gateway is the one process
-    whose CPU per request matters; uvloop's C transports take a measurable share off every request."""
+    """uvloop's loop when asked for and installed (None: asyncio's own); see GatewayConfig.event_loop."""
     if event_loop != "uvloop":
         return None
     try:
