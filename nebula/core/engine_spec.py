@@ -7,13 +7,14 @@ on a box with no control plane.
 
 from __future__ import annotations
 
+import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nebula.core.config import EngineConfig
-from nebula.core.model import Task, expect_field, validate_name
+from nebula.core.model import Gpu, Task, expect_field, validate_name
 from nebula.errors import ValidationError
 
 
@@ -29,6 +30,8 @@ class EngineSpec:
     max_model_len: int | None = None
     engine_args: tuple[str, ...] = ()
     gpu_indices: tuple[int, ...] = ()
+    gpu_memory_utilization: float = 0.0
+    """vLLM's --gpu-memory-utilization: the replica's share of each of its GPUs (0: vLLM's default, 0.9)."""
 
     @staticmethod
     def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
@@ -54,6 +57,7 @@ class EngineSpec:
                 max_model_len=expect_field(obj, "max_model_len", int, None),
                 engine_args=tuple(args),
                 gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])),
+                gpu_memory_utilization=float(expect_field(obj, "gpu_memory_utilization", (int, float), 0.0)),
             )
         except ValidationError as e:
             raise ValidationError(e.field, f"{source_name}: {e}") from None
@@ -71,7 +75,8 @@ class EngineSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"instance": self.instance, "model": self.model, "source": self.source, "port": self.port,
                 "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
-                "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices)}
+                "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices),
+                "gpu_memory_utilization": self.gpu_memory_utilization}
 
     @property
     def endpoint(self) -> str:
@@ -90,6 +95,8 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     max_len = spec.max_model_len or cfg.default_max_model_len
     if max_len:
         argv += ["--max-model-len", str(max_len)]
+    if spec.gpu_memory_utilization and not cpu:
+        argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:.2f}"]
     if spec.task is Task.EMBED:
         argv += ["--runner", "pooling", "--convert", "embed"]
     elif spec.task is Task.RERANK:
@@ -109,3 +116,16 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     elif spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     return argv, env
+
+
+def gpu_memory_share(need_mib: int, gpus: Sequence[Gpu], indices: Sequence[int]) -> float:
+    """The share of its GPUs a replica that declared `need_mib` may take (--gpu-memory-utilization).
+
+    vLLM takes 90% of every GPU it sees by default, so a second replica placed on the same GPU (the
+    scheduler packs GPUs by declared memory) could never start. Rounded down, so shares of one GPU never
+    add up to more than it holds; 0 (vLLM's default) when nothing was declared or the GPUs are unknown.
+    """
+    totals = [g.memory_total_mib for g in gpus if g.index in indices and g.memory_total_mib > 0]
+    if need_mib <= 0 or not totals or len(totals) < len(indices):
+        return 0.0
+    return max(0.01, min(0.95, math.floor(need_mib / min(totals) * 100) / 100))

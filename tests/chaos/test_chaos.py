@@ -105,9 +105,10 @@ def kill_leading_scheduler(chaos: Chaos, fault: str) -> None:
 
         took = wait_for(taken_over, 60, "another scheduler to lead")
         m.note(f"{svc} led and was killed; {probes.leader_service(c)} leads {took:.1f} s later "
-               f"(lease TTL {LEASE_TTL_S} s; standbys campaign every TTL/3)")
-    # The dead leader's lease expires within the TTL; a standby tries again every TTL/3.
-    assert took <= LEASE_TTL_S + LEASE_TTL_S / 3 + 1.5
+               f"(lease TTL {LEASE_TTL_S} s; standbys watch the leader key)")
+    # The dead leader's lease expires within the TTL and the standby, watching the key, campaigns at once;
+    # the slack covers etcd's lease expiry check and a loaded 2-core box.
+    assert took <= LEASE_TTL_S + 1.5
     assert_nothing_lost(m)
 
 

@@ -167,6 +167,18 @@ watchdog_s = {self.engine_watchdog_s}
             self._keeper = threading.Thread(target=self._keep, name="nebula-keeper", daemon=True)
             self._keeper.start()
         wait_until(lambda: http_ok(self.gateway_url + "/healthz"), timeout_s, "gateway healthy", self)
+        # Every node agent registered: a model loaded before one has would be placed without it (no spread).
+        wanted = {"node-a", *self.extra_nodes}
+        wait_until(lambda: wanted <= self.registered_nodes(), timeout_s, f"node agents {sorted(wanted)} registered",
+                   self)
+
+    def registered_nodes(self) -> set[str]:
+        """Names of the nodes whose agents hold a record in etcd (through the admin API)."""
+        try:
+            with urllib.request.urlopen(self.gateway_url + "/v1/admin/nodes", timeout=5) as resp:
+                return {str(n["name"]) for n in json.load(resp)["data"]}
+        except (OSError, ValueError, KeyError):
+            return set()
 
     def _keep(self) -> None:
         """Restart=on-failure: restart a service RESTART_SEC after it exited uncleanly."""

@@ -129,8 +129,9 @@ def test_join_enables_and_starts_the_agent_under_systemd(etcd_server: EtcdServer
         box.exec(["rm", "-rf", "/etc/nebula"])  # the sandbox's / is the host's: start from no config at all
         for unit in ("nebula-node.service", "nebula.target"):
             box.install_unit(REPO_ROOT / "units" / unit)
+        # The checkout may live under /tmp or /root (a CI clone), which the unit's PrivateTmp= and ProtectHome= hide.
         box.install_dropin("nebula-node.service", f"[Service]\nExecStart=\nExecStart={PYTHON} -m nebula node run\n"
-                                                  "User=root\nGroup=root\n")
+                                                  "User=root\nGroup=root\nPrivateTmp=no\nProtectHome=no\n")
         box.daemon_reload()
         (box.root / "etc/nebula/nebula.d").mkdir(parents=True)
         (box.root / "etc/nebula/nebula.d/10-test.toml").write_text(f"[node]\nport = {free_port()}\n")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nebula.core.config import EngineConfig
-from nebula.core.engine_spec import EngineSpec, vllm_command
-from nebula.core.model import Task
+from nebula.core.engine_spec import EngineSpec, gpu_memory_share, vllm_command
+from nebula.core.model import Gpu, Task
 
 
 def spec(**kw: object) -> EngineSpec:
@@ -62,3 +62,16 @@ def test_gateway_event_loop_choice() -> None:
         assert isinstance(loop, uvloop.Loop) and isinstance(loop, asyncio.AbstractEventLoop)
     finally:
         loop.close()
+
+
+def test_replicas_sharing_a_gpu_take_their_declared_share() -> None:
+    gpus = [Gpu(index=0, name="H100", memory_total_mib=81920, memory_used_mib=0),
+            Gpu(index=1, name="L4", memory_total_mib=23034, memory_used_mib=0)]
+    assert gpu_memory_share(30720, gpus, [0]) == 0.37  # 30 GiB of 80: rounded down, two fit beside each other
+    assert gpu_memory_share(20480, gpus, [0, 1]) == 0.88  # the smallest GPU decides
+    assert gpu_memory_share(0, gpus, [0]) == 0.0  # nothing declared: vLLM's default
+    assert gpu_memory_share(30720, gpus, [3]) == 0.0  # unknown GPU: vLLM's default
+    argv, _ = vllm_command(spec(gpu_indices=[0], gpu_memory_utilization=0.37), EngineConfig(), cpu=False)
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.37"
+    argv, _ = vllm_command(spec(gpu_memory_utilization=0.37), EngineConfig(), cpu=True)
+    assert "--gpu-memory-utilization" not in argv  # no such thing on CPU

@@ -10,6 +10,7 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
 from nebula.services.scheduler.scheduler import Scheduler
+from tests.unit.fake_engine import until
 
 
 class Clock:
@@ -73,6 +74,29 @@ async def test_only_one_scheduler_leads() -> None:
         assert s1.is_leader and not s2.is_leader
         kv = await store.get(keys.SCHEDULER_LEADER)
         assert kv is not None and kv.value == b"s1"
+    finally:
+        t1.cancel()
+        t2.cancel()
+        await asyncio.gather(t1, t2, return_exceptions=True)
+
+
+async def test_a_standby_takes_over_as_soon_as_the_leader_key_goes() -> None:
+    """The standby watches the leader key: with a 30 s lease its fallback poll would take 30 s, the watch
+    makes the handover immediate once the leader's lease ends (here: revoked by a clean stop)."""
+    store = MemoryStore()
+    s1 = Scheduler(store, "s1", lease_ttl_s=30, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    s2 = Scheduler(store, "s2", lease_ttl_s=30, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    t1 = asyncio.create_task(s1.run())
+    await until(lambda: s1.is_leader)
+    t2 = asyncio.create_task(s2.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert not s2.is_leader
+        t1.cancel()
+        await asyncio.gather(t1, return_exceptions=True)
+        await until(lambda: s2.is_leader, within_s=2.0)
+        kv = await store.get(keys.SCHEDULER_LEADER)
+        assert kv is not None and kv.value == b"s2"
     finally:
         t1.cancel()
         t2.cancel()

@@ -19,7 +19,7 @@ from nebula.adapters.store import KeyValue, Store
 from nebula.adapters.units import EngineUnits, UnitState, UnitStatus
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
-from nebula.core.engine_spec import EngineSpec
+from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads, parse_instance_name
 from nebula.core.phase import observe_phase
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
@@ -114,7 +114,9 @@ class NodeAgent:
             specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=res.path, port=p.port,
                                      host=self.cfg.node.engine_host, task=p.model.task,
                                      max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
-                                     gpu_indices=p.gpu_indices)
+                                     gpu_indices=p.gpu_indices,
+                                     gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
+                                                                             self.node.gpus, p.gpu_indices))
         return specs, blocked
 
     async def advertise_cache(self) -> None:

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from nebula.adapters.store import KeyValue, LeaseLostError, Store
+from nebula.adapters.store import EventType, KeyValue, LeaseLostError, Store
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
 from nebula.core.placement import diff_placements, place
@@ -135,6 +135,25 @@ class Scheduler:
             except TemporaryError as e:
                 log.warning("scheduler: store unavailable: %s", e)
             self._set_leader(False)
+            await self._await_vacancy(self.lease_ttl_s)
+
+    async def _await_vacancy(self, timeout_s: float) -> None:
+        """Wait until the leader key is gone, or `timeout_s`: a standby campaigns the moment the leader's lease
+        ends (a handover within the lease TTL), not on its next poll; the timeout is the fallback poll."""
+        async def vacated() -> None:
+            snap = await self.store.list_prefix(keys.SCHEDULER_LEADER)
+            if not any(kv.key == keys.SCHEDULER_LEADER for kv in snap.items):
+                return
+            async for ev in self.store.watch_prefix(keys.SCHEDULER_LEADER, start_revision=snap.revision + 1):
+                if ev.key == keys.SCHEDULER_LEADER and ev.type is EventType.DELETE:
+                    return
+
+        try:
+            await asyncio.wait_for(vacated(), timeout_s)
+        except TimeoutError:
+            pass
+        except TemporaryError as e:  # CompactedError too
+            log.info("scheduler: cannot watch the leader key (%s); campaigning again shortly", e)
             await asyncio.sleep(self.lease_ttl_s / 3)
 
     async def _lead(self, lease: int) -> None:
