@@ -88,6 +88,7 @@ def _name(request: web.Request) -> str:
 async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     spec = ModelSpec.from_dict(await _read_json(request))
+    await _check_fleet_has_gpus(st, spec)
     key = keys.model_key(spec.name)
     for _ in range(CAS_ATTEMPTS):
         if await st.store.create(key, dumps(spec.to_dict())):
@@ -101,6 +102,30 @@ async def load_model(request: web.Request) -> web.Response:
         raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
                        "replicas with PATCH, or unload it first", param="name", code="model_exists")
     raise ApiError(409, f"model '{spec.name}' is changing concurrently; retry", code="conflict")
+
+
+async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
+    """400 for GPUs no registered node has: such a replica could never be placed. An empty fleet (nodes not
+    joined yet) is given the benefit of the doubt; a merely busy fleet gives a pending reason instead."""
+    if spec.gpus_per_replica <= 0:
+        return
+    nodes = []
+    for kv in (await st.store.list_prefix(keys.NODES)).items:
+        try:
+            nodes.append(NodeRecord.from_dict(loads(kv.value)))
+        except ValidationError:
+            continue
+    if not nodes:
+        return
+    fits = [n for n in nodes if sum(1 for g in n.gpus if g.memory_total_mib >= spec.gpu_memory_mib)
+            >= spec.gpus_per_replica]
+    if fits:
+        return
+    most = max(nodes, key=lambda n: (len(n.gpus), n.name))
+    largest = max((g.memory_total_mib for n in nodes for g in n.gpus), default=0)
+    raise ApiError(400, f"no node has {spec.gpus_per_replica} GPU(s) with {spec.gpu_memory_mib} MiB each: the most "
+                   f"GPUs on a node is {len(most.gpus)} ({most.name}), the largest GPU has {largest} MiB; join "
+                   "such a node first", param="gpus_per_replica", code="insufficient_gpus")
 
 
 async def list_models(request: web.Request) -> web.Response:
