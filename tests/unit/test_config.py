@@ -60,3 +60,9 @@ def test_any_input_parses_or_gives_config_error(data: dict[str, dict[str, object
         parse_config(data, {}, SRC)
     except ConfigError as e:
         assert str(e).startswith(SRC)
+
+
+def test_an_empty_router_table_of_an_older_template_is_ignored() -> None:
+    """`config init` of the two-hop design wrote a [router] header with every key commented out."""
+    cfg = parse_config_text("[router]\n# port = 8001\n[gateway]\nport = 8100\n", {}, SRC)
+    assert cfg.gateway.port == 8100
