@@ -119,6 +119,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return e.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `nebula list --json | head`: the reader left. Point stdout at /dev/null so the interpreter's final
+        # flush does not raise again, and end quietly as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
 
 
 def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:

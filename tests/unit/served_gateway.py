@@ -11,10 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
+from nebula.cli.main import main
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.app import build_gateway_app
 from tests.harness.etcd import free_port
@@ -66,3 +68,14 @@ def served_gateway() -> Iterator[ServedGateway]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], url: str, *argv: str, key: str | None = ADMIN_KEY
+            ) -> tuple[int, str, str]:
+    """`nebula ARGV` against the gateway at `url` with `key` as the admin key: exit code, stdout, stderr."""
+    env = {"NEBULA_URL": url, "NEBULA_CONFIG": "/nonexistent/nebula.toml", "NEBULA_ADMIN_KEY_FILE": "/nonexistent"}
+    if key:
+        env["NEBULA_ADMIN_KEY"] = key
+    code = main(list(argv), env)
+    out = capsys.readouterr()
+    return code, out.out, out.err

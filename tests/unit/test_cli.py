@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from nebula.cli.client import AdminClient, CliError
 from nebula.cli.main import build_parser, main
 from nebula.cli.models import load
 from tests.harness.etcd import free_port
-from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, served_gateway
+from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, run_cli, served_gateway
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +31,7 @@ def gateway_url(gateway: ServedGateway) -> str:
     return gateway.url
 
 
-def run(capsys: pytest.CaptureFixture[str], url: str, *argv: str, key: str | None = ADMIN_KEY
-        ) -> tuple[int, str, str]:
-    env = {"NEBULA_URL": url, "NEBULA_CONFIG": "/nonexistent/nebula.toml", "NEBULA_ADMIN_KEY_FILE": "/nonexistent"}
-    if key:
-        env["NEBULA_ADMIN_KEY"] = key
-    code = main(list(argv), env)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def test_load_list_scale_unload(capsys: pytest.CaptureFixture[str], gateway_url: str, tmp_path: Path) -> None:
@@ -175,3 +171,18 @@ def test_load_wait_timeout_and_failure_exit_codes(gateway: ServedGateway, w1: Ad
         load(w1, {"name": "w1", "source": "/models/w1"}, wait_s=60, as_json=True, out=io.StringIO(),
              clock=steps.clock, sleep=steps.sleep)
     assert failed.value.code == 1 and "does not exist on this node" in str(failed.value)
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`nebula config show --json | head -1`: no BrokenPipeError traceback, the shell's SIGPIPE status."""
+    config = tmp_path / "nebula.toml"
+    config.write_text("")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run([sys.executable, "-m", "nebula", "config", "show", "--json"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+                             env={**os.environ, "NEBULA_CONFIG": str(config)})
+    finally:
+        os.close(write_end)
+    assert res.returncode == 141 and res.stderr == "", res.stderr

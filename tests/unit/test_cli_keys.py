@@ -2,59 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from nebula.adapters.memstore import MemoryStore
-from nebula.cli.main import main
-from nebula.core.config import GatewayConfig
-from nebula.services.gateway.app import build_gateway_app
-from tests.harness.etcd import free_port
-
-ADMIN_KEY = "cli-admin-secret"
+from tests.unit.served_gateway import run_cli, served_gateway
 
 
 @pytest.fixture(scope="module")
 def gateway_url() -> Iterator[str]:
-    port = free_port()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    runners: list[web.AppRunner] = []
-
-    async def start() -> None:
-        cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),), load_poll_s=0)
-        runner = web.AppRunner(build_gateway_app(cfg, MemoryStore(), CollectorRegistry()))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runners[0].cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with served_gateway() as gw:
+        yield gw.url
 
 
-def run(capsys: pytest.CaptureFixture[str], url: str, *argv: str, key: str | None = ADMIN_KEY
-        ) -> tuple[int, str, str]:
-    env = {"NEBULA_URL": url, "NEBULA_CONFIG": "/nonexistent/nebula.toml", "NEBULA_ADMIN_KEY_FILE": "/nonexistent"}
-    if key:
-        env["NEBULA_ADMIN_KEY"] = key
-    code = main(list(argv), env)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def models_status(url: str, token: str) -> int:
