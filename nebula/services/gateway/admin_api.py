@@ -105,8 +105,9 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
-    """400 for GPUs no registered node has: such a replica could never be placed. An empty fleet (nodes not
-    joined yet) is given the benefit of the doubt; a merely busy fleet gives a pending reason instead."""
+    """400 for more GPUs per replica than any registered node has: no placement could ever hold it. GPU
+    memory short of the need is a pending reason instead (a bigger GPU may join, or one may be freed), and
+    an empty fleet (nodes not joined yet) is given the benefit of the doubt."""
     if spec.gpus_per_replica <= 0:
         return
     nodes = []
@@ -115,17 +116,12 @@ async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
             nodes.append(NodeRecord.from_dict(loads(kv.value)))
         except ValidationError:
             continue
-    if not nodes:
-        return
-    fits = [n for n in nodes if sum(1 for g in n.gpus if g.memory_total_mib >= spec.gpu_memory_mib)
-            >= spec.gpus_per_replica]
-    if fits:
+    if not nodes or any(len(n.gpus) >= spec.gpus_per_replica for n in nodes):
         return
     most = max(nodes, key=lambda n: (len(n.gpus), n.name))
-    largest = max((g.memory_total_mib for n in nodes for g in n.gpus), default=0)
-    raise ApiError(400, f"no node has {spec.gpus_per_replica} GPU(s) with {spec.gpu_memory_mib} MiB each: the most "
-                   f"GPUs on a node is {len(most.gpus)} ({most.name}), the largest GPU has {largest} MiB; join "
-                   "such a node first", param="gpus_per_replica", code="insufficient_gpus")
+    raise ApiError(400, f"no node has {spec.gpus_per_replica} GPUs: the most on one node is {len(most.gpus)} "
+                   f"({most.name}); lower gpus_per_replica or join such a node first", param="gpus_per_replica",
+                   code="insufficient_gpus")
 
 
 async def list_models(request: web.Request) -> web.Response:
