@@ -324,9 +324,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
     try:
         built: dict[str, Any] = {}
         for key in data:
-            if key == "router" and data[key] == {}:
-                continue  # an older `config init` template: the header with every key commented out
             if key == "router":
+                if data[key] == {}:
+                    continue  # an older `config init` template: the header with every key commented out
                 raise ValidationError(key, "the router service is retired: routing moved into the gateway; move "
                                       "these keys (not host, port) into [gateway] and drop [gateway] router_url")
             if key not in sections:

@@ -62,10 +62,23 @@ async def test_places_moves_after_grace_only() -> None:
     assert sorted((await placements(store)).values()) == ["n1", "n1"]
 
 
+def two_schedulers(store: MemoryStore, lease_ttl_s: int) -> tuple[Scheduler, Scheduler]:
+    def make(name: str) -> Scheduler:
+        return Scheduler(store, name, lease_ttl_s=lease_ttl_s, node_grace_s=30, resync_s=5,
+                         registry=CollectorRegistry())
+
+    return make("s1"), make("s2")
+
+
+async def stop(*tasks: asyncio.Task[None]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_only_one_scheduler_leads() -> None:
     store = MemoryStore()
-    s1 = Scheduler(store, "s1", lease_ttl_s=3, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
-    s2 = Scheduler(store, "s2", lease_ttl_s=3, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    s1, s2 = two_schedulers(store, lease_ttl_s=3)
     t1 = asyncio.create_task(s1.run())
     await asyncio.sleep(0.05)
     t2 = asyncio.create_task(s2.run())
@@ -75,29 +88,23 @@ async def test_only_one_scheduler_leads() -> None:
         kv = await store.get(keys.SCHEDULER_LEADER)
         assert kv is not None and kv.value == b"s1"
     finally:
-        t1.cancel()
-        t2.cancel()
-        await asyncio.gather(t1, t2, return_exceptions=True)
+        await stop(t1, t2)
 
 
 async def test_a_standby_takes_over_as_soon_as_the_leader_key_goes() -> None:
     """The standby watches the leader key: with a 30 s lease its fallback poll would take 30 s, the watch
     makes the handover immediate once the leader's lease ends (here: revoked by a clean stop)."""
     store = MemoryStore()
-    s1 = Scheduler(store, "s1", lease_ttl_s=30, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
-    s2 = Scheduler(store, "s2", lease_ttl_s=30, node_grace_s=30, resync_s=5, registry=CollectorRegistry())
+    s1, s2 = two_schedulers(store, lease_ttl_s=30)
     t1 = asyncio.create_task(s1.run())
     await until(lambda: s1.is_leader)
     t2 = asyncio.create_task(s2.run())
     try:
         await asyncio.sleep(0.05)
         assert not s2.is_leader
-        t1.cancel()
-        await asyncio.gather(t1, return_exceptions=True)
+        await stop(t1)
         await until(lambda: s2.is_leader, within_s=2.0)
         kv = await store.get(keys.SCHEDULER_LEADER)
         assert kv is not None and kv.value == b"s2"
     finally:
-        t1.cancel()
-        t2.cancel()
-        await asyncio.gather(t1, t2, return_exceptions=True)
+        await stop(t1, t2)

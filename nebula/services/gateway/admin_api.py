@@ -16,10 +16,11 @@ from aiohttp import web
 
 from nebula.adapters.store import KeyValue
 from nebula.core import keys
-from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, dumps, loads, validate_name
+from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps, loads, validate_name
 from nebula.core.status import ModelStatus
 from nebula.errors import ValidationError
 from nebula.services.gateway import pulls_api
+from nebula.services.gateway.records import node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
 
@@ -110,12 +111,7 @@ async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
     an empty fleet (nodes not joined yet) is given the benefit of the doubt."""
     if spec.gpus_per_replica <= 0:
         return
-    nodes = []
-    for kv in (await st.store.list_prefix(keys.NODES)).items:
-        try:
-            nodes.append(NodeRecord.from_dict(loads(kv.value)))
-        except ValidationError:
-            continue
+    nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
     if not nodes or any(len(n.gpus) >= spec.gpus_per_replica for n in nodes):
         return
     most = max(nodes, key=lambda n: (len(n.gpus), n.name))
@@ -176,13 +172,8 @@ async def scale_model(request: web.Request) -> web.Response:
 
 async def list_nodes(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    nodes = []
-    for kv in (await st.store.list_prefix(keys.NODES)).items:
-        try:
-            nodes.append(NodeRecord.from_dict(loads(kv.value)).to_dict())
-        except (ValidationError, KeyError, TypeError, ValueError) as e:
-            log.warning("invalid node record %s: %r", kv.key, e)
-    return web.json_response({"object": "list", "data": nodes})
+    nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
+    return web.json_response({"object": "list", "data": [n.to_dict() for n in nodes]})
 
 
 async def list_replicas(request: web.Request) -> web.Response:

@@ -14,9 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from nebula.core import keys
-from nebula.core.model import ModelSpec, NodeRecord, dumps, expect_field, loads, validate_name
+from nebula.core.model import ModelSpec, dumps, expect_field, loads, validate_name
 from nebula.core.pulls import PullIntent, PullStatus
 from nebula.errors import ValidationError
+from nebula.services.gateway.records import node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
 
@@ -24,13 +25,7 @@ log = logging.getLogger(__name__)
 
 
 async def _live_nodes(st: GatewayState) -> list[str]:
-    out = []
-    for kv in (await st.store.list_prefix(keys.NODES)).items:
-        try:
-            out.append(NodeRecord.from_dict(loads(kv.value)).name)
-        except (ValidationError, KeyError, TypeError, ValueError):
-            continue
-    return sorted(out)
+    return sorted(n.name for n in node_records((await st.store.list_prefix(keys.NODES)).items))
 
 
 async def _what(st: GatewayState, body: dict[str, Any]) -> tuple[str, str | None]:

@@ -16,9 +16,10 @@ from aiohttp import web
 
 from nebula import __version__
 from nebula.core import keys
-from nebula.core.model import NodeRecord, loads
-from nebula.errors import TemporaryError, ValidationError
+from nebula.core.model import NodeRecord
+from nebula.errors import TemporaryError
 from nebula.services.gateway.admin_api import _instances, _model_json, _parse_spec, _pending
+from nebula.services.gateway.records import node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
         return {"gateway": _gateway_json(st),
                 "etcd": {"ok": False, "error": str(e) or type(e).__name__},
                 "scheduler": {"ok": None, "leader": None}, "nodes": None, "models": None}
-    records = []
-    for kv in node_kvs:
-        try:
-            records.append(NodeRecord.from_dict(loads(kv.value)))
-        except (ValidationError, KeyError, TypeError, ValueError) as e:
-            log.warning("invalid node record %s: %r", kv.key, e)
+    records = node_records(node_kvs)
     placed: dict[str, int] = {}
     for kv in placement_kvs:
         if (split := keys.split_placement_key(kv.key)) is not None:

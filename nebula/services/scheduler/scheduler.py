@@ -141,10 +141,10 @@ class Scheduler:
         """Wait until the leader key is gone, or `timeout_s`: a standby campaigns the moment the leader's lease
         ends (a handover within the lease TTL), not on its next poll; the timeout is the fallback poll."""
         async def vacated() -> None:
-            snap = await self.store.list_prefix(keys.SCHEDULER_LEADER)
-            if not any(kv.key == keys.SCHEDULER_LEADER for kv in snap.items):
+            held = await self.store.get(keys.SCHEDULER_LEADER)
+            if held is None:
                 return
-            async for ev in self.store.watch_prefix(keys.SCHEDULER_LEADER, start_revision=snap.revision + 1):
+            async for ev in self.store.watch_prefix(keys.SCHEDULER_LEADER, start_revision=held.mod_revision + 1):
                 if ev.key == keys.SCHEDULER_LEADER and ev.type is EventType.DELETE:
                     return
 
