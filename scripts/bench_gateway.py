@@ -150,7 +150,7 @@ def proxy_app(upstream: str) -> web.Application:
             return resp
 
     async def session_ctx(app: web.Application) -> Any:
-        # Same pool settings as Nebula's relay (no pool cap, no decompression), so only the hops differ.
+        # No pool cap and no decompression: a proxy passes bytes on as they come (as Nebula's engine hop does).
         app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         yield
         await app[SESSION].close()

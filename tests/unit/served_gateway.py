@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import threading
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,7 +43,13 @@ class ServedGateway:
 
 
 @contextmanager
-def served_gateway() -> Iterator[ServedGateway]:
+def served_gateway(cfg: GatewayConfig | None = None,
+                   prepare: Callable[[MemoryStore], Awaitable[None]] | None = None,
+                   cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None) -> Iterator[ServedGateway]:
+    """Serve the gateway (by default with ADMIN_KEY as its admin key) until the block ends. `prepare` runs
+    on the gateway's loop before it serves (to fill the store, start fake engines), `cleanup` after it
+    stopped. Served as in production, with handler cancellation (a client that leaves cancels its handler)."""
+    cfg = cfg or GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),))
     port = free_port()
     ready = threading.Event()
     loop = asyncio.new_event_loop()
@@ -51,8 +57,9 @@ def served_gateway() -> Iterator[ServedGateway]:
 
     async def start() -> None:
         store = MemoryStore()
-        cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),))
-        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()))
+        if prepare is not None:
+            await prepare(store)
+        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()), handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         box.append((runner, store))
@@ -66,6 +73,8 @@ def served_gateway() -> Iterator[ServedGateway]:
         yield ServedGateway(f"http://127.0.0.1:{port}", store, loop)
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        if cleanup is not None:
+            asyncio.run_coroutine_threadsafe(cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 

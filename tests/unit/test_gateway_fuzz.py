@@ -7,8 +7,7 @@ engine registered as the READY replica of each model, so a valid request goes th
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -29,8 +27,8 @@ from nebula.core.config import GatewayConfig
 from nebula.core.model import ModelSpec, Task, dumps
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.openapi import openapi_document
-from tests.harness.etcd import free_port
 from tests.unit.fake_engine import FakeEngine, put_instance
+from tests.unit.served_gateway import served_gateway
 
 ADMIN = "fuzz-admin"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -41,36 +39,18 @@ EXPECTED_503 = frozenset({"model_not_ready"})
 
 @pytest.fixture(scope="module")
 def gateway_url() -> Iterator[str]:
-    port = free_port()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    runners: list[web.AppRunner] = []
     engine = FakeEngine("fuzz")
 
-    async def start() -> None:
+    async def prepare(store: MemoryStore) -> None:
         endpoint = await engine.start()
-        store = MemoryStore()
         for name, task in (("m", Task.GENERATE), ("e", Task.EMBED), ("r", Task.RERANK)):
             await store.put(keys.model_key(name), dumps(ModelSpec(name=name, source="/models/x", task=task).to_dict()))
             await put_instance(store, name, endpoint, model=name, task=task)
-        import hashlib
 
-        cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN.encode()).hexdigest(),), load_poll_s=0,
-                            max_body_bytes=64 * 1024)
-        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()), handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runners[0].cleanup(), loop).result(10)
-    asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN.encode()).hexdigest(),), load_poll_s=0,
+                        max_body_bytes=64 * 1024)
+    with served_gateway(cfg, prepare, engine.stop) as gateway:
+        yield gateway.url
 
 
 def test_the_served_document_is_the_module_s(gateway_url: str) -> None:

@@ -9,73 +9,19 @@ admins racing never silently overwrite each other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 from aiohttp import web
 
-from nebula.adapters.store import KeyValue
 from nebula.core import keys
-from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps, loads, validate_name
-from nebula.core.status import ModelStatus
-from nebula.errors import ValidationError
+from nebula.core.model import ModelSpec, dumps, loads, validate_name
 from nebula.services.gateway import pulls_api
-from nebula.services.gateway.records import node_records
+from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 10
-
-
-def _parse_spec(kv: KeyValue) -> ModelSpec | None:
-    try:
-        return ModelSpec.from_dict(loads(kv.value))
-    except ValidationError as e:
-        log.warning("invalid model record %s: %s", kv.key, e)
-        return None
-
-
-def _instances(items: Iterable[KeyValue]) -> list[InstanceStatus]:
-    out = []
-    for kv in items:
-        try:
-            out.append(InstanceStatus.from_dict(loads(kv.value)))
-        except ValidationError as e:
-            log.warning("invalid instance record %s: %s", kv.key, e)
-    return out
-
-
-def _model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],
-                pending: Mapping[str, str] | None = None) -> dict[str, Any]:
-    mine = sorted((i for i in instances if i.model == name), key=lambda i: i.instance)
-    return {
-        "name": name,
-        # None: the model was unloaded and some of its instances are still draining.
-        "spec": spec.to_dict() if spec else None,
-        "ready": sum(1 for i in mine if i.phase is Phase.READY),
-        # Why replicas fit nowhere (the scheduler's words), or None.
-        "pending_reason": (pending or {}).get(name) if spec else None,
-        "instances": [{"instance": i.instance, "phase": i.phase.value, "node": i.node, "endpoint": i.endpoint,
-                       "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress}
-                      for i in mine],
-    }
-
-
-async def _pending(st: GatewayState, name: str | None = None) -> dict[str, str]:
-    """Pending reasons by model, as the scheduler leader wrote them (all, or the one of `name`)."""
-    items = ((await st.store.list_prefix(keys.MODEL_STATUS)).items if name is None
-             else [kv for kv in [await st.store.get(keys.model_status_key(name))] if kv is not None])
-    out: dict[str, str] = {}
-    for kv in items:
-        try:
-            status = ModelStatus.from_dict(loads(kv.value))
-        except ValidationError as e:
-            log.warning("invalid model status %s: %s", kv.key, e)
-            continue
-        out[status.model] = status.pending
-    return out
 
 
 async def _read_json(request: web.Request) -> object:
@@ -98,7 +44,7 @@ async def load_model(request: web.Request) -> web.Response:
         kv = await st.store.get(key)
         if kv is None:
             continue  # unloaded between our create and get: try again
-        if _parse_spec(kv) == spec:
+        if model_spec(kv) == spec:
             return web.json_response({"created": False, "model": spec.to_dict()})
         raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
                        "replicas with PATCH, or unload it first", param="name", code="model_exists")
@@ -122,23 +68,23 @@ async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
 
 async def list_models(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := _parse_spec(kv))}
-    instances = _instances((await st.store.list_prefix(keys.INSTANCES)).items)
+    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
+    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items)
     names = sorted(set(specs) | {i.model for i in instances})
-    pending = await _pending(st)
+    pending = await pending_reasons(st.store)
     return web.json_response({"object": "list",
-                              "data": [_model_json(n, specs.get(n), instances, pending) for n in names]})
+                              "data": [model_json(n, specs.get(n), instances, pending) for n in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     name = _name(request)
     kv = await st.store.get(keys.model_key(name))
-    spec = _parse_spec(kv) if kv else None
-    instances = [i for i in _instances((await st.store.list_prefix(keys.INSTANCES)).items) if i.model == name]
+    spec = model_spec(kv) if kv else None
+    instances = [i for i in instance_records((await st.store.list_prefix(keys.INSTANCES)).items) if i.model == name]
     if spec is None and not instances:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
-    return web.json_response(_model_json(name, spec, instances, await _pending(st, name)))
+    return web.json_response(model_json(name, spec, instances, await pending_reasons(st.store, name)))
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -160,7 +106,7 @@ async def scale_model(request: web.Request) -> web.Response:
     key = keys.model_key(name)
     for _ in range(CAS_ATTEMPTS):
         kv = await st.store.get(key)
-        current = _parse_spec(kv) if kv else None
+        current = model_spec(kv) if kv else None
         if kv is None or current is None:
             raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
         wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": body["replicas"]})

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.store import Store
+from nebula.adapters.upstream_http import UpstreamPool
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
 from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
@@ -26,12 +27,11 @@ from nebula.services.gateway.model_metrics import ModelCollector
 from nebula.services.gateway.openapi import openapi_route
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
-from nebula.services.gateway.state import GATEWAY, GatewayState, engine_timeout
+from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
 from nebula.services.http.errors import error_middleware
-from nebula.services.http.relay import new_session
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
 
 
@@ -50,8 +50,9 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None) -> web.Application:
-    """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session and
-    its span exporter live in cleanup_ctx; an injected `http_session` is used as is and left open."""
+    """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
+    the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
+    `http_session` is used as is and left open."""
     view = ClusterView()
     # A sample outlives a few failed polls (see load.py), not more: past that it describes another moment.
     loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
@@ -59,7 +60,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock)
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
-                         timeout=engine_timeout(cfg), session=http_session)
+                         upstream=UpstreamPool(cfg.connect_timeout_s), session=http_session)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -75,12 +76,15 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
 
     app.cleanup_ctx.append(tracer_ctx)
     async def session_ctx(_: web.Application) -> AsyncIterator[None]:
-        if http_session is not None:
+        try:
+            if http_session is not None:
+                yield
+                return
+            state.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
             yield
-            return
-        state.session = new_session()
-        yield
-        await state.session.close()
+            await state.session.close()
+        finally:
+            state.upstream.close()
 
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.MODELS, view.update_models),

@@ -4,7 +4,7 @@ number of attempts and what the relay saw of the body (for TTFT and inter-token 
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -22,7 +22,7 @@ def request_id(request: web.Request) -> str:
     rid = request.get(REQUEST_ID)
     if rid is None:
         incoming = request.headers.get(REQUEST_ID_HEADER)
-        rid = incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        rid = incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else secrets.token_hex(16)
         request[REQUEST_ID] = rid
     return rid
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
+from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamResponse, UpstreamUnreachable
 from nebula.core.routing import Replica
 from nebula.services.gateway.exchange import Exchange
 from nebula.services.gateway.state import GatewayState
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({502, 503})
 
 # What to make of the engine's committed response: relay it (the default) or rewrite it.
-Respond = Callable[[web.Request, aiohttp.ClientResponse, RelayStats], Awaitable[web.StreamResponse]]
+Respond = Callable[[web.Request, UpstreamResponse, RelayStats], Awaitable[web.StreamResponse]]
 
 
 async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | None, first: bool
@@ -65,11 +64,11 @@ async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: by
             break
         ex.replica, ex.attempts = replica.instance, attempt + 1
         st.routing.picks(model, replica.instance).inc()
-        url = URL(replica.endpoint + request.path_qs, encoded=True)
         with st.table.track(replica):
             try:
-                upstream = await st.http().post(url, data=body, headers=headers, timeout=st.timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                upstream = await st.upstream.post(replica.endpoint, request.path_qs, headers, body,
+                                                  st.cfg.upstream_timeout_s)
+            except UpstreamUnreachable as e:
                 log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e,
                          extra=ex.log_fields())
                 st.routing.retries(model, "connect").inc()
@@ -77,7 +76,7 @@ async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: by
                 continue
             except TimeoutError:
                 raise ApiError(504, "the model did not answer in time", code="timeout") from None
-            except aiohttp.ClientError as e:
+            except UpstreamDisconnected as e:
                 log.warning("replica %s failed before answering, trying another: %r", replica.instance, e,
                             extra=ex.log_fields())
                 st.routing.retries(model, "disconnect").inc()

@@ -7,13 +7,14 @@ goes on is the client's own bytes, so fields the gateway does not know reach the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
 
-import aiohttp
 from aiohttp import web
 
+from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
 from nebula.core.model import Task, loads
 from nebula.core.routing import prefix_key
 from nebula.errors import ValidationError
@@ -116,7 +117,7 @@ def _observe(st: GatewayState, path: str, ex: Exchange, started: float, status: 
                 ex.replica or "-", ex.attempts, extra={**ex.log_fields(), "NEBULA_STATUS": status})
 
 
-async def _rerank_without_documents(request: web.Request, upstream: aiohttp.ClientResponse,
+async def _rerank_without_documents(request: web.Request, upstream: UpstreamResponse,
                                     stats: RelayStats) -> web.StreamResponse:
     """Cohere/Jina `return_documents: false`, which vLLM does not implement: drop the echoed documents.
 
@@ -125,10 +126,10 @@ async def _rerank_without_documents(request: web.Request, upstream: aiohttp.Clie
     if upstream.status != 200:
         return await relay(request, upstream, stats)
     try:
-        payload = await upstream.json(content_type=None)
+        payload = json.loads(await upstream.read())
     except TimeoutError:
         raise ApiError(504, "the model did not answer in time", code="timeout") from None
-    except (ValueError, aiohttp.ClientError):
+    except (ValueError, UpstreamError):
         raise ApiError(502, "the engine sent an invalid rerank response", code="upstream_error") from None
     if isinstance(payload, dict) and isinstance(payload.get("results"), list):
         for result in payload["results"]:

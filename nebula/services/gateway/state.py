@@ -9,6 +9,7 @@ from aiohttp import web
 
 from nebula.adapters.engine_metrics import EngineLoad, fetch_engine_load
 from nebula.adapters.store import Store
+from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.auth import Authenticator
 from nebula.services.gateway.load import Clock
@@ -17,13 +18,6 @@ from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
-
-
-def engine_timeout(cfg: GatewayConfig) -> aiohttp.ClientTimeout:
-    """The timeout of one forwarded request: connecting is bounded tightly (a refused or silent replica is
-    retried on another), the whole exchange by upstream_timeout_s. Built once: it is the same every time."""
-    return aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, connect=cfg.connect_timeout_s,
-                                 sock_connect=cfg.connect_timeout_s)
 
 
 @dataclass
@@ -36,8 +30,10 @@ class GatewayState:
     table: ReplicaTable
     routing: RoutingMetrics
     clock: Clock
-    timeout: aiohttp.ClientTimeout
-    # Opened in the app's cleanup_ctx (a session belongs to a running loop), or injected by the caller.
+    # The engine hop (forwarded requests): its own lean client, see upstream_http.
+    upstream: UpstreamPool
+    # For the load poll of engines' /metrics. Opened in the app's cleanup_ctx (a session belongs to a
+    # running loop), or injected by the caller.
     session: aiohttp.ClientSession | None = field(default=None)
     # None unless [tracing] otlp_endpoint is set.
     tracer: RequestTracer | None = field(default=None)

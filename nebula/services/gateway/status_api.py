@@ -18,8 +18,7 @@ from nebula import __version__
 from nebula.core import keys
 from nebula.core.model import NodeRecord
 from nebula.errors import TemporaryError
-from nebula.services.gateway.admin_api import _instances, _model_json, _parse_spec, _pending
-from nebula.services.gateway.records import node_records
+from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,8 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
         node_kvs = (await st.store.list_prefix(keys.NODES)).items
         placement_kvs = (await st.store.list_prefix(keys.PLACEMENTS)).items
         model_kvs = (await st.store.list_prefix(keys.MODELS)).items
-        instances = _instances((await st.store.list_prefix(keys.INSTANCES)).items)
-        pending = await _pending(st)
+        instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items)
+        pending = await pending_reasons(st.store)
     except TemporaryError as e:
         log.warning("status: etcd unreachable: %r", e)
         return {"gateway": _gateway_json(st),
@@ -58,14 +57,14 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
     for kv in placement_kvs:
         if (split := keys.split_placement_key(kv.key)) is not None:
             placed[split[0]] = placed.get(split[0], 0) + 1
-    specs = {s.name: s for kv in model_kvs if (s := _parse_spec(kv))}
+    specs = {s.name: s for kv in model_kvs if (s := model_spec(kv))}
     names = sorted(set(specs) | {i.model for i in instances})
     leader_id = leader.value.decode(errors="replace") if leader else None
     return {"gateway": _gateway_json(st),
             "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
             "scheduler": {"ok": leader_id is not None, "leader": leader_id},
             "nodes": _nodes_json(records, placed),
-            "models": [_model_json(n, specs.get(n), instances, pending) for n in names]}
+            "models": [model_json(n, specs.get(n), instances, pending) for n in names]}
 
 
 async def get_status(request: web.Request) -> web.Response:

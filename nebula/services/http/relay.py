@@ -1,7 +1,7 @@
-"""Byte relay between an upstream aiohttp response (an engine's) and a downstream client.
+"""Byte relay between an engine's response (upstream_http) and a downstream client.
 
 Kept lean on purpose: the body is forwarded as the chunks arrive, never parsed (SSE included), and
-content is never re-encoded (the client session does not decompress).
+content is never re-encoded (the upstream client does not decompress).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
+from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
 from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,13 @@ _SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "t
                             "transfer-encoding", "upgrade", "server", "date"})
 
 
-def new_session() -> aiohttp.ClientSession:
-    """A client session fit for proxying: no pool limit (the default of 100 would cap concurrency),
-    no decompression (bytes pass through as the upstream encoded them), no overall default timeout, and
-    no cookie jar (engines set no cookies, and the jar would be consulted on every request and response)."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-                                 timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar())
-
-
 def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The request headers to send upstream: end-to-end ones only, credentials stripped; `extra` replaces
     any client header of the same name (compared without case).
 
-    A plain dict rather than a CIMultiDict: it is built on every request, and aiohttp takes either. A
-    header the client repeated is joined into one comma-separated field, which RFC 9110 5.3 makes equivalent.
-    Accept-Encoding is pinned (identity unless the client asked) because aiohttp would otherwise
-    offer gzip on our behalf and, without decompression, hand the client an encoding it never asked for.
+    A header the client repeated is joined into one comma-separated field, which RFC 9110 5.3 makes
+    equivalent. Accept-Encoding is pinned (identity unless the client asked): a request without one lets
+    the server pick any coding (RFC 9110 12.5.3), and the relay passes bytes as they come.
     """
     skip = _SKIP_REQUEST if not extra else _SKIP_REQUEST | {k.lower() for k in extra}
     out: dict[str, str] = {}
@@ -82,7 +73,7 @@ class RelayStats:
     complete: bool = False
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
+async def relay(request: web.Request, upstream: UpstreamResponse,
                 stats: RelayStats | None = None) -> web.StreamResponse:
     """Send `upstream`'s status, headers and body to the client as they arrive.
 
@@ -93,15 +84,15 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
     if length is not None and length <= WHOLE_BODY_MAX:
         return await _relay_whole(request, upstream, stats)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for k, v in upstream.headers.items():
+    for k, v in upstream.headers:
         if k.lower() not in _SKIP_RESPONSE:
             resp.headers.add(k, v)
     await resp.prepare(request)
     while True:
         try:
-            chunk = await upstream.content.readany()
-        except (TimeoutError, aiohttp.ClientError) as e:
-            log.warning("upstream %s broke mid-response: %r", upstream.url, e)
+            chunk = await upstream.read_chunk()
+        except (TimeoutError, UpstreamError) as e:
+            log.warning("upstream broke mid-response: %r", e)
             if request.transport is not None:
                 request.transport.abort()
             return resp
@@ -123,7 +114,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
     return resp
 
 
-async def _relay_whole(request: web.Request, upstream: aiohttp.ClientResponse,
+async def _relay_whole(request: web.Request, upstream: UpstreamResponse,
                        stats: RelayStats | None) -> web.StreamResponse:
     """A small body of known length (every non-streamed answer): read it whole, then send headers and body
     in one write, where streaming it would cost a write (a syscall) for the headers and one per chunk."""
@@ -131,13 +122,13 @@ async def _relay_whole(request: web.Request, upstream: aiohttp.ClientResponse,
         body = await upstream.read()
     except TimeoutError:
         raise ApiError(504, "the model did not answer in time", code="timeout") from None
-    except aiohttp.ClientError as e:
+    except UpstreamError as e:
         raise UpstreamBroke(repr(e)) from e
     if stats is not None:
         stats.first_chunk_at = stats.last_chunk_at = time.monotonic()
         stats.complete = True
     resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-    for k, v in upstream.headers.items():
+    for k, v in upstream.headers:
         low = k.lower()
         if low not in _SKIP_RESPONSE and low != "content-length":
             resp.headers.add(k, v)

@@ -1,0 +1,151 @@
+"""The engine hop's HTTP/1.1 response parser: every framing, fed whole, byte by byte and split at every
+position, must give the same head and body; malformed responses raise ProtocolError."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nebula.adapters.http1_parser import ProtocolError, ResponseHead, ResponseParser
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.heads: list[ResponseHead] = []
+        self.body = b""
+        self.pieces = 0
+        self.completed = 0
+
+    def on_head(self, head: ResponseHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        assert data, "an empty body piece"
+        self.body += data
+        self.pieces += 1
+
+    def on_complete(self) -> None:
+        self.completed += 1
+
+
+def parse(parts: list[bytes], eof: bool = False) -> Sink:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    for part in parts:
+        parser.feed(part)
+    if eof:
+        parser.feed_eof()
+    return sink
+
+
+SSE = [b'data: {"choices":[{"delta":{"content":"tok%d"}}]}\n\n' % i for i in range(5)] + [b"data: [DONE]\n\n"]
+CHUNKED = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(e), e) for e in SSE) + b"0\r\nX-Trailer: t\r\n\r\n")
+# As vLLM (uvicorn) frames a token stream: no extensions, one event per chunk.
+CHUNKED_PLAIN = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                 + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in SSE) + b"0\r\n\r\n")
+FIXED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"ok\": true}\n"
+CLOSE_DELIMITED = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
+CASES = [(CHUNKED, b"".join(SSE), False), (CHUNKED_PLAIN, b"".join(SSE), False), (FIXED, b'{"ok": true}\n', False),
+         (CLOSE_DELIMITED, b"until the end", True)]
+
+
+@pytest.mark.parametrize(("raw", "body", "eof"), CASES,
+                         ids=["chunked", "chunked-plain", "content-length", "until-close"])
+def test_every_split_gives_the_same_response(raw: bytes, body: bytes, eof: bool) -> None:
+    whole = parse([raw], eof)
+    assert whole.body == body and whole.completed == 1 and len(whole.heads) == 1
+    assert parse([raw[i:i + 1] for i in range(len(raw))], eof).body == body
+    for cut in range(1, len(raw)):
+        sink = parse([raw[:cut], raw[cut:]], eof)
+        assert (sink.body, sink.completed, sink.heads) == (body, 1, whole.heads), cut
+
+
+@pytest.mark.parametrize("raw", [CHUNKED, CHUNKED_PLAIN], ids=["extensions", "plain"])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=len(CHUNKED_PLAIN) - 1), max_size=8))
+def test_any_splits_of_a_chunked_stream(raw: bytes, cuts: list[int]) -> None:
+    edges = [0, *sorted(set(cuts)), len(raw)]
+    sink = parse([raw[a:b] for a, b in itertools.pairwise(edges)])
+    assert sink.body == b"".join(SSE) and sink.completed == 1
+
+
+def test_chunks_that_arrive_together_are_passed_on_as_one_piece() -> None:
+    sink = parse([CHUNKED])
+    assert sink.pieces == 1
+
+
+def test_a_chunk_per_read_is_a_piece_per_read() -> None:
+    head = CHUNKED_PLAIN.partition(b"\r\n\r\n")[0]
+    reads = [head + b"\r\n\r\n"] + [b"%x\r\n%s\r\n" % (len(e), e) for e in SSE] + [b"0\r\n\r\n"]
+    assert b"".join(reads) == CHUNKED_PLAIN
+    sink = parse(reads)
+    assert sink.pieces == len(SSE) and sink.body == b"".join(SSE) and sink.completed == 1
+
+
+def test_head_fields() -> None:
+    head = parse([FIXED]).heads[0]
+    assert (head.status, head.reason, head.content_length, head.keep_alive) == (200, "OK", 13, True)
+    assert ("Content-Type", "application/json") in head.headers
+    assert parse([CHUNKED]).heads[0].content_length is None
+    close = parse([CLOSE_DELIMITED], eof=True).heads[0]
+    assert not close.keep_alive and close.content_length is None
+    assert not parse([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"]).heads[0].keep_alive
+
+
+def test_interim_heads_are_skipped_and_bodiless_answers_complete_at_once() -> None:
+    sink = parse([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"])
+    assert [h.status for h in sink.heads] == [204] and sink.completed == 1 and sink.body == b""
+
+
+def test_chunked_wins_over_a_content_length() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    sink = parse([raw])
+    assert sink.body == b"hello" and sink.heads[0].content_length is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/2 200 OK\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXX",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi, and more",
+    b"HTTP/1.1 204 No Content\r\n\r\nstray",
+], ids=["version", "status", "header", "negative-length", "two-lengths", "coding", "size", "signed-size",
+        "no-crlf", "extra-bytes", "body-on-204"])
+def test_malformed_responses_are_refused(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse([raw])
+
+
+def test_a_head_without_end_is_bounded() -> None:
+    with pytest.raises(ProtocolError, match="too large"):
+        parse([b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000])
+
+
+@pytest.mark.parametrize("raw", [FIXED[:-3], CHUNKED[:-10], b"HTTP/1.1 200 OK\r\nContent-"])
+def test_a_close_before_the_end_is_an_error(raw: bytes) -> None:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(raw)
+    with pytest.raises(ProtocolError, match="before the response was complete"):
+        parser.feed_eof()
+    assert sink.completed == 0
+
+
+def test_reset_parses_the_next_response() -> None:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(FIXED)
+    assert parser.done
+    parser.reset()
+    assert not parser.started
+    parser.feed(FIXED)
+    assert sink.completed == 2
