@@ -21,6 +21,7 @@ generator excluded.
     .venv/bin/python scripts/bench_gateway.py --profile DIR --py-spy /tmp/pyspy/bin/py-spy   # sampled, per hop
     .venv/bin/python scripts/bench_gateway.py profile-summary DIR/stream32_c64-gateway.txt
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
+    .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
 
 The engine's timing travels in the request body (`bench_ttft_ms`, `bench_tpot_ms`, `max_tokens`): Nebula
 forwards unknown fields unchanged, so one engine process serves every scenario.
@@ -177,10 +178,19 @@ def serve(app: web.Application, port: int, use_uvloop: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads), in seconds."""
+    """utime + stime of `pid` (all its threads) and of its live child processes (gateway workers), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         rest = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    total = (int(rest[11]) + int(rest[12])) / CLK_TCK
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except FileNotFoundError:
+        kids = []
+    for kid in kids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(kid)
+    return total
 
 
 @dataclass
@@ -461,7 +471,7 @@ def two_hop_config(ports: dict[str, int]) -> str:
 
 
 def start_stack(procs: Processes, workdir: Path, profile_dir: Path | None, src: Path, sampled: bool,
-                uvloop_proxy: bool) -> Stack:
+                uvloop_proxy: bool, gateway_workers: int = 1) -> Stack:
     py, me = sys.executable, str(Path(__file__).resolve())
     ports = {name: free_port() for name in ("engine", "proxy", "etcd", "etcd_peer", "router", "gateway")}
     # A tree from before routing moved into the gateway needs its router service (and its config).
@@ -491,6 +501,7 @@ etcd_endpoints = ["{etcd_url}"]
 port = {ports['gateway']}
 api_key_hashes = ["{key_hash}"]
 admin_key_hashes = ["{hashlib.sha256(b'bench-admin-key').hexdigest()}"]
+{f"workers = {gateway_workers}" if gateway_workers > 1 else ""}
 {two_hop_config(ports) if "router" in hops else ""}
 [log]
 level = "info"
@@ -681,7 +692,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     with terminate_as_exit():
         try:
             stack = start_stack(procs, workdir, profile_dir, Path(args.nebula_src or ROOT).resolve(), bool(py_spy),
-                                args.uvloop_proxy)
+                                args.uvloop_proxy, args.gateway_workers)
             print(f"stack up in {time.monotonic() - started:.1f} s (logs in {workdir}); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
             for sc in chosen:
@@ -737,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--uvloop-proxy", action="store_true",
                        help="also measure the minimal proxy on uvloop (uvloop must be importable: "
                        "uv pip install --target /tmp/deps uvloop; PYTHONPATH=/tmp/deps)")
+        q.add_argument("--gateway-workers", type=int, default=1, metavar="N",
+                       help="run the gateway with gateway.workers = N (CPU counts the supervisor and its workers)")
         q.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")
         q.add_argument("--nebula-src", default="", metavar="DIR",
                        help="run Nebula's services from this tree (default: this checkout), e.g. "

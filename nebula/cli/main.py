@@ -17,7 +17,7 @@ from nebula.cli.keys import add_keys_parser, keys_command
 from nebula.cli.pull import add_pull_parser, pull_command
 from nebula.core.config import NebulaConfig
 from nebula.errors import ConfigError, ValidationError
-from nebula.services.runtime import load_config
+from nebula.services.runtime import config_path, load_config
 
 SERVICES = ("gateway", "scheduler", "node")
 
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     for svc in ("gateway", "scheduler"):
         s = sub.add_parser(svc, help=f"the {svc} service")
         s.add_argument("action", choices=["run"])
+        if svc == "gateway":
+            # Started by the gateway itself for each of gateway.workers (services/gateway/workers.py).
+            s.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     add_node_parser(sub)
     e = sub.add_parser("engine", help="the engine supervisor of one instance (run by nebula-engine@.service)")
     e.add_argument("action", choices=["run"])
@@ -207,7 +210,7 @@ def run_service(cmd: str, args: argparse.Namespace, cfg: NebulaConfig, env: dict
     elif cmd == "gateway":
         from nebula.services.gateway.main import run_gateway_process
 
-        run_gateway_process(cfg, env)
+        run_gateway_process(cfg, env, str(config_path(env, args.config)), args.worker)
     return 0
 
 

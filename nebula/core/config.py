@@ -83,6 +83,13 @@ class GatewayConfig:
     event_loop: str = _f("asyncio", "The gateway's event loop: 'asyncio' or 'uvloop'. uvloop saves a minimal "
                          "proxy 5-10% CPU per request, but measured no gain for the gateway, whose etcd client "
                          "(gRPC) then polls from threads of its own; scripts/bench_gateway.py compares them.")
+    workers: int = _f(1, "Processes serving the gateway's port, each on a core of its own (SO_REUSEPORT: the "
+                      "kernel spreads connections over them). One process saturates one core at a few thousand "
+                      "requests per second, and latency then grows with the queue; more keep it flat where "
+                      "cores are free. Keys' rate and concurrency limits count per process.")
+    worker_metrics_port: int = _f(0, "With workers > 1: worker i also serves its own /metrics on this port + i "
+                                  "(0: each takes a free port) and registers it for Prometheus discovery; /metrics "
+                                  "on the main port shows whichever worker took the connection.")
 
 
 @dataclass(frozen=True)
@@ -293,6 +300,10 @@ def _validate(cfg: NebulaConfig) -> None:
         raise ValidationError("gateway.access_log", "must be 'all', 'errors' or 'off'")
     if cfg.gateway.event_loop not in ("uvloop", "asyncio"):
         raise ValidationError("gateway.event_loop", "must be 'uvloop' or 'asyncio'")
+    if not 1 <= cfg.gateway.workers <= 256:
+        raise ValidationError("gateway.workers", "must be between 1 and 256")
+    if cfg.gateway.worker_metrics_port and not 1 <= cfg.gateway.worker_metrics_port <= 65535 - cfg.gateway.workers:
+        raise ValidationError("gateway.worker_metrics_port", "must leave room for one port per worker below 65536")
     ep = cfg.tracing.otlp_endpoint
     if ep and not ep.startswith(("http://", "https://")):
         raise ValidationError("tracing.otlp_endpoint", f"must be an http(s):// URL, got {ep!r}")

@@ -68,6 +68,22 @@ def metrics_route(registry: CollectorRegistry) -> web.RouteDef:
     return web.get("/metrics", metrics)
 
 
+@asynccontextmanager
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> AsyncIterator[int]:
+    """/metrics alone on host:port (0: a free port) for the block's duration; yields the port it got."""
+    runner = web.AppRunner(web.Application(), access_log=None, handle_signals=False)
+    runner.app.add_routes([metrics_route(registry)])
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        log.info("metrics on %s:%d", host, bound)
+        yield int(bound)
+    finally:
+        await runner.cleanup()
+
+
 async def notify_ready_and_watch(notifier: Notifier, healthy: Callable[[], bool],
                                  status: Callable[[], str] | None = None) -> None:
     """READY=1 now, then WATCHDOG=1 every half watchdog interval while `healthy()` holds."""
@@ -112,17 +128,19 @@ async def _logged(coro_fn: Callable[[], Awaitable[None]], name: str) -> None:
 
 async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
                                 status: Callable[[], str] | None = None,
-                                ssl_context: ssl.SSLContext | None = None) -> None:
+                                ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
     """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
 
     handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
     upstream request in turn: an abandoned generation stops consuming the engine.
     READY=1 once listening; WATCHDOG=1 is fed from this loop, so a blocked loop stops feeding it.
+    `reuse_port`: share the port with other processes that ask the same (SO_REUSEPORT; gateway workers).
     """
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None,
+                           ssl_context=ssl_context)
         await site.start()
         log.info("%s listening on %s:%d%s", what, host, port, " (TLS)" if ssl_context else "")
         await notify_ready_and_watch(notifier, lambda: True, status or (lambda: f"{what} listening on {host}:{port}"))

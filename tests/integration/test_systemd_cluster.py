@@ -131,6 +131,30 @@ def test_units_load_chat_restart_control_plane_unload(unit_cluster: UnitCluster)
                                            max_tokens=4)
     assert reply.choices[0].message.content is not None
 
+    # gateway.workers = 2 under the unit's hardening: the main process keeps two workers on the port, tells
+    # systemd READY=1 once both are (NotifyAccess=main), and requests are served.
+    dropin = c.sandbox.root / "etc/nebula/nebula.d/60-workers.toml"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[gateway]\nworkers = 2\n")
+    c.sandbox.systemctl("restart", "nebula-gateway.service")
+    gateway = c.sandbox.show("nebula-gateway.service", "ActiveState", "MainPID", "StatusText")
+    assert gateway["ActiveState"] == "active" and gateway["StatusText"] == "2/2 workers ready", gateway
+    main_pid = gateway["MainPID"]
+    workers = c.sandbox.exec(["cat", f"/proc/{main_pid}/task/{main_pid}/children"]).stdout.split()
+    assert len(workers) == 2, workers
+
+    def chat_through_a_worker() -> bool:
+        # Fresh from their start, workers answer 503 until their mirrors of etcd are loaded.
+        try:
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w"}],
+                                                   max_tokens=4)
+        except openai.APIStatusError as e:
+            assert e.status_code == 503, e
+            return False
+        return reply.choices[0].message.content is not None
+
+    wait_until(chat_through_a_worker, 30, "a chat through the gateway's workers", None)
+
     # The engine's journal carries vLLM's own output and the supervisor's structured fields.
     records = c.sandbox.journal("nebula-engine@tiny.service")
     assert any(r.get("NEBULA_INSTANCE") == "tiny" and r.get("NEBULA_MODEL") == "tiny" for r in records)

@@ -105,10 +105,12 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
 
 
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
-                        notifier: Notifier) -> None:
-    """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening)."""
+                        notifier: Notifier, shared_port: bool = False) -> None:
+    """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `shared_port`
+    for a worker among several (SO_REUSEPORT)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
                  + read_digest_file(cfg.gateway.admin_key_digest_file))
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
-    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=server_ssl_context(gw))
+    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=server_ssl_context(gw),
+                                reuse_port=shared_port)

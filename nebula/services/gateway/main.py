@@ -3,25 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
+from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import NebulaConfig
-from nebula.core.discovery import ServiceKind
+from nebula.core.discovery import ServiceKind, advertised_address
 from nebula.services.gateway.app import serve_gateway
+from nebula.services.gateway.workers import supervise_workers, worker_command
 from nebula.services.registration import keep_registered, service_record
-from nebula.services.runtime import node_name, run_tasks_until, service_context
+from nebula.services.runtime import node_name, run_tasks_until, serve_metrics, service_context, stop_on_signals
 
 log = logging.getLogger(__name__)
 
 
-async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
+async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | None = None) -> None:
+    """One gateway: alone, or worker `worker` of gateway.workers (sharing the port, with /metrics of its own)."""
     async with service_context(cfg, env) as svc:
-        task = asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier), name="gateway")
-        registration = asyncio.create_task(keep_registered(
-            svc.store, service_record(cfg, ServiceKind.GATEWAY, node_name(cfg)), cfg.cluster.lease_ttl_s),
-            name="registration")
-        await run_tasks_until(svc.stop, [task, registration])
+        task = asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier,
+                                                 shared_port=worker is not None), name="gateway")
+        tasks = [task]
+        async with contextlib.AsyncExitStack() as stack:
+            record = service_record(cfg, ServiceKind.GATEWAY, node_name(cfg))
+            if worker is not None:
+                # Each worker's own series, where Prometheus can tell the workers apart.
+                port = await stack.enter_async_context(serve_metrics(
+                    svc.registry, cfg.gateway.host,
+                    cfg.gateway.worker_metrics_port + worker if cfg.gateway.worker_metrics_port else 0))
+                record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
+            tasks.append(asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s),
+                                             name="registration"))
+            await run_tasks_until(svc.stop, tasks)
+
+
+async def run_supervisor(cfg: NebulaConfig, env: Mapping[str, str], config_file: str) -> int:
+    """gateway.workers > 1: this process only keeps the workers (workers.py); they serve."""
+    notifier = Notifier(env)
+    try:
+        return await supervise_workers(cfg.gateway.workers, worker_command(config_file), env, notifier,
+                                       stop_on_signals())
+    finally:
+        notifier.close()
 
 
 def gateway_loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -37,7 +61,12 @@ def gateway_loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventL
     return factory
 
 
-def run_gateway_process(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
-    """`nebula gateway run`: the gateway until SIGTERM, on the configured event loop."""
+def run_gateway_process(cfg: NebulaConfig, env: Mapping[str, str], config_file: str,
+                        worker: int | None = None) -> None:
+    """`nebula gateway run`: the gateway until SIGTERM, on the configured event loop; with gateway.workers > 1,
+    the supervisor of that many workers (each `nebula gateway run --worker I`)."""
+    if worker is None and cfg.gateway.workers > 1:
+        asyncio.run(run_supervisor(cfg, env, config_file))
+        return
     with asyncio.Runner(loop_factory=gateway_loop_factory(cfg.gateway.event_loop)) as runner:
-        runner.run(run_gateway(cfg, env))
+        runner.run(run_gateway(cfg, env, worker))
