@@ -24,17 +24,31 @@ def test_ready_once_every_worker_said_so() -> None:
     assert book.all_ready() and book.status() == "2/2 workers ready"
 
 
-def test_a_worker_never_ready_or_gone_silent_is_stuck() -> None:
+def test_a_worker_ready_then_silent_is_killed_once() -> None:
+    book = WorkerBook(1, watchdog_s=10)
+    (w,) = book.workers
+    book.started(w, 100, now=0)
+    book.notified(100, {"READY": "1"}, now=1)
+    book.notified(100, {"WATCHDOG": "1"}, now=5)
+    assert book.stuck(now=15) == []
+    assert book.stuck(now=16) == [w]  # silent for more than a watchdog period
+    assert book.stuck(now=17) == []  # killed already: once is enough until its exit is seen
+
+
+def test_a_worker_never_ready_is_stuck_and_its_successor_gets_its_own_chance() -> None:
     book = WorkerBook(2, watchdog_s=10)
-    slow, hung = book.workers
+    slow, busy = book.workers
     book.started(slow, 100, now=0)
-    book.started(hung, 101, now=0)
+    book.started(busy, 101, now=0)
     book.notified(101, {"READY": "1"}, now=1)
-    assert book.stuck(now=12) == [hung]  # ready, then silent for more than a watchdog period
     book.notified(101, {"WATCHDOG": "1"}, now=START_TIMEOUT_S - 5)
     assert book.stuck(now=START_TIMEOUT_S) == []
     assert book.stuck(now=START_TIMEOUT_S + 1) == [slow]
-    assert book.stuck(now=START_TIMEOUT_S + 6) == [slow, hung]
+    assert book.stuck(now=START_TIMEOUT_S + 6) == [busy]
+    book.exited(slow, now=START_TIMEOUT_S + 7)
+    book.started(slow, 102, now=START_TIMEOUT_S + 8)
+    assert book.stuck(now=2 * START_TIMEOUT_S + 8) == []
+    assert book.stuck(now=2 * START_TIMEOUT_S + 9) == [slow]
 
 
 def test_quick_deaths_back_off_and_a_stable_worker_restarts_at_once() -> None:

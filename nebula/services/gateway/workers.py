@@ -55,6 +55,7 @@ class Worker:
     restarts: int = 0
     backoff_s: float = 0.0
     start_at: float = 0.0  # when to start it next (after a death, backoff_s later)
+    killed: bool = False  # killed as stuck, not yet reaped
 
 
 @dataclass
@@ -73,7 +74,7 @@ class WorkerBook:
         return next((w for w in self.workers if w.pid == pid and pid), None)
 
     def started(self, w: Worker, pid: int, now: float) -> None:
-        w.pid, w.started_at, w.ready, w.last_ping = pid, now, False, now
+        w.pid, w.started_at, w.ready, w.last_ping, w.killed = pid, now, False, now, False
 
     def notified(self, pid: int, fields: Mapping[str, str], now: float) -> Worker | None:
         w = self.by_pid(pid)
@@ -95,10 +96,14 @@ class WorkerBook:
         return [w for w in self.workers if not w.pid and w.start_at <= now]
 
     def stuck(self, now: float) -> list[Worker]:
-        """Running workers to kill: not ready within START_TIMEOUT_S, or silent for a whole watchdog period."""
-        return [w for w in self.workers if w.pid and (
+        """Running workers to kill: not ready within START_TIMEOUT_S, or silent for a whole watchdog period.
+        Each is returned once: it counts as killed until its exit is seen."""
+        stuck = [w for w in self.workers if w.pid and not w.killed and (
             (not w.ready and now - w.started_at > START_TIMEOUT_S)
             or (w.ready and now - w.last_ping > self.watchdog_s))]
+        for w in stuck:
+            w.killed = True
+        return stuck
 
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers)
