@@ -41,12 +41,37 @@ class ResponseSink(Protocol):
     def on_complete(self) -> None: ...
 
 
+class _NoResponseExpected:
+    """The sink of a parser that has not been given a response to parse (see ResponseParser.reset)."""
+
+    def _refuse(self) -> None:
+        raise ProtocolError("bytes arrived while no response was expected")
+
+    def on_head(self, head: ResponseHead) -> None:
+        self._refuse()
+
+    def on_body(self, data: bytes) -> None:
+        self._refuse()
+
+    def on_complete(self) -> None:
+        self._refuse()
+
+
+def _line_end(buf: bytes, pos: int, limit: int, what: str) -> int:
+    """Where the line starting at `pos` ends (its CR), or -1 while it is incomplete and within `limit`."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0 and len(buf) - pos > limit:
+        raise ProtocolError(f"{what} too long")
+    return end
+
+
 # Parser states.
 _HEAD, _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
 
 class ResponseParser:
-    """Parses one response per `reset()`; `feed` pushes its parts to the sink as soon as they are known.
+    """Parses one response per `reset(sink)` (a connection keeps one parser for all its responses); `feed`
+    pushes the response's parts to the sink as soon as they are known.
 
     After on_complete, bytes fed before a reset raise ProtocolError: an engine never sends unasked bytes,
     and a connection that does is not reused.
@@ -54,13 +79,14 @@ class ResponseParser:
 
     __slots__ = ("_buf", "_remaining", "_sink", "_state")
 
-    def __init__(self, sink: ResponseSink) -> None:
-        self._sink = sink
+    def __init__(self, sink: ResponseSink | None = None) -> None:
+        self._sink: ResponseSink = sink or _NoResponseExpected()
         self._buf = b""
         self._state = _HEAD
         self._remaining = 0
 
-    def reset(self) -> None:
+    def reset(self, sink: ResponseSink) -> None:
+        self._sink = sink
         self._buf = b""
         self._state = _HEAD
         self._remaining = 0
@@ -154,10 +180,8 @@ class ResponseParser:
                 pos += 2
                 state = _CHUNK_SIZE
             elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n", pos)
+                end = _line_end(buf, pos, MAX_CHUNK_LINE, "chunk size line")
                 if end < 0:
-                    if n - pos > MAX_CHUNK_LINE:
-                        raise ProtocolError("chunk size line too long")
                     break
                 size = buf[pos:end].partition(b";")[0].strip()
                 if not size or size.strip(_HEX) or len(size) > 16:
@@ -166,10 +190,8 @@ class ResponseParser:
                 remaining = int(size, 16)
                 state = _CHUNK_DATA if remaining else _TRAILERS
             elif state == _TRAILERS:
-                end = buf.find(b"\r\n", pos)
+                end = _line_end(buf, pos, MAX_HEAD, "trailer line")
                 if end < 0:
-                    if n - pos > MAX_HEAD:
-                        raise ProtocolError("trailers too large")
                     break
                 last = end == pos
                 pos = end + 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -77,7 +78,6 @@ class UpstreamResponse:
         "content_length",
         "headers",
         "keep_alive",
-        "parser",
         "reason",
         "status",
     )
@@ -85,7 +85,6 @@ class UpstreamResponse:
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: _Connection) -> None:
         self._loop = loop
         self._conn = conn
-        self.parser = ResponseParser(self)
         self.status = 0
         self.reason = ""
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -206,6 +205,8 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
+        # One parser for the connection's life, pointed at each response in turn (send).
+        self.parser = ResponseParser()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,7 +219,7 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection is out of step
             return
         try:
-            response.parser.feed(data)
+            self.parser.feed(data)
         except ProtocolError as e:
             response.fail(UpstreamDisconnected(f"invalid response: {e}"))
             self.abort()
@@ -233,7 +234,7 @@ class _Connection(asyncio.Protocol):
         if response is None or response.complete:
             return
         try:
-            response.parser.feed_eof()
+            self.parser.feed_eof()
         except ProtocolError:
             reason = f"connection lost: {exc!r}" if exc else "the engine closed the connection"
             response.fail(UpstreamDisconnected(reason))
@@ -241,6 +242,7 @@ class _Connection(asyncio.Protocol):
     def send(self, response: UpstreamResponse, data: bytes) -> None:
         assert self.transport is not None
         self.response = response
+        self.parser.reset(response)
         self.transport.write(data)
 
     def pause_reading(self) -> None:
@@ -316,7 +318,7 @@ class UpstreamPool:
                 await response.wait_head()
             except UpstreamDisconnected:
                 response.release()
-                if reused and not response.parser.started:
+                if reused and not conn.parser.started:
                     continue  # closed while idle; the engine never read the request
                 raise
             except BaseException:
@@ -350,13 +352,11 @@ class UpstreamPool:
         if len(idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.abort()
         else:
-            conn.response = None
             idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
+        with contextlib.suppress(ValueError):
+            self._idle.get(conn.key, []).remove(conn)
 
     def close(self) -> None:
         """Close the idle connections; those in use close when their response is released."""

@@ -1,7 +1,11 @@
-"""When the agent restarts a crashed engine itself (back-ends without a service manager's Restart=).
+"""When to restart what crashed. Pure: the caller passes the time.
 
+RestartBook: the agent restarting a crashed engine itself (back-ends without a service manager's Restart=).
 Mirrors nebula-engine@.service: restart after a delay, at most `max_restarts` within `window_s`; past that the
-instance stays failed until its spec changes or it is loaded again. Pure: the caller passes the time.
+instance stays failed until its spec changes or it is loaded again.
+
+crash_backoff: the processes Nebula keeps running itself, forever (`nebula up`'s control plane, gateway
+workers): a quick exit doubles the delay up to a ceiling; one after a stable run restarts at once.
 """
 
 from __future__ import annotations
@@ -46,3 +50,15 @@ class RestartBook:
     def forget(self, instance: str) -> None:
         self._failures.pop(instance, None)
         self._total.pop(instance, None)
+
+
+STABLE_S = 60.0  # a process that ran this long before exiting is restarted without delay
+MAX_BACKOFF_S = 30.0
+
+
+def crash_backoff(previous_s: float, ran_s: float, first_s: float) -> float:
+    """The delay before restarting a process that exited after running `ran_s`, its last delay being
+    `previous_s`: none after a stable run, else `first_s` doubling per quick exit up to MAX_BACKOFF_S."""
+    if ran_s >= STABLE_S:
+        return 0.0
+    return min(MAX_BACKOFF_S, max(first_s, 2 * previous_s))

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nebula.core.config import NebulaConfig
+from nebula.core.restarts import crash_backoff
 
 log = logging.getLogger("nebula.launcher")
 CONTROL_PLANE = ("gateway", "scheduler", "node")
@@ -66,7 +67,7 @@ class Child:
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    backoff_s: float = 0.5
+    backoff_s: float = 0.0
     started_at: float = field(default=0.0)
 
     async def start(self) -> None:
@@ -108,11 +109,10 @@ async def supervise(cfg: NebulaConfig, env: Mapping[str, str], state_dir: Path, 
             if t is stopper:
                 continue
             child = waits[t]
+            # A child that ran a while restarts at once; one that crash-loops backs off to 30 s.
+            child.backoff_s = crash_backoff(child.backoff_s, time.monotonic() - child.started_at, 0.5)
             log.warning("%s exited with %s; restarting in %.1f s", child.name, child.proc.returncode if child.proc
                         else "?", child.backoff_s)
-            # A child that ran a while gets a fresh backoff; one that crash-loops backs off to 30 s.
-            ran = time.monotonic() - child.started_at
-            child.backoff_s = 0.5 if ran > 60 else min(child.backoff_s * 2, 30.0)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=child.backoff_s)
             except TimeoutError:

@@ -3,8 +3,8 @@ restarted and with what backoff; and what a worker is told."""
 
 from __future__ import annotations
 
+from nebula.core.restarts import MAX_BACKOFF_S
 from nebula.services.gateway.workers import (
-    BACKOFF_MAX_S,
     START_TIMEOUT_S,
     WorkerBook,
     parse_notification,
@@ -63,7 +63,7 @@ def test_quick_deaths_back_off_and_a_stable_worker_restarts_at_once() -> None:
         delays.append(w.backoff_s)
         assert book.due_to_start(now) == [] and book.due_to_start(now + w.backoff_s) == [w]
         now += w.backoff_s
-    assert delays == [1, 2, 4, 8, 16, 30, 30, 30] and BACKOFF_MAX_S == 30
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30] and MAX_BACKOFF_S == 30
     assert w.restarts == 8 and w.pid == 0 and not w.ready
     book.started(w, 100, now)
     book.exited(w, now + 3600)

@@ -145,7 +145,12 @@ def test_reset_parses_the_next_response() -> None:
     parser = ResponseParser(sink)
     parser.feed(FIXED)
     assert parser.done
-    parser.reset()
+    parser.reset(sink)
     assert not parser.started
     parser.feed(FIXED)
     assert sink.completed == 2
+
+
+def test_a_parser_given_no_response_refuses_bytes() -> None:
+    with pytest.raises(ProtocolError, match="no response was expected"):
+        ResponseParser().feed(FIXED)

@@ -21,21 +21,19 @@ log = logging.getLogger(__name__)
 
 async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | None = None) -> None:
     """One gateway: alone, or worker `worker` of gateway.workers (sharing the port, with /metrics of its own)."""
-    async with service_context(cfg, env) as svc:
-        task = asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier,
-                                                 shared_port=worker is not None), name="gateway")
-        tasks = [task]
-        async with contextlib.AsyncExitStack() as stack:
-            record = service_record(cfg, ServiceKind.GATEWAY, node_name(cfg))
-            if worker is not None:
-                # Each worker's own series, where Prometheus can tell the workers apart.
-                port = await stack.enter_async_context(serve_metrics(
-                    svc.registry, cfg.gateway.host,
-                    cfg.gateway.worker_metrics_port + worker if cfg.gateway.worker_metrics_port else 0))
-                record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
-            tasks.append(asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s),
-                                             name="registration"))
-            await run_tasks_until(svc.stop, tasks)
+    async with service_context(cfg, env) as svc, contextlib.AsyncExitStack() as stack:
+        record = service_record(cfg, ServiceKind.GATEWAY, node_name(cfg))
+        if worker is not None:
+            # Each worker's own series, where Prometheus can tell the workers apart.
+            port = await stack.enter_async_context(serve_metrics(
+                svc.registry, cfg.gateway.host,
+                cfg.gateway.worker_metrics_port + worker if cfg.gateway.worker_metrics_port else 0))
+            record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
+        await run_tasks_until(svc.stop, [
+            asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier,
+                                              shared_port=worker is not None), name="gateway"),
+            asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s), name="registration"),
+        ])
 
 
 async def run_supervisor(cfg: NebulaConfig, env: Mapping[str, str], config_file: str) -> int:

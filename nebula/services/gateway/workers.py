@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nebula.adapters.sdnotify import Notifier
+from nebula.core.restarts import crash_backoff
 from nebula.services.runtime import notify_ready_and_watch
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ log = logging.getLogger(__name__)
 # A worker's watchdog when systemd gives the supervisor none: a hung worker is replaced within this.
 DEFAULT_WORKER_WATCHDOG_S = 10.0
 START_TIMEOUT_S = 60.0  # READY=1 within this, or the worker is killed and started again
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
-STABLE_S = 60.0  # a worker that ran this long restarts without backoff
+BACKOFF_FIRST_S = 1.0
 STOP_TIMEOUT_S = 25.0  # inside the unit's TimeoutStopSec=30, so systemd need not SIGKILL
 
 
@@ -88,8 +88,7 @@ class WorkerBook:
 
     def exited(self, w: Worker, now: float) -> None:
         """Worker `w` is gone: start it again at once if it had been running a while, else after a backoff."""
-        stable = now - w.started_at >= STABLE_S
-        w.backoff_s = 0.0 if stable else min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, 2 * w.backoff_s))
+        w.backoff_s = crash_backoff(w.backoff_s, now - w.started_at, BACKOFF_FIRST_S)
         w.pid, w.ready, w.restarts, w.start_at = 0, False, w.restarts + 1, now + w.backoff_s
 
     def due_to_start(self, now: float) -> list[Worker]:
