@@ -215,6 +215,9 @@ class ResponseParser:
 
     def _head(self, raw: bytes) -> None:
         lines = raw.split(b"\r\n")
+        if raw.count(b"\n") != len(lines) - 1 or raw.count(b"\r") != len(lines) - 1:
+            # Header values go on to the client: a bare CR or LF in one would split it there.
+            raise ProtocolError("bare CR or LF in the response head")
         version, _, rest = lines[0].partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.etcd import EtcdStore
@@ -29,6 +28,7 @@ from nebula.core.pulls import PullPhase, PullStatus
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.scheduler.scheduler import Scheduler
 from tests.harness.etcd import EtcdServer
+from tests.harness.gateway_server import GatewayServer
 
 pytestmark = pytest.mark.etcd
 GIB = 1024
@@ -38,7 +38,7 @@ GIB = 1024
 class Stack:
     store: EtcdStore
     http: aiohttp.ClientSession
-    gateway: TestServer
+    gateway: GatewayServer
     lease: int
 
     async def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
@@ -73,7 +73,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(mirror_prefix(store, prefix, cb)) for prefix, cb in (
         (keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes), (keys.PLACEMENTS, sched.on_placements))]
     tasks.append(asyncio.create_task(sched.run()))
-    gateway = TestServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
+    gateway = GatewayServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
     await gateway.start_server()
     http = aiohttp.ClientSession(headers={"Content-Type": "application/json"})
     st = Stack(store, http, gateway, lease)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.memstore import MemoryStore
 from nebula.cli.main import main
 from nebula.core.config import GatewayConfig
-from nebula.services.gateway.app import build_gateway_app
+from nebula.services.gateway.app import build_gateway_app, gateway_site
 from tests.harness.etcd import free_port
 
 ADMIN_KEY = "admin-secret"
@@ -48,7 +48,8 @@ def served_gateway(cfg: GatewayConfig | None = None,
                    cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None) -> Iterator[ServedGateway]:
     """Serve the gateway (by default with ADMIN_KEY as its admin key) until the block ends. `prepare` runs
     on the gateway's loop before it serves (to fill the store, start fake engines), `cleanup` after it
-    stopped. Served as in production, with handler cancellation (a client that leaves cancels its handler)."""
+    stopped. Served as in production: the data-plane server in front of aiohttp, handlers cancelled when
+    their client leaves."""
     cfg = cfg or GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),))
     port = free_port()
     ready = threading.Event()
@@ -59,9 +60,10 @@ def served_gateway(cfg: GatewayConfig | None = None,
         store = MemoryStore()
         if prepare is not None:
             await prepare(store)
-        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()), handler_cancellation=True)
+        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()), handler_cancellation=True,
+                               shutdown_timeout=5.0)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await gateway_site(runner, "127.0.0.1", port, shutdown_timeout_s=5.0).start()
         box.append((runner, store))
         ready.set()
 

@@ -9,6 +9,8 @@ import contextlib
 import hashlib
 import json
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
@@ -27,6 +28,7 @@ from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Phase, Task, dumps, loads
 from nebula.services.gateway.app import build_gateway_app, serve_gateway
 from nebula.services.gateway.state import GATEWAY
+from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, completion_bytes, engines, put_instance, sse_chunks, until
 
 ADMIN_KEY, USER_KEY = "admin-secret", "user-secret"
@@ -44,7 +46,7 @@ MODELS = [ModelSpec(name="m", source="org/m"), ModelSpec(name="e", source="org/e
 class Stack:
     store: MemoryStore
     registry: CollectorRegistry
-    gateway: TestServer
+    gateway: GatewayServer
     http: aiohttp.ClientSession
     engine: FakeEngine
 
@@ -81,7 +83,7 @@ async def make_stack(engine: FakeEngine) -> AsyncIterator[MakeStack]:
         await put_instance(store, "m:1", "http://127.0.0.1:1", Phase.STARTING)
         await put_instance(store, "e", engine.endpoint, model="e", task=Task.EMBED)
         registry = CollectorRegistry()
-        gateway = TestServer(build_gateway_app(GatewayConfig(**cfg), store, registry))
+        gateway = GatewayServer(build_gateway_app(GatewayConfig(**cfg), store, registry))
         await gateway.start_server()
         stack = Stack(store, registry, gateway, aiohttp.ClientSession(), engine)
         made.append(stack)
@@ -157,6 +159,26 @@ async def test_oversized_body_is_413(make_stack: MakeStack) -> None:
     status, _, body = await s.call("POST", "/v1/chat/completions", {**CHAT, "pad": "x" * 4096})
     assert status == 413
     assert_openai_error(body, 413, "request_too_large")
+
+
+async def test_a_client_still_sending_a_too_big_body_reads_the_413(make_stack: MakeStack) -> None:
+    # urllib-style: the whole body is written before the answer is read. Closing at once with the body
+    # unread would make the kernel reset the connection, and the client would see a reset, not the 413.
+    s = await make_stack(max_body_bytes=1024)
+    body = b'{"pad": "' + b"x" * (4 << 20) + b'"}'
+
+    def post() -> tuple[int, bytes]:
+        request = urllib.request.Request(s.url("/v1/chat/completions"), data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, answer = await asyncio.to_thread(post)
+    assert status == 413
+    assert_openai_error(json.loads(answer), 413, "request_too_large")
 
 
 async def test_unknown_model_is_404_model_not_found(make_stack: MakeStack) -> None:
@@ -497,7 +519,7 @@ async def test_gateway_started_without_the_store_answers_503_not_404() -> None:
     store = MemoryStore()
     store.set_reachable(False)
     # A key from the config passes while the stored keys are unknown (without it: 503 keys_not_loaded).
-    gateway = TestServer(build_gateway_app(GatewayConfig(api_key_hashes=(sha(USER_KEY),)), store,
+    gateway = GatewayServer(build_gateway_app(GatewayConfig(api_key_hashes=(sha(USER_KEY),)), store,
                                            CollectorRegistry()))
     await gateway.start_server()
     try:
@@ -521,7 +543,7 @@ async def _check_affinity(a: FakeEngine, b: FakeEngine) -> None:
         await store.put(keys.model_key(spec.name), dumps(spec.to_dict()))
     await put_instance(store, "m", a.endpoint)
     await put_instance(store, "m:1", b.endpoint)
-    gateway = TestServer(build_gateway_app(GatewayConfig(load_poll_s=0), store, CollectorRegistry()))
+    gateway = GatewayServer(build_gateway_app(GatewayConfig(load_poll_s=0), store, CollectorRegistry()))
     await gateway.start_server()
     try:
         await until(lambda: len(gateway.app[GATEWAY].table.ready().get("m", [])) == 2

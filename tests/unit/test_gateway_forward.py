@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
@@ -30,6 +29,7 @@ from nebula.services.gateway.app import build_gateway_app, serve_gateway
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.http.relay import forward_headers
+from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, completion_bytes, engines, put_instance, sse_chunks, until
 
 
@@ -52,7 +52,7 @@ async def put_model(store: MemoryStore, name: str = "m") -> None:
 class Gateway:
     store: MemoryStore
     registry: CollectorRegistry
-    server: TestServer
+    server: GatewayServer
     http: aiohttp.ClientSession
 
     def url(self, path: str) -> str:
@@ -89,7 +89,7 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
         store, registry = MemoryStore(), CollectorRegistry()
         await put_model(store)
         app = build_gateway_app(GatewayConfig(**{"connect_timeout_s": 1.0, **cfg}), store, registry)
-        server = TestServer(app)
+        server = GatewayServer(app)
         await server.start_server()
         r = Gateway(store, registry, server, aiohttp.ClientSession(auto_decompress=False))
         made.append(r)
@@ -455,7 +455,7 @@ async def test_replicas_view_is_admin_scoped(two: list[FakeEngine]) -> None:
     admin = hashlib.sha256(b"admin-secret").hexdigest()
     user = hashlib.sha256(b"user-secret").hexdigest()
     store = MemoryStore()
-    server = TestServer(build_gateway_app(GatewayConfig(admin_key_hashes=(admin,), api_key_hashes=(user,)),
+    server = GatewayServer(build_gateway_app(GatewayConfig(admin_key_hashes=(admin,), api_key_hashes=(user,)),
                                           store, CollectorRegistry()))
     await server.start_server()
     try:
@@ -470,7 +470,7 @@ async def test_replicas_view_is_admin_scoped(two: list[FakeEngine]) -> None:
 
 async def test_serve_gateway_notifies_and_cancels_upstream_when_the_client_leaves(
         tmp_path: Path, two: list[FakeEngine]) -> None:
-    # The production runner, not TestServer: aiohttp only cancels handlers of departed clients when the
+    # The production runner, not GatewayServer: aiohttp only cancels handlers of departed clients when the
     # runner is built with handler_cancellation=True, which is what this checks.
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
@@ -513,3 +513,41 @@ def test_forwarded_headers_are_end_to_end_only_and_json() -> None:
     assert forward_headers(sent, {"Content-Type": "application/json"}) == {
         "X-Tag": "a, b", "Accept-Encoding": "identity", "Content-Type": "application/json"}
     assert forward_headers(CIMultiDict([("accept-encoding", "gzip")]))["accept-encoding"] == "gzip"
+
+
+async def test_a_connection_aiohttp_takes_over_keeps_serving_inference(make_gateway: MakeGateway,
+                                                                       two: list[FakeEngine]) -> None:
+    # The openai client keeps one connection for everything: an admin or /healthz call in the middle
+    # hands it to aiohttp, whose OpenAI routes then answer the same way (request id, relay, streaming).
+    r = await make_gateway(load_poll_s=0)
+    a = two[0]
+    await put_instance(r.store, "m", a.endpoint)
+    await until(lambda: r.ready_count() == 1)
+    site = r.server.site
+    assert site is not None
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        async def chat_on(path: str = "/v1/chat/completions", body: bytes = CHAT) -> tuple[str, bytes]:
+            async with http.post(r.url(path), data=body, headers={"X-Request-ID": "req-1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                return resp.headers["X-Request-ID"], await resp.read()
+
+        assert (await chat_on())[0] == "req-1"
+        assert site.connections == 1  # on the data-plane server
+        async with http.get(r.url("/healthz")) as resp:
+            assert resp.status == 200
+        assert site.connections == 0  # aiohttp's now
+        rid, body = await chat_on()
+        assert rid == "req-1" and json.loads(body)["object"] == "chat.completion"
+        rid, body = await chat_on(body=CHAT_STREAM)
+        assert rid == "req-1" and body.rstrip().endswith(b"data: [DONE]")
+        async with http.post(r.url("/v1/chat/completions"), data=b"{not json") as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert [m.headers["X-Request-ID"] for m in a.received] == ["req-1"] * 3
+
+
+async def test_big_request_heads_get_the_openai_error_shape(make_gateway: MakeGateway) -> None:
+    r = await make_gateway(load_poll_s=0)
+    async with r.post(CHAT, headers={"X-Padding": "x" * 70_000}) as resp:
+        assert resp.status == 431
+        error = (await resp.json())["error"]
+        assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"

@@ -40,6 +40,7 @@ from nebula.services.gateway.auth import (
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.http.errors import ApiError, error_middleware
+from tests.harness.gateway_server import GatewayServer
 from tests.harness.tls import make_pki
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
 
@@ -62,7 +63,7 @@ class Clock:
 @dataclass
 class Gw:
     store: MemoryStore
-    server: TestServer
+    server: GatewayServer
     http: aiohttp.ClientSession
     engine: FakeEngine
     clock: Clock
@@ -101,7 +102,7 @@ async def make_gw(engine: FakeEngine) -> AsyncIterator[MakeGw]:
             await put_instance(store, name, engine.endpoint, model=name)
         clock = Clock()
         app = build_gateway_app(GatewayConfig(**{"load_poll_s": 0, **cfg}), store, CollectorRegistry(), clock=clock)
-        server = TestServer(app)
+        server = GatewayServer(app)
         await server.start_server()
         gw = Gw(store, server, aiohttp.ClientSession(), engine, clock)
         made.append(gw)
@@ -207,7 +208,7 @@ async def until_status(gw: Gw, method: str, path: str, key: str | None, want: in
 async def test_unknown_stored_keys_fail_closed_while_the_store_is_unreachable() -> None:
     store = MemoryStore()
     store.set_reachable(False)
-    server = TestServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
+    server = GatewayServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as http, http.get(server.make_url("/v1/models")) as resp:
@@ -233,7 +234,7 @@ async def test_request_key_and_model_checks_for_the_handlers() -> None:
 
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)])
     app.router.add_get("/v1/x", handler)
-    server = TestServer(app)
+    server = TestServer(app)  # not a gateway app: aiohttp alone serves it
     await server.start_server()
     try:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer tok"}) as http:
@@ -408,3 +409,22 @@ def test_scopes_of_config_keys() -> None:
     by_name = {r.name: r.scopes for r in auth.config_keys()}
     assert by_name == {"config admin key": {KeyScope.ADMIN, KeyScope.INFERENCE},
                        "config api key": {KeyScope.INFERENCE}}
+
+
+async def test_a_caller_without_a_key_is_refused_before_its_body_is_read(make_gw: MakeGw) -> None:
+    # The data-plane server checks the key from the head: an unauthenticated client cannot make the gateway
+    # hold a body (up to max_body_bytes per connection), and it learns so without sending one.
+    gw = await make_gw(admin_key_hashes=(sha(ADMIN),))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-Request-ID: no-key-1\r\nContent-Length: 4000000\r\n\r\n" + b"{" * 1000)
+        answer = await asyncio.wait_for(reader.read(), 5.0)  # the gateway closes after answering
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 401 Unauthorized"
+    assert {"Connection: close", "X-Request-ID: no-key-1", "WWW-Authenticate: Bearer"} <= set(lines)
+    assert_error(json.loads(body), "invalid_api_key")
+    assert not [m for m in gw.engine.received if m.headers.get("X-Request-ID") == "no-key-1"]

@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
@@ -23,6 +22,7 @@ from nebula.core.config import GatewayConfig, TracingConfig
 from nebula.core.model import ModelSpec, dumps
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY
+from tests.harness.gateway_server import GatewayServer
 from tests.harness.otlp import OtlpReceiver
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, sse_chunks, until
 
@@ -34,7 +34,7 @@ CLIENT_SPAN = "b7ad6b7169203331"
 
 @dataclass
 class Gateway:
-    server: TestServer
+    server: GatewayServer
     registry: CollectorRegistry
     http: aiohttp.ClientSession
 
@@ -65,7 +65,7 @@ async def make_gateway(engine: FakeEngine) -> AsyncIterator[MakeGateway]:
         await store.put(keys.model_key("m"), dumps(ModelSpec(name="m", source="/m").to_dict()))
         await put_instance(store, "m", engine.endpoint)
         app = build_gateway_app(GatewayConfig(**cfg), store, registry, tracing=tracing)
-        server = TestServer(app)
+        server = GatewayServer(app)
         await server.start_server()
         gw = Gateway(server, registry, aiohttp.ClientSession())
         made.append(gw)

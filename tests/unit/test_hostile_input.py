@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -22,6 +21,7 @@ from nebula.core.config import ENV_PREFIX, config_template, parse_config
 from nebula.core.model import ModelSpec
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.gateway.app import build_gateway_app
+from tests.harness.gateway_server import GatewayServer
 
 SRC = "/etc/nebula/nebula.toml"
 FIELDS = [(section, key) for section, key, _, _ in config_template()]
@@ -98,13 +98,13 @@ def test_any_json_is_a_model_spec_or_a_validation_error(body: object) -> None:
 # --- idempotent admin writes ------------------------------------------------------------------------------
 
 @pytest.fixture
-async def admin() -> AsyncIterator[tuple[MemoryStore, aiohttp.ClientSession, TestServer]]:
+async def admin() -> AsyncIterator[tuple[MemoryStore, aiohttp.ClientSession, GatewayServer]]:
     store = MemoryStore()
     token = "adm"
     cfg_hash = hashlib.sha256(token.encode()).hexdigest()
     from nebula.core.config import GatewayConfig
 
-    server = TestServer(build_gateway_app(GatewayConfig(admin_key_hashes=(cfg_hash,), load_poll_s=0), store,
+    server = GatewayServer(build_gateway_app(GatewayConfig(admin_key_hashes=(cfg_hash,), load_poll_s=0), store,
                                           CollectorRegistry()))
     await server.start_server()
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"})
@@ -119,7 +119,7 @@ SPEC = {"name": "q", "source": "/models/q", "replicas": 2, "labels": {"team": "a
 
 
 async def test_repeating_a_load_writes_nothing_and_a_conflicting_one_is_409(
-        admin: tuple[MemoryStore, aiohttp.ClientSession, TestServer]) -> None:
+        admin: tuple[MemoryStore, aiohttp.ClientSession, GatewayServer]) -> None:
     store, http, server = admin
     async with http.post(server.make_url("/v1/admin/models"), json=SPEC) as resp:
         assert resp.status == 200 and (await resp.json())["created"] is True

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
@@ -21,6 +20,7 @@ from nebula.core.model import InstanceStatus, Phase, dumps, loads
 from nebula.errors import ValidationError
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.registration import keep_registered, service_record
+from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import until
 
 ADMIN_KEY = "sd-admin-secret"
@@ -142,10 +142,10 @@ async def test_registration_holds_the_record_under_a_lease_and_removes_it_on_sto
 # --- the endpoint ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-async def sd_gateway() -> AsyncIterator[tuple[MemoryStore, TestServer, aiohttp.ClientSession]]:
+async def sd_gateway() -> AsyncIterator[tuple[MemoryStore, GatewayServer, aiohttp.ClientSession]]:
     store = MemoryStore()
     digest = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
-    server = TestServer(build_gateway_app(GatewayConfig(admin_key_hashes=(digest,), load_poll_s=0), store,
+    server = GatewayServer(build_gateway_app(GatewayConfig(admin_key_hashes=(digest,), load_poll_s=0), store,
                                           CollectorRegistry()))
     await server.start_server()
     http = aiohttp.ClientSession()
@@ -157,7 +157,7 @@ async def sd_gateway() -> AsyncIterator[tuple[MemoryStore, TestServer, aiohttp.C
 
 
 async def test_sd_endpoint_needs_an_admin_key_and_answers_from_the_store(
-        sd_gateway: tuple[MemoryStore, TestServer, aiohttp.ClientSession]) -> None:
+        sd_gateway: tuple[MemoryStore, GatewayServer, aiohttp.ClientSession]) -> None:
     store, server, http = sd_gateway
     url = str(server.make_url("/v1/admin/prometheus/sd"))
     await store.put(keys.service_key("gateway", GATEWAY.node, GATEWAY.address), dumps(GATEWAY.to_dict()))

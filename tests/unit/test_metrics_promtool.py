@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,6 +33,7 @@ from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.scheduler.scheduler import Scheduler
+from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, put_instance, until, vllm_metrics_text
 from tests.unit.test_agent import TableUnits, model_dir, place_on
 from tests.unit.test_metrics_gpu import BARE, H100
@@ -60,7 +60,7 @@ async def gateway_text() -> str:
     await store.put(keys.model_key("m"), dumps(ModelSpec(name="m", source="/m").to_dict()))
     await put_instance(store, "m", engine.endpoint)
     registry = CollectorRegistry()
-    server = TestServer(build_gateway_app(GatewayConfig(load_poll_s=0.05), store, registry))
+    server = GatewayServer(build_gateway_app(GatewayConfig(load_poll_s=0.05), store, registry))
     await server.start_server()
     try:
         state = server.app[GATEWAY]

@@ -3,6 +3,7 @@ plane's only hop: it picks a READY replica itself and forwards to its engine (fo
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,6 +21,7 @@ from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
+from nebula.services.gateway.dataplane import admit_by_key, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
 from nebula.services.gateway.metrics import GatewayMetrics
@@ -32,6 +34,7 @@ from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
 from nebula.services.http.errors import error_middleware
+from nebula.services.http.fastserver import FastSite
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
 
 
@@ -104,6 +107,16 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     return app
 
 
+def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                 reuse_port: bool = False, shutdown_timeout_s: float = 60.0) -> FastSite:
+    """The gateway app's listening site on host:port: connections start on its data-plane server (the
+    OpenAI paths), which hands any other request to aiohttp with its connection."""
+    state = runner.app[GATEWAY]
+    return FastSite(runner, dataplane_router(state), host, port, max_body=state.cfg.max_body_bytes,
+                    ssl_context=ssl_context, reuse_port=reuse_port, shutdown_timeout_s=shutdown_timeout_s,
+                    admit=admit_by_key(state.auth))
+
+
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
                         notifier: Notifier, shared_port: bool = False) -> None:
     """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `shared_port`
@@ -112,5 +125,6 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
                  + read_digest_file(cfg.gateway.admin_key_digest_file))
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
-    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=server_ssl_context(gw),
-                                reuse_port=shared_port)
+    tls = server_ssl_context(gw)
+    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=tls,
+                                site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port))

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from aiohttp import web
@@ -133,6 +134,21 @@ class Authenticator:
 
     # --- per request -------------------------------------------------------------------------------------
 
+    @contextmanager
+    def admitted(self, record: KeyRecord | None) -> Iterator[None]:
+        """Holds one of the key's request slots for the block; raises ApiError 429 when its limits refuse."""
+        if record is None or record.limits.unlimited:
+            yield
+            return
+        refusal = self.limiter.admit(record.id, record.limits)
+        if refusal is not None:
+            raise ApiError(429, refusal.message, code=f"{refusal.reason}_limit_exceeded",
+                           headers={"Retry-After": str(refusal.retry_after_s)})
+        try:
+            yield
+        finally:
+            self.limiter.release(record.id)
+
     def authenticate(self, scope: Scope, authorization: str | None) -> KeyRecord | None:
         """The key's record, or None while the gateway is open. Raises ApiError 401 (no or unknown key),
         403 (the key's scopes do not cover the path), 503 (stored keys not loaded yet: fail closed)."""
@@ -176,16 +192,8 @@ def auth_middleware(auth: Authenticator) -> Middleware:
         if record is None:
             return await handler(request)
         request[API_KEY] = record
-        if record.limits.unlimited:
+        with auth.admitted(record):
             return await handler(request)
-        refusal = auth.limiter.admit(record.id, record.limits)
-        if refusal is not None:
-            raise ApiError(429, refusal.message, code=f"{refusal.reason}_limit_exceeded",
-                           headers={"Retry-After": str(refusal.retry_after_s)})
-        try:
-            return await handler(request)
-        finally:
-            auth.limiter.release(record.id)
 
     return check_key
 

@@ -17,13 +17,16 @@ _ACCEPTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 REQUEST_ID = web.RequestKey("nebula_request_id", str)
 
 
+def new_request_id(incoming: str | None) -> str:
+    """The client's X-Request-ID when acceptable, else a new id."""
+    return incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else secrets.token_hex(16)
+
+
 def request_id(request: web.Request) -> str:
-    """The request's id: the client's X-Request-ID when acceptable, else a new one; the same on every call."""
+    """The request's id (see new_request_id), the same on every call."""
     rid = request.get(REQUEST_ID)
     if rid is None:
-        incoming = request.headers.get(REQUEST_ID_HEADER)
-        rid = incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else secrets.token_hex(16)
-        request[REQUEST_ID] = rid
+        rid = request[REQUEST_ID] = new_request_id(request.headers.get(REQUEST_ID_HEADER))
     return rid
 
 

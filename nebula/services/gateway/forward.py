@@ -6,8 +6,8 @@ out) is excluded and another is tried, up to GatewayConfig.max_attempts. Once th
 sent the replica is committed; the body streams through untouched. Engine load comes from a background
 poll of each READY replica's /metrics (load.py), never from the request path.
 
-A client that goes away cancels the handler (the server runs with handler_cancellation), which closes
-the engine connection, and the engine aborts the request.
+A client that goes away cancels the handler (both of the gateway's servers cancel a departed client's
+handler), which closes the engine connection, and the engine aborts the request.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamResponse, UpstreamUnreachable
 from nebula.core.routing import Replica
 from nebula.services.gateway.exchange import Exchange
 from nebula.services.gateway.state import GatewayState
 from nebula.services.http.errors import ApiError, unavailable
 from nebula.services.http.relay import RelayStats, UpstreamBroke, relay
+from nebula.services.http.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({502, 503})
 
 # What to make of the engine's committed response: relay it (the default) or rewrite it.
-Respond = Callable[[web.Request, UpstreamResponse, RelayStats], Awaitable[web.StreamResponse]]
+Respond = Callable[[Reply, UpstreamResponse, RelayStats], Awaitable[None]]
 
 
 async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | None, first: bool
@@ -45,9 +44,9 @@ async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | Non
     return replica
 
 
-async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: bytes, headers: dict[str, str],
-                  prefix: str | None, respond: Respond = relay) -> web.StreamResponse:
-    """POST `body` with `headers` to request.path_qs on a replica of `ex.model` and answer with `respond`.
+async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
+                  headers: dict[str, str], prefix: str | None, respond: Respond = relay) -> None:
+    """POST `body` with `headers` to `path_qs` on a replica of `ex.model` and answer with `respond`.
 
     `prefix` is the request's affinity key (routing.prefix_key), None for none; `ex` records the replica
     that answered, the attempts and (through the relay) the body's timing. A replica that refuses the
@@ -66,7 +65,7 @@ async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: by
         st.routing.picks(model, replica.instance).inc()
         with st.table.track(replica):
             try:
-                upstream = await st.upstream.post(replica.endpoint, request.path_qs, headers, body,
+                upstream = await st.upstream.post(replica.endpoint, path_qs, headers, body,
                                                   st.cfg.upstream_timeout_s)
             except UpstreamUnreachable as e:
                 log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e,
@@ -92,7 +91,8 @@ async def forward(request: web.Request, st: GatewayState, ex: Exchange, body: by
                     tried.add(replica.endpoint)
                     continue
                 try:
-                    return await respond(request, upstream, ex.stats)
+                    await respond(reply, upstream, ex.stats)
+                    return
                 except UpstreamBroke as e:
                     # Its body broke off before anything went to the client: as good as no answer.
                     log.warning("replica %s broke off its answer, trying another: %s", replica.instance, e,

@@ -11,10 +11,13 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
+from nebula.core.apikeys import KeyRecord
 from nebula.core.model import Task, loads
 from nebula.core.routing import prefix_key
 from nebula.errors import ValidationError
@@ -25,6 +28,7 @@ from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
 from nebula.services.http.relay import RelayStats, forward_headers, relay
+from nebula.services.http.reply import AiohttpReply, Reply, send_json
 
 log = logging.getLogger(__name__)
 
@@ -33,70 +37,77 @@ CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the a
 _JSON = {"Content-Type": "application/json"}
 
 
-def _inference(endpoint: Endpoint) -> Handler:
+@dataclass(slots=True)
+class Call:
+    """An OpenAI request as the handlers see it, from either of the gateway's servers."""
+
+    path_qs: str
+    headers: Mapping[str, str]  # compared without case
+    body: bytes
+    key: KeyRecord | None  # the key it was authenticated with; None while the gateway is open
+    request_id: str
+
+
+async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, reply: Reply) -> None:
+    """Validate `call` for `endpoint`, then forward it to a replica and relay the answer to `reply`.
+
+    Raises ApiError (or ValidationError) for what is answered before any byte of the answer went out.
+    """
     path = endpoint.path
-    span_name = f"POST /v1/{path}"
     generative = endpoint.task is Task.GENERATE
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        st = request.app[GATEWAY]
-        status = 500
-        started = time.monotonic()
-        ex = Exchange(request_id(request), "unknown")
-        streaming = False
-        span = None
-        inflight = st.metrics.inflight(path)
-        inflight.inc()
-        try:
-            raw = await request.read()
-            body = loads(raw)
-            model = check_request(endpoint, body)
-            # Before the lookup: a key restricted to other models learns nothing about which exist.
-            check_model_allowed(request_key(request), model)
-            spec = st.view.models.get(model)
-            if spec is None and not st.view.models_synced:
-                # Started while the store is unreachable: "unknown model" would be a lie.
-                raise unavailable("the gateway has not loaded the model list yet; retry shortly",
-                                  code="models_not_loaded")
-            if spec is None:
-                raise ApiError(404, f"The model '{model}' does not exist or is not loaded", param="model",
-                               code="model_not_found")
-            ex.model = model
-            if spec.task is not endpoint.task:
-                raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
-                               f"/v1/{path} needs a '{endpoint.task.value}' model",
-                               param="model", code="model_not_supported")
-            # check_request proved body a dict.
-            streaming = isinstance(body, dict) and body.get("stream") is True
-            # The key keeps a conversation on one replica's prefix cache.
-            prefix = prefix_key(body) if generative and isinstance(body, dict) else None
-            respond: Respond = relay
-            if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
-                respond = _rerank_without_documents
-            # vLLM takes X-Request-ID as its own request id, so its logs name the same request.
-            headers = forward_headers(request.headers, {**_JSON, REQUEST_ID_HEADER: ex.request_id})
-            if st.tracer is not None:
-                span = st.tracer.start(span_name, request.headers, headers,
-                                       {"nebula.model": model, "nebula.request_id": ex.request_id})
-            resp = await forward(request, st, ex, raw, headers, prefix, respond)
-            status = resp.status
-            return resp
-        except (ApiError, web.HTTPException) as e:
-            status = e.status
-            raise
-        except ValidationError:
-            status = 400  # error_middleware answers it so
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            inflight.dec()
-            _observe(st, path, ex, started, status, generative, streaming)
-            if span is not None and st.tracer is not None:
-                st.tracer.finish(span, status, ex.replica, ex.attempts)
-
-    return handle
+    status = 500
+    started = time.monotonic()
+    ex = Exchange(call.request_id, "unknown")
+    streaming = False
+    span = None
+    inflight = st.metrics.inflight(path)
+    inflight.inc()
+    try:
+        body = loads(call.body)
+        model = check_request(endpoint, body)
+        # Before the lookup: a key restricted to other models learns nothing about which exist.
+        check_model_allowed(call.key, model)
+        spec = st.view.models.get(model)
+        if spec is None and not st.view.models_synced:
+            # Started while the store is unreachable: "unknown model" would be a lie.
+            raise unavailable("the gateway has not loaded the model list yet; retry shortly",
+                              code="models_not_loaded")
+        if spec is None:
+            raise ApiError(404, f"The model '{model}' does not exist or is not loaded", param="model",
+                           code="model_not_found")
+        ex.model = model
+        if spec.task is not endpoint.task:
+            raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
+                           f"/v1/{path} needs a '{endpoint.task.value}' model",
+                           param="model", code="model_not_supported")
+        # check_request proved body a dict.
+        streaming = isinstance(body, dict) and body.get("stream") is True
+        # The key keeps a conversation on one replica's prefix cache.
+        prefix = prefix_key(body) if generative and isinstance(body, dict) else None
+        respond: Respond = relay
+        if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
+            respond = _rerank_without_documents
+        # vLLM takes X-Request-ID as its own request id, so its logs name the same request.
+        headers = forward_headers(call.headers, {**_JSON, REQUEST_ID_HEADER: ex.request_id})
+        if st.tracer is not None:
+            span = st.tracer.start(f"POST /v1/{path}", call.headers, headers,
+                                   {"nebula.model": model, "nebula.request_id": ex.request_id})
+        await forward(reply, call.path_qs, st, ex, call.body, headers, prefix, respond)
+        status = reply.status
+    except ApiError as e:
+        status = e.status
+        raise
+    except ValidationError:
+        status = 400  # answered so by the server's error handling
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        inflight.dec()
+        _observe(st, path, ex, started, status, generative, streaming)
+        if span is not None and st.tracer is not None:
+            st.tracer.finish(span, status, ex.replica, ex.attempts)
 
 
 def _observe(st: GatewayState, path: str, ex: Exchange, started: float, status: int, generative: bool,
@@ -117,14 +128,14 @@ def _observe(st: GatewayState, path: str, ex: Exchange, started: float, status: 
                 ex.replica or "-", ex.attempts, extra={**ex.log_fields(), "NEBULA_STATUS": status})
 
 
-async def _rerank_without_documents(request: web.Request, upstream: UpstreamResponse,
-                                    stats: RelayStats) -> web.StreamResponse:
+async def _rerank_without_documents(reply: Reply, upstream: UpstreamResponse, stats: RelayStats) -> None:
     """Cohere/Jina `return_documents: false`, which vLLM does not implement: drop the echoed documents.
 
     The one response the gateway rewrites; rerank answers are small and never streamed.
     """
     if upstream.status != 200:
-        return await relay(request, upstream, stats)
+        await relay(reply, upstream, stats)
+        return
     try:
         payload = json.loads(await upstream.read())
     except TimeoutError:
@@ -135,29 +146,50 @@ async def _rerank_without_documents(request: web.Request, upstream: UpstreamResp
         for result in payload["results"]:
             if isinstance(result, dict):
                 result.pop("document", None)
-    return web.json_response(payload)
+    await send_json(reply, payload)
+
+
+def models_list(st: GatewayState, key: KeyRecord | None) -> dict[str, object]:
+    """GET /v1/models: the models `key` may use, each with its phase counts and replicas."""
+    phases = st.table.phases()
+    data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())
+            if model_allowed(key, name)]
+    return {"object": "list", "data": data}
+
+
+def model_entry(st: GatewayState, key: KeyRecord | None, name: str) -> dict[str, object]:
+    """GET /v1/models/{name}; ApiError 404 for a model that does not exist or `key` may not use."""
+    spec = st.view.models.get(name)
+    if spec is None or not model_allowed(key, name):
+        raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    return st.view.model_entry(spec, st.table.phases().get(name, Counter()))
+
+
+# --- through aiohttp (connections the data-plane server handed over; see services/http/fastserver.py) ---
+
+def _call(request: web.Request, body: bytes) -> Call:
+    return Call(request.path_qs, request.headers, body, request_key(request), request_id(request))
+
+
+def _inference_route(endpoint: Endpoint) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        reply = AiohttpReply(request)
+        await serve_inference(request.app[GATEWAY], endpoint, _call(request, await request.read()), reply)
+        return reply.answer()
+
+    return handle
 
 
 async def _list_models(request: web.Request) -> web.Response:
-    st = request.app[GATEWAY]
-    phases = st.table.phases()
-    key = request_key(request)
-    data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())
-            if model_allowed(key, name)]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response(models_list(request.app[GATEWAY], request_key(request)))
 
 
 async def _get_model(request: web.Request) -> web.Response:
-    st = request.app[GATEWAY]
-    name = request.match_info["name"]
-    spec = st.view.models.get(name)
-    if spec is None or not model_allowed(request_key(request), name):
-        raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-    return web.json_response(st.view.model_entry(spec, st.table.phases().get(name, Counter())))
+    return web.json_response(model_entry(request.app[GATEWAY], request_key(request), request.match_info["name"]))
 
 
 def routes() -> list[web.RouteDef]:
-    return [web.post(f"/v1/{e.path}", _inference(e)) for e in ENDPOINTS.values()] + [
+    return [web.post(f"/v1/{e.path}", _inference_route(e)) for e in ENDPOINTS.values()] + [
         web.get("/v1/models", _list_models),
         web.get("/v1/models/{name}", _get_model),
     ]

@@ -1,6 +1,7 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
 
-Handlers raise `ApiError`; `error_middleware` turns it into that shape, and also aiohttp's own HTTP errors
+Handlers raise `ApiError`; `error_middleware` (and the data-plane server, through `as_api_error`) turns it
+into that shape, and also aiohttp's own HTTP errors
 (404 for an unknown path, 413 for an oversized body), invalid input (ValidationError: 400 naming the
 field) and an unreachable store (TemporaryError: 503 with Retry-After). Anything else is a bug: logged
 with its traceback, answered with a 500 in the same shape, never a traceback to the client.
@@ -8,6 +9,7 @@ with its traceback, answered with a 500 in the same shape, never a traceback to 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -42,26 +44,37 @@ class ApiError(Exception):
         """400 naming the offending field (the field is also `param`, as OpenAI does)."""
         return ApiError(400, str(e), param=e.field or None, code="invalid_value" if e.field else None)
 
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                     "code": self.code}}).encode()
+
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=self.headers)
+        return web.Response(body=self.body(), status=self.status, headers=self.headers,
+                            content_type="application/json")
 
 
 def unavailable(message: str, retry_after_s: int = 1, code: str = "service_unavailable") -> ApiError:
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
+def as_api_error(e: Exception, method: str, path: str) -> ApiError:
+    """What a request that raised `e` is answered: ApiError as is, invalid input 400, an unreachable store
+    503; anything else is a bug, logged with its traceback and answered 500 (never the traceback)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValidationError):
+        return ApiError.invalid(e)
+    if isinstance(e, TemporaryError):
+        log.warning("%s %s: temporary failure: %r", method, path, e)
+        return unavailable("a backing service is temporarily unavailable; retry shortly")
+    log.error("bug while handling %s %s", method, path, exc_info=e)
+    return ApiError(500, "internal error (logged by the server)", code="internal_error")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as e:
-        return e.response()
-    except ValidationError as e:
-        return ApiError.invalid(e).response()
-    except TemporaryError as e:
-        log.warning("%s %s: temporary failure: %r", request.method, request.path, e)
-        return unavailable("a backing service is temporarily unavailable; retry shortly").response()
     except web.HTTPException as e:
         if e.status < 400:
             raise  # redirects and the like are not errors
@@ -70,6 +83,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(e.status, message, code=code).response()
     except ConnectionError:
         raise  # the client went away: nothing to answer
-    except Exception:
-        log.exception("bug while handling %s %s", request.method, request.path)
-        return ApiError(500, "internal error (logged by the server)", code="internal_error").response()
+    except Exception as e:
+        return as_api_error(e, request.method, request.path).response()

@@ -11,10 +11,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
 from nebula.services.http.errors import ApiError
+from nebula.services.http.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +21,9 @@ log = logging.getLogger(__name__)
 _SKIP_REQUEST = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
                            "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                            "authorization", "expect"})
+# Content-Length too: the reply frames the body itself. X-Request-ID: the gateway names the request.
 _SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
-                            "transfer-encoding", "upgrade", "server", "date"})
+                            "transfer-encoding", "upgrade", "server", "date", "content-length", "x-request-id"})
 
 
 def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -73,29 +73,25 @@ class RelayStats:
     complete: bool = False
 
 
-async def relay(request: web.Request, upstream: UpstreamResponse,
-                stats: RelayStats | None = None) -> web.StreamResponse:
+async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | None = None) -> None:
     """Send `upstream`'s status, headers and body to the client as they arrive.
 
     An upstream failure mid-body aborts the client connection rather than ending the response
     cleanly, so the client sees a truncated response as an error and not as a complete one.
     """
+    headers = [(k, v) for k, v in upstream.headers if k.lower() not in _SKIP_RESPONSE]
     length = upstream.content_length
     if length is not None and length <= WHOLE_BODY_MAX:
-        return await _relay_whole(request, upstream, stats)
-    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for k, v in upstream.headers:
-        if k.lower() not in _SKIP_RESPONSE:
-            resp.headers.add(k, v)
-    await resp.prepare(request)
+        await _relay_whole(reply, upstream, headers, stats)
+        return
+    await reply.start(upstream.status, upstream.reason, headers)
     while True:
         try:
             chunk = await upstream.read_chunk()
         except (TimeoutError, UpstreamError) as e:
             log.warning("upstream broke mid-response: %r", e)
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
+            reply.abort()
+            return
         if not chunk:
             break
         if stats is not None:
@@ -105,17 +101,16 @@ async def relay(request: web.Request, upstream: UpstreamResponse,
             stats.last_chunk_at = now
             stats.events += chunk.count(b"data:")
         try:
-            await resp.write(chunk)
+            await reply.write(chunk)
         except ConnectionResetError:
-            return resp  # the client went away; leaving the block releases the upstream connection
-    await resp.write_eof()
+            return  # the client went away; leaving the block releases the upstream connection
+    await reply.end()
     if stats is not None:
         stats.complete = True
-    return resp
 
 
-async def _relay_whole(request: web.Request, upstream: UpstreamResponse,
-                       stats: RelayStats | None) -> web.StreamResponse:
+async def _relay_whole(reply: Reply, upstream: UpstreamResponse, headers: list[tuple[str, str]],
+                       stats: RelayStats | None) -> None:
     """A small body of known length (every non-streamed answer): read it whole, then send headers and body
     in one write, where streaming it would cost a write (a syscall) for the headers and one per chunk."""
     try:
@@ -127,9 +122,4 @@ async def _relay_whole(request: web.Request, upstream: UpstreamResponse,
     if stats is not None:
         stats.first_chunk_at = stats.last_chunk_at = time.monotonic()
         stats.complete = True
-    resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-    for k, v in upstream.headers:
-        low = k.lower()
-        if low not in _SKIP_RESPONSE and low != "content-length":
-            resp.headers.add(k, v)
-    return resp
+    await reply.send(upstream.status, upstream.reason, headers, body)
