@@ -22,6 +22,7 @@ generator excluded.
     .venv/bin/python scripts/bench_gateway.py profile-summary DIR/stream32_c64-gateway.txt
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
+    .venv/bin/python scripts/bench_gateway.py --gateway-event-loop uvloop --uvloop-proxy   # both on uvloop too
 
 The engine's timing travels in the request body (`bench_ttft_ms`, `bench_tpot_ms`, `max_tokens`): Nebula
 forwards unknown fields unchanged, so one engine process serves every scenario.
@@ -471,7 +472,7 @@ def two_hop_config(ports: dict[str, int]) -> str:
 
 
 def start_stack(procs: Processes, workdir: Path, profile_dir: Path | None, src: Path, sampled: bool,
-                uvloop_proxy: bool, gateway_workers: int = 1) -> Stack:
+                uvloop_proxy: bool, gateway_workers: int = 1, gateway_loop: str = "asyncio") -> Stack:
     py, me = sys.executable, str(Path(__file__).resolve())
     ports = {name: free_port() for name in ("engine", "proxy", "etcd", "etcd_peer", "router", "gateway")}
     # A tree from before routing moved into the gateway needs its router service (and its config).
@@ -502,6 +503,7 @@ port = {ports['gateway']}
 api_key_hashes = ["{key_hash}"]
 admin_key_hashes = ["{hashlib.sha256(b'bench-admin-key').hexdigest()}"]
 {f"workers = {gateway_workers}" if gateway_workers > 1 else ""}
+event_loop = "{gateway_loop}"
 {two_hop_config(ports) if "router" in hops else ""}
 [log]
 level = "info"
@@ -692,7 +694,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     with terminate_as_exit():
         try:
             stack = start_stack(procs, workdir, profile_dir, Path(args.nebula_src or ROOT).resolve(), bool(py_spy),
-                                args.uvloop_proxy, args.gateway_workers)
+                                args.uvloop_proxy, args.gateway_workers, args.gateway_event_loop)
             print(f"stack up in {time.monotonic() - started:.1f} s (logs in {workdir}); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
             for sc in chosen:
@@ -750,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "uv pip install --target /tmp/deps uvloop; PYTHONPATH=/tmp/deps)")
         q.add_argument("--gateway-workers", type=int, default=1, metavar="N",
                        help="run the gateway with gateway.workers = N (CPU counts the supervisor and its workers)")
+        q.add_argument("--gateway-event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                       help="the gateway's gateway.event_loop (compare with --uvloop-proxy for the proxy's)")
         q.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")
         q.add_argument("--nebula-src", default="", metavar="DIR",
                        help="run Nebula's services from this tree (default: this checkout), e.g. "

@@ -25,6 +25,7 @@ import collections
 import contextlib
 from collections.abc import Mapping
 from types import TracebackType
+from typing import cast
 from urllib.parse import urlsplit
 
 from nebula.adapters.http1_parser import ProtocolError, ResponseHead, ResponseParser
@@ -210,8 +211,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's do not derive from asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         response = self.response

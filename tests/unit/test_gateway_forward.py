@@ -213,6 +213,28 @@ async def test_body_breaking_off_before_anything_was_relayed_is_retried(make_gat
         await assert_replayed_on_b(r, broken, two[1], "broken")
 
 
+async def test_stream_dying_before_its_first_token_is_retried(make_gateway: MakeGateway,
+                                                             two: list[FakeEngine]) -> None:
+    """An engine sends a streamed answer's head at once and its first token after prefill; one that dies in
+    between has given the client nothing, so another replica answers the whole stream."""
+    async def head_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with raw_engine(head_then_die) as dying:
+        r = await make_gateway()
+        await put_instance(r.store, "m", dying)
+        await put_instance(r.store, "m:1", two[1].endpoint)
+        await until(lambda: r.ready_count() == 2)
+        for _ in range(4):  # round-robin makes the dying replica come first at least once
+            async with r.post(CHAT_STREAM) as resp:
+                assert resp.status == 200 and resp.headers["X-Engine"] == "b"
+                assert await resp.read() == b"".join(sse_chunks("b", "m"))
+        assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "broken"}) >= 1
+
+
 async def test_engine_503_before_any_byte_is_retried(make_gateway: MakeGateway, two: list[FakeEngine]) -> None:
     r = await make_gateway()
     a, b = two

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
@@ -186,6 +186,8 @@ def test_cache_never_beats_spread_and_never_moves_placements() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(replicas=[2, 4], gpu_need=[1, 2, 0, 0], mem_need=[13335, 13333, 1, 1], node_gpus=[2, 1, 3],
+         cached=[set(), {0}, set(), set()])  # two GPU models contending: the spread may differ (see below)
 @given(
     replicas=st.lists(st.integers(1, 4), min_size=1, max_size=4),
     gpu_need=st.lists(st.integers(0, 2), min_size=4, max_size=4),
@@ -201,6 +203,7 @@ def test_cache_preference_keeps_capacity_and_spread(replicas: list[int], gpu_nee
              for i, g in enumerate(node_gpus)}
     r = place(models, nodes, {})
     plain = place(models, {n: replace(rec, cached=()) for n, rec in nodes.items()}, {})
+    gpu_models = sum(1 for m in models.values() if m.gpus_per_replica)
     used: dict[tuple[str, int], int] = {}
     for p in r.placements.values():
         for g in p.gpu_indices:
@@ -211,7 +214,10 @@ def test_cache_preference_keeps_capacity_and_spread(replicas: list[int], gpu_nee
         assert sum(per_node.values()) == m.replicas or name in r.pending
         if m.gpus_per_replica == 0 and sum(per_node.values()) <= len(nodes):
             assert max(per_node.values(), default=0) <= 1, "the cache stacked replicas while a node had none"
-        if not r.pending and not plain.pending:  # same shape as without the cache: only which node differs
+        # Same shape as without the cache, only which node differs, unless two models contend for GPUs:
+        # where one lands then changes what fits for the other (replicas [2, 4] of 1 and 2 GPUs on nodes
+        # of 2, 1 and 3 GPUs spread the second 2+2 or 1+3 by where the first went; both are valid).
+        if not r.pending and not plain.pending and gpu_models <= 1:
             plain_per_node = Counter(p.node for p in plain.placements.values() if p.model.name == name)
             assert sorted(per_node.values()) == sorted(plain_per_node.values()), "the cache changed the spread"
     if not any(gpu_need[: len(replicas)]):  # without GPU contention, the cache never costs a placement

@@ -2,6 +2,10 @@
 
 The body is parsed once to validate it, learn the model and compute its prefix-affinity key, but what
 goes on is the client's own bytes, so fields the gateway does not know reach the engine exactly as sent.
+
+The handlers take a `Call` and answer through a `Reply` (services/http/reply.py), so one handler serves
+both of the gateway's servers: the data-plane server (dataplane.py routes to it) and aiohttp, through
+`routes()`, for a connection aiohttp took over.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -181,8 +181,8 @@ class FastConnection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's do not derive from asyncio.Transport, so no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
         self.idle_since = time.monotonic()
 
@@ -513,8 +513,10 @@ class FastSite(web.BaseSite):
     @property
     def port(self) -> int:
         """The bound port (the asked one, or the one the system chose for 0)."""
-        if isinstance(self._server, asyncio.Server) and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        # uvloop's server is no asyncio.Server, but has its sockets too.
+        sockets = getattr(self._server, "sockets", None)
+        if sockets:
+            return int(sockets[0].getsockname()[1])
         return self._port
 
     @property

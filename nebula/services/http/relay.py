@@ -76,24 +76,25 @@ class RelayStats:
 async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | None = None) -> None:
     """Send `upstream`'s status, headers and body to the client as they arrive.
 
-    An upstream failure mid-body aborts the client connection rather than ending the response
-    cleanly, so the client sees a truncated response as an error and not as a complete one.
+    Nothing goes to the client before the body's first piece: an engine sends its head as soon as it
+    takes a streamed request and its first token only after the prompt's prefill, and an engine that dies
+    in between has cost the client nothing yet, so that is UpstreamBroke (another replica is tried) or,
+    past upstream_timeout_s, a 504. An upstream failure later aborts the client connection rather than
+    ending the response cleanly, so the client sees a truncated response as an error, not a complete one.
     """
     headers = [(k, v) for k, v in upstream.headers if k.lower() not in _SKIP_RESPONSE]
     length = upstream.content_length
     if length is not None and length <= WHOLE_BODY_MAX:
         await _relay_whole(reply, upstream, headers, stats)
         return
+    try:
+        chunk = await upstream.read_chunk()
+    except TimeoutError:
+        raise ApiError(504, "the model did not answer in time", code="timeout") from None
+    except UpstreamError as e:
+        raise UpstreamBroke(repr(e)) from e
     await reply.start(upstream.status, upstream.reason, headers)
-    while True:
-        try:
-            chunk = await upstream.read_chunk()
-        except (TimeoutError, UpstreamError) as e:
-            log.warning("upstream broke mid-response: %r", e)
-            reply.abort()
-            return
-        if not chunk:
-            break
+    while chunk:
         if stats is not None:
             now = time.monotonic()
             if not stats.first_chunk_at:
@@ -104,6 +105,12 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
             await reply.write(chunk)
         except ConnectionResetError:
             return  # the client went away; leaving the block releases the upstream connection
+        try:
+            chunk = await upstream.read_chunk()
+        except (TimeoutError, UpstreamError) as e:
+            log.warning("upstream broke mid-response: %r", e)
+            reply.abort()
+            return
     await reply.end()
     if stats is not None:
         stats.complete = True
