@@ -228,8 +228,9 @@ async def test_stream_dying_before_its_first_token_is_retried(make_gateway: Make
         await put_instance(r.store, "m", dying)
         await put_instance(r.store, "m:1", two[1].endpoint)
         await until(lambda: r.ready_count() == 2)
+        stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()  # no prefix: picks take turns
         for _ in range(4):  # round-robin makes the dying replica come first at least once
-            async with r.post(CHAT_STREAM) as resp:
+            async with r.post(stream) as resp:
                 assert resp.status == 200 and resp.headers["X-Engine"] == "b"
                 assert await resp.read() == b"".join(sse_chunks("b", "m"))
         assert r.metric("nebula_gateway_retries_total", {"model": "m", "reason": "broken"}) >= 1
