@@ -81,8 +81,9 @@ class GatewayConfig:
                          "At thousands of requests per second 'all' costs more CPU than the rest of the path; "
                          "the metrics carry the totals either way.")
     event_loop: str = _f("asyncio", "The gateway's event loop: 'asyncio' or 'uvloop'. uvloop saves a minimal "
-                         "proxy 5-10% CPU per request, but measured no gain for the gateway, whose etcd client "
-                         "(gRPC) then polls from threads of its own; scripts/bench_gateway.py compares them.")
+                         "aiohttp proxy 0-27% CPU per request, but measured no clear gain for the gateway, whose "
+                         "data path is already lean; `scripts/bench_gateway.py --gateway-event-loop uvloop "
+                         "--uvloop-proxy` compares them.")
     workers: int = _f(1, "Processes serving the gateway's port, each on a core of its own (SO_REUSEPORT: the "
                       "kernel spreads connections over them). One process saturates one core at a few thousand "
                       "requests per second, and latency then grows with the queue; more keep it flat where "
