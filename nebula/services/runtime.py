@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -130,25 +129,21 @@ SiteFactory = Callable[[web.AppRunner], web.BaseSite]
 
 
 async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
-                                status: Callable[[], str] | None = None,
-                                ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
-                                site: SiteFactory | None = None) -> None:
+                                status: Callable[[], str] | None = None, site: SiteFactory | None = None) -> None:
     """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
 
     handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
     upstream request in turn: an abandoned generation stops consuming the engine.
     READY=1 once listening; WATCHDOG=1 is fed from this loop, so a blocked loop stops feeding it.
-    `reuse_port`: share the port with other processes that ask the same (SO_REUSEPORT; gateway workers).
-    `site` makes the listening site in place of aiohttp's TCPSite (the gateway's data-plane server), and
-    then has host, port, TLS and reuse_port built in.
+    `site` makes the listening site in place of aiohttp's TCPSite on host:port (the gateway's: its
+    data-plane server, TLS, a port shared by workers).
     """
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     try:
-        listening = site(runner) if site is not None else web.TCPSite(
-            runner, host, port, reuse_address=True, reuse_port=reuse_port or None, ssl_context=ssl_context)
+        listening = site(runner) if site is not None else web.TCPSite(runner, host, port, reuse_address=True)
         await listening.start()
-        log.info("%s listening on %s:%d%s", what, host, port, " (TLS)" if ssl_context else "")
+        log.info("%s listening on %s", what, listening.name)
         await notify_ready_and_watch(notifier, lambda: True, status or (lambda: f"{what} listening on {host}:{port}"))
         await asyncio.Event().wait()  # no watchdog configured: just serve until cancelled
     finally:

@@ -126,5 +126,5 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
                  + read_digest_file(cfg.gateway.admin_key_digest_file))
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
     tls = server_ssl_context(gw)
-    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway", ssl_context=tls,
+    await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
                                 site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port))

@@ -2,8 +2,7 @@
 
 Together with `admit_by_key` each does here what aiohttp's middlewares do for the other paths: names the
 request (X-Request-ID), checks its key and holds one of the key's request slots for as long as the
-answer takes. What the route
-answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
+answer takes. What the route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
 """
 
 from __future__ import annotations

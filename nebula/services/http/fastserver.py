@@ -369,9 +369,7 @@ class FastConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request this server will not read, then close: what follows cannot be framed."""
-        err = ApiError(status, message, code=_REFUSAL_CODES.get(status))
-        self.write_now(_head_bytes(status, "", (("Content-Type", "application/json"),), self._server.date(),
-                                   f"Content-Length: {len(err.body())}", False) + err.body())
+        ConnectionReply(self, False, True, []).error_now(ApiError(status, message, code=_REFUSAL_CODES.get(status)))
         self._linger()
 
     def _linger(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
@@ -73,6 +73,17 @@ class RelayStats:
     complete: bool = False
 
 
+async def _before_the_client_saw_anything(read: Awaitable[bytes]) -> bytes:
+    """`read`'s bytes; while nothing went to the client yet a timeout is answered 504 and a failure is
+    UpstreamBroke (another replica is tried)."""
+    try:
+        return await read
+    except TimeoutError:
+        raise ApiError(504, "the model did not answer in time", code="timeout") from None
+    except UpstreamError as e:
+        raise UpstreamBroke(repr(e)) from e
+
+
 async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | None = None) -> None:
     """Send `upstream`'s status, headers and body to the client as they arrive.
 
@@ -87,12 +98,7 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
     if length is not None and length <= WHOLE_BODY_MAX:
         await _relay_whole(reply, upstream, headers, stats)
         return
-    try:
-        chunk = await upstream.read_chunk()
-    except TimeoutError:
-        raise ApiError(504, "the model did not answer in time", code="timeout") from None
-    except UpstreamError as e:
-        raise UpstreamBroke(repr(e)) from e
+    chunk = await _before_the_client_saw_anything(upstream.read_chunk())
     await reply.start(upstream.status, upstream.reason, headers)
     while chunk:
         if stats is not None:
@@ -120,12 +126,7 @@ async def _relay_whole(reply: Reply, upstream: UpstreamResponse, headers: list[t
                        stats: RelayStats | None) -> None:
     """A small body of known length (every non-streamed answer): read it whole, then send headers and body
     in one write, where streaming it would cost a write (a syscall) for the headers and one per chunk."""
-    try:
-        body = await upstream.read()
-    except TimeoutError:
-        raise ApiError(504, "the model did not answer in time", code="timeout") from None
-    except UpstreamError as e:
-        raise UpstreamBroke(repr(e)) from e
+    body = await _before_the_client_saw_anything(upstream.read())
     if stats is not None:
         stats.first_chunk_at = stats.last_chunk_at = time.monotonic()
         stats.complete = True
