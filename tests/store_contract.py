@@ -13,7 +13,8 @@ from typing import Protocol
 
 import pytest
 
-from nebula.adapters.store import (
+from nebula.adapters.watching import LeaseKeeper, mirror_prefix
+from nebula.core.store import (
     CompactedError,
     EventType,
     KeyValue,
@@ -22,7 +23,6 @@ from nebula.adapters.store import (
     Store,
     WatchEvent,
 )
-from nebula.adapters.watching import LeaseKeeper, mirror_prefix
 
 WAIT_S = 10.0  # generous bound for real etcd; the memory store answers at once
 

@@ -12,10 +12,11 @@ over label sets, so the gateway counts tokens per model without touching the req
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from nebula.core.engine_load import EngineLoad
 
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
@@ -28,19 +29,6 @@ _WANTED = (*_GAUGES, PROMPT_TOKENS, GENERATION_TOKENS)
 
 class EngineMetricsError(Exception):
     """The engine's load could not be read: unreachable, slow, a non-200 answer, or no vLLM gauges."""
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """One reading of an engine: requests queued and running, and KV cache usage as a fraction (0-1)."""
-
-    waiting: float = 0.0
-    running: float = 0.0
-    kv_cache_usage: float = 0.0
-    # The token counters ride along with the reading but are no part of the load: two readings with
-    # the same queues and cache are the same load (None: the engine exposes no such counter).
-    prompt_tokens: float | None = field(default=None, compare=False)
-    generation_tokens: float | None = field(default=None, compare=False)
 
 
 def _is_wanted(line: str) -> bool:

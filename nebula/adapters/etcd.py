@@ -31,7 +31,8 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from nebula.adapters.store import (
+from nebula.adapters.watching import backoff_delay
+from nebula.core.store import (
     CompactedError,
     EventType,
     KeyValue,
@@ -40,7 +41,6 @@ from nebula.adapters.store import (
     StoreUnavailableError,
     WatchEvent,
 )
-from nebula.adapters.watching import backoff_delay
 from nebula.errors import PermanentError
 
 log = logging.getLogger(__name__)

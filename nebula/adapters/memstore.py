@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from nebula.adapters.store import (
+from nebula.core.store import (
     CompactedError,
     EventType,
     KeyValue,

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nebula.adapters.units import UnitState, UnitStatus
+from nebula.core.units import UnitState, UnitStatus
 from nebula.errors import PermanentError, TemporaryError
 
 _POLL_S = 0.1

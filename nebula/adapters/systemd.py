@@ -16,7 +16,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusFastError
 
-from nebula.adapters.units import (
+from nebula.core.units import (
     ENGINE_UNIT_PREFIX,
     ENGINE_UNIT_SUFFIX,
     UnitState,

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from nebula.adapters.store import EventType, KeyValue, LeaseLostError, Store, WatchEvent
+from nebula.core.store import EventType, KeyValue, LeaseLostError, Store, WatchEvent
 from nebula.errors import TemporaryError
 
 log = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ def down(cfg: NebulaConfig, env: dict[str, str]) -> int:
 
 
 async def _stop_engines(cfg: NebulaConfig, env: dict[str, str]) -> int:
-    from nebula.adapters.units import UnitState
+    from nebula.core.units import UnitState
     from nebula.services.agent.main import process_units
 
     units = process_units(cfg, env)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nebula.adapters.units import UnitState, UnitStatus
 from nebula.core.model import Phase
+from nebula.core.units import UnitState, UnitStatus
 
 
 def observe_phase(*, blocked: str | None, unit: UnitStatus | None, healthy: bool,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nebula.adapters.units import UnitState, UnitStatus
 from nebula.core.engine_spec import EngineSpec
+from nebula.core.units import UnitState, UnitStatus
 
 RUNNING_STATES = frozenset({UnitState.ACTIVE, UnitState.ACTIVATING, UnitState.RELOADING})
 

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nebula.adapters.engine_metrics import EngineLoad
+from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task
 
 # Characters of the system prompt and of the first user message that make the key: enough to tell

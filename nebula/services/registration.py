@@ -11,12 +11,12 @@ import contextlib
 import logging
 from typing import NoReturn
 
-from nebula.adapters.store import Store
 from nebula.adapters.watching import LeaseKeeper, Sleep
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind, ServiceRecord, advertised_address
 from nebula.core.model import dumps
+from nebula.core.store import Store
 from nebula.errors import TemporaryError
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nebula.adapters.sdnotify import Notifier
-from nebula.adapters.store import Store
 from nebula.core.config import NebulaConfig, merge_tables, parse_config
+from nebula.core.store import Store
 from nebula.errors import ConfigError, PermanentError
 
 if TYPE_CHECKING:

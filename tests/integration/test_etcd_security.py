@@ -14,9 +14,9 @@ import pytest
 from aetcd import rpc
 
 from nebula.adapters.etcd import EtcdSecurity, EtcdStore
-from nebula.adapters.store import KeyValue, StoreUnavailableError
 from nebula.adapters.watching import mirror_prefix
 from nebula.core.config import ClusterConfig, NebulaConfig
+from nebula.core.store import KeyValue, StoreUnavailableError
 from nebula.errors import ConfigError, PermanentError
 from nebula.services.runtime import open_store
 from tests.harness.etcd_tls import TlsEtcdServer, launch_tls_etcd

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from nebula.adapters.etcd import EtcdStore
-from nebula.adapters.store import EventType, KeyValue, StoreUnavailableError, WatchEvent
 from nebula.adapters.watching import mirror_prefix
+from nebula.core.store import EventType, KeyValue, StoreUnavailableError, WatchEvent
 from nebula.errors import TemporaryError
 from tests.harness.etcd import EtcdServer, free_port
 from tests.store_contract import WAIT_S, StoreContract, stop, values, wait_until

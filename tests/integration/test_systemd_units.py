@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from nebula.adapters.systemd import SystemdEngineUnits, systemd_is_pid1
-from nebula.adapters.units import UnitState, UnitStatus, engine_unit_name
+from nebula.core.units import UnitState, UnitStatus, engine_unit_name
 from nebula.errors import TemporaryError
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox
 

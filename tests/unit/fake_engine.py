@@ -21,9 +21,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from nebula.adapters.store import Store
 from nebula.core import keys
 from nebula.core.model import InstanceStatus, Phase, Task, dumps
+from nebula.core.store import Store
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.adapters.units import UnitState, UnitStatus
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
+from nebula.core.units import UnitState, UnitStatus
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
 

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from nebula.adapters.engine_metrics import EngineLoad, EngineMetricsError, fetch_engine_load, parse_engine_load
+from nebula.adapters.engine_metrics import EngineMetricsError, fetch_engine_load, parse_engine_load
+from nebula.core.engine_load import EngineLoad
 from nebula.services.gateway.load import LoadBook, poll_loads, poll_round
 from tests.unit.fake_engine import FakeEngine, engines, vllm_metrics_text
 

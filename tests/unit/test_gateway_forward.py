@@ -18,11 +18,11 @@ import pytest
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from nebula.adapters.engine_metrics import EngineLoad
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
 from nebula.core import keys
 from nebula.core.config import GatewayConfig, NebulaConfig
+from nebula.core.engine_load import EngineLoad
 from nebula.core.model import ModelSpec, Phase, dumps
 from nebula.core.routing import prefix_key, rendezvous_home
 from nebula.services.gateway.app import build_gateway_app, serve_gateway

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.adapters.store import KeyValue, LeaseLostError, StoreUnavailableError
 from nebula.adapters.watching import LeaseKeeper, backoff_delay, mirror_prefix
+from nebula.core.store import KeyValue, LeaseLostError, StoreUnavailableError
 from tests.store_contract import StoreContract, stop, take, values, wait_until
 
 

@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.adapters.units import UnitState
 from nebula.core.config import NebulaConfig
 from nebula.core.model import InstanceStatus, NodeRecord, Phase
+from nebula.core.units import UnitState
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.specfiles import SpecFiles

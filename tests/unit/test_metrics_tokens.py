@@ -6,10 +6,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nebula.adapters.engine_metrics import EngineLoad, parse_engine_load
-from nebula.adapters.store import KeyValue
+from nebula.adapters.engine_metrics import parse_engine_load
 from nebula.core import keys
+from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps
+from nebula.core.store import KeyValue
 from nebula.services.gateway.load import LoadBook, TokenBook, counter_increase
 from nebula.services.gateway.model_metrics import ModelCollector
 from nebula.services.gateway.replicas import ReplicaTable

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nebula.adapters.processes import ProcessEngineUnits, process_start_time
-from nebula.adapters.units import UnitState, UnitStatus
+from nebula.core.units import UnitState, UnitStatus
 
 MakeUnits = Callable[..., ProcessEngineUnits]
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from nebula.adapters.units import UnitState, UnitStatus
 from nebula.core.engine_spec import EngineSpec
 from nebula.core.model import Phase
 from nebula.core.phase import observe_phase
 from nebula.core.reconcile import Actual, RemoveSpec, ResetFailed, Start, Stop, plan
+from nebula.core.units import UnitState, UnitStatus
 
 
 def spec(inst: str, port: int = 18000, source: str = "/m") -> EngineSpec:

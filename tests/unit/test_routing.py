@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nebula.adapters.engine_metrics import EngineLoad
-from nebula.adapters.store import KeyValue
 from nebula.core import keys
+from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task, dumps
 from nebula.core.routing import (
     PREFIX_CHARS,
@@ -26,6 +25,7 @@ from nebula.core.routing import (
     ready_replicas,
     rendezvous_home,
 )
+from nebula.core.store import KeyValue
 from nebula.services.gateway.load import LoadBook
 from nebula.services.gateway.replicas import ReplicaTable
 

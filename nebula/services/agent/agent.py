@@ -15,8 +15,6 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
-from nebula.adapters.store import KeyValue, Store
-from nebula.adapters.units import EngineUnits, UnitState, UnitStatus
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
@@ -24,6 +22,8 @@ from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dump
 from nebula.core.phase import observe_phase
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
+from nebula.core.store import KeyValue, Store
+from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker

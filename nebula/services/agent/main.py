@@ -15,12 +15,12 @@ from nebula import __version__
 from nebula.adapters.nvml import GpuReading, read_gpus
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
-from nebula.adapters.units import EngineUnits
 from nebula.adapters.watching import LeaseKeeper, mirror_prefix
 from nebula.core import keys
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
 from nebula.core.model import Gpu, NodeRecord
+from nebula.core.units import EngineUnits
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.gpus import GpuCollector, GpuSampler
 from nebula.services.agent.health import EngineHealth

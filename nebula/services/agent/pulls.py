@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from nebula.adapters.store import KeyValue, Store
 from nebula.core import keys
 from nebula.core.model import dumps, loads
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
+from nebula.core.store import KeyValue, Store
 from nebula.errors import ValidationError
 from nebula.services.agent.sources import Broken, ModelSources, Ready
 

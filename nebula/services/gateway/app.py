@@ -13,12 +13,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.sdnotify import Notifier
-from nebula.adapters.store import Store
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
 from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
+from nebula.core.store import Store
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import admit_by_key, dataplane_router

@@ -23,11 +23,11 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from nebula.adapters.store import KeyValue
 from nebula.core import keys
 from nebula.core.apikeys import DIGEST_RE, KeyRecord, KeyScope, digest
 from nebula.core.limits import Clock, Limiter
 from nebula.core.model import loads
+from nebula.core.store import KeyValue
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.http.errors import ApiError, Handler, unavailable
 

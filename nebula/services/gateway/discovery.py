@@ -18,10 +18,10 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from nebula.adapters.store import Snapshot
 from nebula.core import keys
 from nebula.core.discovery import ServiceRecord, sd_targets
 from nebula.core.model import InstanceStatus, loads
+from nebula.core.store import Snapshot
 from nebula.errors import ValidationError
 from nebula.services.gateway.state import GATEWAY
 

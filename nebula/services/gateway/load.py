@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-from nebula.adapters.engine_metrics import EngineLoad, EngineMetricsError
+from nebula.adapters.engine_metrics import EngineMetricsError
+from nebula.core.engine_load import EngineLoad
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nebula.adapters.store import KeyValue, Store
 from nebula.core import keys
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, loads
 from nebula.core.status import ModelStatus
+from nebula.core.store import KeyValue, Store
 from nebula.errors import ValidationError
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from nebula.adapters.store import KeyValue
 from nebula.core.model import InstanceStatus, Phase, loads
 from nebula.core.routing import LoadPolicy, Replica, phase_counts, pick_replica, ready_replicas
+from nebula.core.store import KeyValue
 from nebula.errors import ValidationError
 from nebula.services.gateway.load import LoadBook
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from nebula.adapters.engine_metrics import EngineLoad, fetch_engine_load
-from nebula.adapters.store import Store
+from nebula.adapters.engine_metrics import fetch_engine_load
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core.config import GatewayConfig
+from nebula.core.engine_load import EngineLoad
+from nebula.core.store import Store
 from nebula.services.gateway.auth import Authenticator
 from nebula.services.gateway.load import Clock
 from nebula.services.gateway.metrics import GatewayMetrics

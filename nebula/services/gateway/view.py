@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from nebula.adapters.store import KeyValue
 from nebula.core import keys
 from nebula.core.model import ModelSpec, Phase, loads
+from nebula.core.store import KeyValue
 from nebula.errors import ValidationError
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from nebula.adapters.store import Store
 from nebula.core import keys
 from nebula.core.model import dumps
 from nebula.core.status import ModelStatus
+from nebula.core.store import Store
 
 
 class PendingReporter:

@@ -15,10 +15,10 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from nebula.adapters.store import EventType, KeyValue, LeaseLostError, Store
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
 from nebula.core.placement import diff_placements, place
+from nebula.core.store import EventType, KeyValue, LeaseLostError, Store
 from nebula.errors import TemporaryError, ValidationError
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
