@@ -16,9 +16,12 @@ import pytest
 from nebula.adapters.watching import LeaseKeeper, mirror_prefix
 from nebula.core.store import (
     CompactedError,
+    Delete,
     EventType,
+    Guard,
     KeyValue,
     LeaseLostError,
+    Put,
     Snapshot,
     Store,
     WatchEvent,
@@ -164,6 +167,52 @@ class StoreContract:
         assert await store.delete_if(key, mod_revision=rev) is True
         assert await store.get(key) is None
         assert await store.delete_if(key, mod_revision=0) is False  # nothing left to delete
+
+    async def test_commit_applies_all_or_nothing_in_one_revision(self, env: StoreEnv) -> None:
+        store, p = env.store, env.prefix
+        rev = await store.put(f"{p}t/a", b"1")
+        await store.put(f"{p}t/gone", b"x")
+        ops = [Put(f"{p}t/a", b"2"), Put(f"{p}t/b", b"new"), Delete(f"{p}t/gone"), Delete(f"{p}t/never")]
+        assert await store.commit([Guard(f"{p}t/a", mod_revision=rev - 1)], ops) is False
+        assert values({kv.key: kv for kv in (await store.list_prefix(f"{p}t/")).items}) == {
+            f"{p}t/a": b"1", f"{p}t/gone": b"x"}
+        assert await store.commit([Guard(f"{p}t/a", mod_revision=rev), Guard(f"{p}t/c", mod_revision=0)], ops)
+        snap = await store.list_prefix(f"{p}t/")
+        assert values({kv.key: kv for kv in snap.items}) == {f"{p}t/a": b"2", f"{p}t/b": b"new"}
+        assert {kv.mod_revision for kv in snap.items} == {snap.revision}  # one revision for the whole commit
+
+    async def test_commit_fenced_by_a_lease(self, env: StoreEnv) -> None:
+        """A writer guarded by its hold on a key (a leader key under its lease) can write nothing once it
+        lost that key, even if it has not noticed yet."""
+        store, p = env.store, env.prefix
+        mine = await store.grant_lease(30)
+        assert await store.create(f"{p}leader", b"me", lease=mine)
+        fence = [Guard(f"{p}leader", lease=mine)]
+        assert await store.commit(fence, [Put(f"{p}placed/x", b"1")]) is True
+        await store.revoke_lease(mine)  # as an expiry would: the key goes with the lease
+        theirs = await store.grant_lease(30)
+        assert await store.create(f"{p}leader", b"them", lease=theirs)
+        assert await store.commit(fence, [Put(f"{p}placed/x", b"stale"), Delete(f"{p}placed/y")]) is False
+        kv = await store.get(f"{p}placed/x")
+        assert kv is not None and kv.value == b"1"
+        await store.revoke_lease(theirs)
+
+    async def test_commit_put_under_a_lost_lease_raises(self, env: StoreEnv) -> None:
+        store, p = env.store, env.prefix
+        lease = await store.grant_lease(30)
+        await store.revoke_lease(lease)
+        with pytest.raises(LeaseLostError):
+            await store.commit([], [Put(f"{p}l/a", b"1", lease=lease)])
+        assert await store.get(f"{p}l/a") is None
+
+    async def test_a_key_that_is_not_utf8_is_listed_and_can_be_deleted(self, env: StoreEnv) -> None:
+        # etcd keys are bytes: a stray one must come through as a string (surrogate-escaped), not an error.
+        store, p = env.store, env.prefix
+        key = f"{p}raw/" + b"\xff\xfe".decode("utf-8", "surrogateescape")
+        await store.put(key, b"v")
+        snap = await store.list_prefix(f"{p}raw/")
+        assert [kv.key for kv in snap.items] == [key]
+        assert await store.delete(key) is True
 
     # --- watch ----------------------------------------------------------------------------------
 

@@ -35,8 +35,11 @@ from nebula.adapters.watching import backoff_delay
 from nebula.core.store import (
     CompactedError,
     EventType,
+    Guard,
     KeyValue,
     LeaseLostError,
+    Op,
+    Put,
     Snapshot,
     StoreUnavailableError,
     WatchEvent,
@@ -74,6 +77,7 @@ _REAUTH_CODE = rpc.StatusCode.UNAUTHENTICATED
 
 _TXN_MOD = 2  # etcdserverpb.Compare.CompareTarget.MOD
 _TXN_VERSION = 0  # etcdserverpb.Compare.CompareTarget.VERSION
+_TXN_LEASE = 4  # etcdserverpb.Compare.CompareTarget.LEASE
 _TXN_EQUAL = 0  # etcdserverpb.Compare.CompareResult.EQUAL
 _EVENT_DELETE = 1  # mvccpb.Event.EventType.DELETE
 
@@ -128,13 +132,24 @@ def _range_end(prefix: bytes) -> bytes:
     return bytes(aetcd.utils.prefix_range_end(prefix)) if prefix else b"\0"
 
 
+def _key_text(raw: bytes) -> str:
+    """etcd keys are bytes. One that is not UTF-8 (anyone with write access can make one) must reach the
+    record decoders as a key they refuse, not as a UnicodeDecodeError that ends a watch; surrogateescape
+    also maps it back to the same bytes, so such a key can still be deleted."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
 def _key_start(prefix: bytes) -> bytes:
     return prefix or b"\0"
 
 
 def _to_kv(kv: Any) -> KeyValue:
     return KeyValue(
-        key=kv.key.decode(),
+        key=_key_text(kv.key),
         value=bytes(kv.value),
         mod_revision=int(kv.mod_revision),
         version=int(kv.version),
@@ -145,10 +160,10 @@ def _to_kv(kv: Any) -> KeyValue:
 def _to_event(event: Any) -> WatchEvent:
     kv = event.kv
     if event.type == _EVENT_DELETE:
-        return WatchEvent(EventType.DELETE, kv.key.decode(), b"", int(kv.mod_revision))
+        return WatchEvent(EventType.DELETE, _key_text(kv.key), b"", int(kv.mod_revision))
     return WatchEvent(
         EventType.PUT,
-        kv.key.decode(),
+        _key_text(kv.key),
         bytes(kv.value),
         int(kv.mod_revision),
         version=int(kv.version),
@@ -358,13 +373,13 @@ class EtcdStore:
 
     async def get(self, key: str) -> KeyValue | None:
         async def op(c: Any) -> Any:
-            return await c.kvstub.Range(rpc.RangeRequest(key=key.encode()), **self._kw(c))
+            return await c.kvstub.Range(rpc.RangeRequest(key=_key_bytes(key)), **self._kw(c))
 
         response = await self._call(op)
         return _to_kv(response.kvs[0]) if response.kvs else None
 
     async def list_prefix(self, prefix: str) -> Snapshot:
-        raw = prefix.encode()
+        raw = _key_bytes(prefix)
         request = rpc.RangeRequest(key=_key_start(raw), range_end=_range_end(raw))
 
         async def op(c: Any) -> Any:
@@ -375,7 +390,7 @@ class EtcdStore:
         return Snapshot(items=tuple(_to_kv(kv) for kv in response.kvs), revision=int(response.header.revision))
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        request = rpc.PutRequest(key=key.encode(), value=value, lease=lease)
+        request = rpc.PutRequest(key=_key_bytes(key), value=value, lease=lease)
 
         async def op(c: Any) -> Any:
             return await c.kvstub.Put(request, **self._kw(c))
@@ -383,10 +398,10 @@ class EtcdStore:
         return int((await self._call(op)).header.revision)
 
     async def delete(self, key: str) -> bool:
-        return await self._delete_range(rpc.DeleteRangeRequest(key=key.encode())) > 0
+        return await self._delete_range(rpc.DeleteRangeRequest(key=_key_bytes(key))) > 0
 
     async def delete_prefix(self, prefix: str) -> int:
-        raw = prefix.encode()
+        raw = _key_bytes(prefix)
         return await self._delete_range(rpc.DeleteRangeRequest(key=_key_start(raw), range_end=_range_end(raw)))
 
     async def _delete_range(self, request: Any) -> int:
@@ -396,29 +411,45 @@ class EtcdStore:
         return int((await self._call(op)).deleted)
 
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
-        raw = key.encode()
+        raw = _key_bytes(key)
         compare = rpc.Compare(key=raw, target=_TXN_VERSION, result=_TXN_EQUAL, version=0)
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease))
         response = await self._txn(compare, put)
         return bool(response.succeeded)
 
     async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
-        raw = key.encode()
+        raw = _key_bytes(key)
         compare = rpc.Compare(key=raw, target=_TXN_MOD, result=_TXN_EQUAL, mod_revision=mod_revision)
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease))
         response = await self._txn(compare, put)
         return bool(response.succeeded)
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:
-        raw = key.encode()
+        raw = _key_bytes(key)
         compare = rpc.Compare(key=raw, target=_TXN_MOD, result=_TXN_EQUAL, mod_revision=mod_revision)
         delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=raw))
         response = await self._txn(compare, delete)
         # A missing key has mod_revision 0: the compare can succeed and still delete nothing.
         return bool(response.succeeded) and int(response.responses[0].response_delete_range.deleted) > 0
 
-    async def _txn(self, compare: Any, success: Any) -> Any:
-        request = rpc.TxnRequest(compare=[compare], success=[success], failure=[])
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
+        compares = [
+            rpc.Compare(key=_key_bytes(g.key), target=_TXN_MOD, result=_TXN_EQUAL, mod_revision=g.mod_revision)
+            if g.mod_revision is not None
+            else rpc.Compare(key=_key_bytes(g.key), target=_TXN_LEASE, result=_TXN_EQUAL, lease=g.lease)
+            for g in guards
+        ]
+        requests = [
+            rpc.RequestOp(request_put=rpc.PutRequest(key=_key_bytes(op.key), value=op.value, lease=op.lease))
+            if isinstance(op, Put)
+            else rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_key_bytes(op.key)))
+            for op in ops
+        ]
+        return bool((await self._txn(compares, *requests)).succeeded)
+
+    async def _txn(self, compare: Any, *success: Any) -> Any:
+        request = rpc.TxnRequest(compare=compare if isinstance(compare, list) else [compare], success=list(success),
+                                 failure=[])
 
         async def op(c: Any) -> Any:
             return await c.kvstub.Txn(request, **self._kw(c))
@@ -470,7 +501,7 @@ class EtcdStore:
 
     async def _watch_stream(self, conn: _Conn, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
         """One Watch RPC: yields each response's events; raises when the stream breaks."""
-        raw = prefix.encode()
+        raw = _key_bytes(prefix)
         create = rpc.WatchCreateRequest(key=_key_start(raw), range_end=_range_end(raw), start_revision=start_revision)
         # No deadline on the stream itself (it lives for ever); keepalive detects a dead peer.
         call = rpc.WatchStub(conn.client.channel).Watch(metadata=conn.client.metadata)

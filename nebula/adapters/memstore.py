@@ -17,14 +17,17 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from nebula.core.store import (
     CompactedError,
     EventType,
+    Guard,
     KeyValue,
     LeaseLostError,
+    Op,
+    Put,
     Snapshot,
     StoreUnavailableError,
     WatchEvent,
@@ -171,6 +174,42 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._wake_watchers()
+
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
+        self._enter()
+        for g in guards:
+            kv = self._data.get(g.key)
+            held = (kv.mod_revision if kv else 0) if g.mod_revision is not None else (kv.lease if kv else 0)
+            if held != (g.mod_revision if g.mod_revision is not None else g.lease):
+                return False
+        for op in ops:
+            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                raise LeaseLostError(f"lease {op.lease:x} not found")
+        if not ops:
+            return True
+        # One revision for the whole transaction, as etcd gives it.
+        events: list[WatchEvent] = []
+        self._revision += 1
+        for op in ops:
+            old = self._data.get(op.key)
+            if old is not None and old.lease in self._leases:
+                self._leases[old.lease].keys.discard(op.key)
+            if isinstance(op, Put):
+                if op.lease:
+                    self._leases[op.lease].keys.add(op.key)
+                kv = KeyValue(key=op.key, value=op.value, mod_revision=self._revision,
+                              version=old.version + 1 if old else 1, lease=op.lease)
+                self._data[op.key] = kv
+                events.append(WatchEvent(EventType.PUT, op.key, op.value, self._revision, version=kv.version,
+                                         lease=op.lease))
+            elif old is not None:
+                del self._data[op.key]
+                events.append(WatchEvent(EventType.DELETE, op.key, b"", self._revision))
+        if not events:  # deletes of nothing: etcd bumps the revision only for a change
+            self._revision -= 1
+            return True
+        self._record(events)
+        return True
 
     # --- internals ----------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nebula.core.model import expect_field, validate_name
+from nebula.core.model import expect_field, expect_number, validate_name
 from nebula.errors import ValidationError
 
 SECRET_PREFIX = "nbk_"
@@ -158,11 +158,11 @@ class KeyRecord:
     def from_dict(obj: object) -> KeyRecord:
         if not isinstance(obj, dict):
             raise ValidationError("", "key record must be a JSON object")
-        created = expect_field(obj, "created", (int, float), 0.0)
+        created = expect_number(obj, "created", 0.0)
         return KeyRecord(id=validate_key_id(expect_field(obj, "id", str)),
                          name=_key_name(expect_field(obj, "name", str)),
                          digest=validate_digest(expect_field(obj, "digest", str)), scopes=_scopes(obj),
-                         models=_models(obj), limits=KeyLimits.from_dict(obj.get("limits")), created=float(created))
+                         models=_models(obj), limits=KeyLimits.from_dict(obj.get("limits")), created=created)
 
     def public_dict(self) -> dict[str, Any]:
         """What the admin API shows: everything but the digest (not a secret, but nobody needs it)."""

@@ -62,6 +62,62 @@ def expect_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]
     return value
 
 
+def expect_number(obj: Mapping[str, Any], key: str, default: Any = ...) -> float:
+    """A JSON number as a finite float: an integer too large for a float (`1e400` written out) is refused
+    here, where `float()` would raise OverflowError."""
+    value = expect_field(obj, key, (int, float), default)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValidationError(key, "is out of range") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValidationError(key, "must be a finite number")
+    return number
+
+
+def expect_int(obj: Mapping[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
+    """An integer field within [low, high]."""
+    value: int = expect_field(obj, key, int, default)
+    if not low <= value <= high:
+        raise ValidationError(key, f"must be between {low} and {high}")
+    return value
+
+
+def expect_int_list(obj: Mapping[str, Any], key: str, low: int, high: int) -> tuple[int, ...]:
+    values = expect_field(obj, key, list, [])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values):
+        raise ValidationError(key, f"must be a list of integers between {low} and {high}")
+    return tuple(values)
+
+
+def expect_str_map(obj: Mapping[str, Any], key: str) -> dict[str, str]:
+    value = expect_field(obj, key, dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValidationError(key, "must map strings to strings")
+    return dict(value)
+
+
+def expect_str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    values = expect_field(obj, key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise ValidationError(key, "must be a list of strings")
+    return tuple(values)
+
+
+def validate_instance_name(value: object, model: str | None = None) -> str:
+    """`<model>` or `<model>:<n>` spelled as instance_name() spells it: instance names become unit names
+    and file names on nodes, so nothing else (no '/', no '..', no leading zeros) may pass."""
+    if not isinstance(value, str):
+        raise ValidationError("instance", "must be a string")
+    name, replica = parse_instance_name(value)
+    validate_name(name, "instance")
+    if replica > 999 or instance_name(name, replica) != value:
+        raise ValidationError("instance", f"'{value}' is not <model> or <model>:<replica>")
+    if model is not None and name != model:
+        raise ValidationError("instance", f"'{value}' is not an instance of model '{model}'")
+    return value
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list",
              dict: "an object"}
@@ -118,9 +174,7 @@ class ModelSpec:
             raise ValidationError("max_model_len", "must be positive")
         revision = expect_field(obj, "revision", str, None)
         parse_source(source, revision)
-        labels = expect_field(obj, "labels", dict, {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise ValidationError("labels", "must map strings to strings")
+        labels = expect_str_map(obj, "labels")
         return ModelSpec(name=name, source=source, task=task, replicas=replicas, gpus_per_replica=gpus,
                          gpu_memory_mib=mem, engine=engine, engine_args=tuple(args), max_model_len=max_len,
                          revision=revision, labels=dict(labels))
@@ -161,6 +215,14 @@ class Gpu:
     memory_total_mib: int
     memory_used_mib: int
 
+    @staticmethod
+    def from_dict(obj: object) -> Gpu:
+        if not isinstance(obj, dict):
+            raise ValidationError("gpus", "each GPU must be a JSON object")
+        return Gpu(index=expect_int(obj, "index", 0, 1023), name=expect_field(obj, "name", str),
+                   memory_total_mib=expect_int(obj, "memory_total_mib", 0, 1 << 40),
+                   memory_used_mib=expect_int(obj, "memory_used_mib", 0, 1 << 40))
+
 
 @dataclass(frozen=True)
 class NodeRecord:
@@ -180,16 +242,14 @@ class NodeRecord:
     def from_dict(obj: object) -> NodeRecord:
         if not isinstance(obj, dict):
             raise ValidationError("", "node record must be a JSON object")
-        gpus = tuple(
-            Gpu(index=int(g["index"]), name=str(g["name"]), memory_total_mib=int(g["memory_total_mib"]),
-                memory_used_mib=int(g["memory_used_mib"]))
-            for g in expect_field(obj, "gpus", list, [])
-        )
+        gpus = tuple(Gpu.from_dict(g) for g in expect_field(obj, "gpus", list, []))
+        port_min, port_max = expect_int(obj, "port_min", 1, 65535), expect_int(obj, "port_max", 1, 65535)
+        if port_min > port_max:
+            raise ValidationError("port_min", "must not be above port_max")
         return NodeRecord(name=validate_name(expect_field(obj, "name", str)), address=expect_field(obj, "address", str),
-                          port_min=expect_field(obj, "port_min", int), port_max=expect_field(obj, "port_max", int),
-                          gpus=gpus, labels=dict(expect_field(obj, "labels", dict, {})),
+                          port_min=port_min, port_max=port_max, gpus=gpus, labels=expect_str_map(obj, "labels"),
                           agent_version=expect_field(obj, "agent_version", str, ""),
-                          cached=tuple(str(s) for s in expect_field(obj, "cached", list, [])))
+                          cached=expect_str_list(obj, "cached"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "port_min": self.port_min,
@@ -215,10 +275,11 @@ class Placement:
     def from_dict(obj: object) -> Placement:
         if not isinstance(obj, dict):
             raise ValidationError("", "placement must be a JSON object")
-        return Placement(instance=expect_field(obj, "instance", str), node=expect_field(obj, "node", str),
-                         model=ModelSpec.from_dict(expect_field(obj, "model", dict)),
-                         port=expect_field(obj, "port", int),
-                         gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])))
+        model = ModelSpec.from_dict(expect_field(obj, "model", dict))
+        return Placement(instance=validate_instance_name(obj.get("instance"), model.name),
+                         node=validate_name(expect_field(obj, "node", str), "node"), model=model,
+                         port=expect_int(obj, "port", 1, 65535),
+                         gpu_indices=expect_int_list(obj, "gpu_indices", 0, 1023))
 
     def to_dict(self) -> dict[str, Any]:
         return {"instance": self.instance, "node": self.node, "model": self.model.to_dict(),
@@ -250,13 +311,15 @@ class InstanceStatus:
             task = Task(expect_field(obj, "task", str, "generate"))
         except ValueError as e:
             raise ValidationError("phase", str(e)) from None
-        return InstanceStatus(instance=expect_field(obj, "instance", str), model=expect_field(obj, "model", str),
-                              node=expect_field(obj, "node", str), phase=phase,
+        model = validate_name(expect_field(obj, "model", str), "model")
+        progress = None if obj.get("progress") is None else expect_number(obj, "progress")
+        return InstanceStatus(instance=validate_instance_name(obj.get("instance"), model), model=model,
+                              node=validate_name(expect_field(obj, "node", str), "node"), phase=phase,
                               endpoint=expect_field(obj, "endpoint", str),
-                              task=task, since=float(expect_field(obj, "since", (int, float), 0.0)),
+                              task=task, since=expect_number(obj, "since", 0.0),
                               message=expect_field(obj, "message", str, ""),
-                              restarts=expect_field(obj, "restarts", int, 0),
-                              progress=_fraction(expect_field(obj, "progress", (int, float), None)))
+                              restarts=expect_int(obj, "restarts", 0, 1 << 31, 0),
+                              progress=_fraction(progress))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

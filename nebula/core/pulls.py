@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from nebula.core.model import expect_field, validate_name
+from nebula.core.model import expect_field, expect_number, validate_name
 from nebula.core.sources import parse_source
 from nebula.errors import ValidationError
 
@@ -58,7 +58,7 @@ class PullIntent:
         parse_source(source, revision)
         return PullIntent(id=expect_field(obj, "id", str), node=validate_name(expect_field(obj, "node", str)),
                           source=source, revision=revision,
-                          created=float(expect_field(obj, "created", (int, float), 0.0)))
+                          created=expect_number(obj, "created", 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "node": self.node, "source": self.source, "revision": self.revision,
@@ -82,11 +82,11 @@ class PullStatus:
             phase = PullPhase(expect_field(obj, "phase", str))
         except ValueError as e:
             raise ValidationError("phase", str(e)) from None
-        progress = expect_field(obj, "progress", (int, float), None)
+        progress = None if obj.get("progress") is None else expect_number(obj, "progress")
         return PullStatus(id=expect_field(obj, "id", str), node=expect_field(obj, "node", str),
                           source=expect_field(obj, "source", str), phase=phase,
                           message=expect_field(obj, "message", str, ""),
-                          progress=None if progress is None else float(progress))
+                          progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "node": self.node, "source": self.source, "phase": self.phase.value,

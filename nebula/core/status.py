@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nebula.core.model import expect_field
+from nebula.core.model import expect_field, expect_number
 from nebula.errors import ValidationError
 
 
@@ -22,7 +22,7 @@ class ModelStatus:
         if not isinstance(obj, dict):
             raise ValidationError("", "model status must be a JSON object")
         return ModelStatus(model=expect_field(obj, "model", str), pending=expect_field(obj, "pending", str),
-                           since=float(expect_field(obj, "since", (int, float), 0.0)))
+                           since=expect_number(obj, "since", 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "pending": self.pending, "since": self.since}

@@ -10,7 +10,7 @@ reached in time, so callers retry; `CompactedError` when a watch asks for a revi
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +63,41 @@ class Snapshot:
     revision: int
 
 
+@dataclass(frozen=True)
+class Guard:
+    """A condition on one key that a transaction checks before it writes anything.
+
+    Exactly one of the two is set:
+    - `mod_revision`: the key is still as the writer read it (0: the key must not exist);
+    - `lease`: the key is held under this lease. Fencing: the scheduler guards its writes with its leader
+      key held under its own lease, so a leader whose lease expired (a paused process, a partition) can
+      change nothing, even before it notices that it lost.
+    """
+
+    key: str
+    mod_revision: int | None = None
+    lease: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mod_revision is None) == (self.lease is None):
+            raise ValueError("a Guard checks exactly one of mod_revision and lease")
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+Op = Put | Delete
+
+
 class Store(Protocol):
     async def get(self, key: str) -> KeyValue | None: ...
 
@@ -90,6 +125,12 @@ class Store(Protocol):
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:
         """Delete `key` only if its mod_revision is still `mod_revision`. True when deleted."""
+        ...
+
+    async def commit(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
+        """Apply every op in one revision if every guard holds (True), else nothing (False).
+
+        A Put under a lease that no longer exists raises `LeaseLostError` and applies nothing."""
         ...
 
     def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
