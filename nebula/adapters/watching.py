@@ -1,18 +1,18 @@
-"""Consumption patterns every service needs on top of a `Store`: mirror a prefix, keep a lease alive.
+"""Keeping a lease alive on any `Store`, and the backoff every retry loop shares.
 
-Both are generic over the `Store` protocol, so services test them against `MemoryStore` and run them
-against `EtcdStore` unchanged. Sleeping is injectable so unit tests never wait for real timers.
+Generic over the `Store` protocol, so services test it against `MemoryStore` and run it against
+`EtcdStore` unchanged. Sleeping is injectable so unit tests never wait for real timers. (Mirroring a
+prefix is `nebula.services.cluster.mirror.Mirror`, typed and self-healing.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from nebula.core.store import EventType, KeyValue, LeaseLostError, Store, WatchEvent
+from nebula.core.store import KeyValue, LeaseLostError, Store
 from nebula.errors import TemporaryError
 
 log = logging.getLogger(__name__)
@@ -33,74 +33,6 @@ def backoff_delay(attempt: int, *, base: float, cap: float, jitter: float = 0.0)
     # Bound the exponent so huge attempt counts cannot overflow the float.
     delay = min(cap, base * 2.0 ** min(attempt - 1, 32))
     return delay * (1.0 - min(max(jitter, 0.0), 0.999))
-
-
-def apply_event(items: dict[str, KeyValue], event: WatchEvent) -> None:
-    """Apply one watch event to a mirrored prefix in place."""
-    if event.type is EventType.DELETE:
-        items.pop(event.key, None)
-    else:
-        items[event.key] = KeyValue(
-            key=event.key,
-            value=event.value,
-            mod_revision=event.mod_revision,
-            version=event.version,
-            lease=event.lease,
-        )
-
-
-async def _notify(on_change: OnChange, items: dict[str, KeyValue]) -> None:
-    # A copy, so the callback may keep the dict while we go on mutating ours.
-    result = on_change(dict(items))
-    if inspect.isawaitable(result):
-        await result
-
-
-async def _mirror_once(store: Store, prefix: str, on_change: OnChange, on_synced: Callable[[], None]) -> None:
-    """List, then follow the watch until it fails (raises) — it never ends by itself."""
-    snapshot = await store.list_prefix(prefix)
-    items = {kv.key: kv for kv in snapshot.items}
-    await _notify(on_change, items)
-    on_synced()
-    # R + 1: the listing already reflects every change up to and including R.
-    async for event in store.watch_prefix(prefix, start_revision=snapshot.revision + 1):
-        apply_event(items, event)
-        await _notify(on_change, items)
-
-
-async def mirror_prefix(
-    store: Store,
-    prefix: str,
-    on_change: OnChange,
-    *,
-    retry_delay: float = 0.5,
-    max_retry_delay: float = 10.0,
-    sleep: Sleep = asyncio.sleep,
-) -> NoReturn:
-    """Keep `on_change` fed with the full current content of `prefix` until cancelled.
-
-    `on_change` (sync or async) gets a fresh dict key -> KeyValue after the initial listing and after
-    every event (one call per key changed, also within a multi-key revision). After a compaction or
-    an outage the prefix is listed again and the whole new content is delivered.
-    """
-    attempt = 0
-
-    def synced() -> None:
-        nonlocal attempt
-        attempt = 0
-
-    while True:
-        try:
-            await _mirror_once(store, prefix, on_change, synced)
-        except TemporaryError as exc:  # CompactedError included: both mean "list again"
-            attempt += 1
-            delay = backoff_delay(attempt, base=retry_delay, cap=max_retry_delay)
-            log.warning("mirror of %r interrupted (%r); re-listing in %.2fs", prefix, exc, delay)
-            await sleep(delay)
-            continue
-        # A watch only ends when its consumer stops it; ending otherwise is a store bug we recover from.
-        attempt += 1
-        await sleep(backoff_delay(attempt, base=retry_delay, cap=max_retry_delay))
 
 
 class LeaseKeeper:

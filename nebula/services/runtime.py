@@ -129,12 +129,14 @@ SiteFactory = Callable[[web.AppRunner], web.BaseSite]
 
 
 async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
-                                status: Callable[[], str] | None = None, site: SiteFactory | None = None) -> None:
+                                status: Callable[[], str] | None = None, site: SiteFactory | None = None,
+                                healthy: Callable[[], bool] = lambda: True) -> None:
     """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
 
     handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
     upstream request in turn: an abandoned generation stops consuming the engine.
-    READY=1 once listening; WATCHDOG=1 is fed from this loop, so a blocked loop stops feeding it.
+    READY=1 once listening; WATCHDOG=1 is fed from this loop while `healthy()` (the service's mirrors of the
+    cluster are live), so a blocked loop or a view of the cluster that cannot be trusted stops feeding it.
     `site` makes the listening site in place of aiohttp's TCPSite on host:port (the gateway's: its
     data-plane server, TLS, a port shared by workers).
     """
@@ -144,7 +146,7 @@ async def serve_until_cancelled(app: web.Application, host: str, port: int, noti
         listening = site(runner) if site is not None else web.TCPSite(runner, host, port, reuse_address=True)
         await listening.start()
         log.info("%s listening on %s", what, listening.name)
-        await notify_ready_and_watch(notifier, lambda: True, status or (lambda: f"{what} listening on {host}:{port}"))
+        await notify_ready_and_watch(notifier, healthy, status or (lambda: f"{what} listening on {host}:{port}"))
         await asyncio.Event().wait()  # no watchdog configured: just serve until cancelled
     finally:
         notifier.notify(STOPPING=1)

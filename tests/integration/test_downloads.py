@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import NebulaConfig, NodeConfig
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.pulls import PullIntent
@@ -23,6 +23,7 @@ from nebula.services.agent.sources import Broken, Fetching, ModelSources, Ready,
 from nebula.services.agent.specfiles import SpecFiles
 from tests.harness.cluster import required_path
 from tests.harness.hub_mirror import HubMirror, running_mirror, tiny_repos
+from tests.harness.mirrors import listing, mirrored
 from tests.unit.test_agent import TableUnits
 
 
@@ -156,8 +157,7 @@ async def test_agent_reports_download_progress_then_starts_from_the_cache(tmp_pa
         spec = ModelSpec.from_dict({"name": "llama", "source": "hf://tiny/llama"})
         p = Placement(instance="llama", node="n1", model=spec, port=18000)
         await store.put(keys.placement_key("n1", "llama"), dumps(p.to_dict()))
-        agent.on_placements({keys.placement_key("n1", "llama"): (await store.get(keys.placement_key("n1", "llama")))
-                             or pytest.fail("no placement")})
+        agent.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.node_placements_prefix("n1"))))
         await agent.reconcile_once()
         st = await status(store, keys.instance_key("llama"))
         assert st["phase"] == "downloading" and str(st["message"]).startswith("downloading")
@@ -180,7 +180,7 @@ async def test_agent_fails_an_instance_whose_repo_does_not_exist(tmp_path: Path,
     spec = ModelSpec.from_dict({"name": "ghost", "source": "tiny/ghost"})
     key = keys.placement_key("n1", "ghost")
     await store.put(key, dumps(Placement(instance="ghost", node="n1", model=spec, port=18000).to_dict()))
-    agent.on_placements({key: (await store.get(key)) or pytest.fail("no placement")})
+    agent.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.node_placements_prefix("n1"))))
     await agent.reconcile_once()
     await agent.sources.wait_idle()
     await agent.reconcile_once()
@@ -194,8 +194,8 @@ async def test_pull_intent_fetches_and_reports(tmp_path: Path, mirror: HubMirror
     intent = PullIntent.new("n1", "tiny/bert-rerank", None, 1.0)
     key = keys.pull_key("n1", intent.id)
     await store.put(key, dumps(intent.to_dict()))
-    agent.on_pulls({key: (await store.get(key)) or pytest.fail("no intent")})
-    agent.on_placements({})
+    agent.on_pulls(mirrored(records.PULLS, await listing(store, keys.node_pulls_prefix("n1"))))
+    agent.on_placements(mirrored(records.PLACEMENTS))
     await agent.reconcile_once()
     assert (await status(store, keys.pull_status_key("n1", intent.id)))["phase"] == "downloading"
     await agent.sources.wait_idle()
@@ -204,6 +204,6 @@ async def test_pull_intent_fetches_and_reports(tmp_path: Path, mirror: HubMirror
     assert st["phase"] == "ready" and st["source"] == "hf://tiny/bert-rerank" and st["progress"] == 1.0
     assert (await status(store, keys.node_key("n1")))["cached"] == ["hf://tiny/bert-rerank"]
     await store.delete(key)
-    agent.on_pulls({})
+    agent.on_pulls(mirrored(records.PULLS))
     await agent.reconcile_once()
     assert await store.get(keys.pull_status_key("n1", intent.id)) is None

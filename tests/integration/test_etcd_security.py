@@ -14,12 +14,12 @@ import pytest
 from aetcd import rpc
 
 from nebula.adapters.etcd import EtcdSecurity, EtcdStore
-from nebula.adapters.watching import mirror_prefix
 from nebula.core.config import ClusterConfig, NebulaConfig
 from nebula.core.store import KeyValue, StoreUnavailableError
 from nebula.errors import ConfigError, PermanentError
 from nebula.services.runtime import open_store
 from tests.harness.etcd_tls import TlsEtcdServer, launch_tls_etcd
+from tests.harness.mirrors import follow_raw
 from tests.harness.tls import Pki, make_pki
 from tests.store_contract import stop, wait_until
 
@@ -55,7 +55,7 @@ def with_client_cert(pki: Pki) -> dict[str, str]:
 async def test_tls_with_client_certificate_reads_writes_and_watches(mtls_etcd: TlsEtcdServer, pki: Pki) -> None:
     store = await open_store(cluster(mtls_etcd.endpoint, pki, **with_client_cert(pki)))
     updates: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
-    task = asyncio.create_task(mirror_prefix(store, "/tls/", updates.put_nowait))
+    task = follow_raw(store, "/tls/", updates.put_nowait)
     try:
         await store.put("/tls/a", b"1")
         assert (await store.get("/tls/a")) is not None
@@ -141,7 +141,7 @@ async def test_auth_user_works_within_its_permissions(nebula_user_store: EtcdSto
     lease = await store.grant_lease(5)
     await store.keepalive(lease)
     updates: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
-    task = asyncio.create_task(mirror_prefix(store, "/nebula/models/", updates.put_nowait))
+    task = follow_raw(store, "/nebula/models/", updates.put_nowait)
     try:
         await wait_until(updates, lambda s: "/nebula/models/x" in s)
     finally:
@@ -154,7 +154,7 @@ async def test_expired_token_is_renewed_and_the_call_goes_through(nebula_user_st
     store = nebula_user_store
     await store.put("/nebula/t/a", b"1")
     updates: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
-    task = asyncio.create_task(mirror_prefix(store, "/nebula/t/", updates.put_nowait))
+    task = follow_raw(store, "/nebula/t/", updates.put_nowait)
     try:
         await wait_until(updates, lambda s: "/nebula/t/a" in s)
         # etcd drops a simple token after TOKEN_TTL_S without use; the next call is refused UNAUTHENTICATED,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from nebula.adapters.etcd import EtcdStore
-from nebula.adapters.watching import mirror_prefix
 from nebula.core.store import EventType, KeyValue, StoreUnavailableError, WatchEvent
 from nebula.errors import TemporaryError
 from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.mirrors import follow_raw
 from tests.store_contract import WAIT_S, StoreContract, stop, values, wait_until
 
 pytestmark = pytest.mark.etcd
@@ -189,7 +189,7 @@ async def test_mirror_prefix_survives_restart(etcd_server: EtcdServer, etcd_stor
     p = f"/test/{uuid.uuid4().hex}/"
     await etcd_store.put(f"{p}a", b"1")
     updates: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
-    task = asyncio.create_task(mirror_prefix(etcd_store, p, updates.put_nowait, retry_delay=0.05))
+    task = follow_raw(etcd_store, p, updates.put_nowait)
     try:
         assert values(await wait_until(updates, lambda s: True)) == {f"{p}a": b"1"}
         await asyncio.to_thread(etcd_server.restart)

@@ -20,11 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.etcd import EtcdStore
-from nebula.adapters.watching import mirror_prefix
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import GatewayConfig
 from nebula.core.model import Gpu, NodeRecord, dumps
 from nebula.core.pulls import PullPhase, PullStatus
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.scheduler.scheduler import Scheduler
 from tests.harness.etcd import EtcdServer
@@ -70,8 +70,11 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await store.put(keys.node_key("node-a"), gpu_node("node-a", 2, 16), lease=lease)
     await store.put(keys.node_key("node-b"), gpu_node("node-b", 1, 22), lease=lease)
     sched = Scheduler(store, "sched-1", lease_ttl_s=5, node_grace_s=30, resync_s=1, registry=CollectorRegistry())
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(mirror_prefix(store, prefix, cb)) for prefix, cb in (
-        (keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes), (keys.PLACEMENTS, sched.on_placements))]
+    metrics = MirrorMetrics(CollectorRegistry())
+    mirrors = MirrorSet([Mirror(store, records.MODELS, metrics, on_change=sched.on_models),
+                         Mirror(store, records.NODES, metrics, on_change=sched.on_nodes),
+                         Mirror(store, records.PLACEMENTS, metrics, on_change=sched.on_placements)])
+    tasks: list[asyncio.Task[None]] = mirrors.tasks()
     tasks.append(asyncio.create_task(sched.run()))
     gateway = GatewayServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))
     await gateway.start_server()

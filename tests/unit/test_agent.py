@@ -10,12 +10,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.units import UnitState, UnitStatus
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
+from tests.harness.mirrors import mirrored
 
 
 class TableUnits:
@@ -78,7 +79,7 @@ async def place_on(store: MemoryStore, agent: NodeAgent, inst: str, source: str)
     p = Placement(instance=inst, node="n1", model=spec, port=18000)
     await store.put(keys.placement_key("n1", inst), dumps(p.to_dict()))
     snap = await store.list_prefix(keys.node_placements_prefix("n1"))
-    agent.on_placements({kv.key: kv for kv in snap.items})
+    agent.on_placements(mirrored(records.PLACEMENTS, {kv.key: kv for kv in snap.items}))
 
 
 async def phase(store: MemoryStore, inst: str) -> str | None:
@@ -109,7 +110,7 @@ async def test_lifecycle_and_readoption(tmp_path: Path) -> None:
 
     # Unload: the placement goes, the unit drains, then the instance disappears.
     await store.delete(keys.placement_key("n1", "tiny"))
-    again.on_placements({})
+    again.on_placements(mirrored(records.PLACEMENTS))
     await again.reconcile_once()
     assert units.units["tiny"].state is UnitState.DEACTIVATING
     assert await phase(store, "tiny") == "draining"
@@ -135,7 +136,7 @@ async def test_orphan_unit_is_stopped(tmp_path: Path) -> None:
     store, units = MemoryStore(), TableUnits()
     units.set("stray", UnitState.ACTIVE)
     agent = await make_agent(tmp_path, store, units, set())
-    agent.on_placements({})
+    agent.on_placements(mirrored(records.PLACEMENTS))
     await agent.reconcile_once()
     assert units.units["stray"].state is UnitState.DEACTIVATING
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, NodeConfig, config_template
 from nebula.core.engine_spec import vllm_command
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
@@ -21,6 +21,7 @@ from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.gateway.app import serve_gateway
 from tests.harness.etcd import free_port
+from tests.harness.mirrors import listing, mirrored
 from tests.unit.fake_engine import until
 from tests.unit.test_agent import TableUnits, model_dir
 
@@ -76,7 +77,7 @@ async def engine_host_of(tmp_path: Path, node_cfg: NodeConfig) -> str:
     await agent.on_new_lease(await store.grant_lease(10))
     p = Placement(instance="m", node="n1", model=ModelSpec(name="m", source=model_dir(tmp_path)), port=18000)
     await store.put(keys.placement_key("n1", "m"), dumps(p.to_dict()))
-    agent.on_placements({kv.key: kv for kv in (await store.list_prefix(keys.node_placements_prefix("n1"))).items})
+    agent.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.node_placements_prefix("n1"))))
     specs, blocked = agent.desired()
     assert not blocked
     argv, _ = vllm_command(specs["m"], EngineConfig(), cpu=True)

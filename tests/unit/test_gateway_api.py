@@ -11,7 +11,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.core import keys
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Phase, Task, dumps, loads
+from nebula.core.store import Guard, Op
 from nebula.services.gateway.app import build_gateway_app, serve_gateway
 from nebula.services.gateway.state import GATEWAY
 from tests.harness.gateway_server import GatewayServer
@@ -389,17 +390,18 @@ async def test_scale_with_patch(make_stack: MakeStack) -> None:
 
 async def test_scale_retries_on_a_concurrent_write(make_stack: MakeStack) -> None:
     s = await make_stack()
-    real_replace = s.store.replace
+    real_commit = s.store.commit
     calls = 0
 
-    async def racing_replace(key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+    async def racing_commit(guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         nonlocal calls
         calls += 1
         if calls == 1:  # another admin writes in between our read and our write
-            await s.store.put(key, dumps(ModelSpec(name="m", source="org/m", labels={"x": "y"}).to_dict()))
-        return await real_replace(key, value, mod_revision=mod_revision, lease=lease)
+            await s.store.put(keys.model_key("m"), dumps(ModelSpec(name="m", source="org/m",
+                                                                   labels={"x": "y"}).to_dict()))
+        return await real_commit(guards, ops)
 
-    s.store.replace = racing_replace  # type: ignore[method-assign]
+    s.store.commit = racing_commit  # type: ignore[method-assign]
     status, _, _ = await s.call("PATCH", "/v1/admin/models/m", {"replicas": 4})
     assert status == 200 and calls == 2
     spec = await stored_spec(s.store, "m")

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.apikeys import KeyRequest, KeyScope, digest
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import ModelSpec, dumps, loads
@@ -41,6 +41,7 @@ from nebula.services.gateway.state import GATEWAY
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.http.errors import ApiError, error_middleware
 from tests.harness.gateway_server import GatewayServer
+from tests.harness.mirrors import mirrored
 from tests.harness.tls import make_pki
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
 
@@ -222,7 +223,7 @@ async def test_unknown_stored_keys_fail_closed_while_the_store_is_unreachable() 
 
 async def test_request_key_and_model_checks_for_the_handlers() -> None:
     auth = Authenticator((), (), Clock())
-    auth.update_keys({})
+    auth.update_keys(mirrored(records.APIKEYS))
     record = KeyRequest.from_dict({"name": "k", "models": ["m"]}).record("0000000000000001", digest("tok"), 0)
     auth.created(record)
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.adapters.watching import LeaseKeeper, backoff_delay, mirror_prefix
+from nebula.adapters.watching import LeaseKeeper, backoff_delay
 from nebula.core.store import KeyValue, LeaseLostError, StoreUnavailableError
+from tests.harness.mirrors import follow_raw
 from tests.store_contract import StoreContract, stop, take, values, wait_until
 
 
@@ -134,15 +135,13 @@ class RecordingSleep:
             await asyncio.wait_for(self.called.wait(), 5)
 
 
-async def test_mirror_prefix_retries_with_backoff_while_unreachable(env: MemoryEnv) -> None:
+async def test_mirror_retries_with_backoff_while_unreachable(env: MemoryEnv) -> None:
     store = env.memory
     await store.put("/m/a", b"1")
     store.set_reachable(False)
     sleep = RecordingSleep()
     updates: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
-    task = asyncio.create_task(
-        mirror_prefix(store, "/m/", updates.put_nowait, retry_delay=1.0, max_retry_delay=4.0, sleep=sleep)
-    )
+    task = follow_raw(store, "/m/", updates.put_nowait, retry_delay=1.0, max_retry_delay=4.0, sleep=sleep)
     try:
         await sleep.until(4)
         assert sleep.delays[:4] == [1.0, 2.0, 4.0, 4.0]
@@ -152,14 +151,14 @@ async def test_mirror_prefix_retries_with_backoff_while_unreachable(env: MemoryE
         await stop(task)
 
 
-async def test_mirror_prefix_accepts_async_callback(env: MemoryEnv) -> None:
+async def test_mirror_accepts_async_callback(env: MemoryEnv) -> None:
     store = env.memory
     seen: asyncio.Queue[dict[str, KeyValue]] = asyncio.Queue()
 
     async def on_change(state: dict[str, KeyValue]) -> None:
         await seen.put(state)
 
-    task = asyncio.create_task(mirror_prefix(store, "/m/", on_change))
+    task = follow_raw(store, "/m/", on_change)
     try:
         assert await wait_until(seen, lambda s: True) == {}
         await store.put("/m/x", b"1")

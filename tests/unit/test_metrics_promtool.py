@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import ModelSpec, NodeRecord, dumps
 from nebula.services.agent.agent import NodeAgent
@@ -34,6 +34,7 @@ from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.scheduler.scheduler import Scheduler
 from tests.harness.gateway_server import GatewayServer
+from tests.harness.mirrors import feed_scheduler, listing, mirrored
 from tests.unit.fake_engine import FakeEngine, put_instance, until, vllm_metrics_text
 from tests.unit.test_agent import TableUnits, model_dir, place_on
 from tests.unit.test_metrics_gpu import BARE, H100
@@ -85,15 +86,12 @@ async def scheduler_text() -> str:
                                                           port_max=18100).to_dict()))
     await store.put(keys.model_key("big"), dumps(ModelSpec(name="big", source="/m", gpus_per_replica=1).to_dict()))
     await store.put(keys.model_key("m"), dumps(ModelSpec(name="m", source="/m").to_dict()))
-    for prefix, cb in ((keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes),
-                       (keys.PLACEMENTS, sched.on_placements)):
-        cb({kv.key: kv for kv in (await store.list_prefix(prefix)).items})
-    sched.on_nodes({})  # n1 leaves: a lost node's series
+    await feed_scheduler(store, sched)
+    sched.on_nodes(mirrored(records.NODES))  # n1 leaves: a lost node's series
     task = asyncio.create_task(sched.run())
     try:
         await until(lambda: sched.is_leader and bool(sched.pending))
-        cb_items = {kv.key: kv for kv in (await store.list_prefix(keys.PLACEMENTS)).items}
-        sched.on_placements(cb_items)
+        sched.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.PLACEMENTS)))
         return generate_latest(registry).decode()
     finally:
         task.cancel()

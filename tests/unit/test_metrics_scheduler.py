@@ -13,6 +13,7 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, dumps
 from nebula.services.scheduler.scheduler import Scheduler
+from tests.harness.mirrors import feed_scheduler
 from tests.unit.fake_engine import until
 
 
@@ -32,13 +33,6 @@ def series(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str]
     return out
 
 
-async def feed(store: MemoryStore, sched: Scheduler) -> None:
-    for prefix, cb in ((keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes),
-                       (keys.PLACEMENTS, sched.on_placements)):
-        snap = await store.list_prefix(prefix)
-        cb({kv.key: kv for kv in snap.items})
-
-
 def node(name: str) -> bytes:
     return dumps(NodeRecord(name=name, address="127.0.0.1", port_min=18000, port_max=18100).to_dict())
 
@@ -56,12 +50,12 @@ async def test_leader_reports_the_fleet_and_a_standby_only_that_it_is_not_leadin
         await store.put(keys.node_key(name), node(name))
     await store.put(keys.model_key("a"), model("a", replicas=2))
     await store.put(keys.model_key("big"), model("big", gpus_per_replica=1, gpu_memory_mib=1000))
-    await feed(store, leader)
-    await feed(store, standby)
+    await feed_scheduler(store, leader)
+    await feed_scheduler(store, standby)
     task = asyncio.create_task(leader.run())
     try:
         await until(lambda: leader.is_leader and len(leader.placements) == 0 and bool(leader.pending))
-        await feed(store, leader)  # the mirror delivers the leader's own writes
+        await feed_scheduler(store, leader)  # the mirror delivers the leader's own writes
         got = series(leader_reg)
         assert got[("nebula_scheduler_leader", ())] == 1
         assert got[("nebula_scheduler_pending_models", ())] == 1
@@ -75,14 +69,14 @@ async def test_leader_reports_the_fleet_and_a_standby_only_that_it_is_not_leadin
         assert not any(name == "nebula_scheduler_node_gone_seconds" for name, _ in got)
 
         await store.delete(keys.node_key("n2"))
-        await feed(store, leader)
+        await feed_scheduler(store, leader)
         clock.now += 12
         got = series(leader_reg)
         assert got[("nebula_scheduler_node_gone_seconds", (("node", "n2"),))] == 12
         assert got[("nebula_scheduler_nodes", ())] == 1
 
         await store.put(keys.node_key("n2"), node("n2"))
-        await feed(store, leader)
+        await feed_scheduler(store, leader)
         assert not any(name == "nebula_scheduler_node_gone_seconds" for name, _ in series(leader_reg))
 
         quiet = series(standby_reg)

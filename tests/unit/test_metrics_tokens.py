@@ -7,14 +7,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nebula.adapters.engine_metrics import parse_engine_load
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps
 from nebula.core.store import KeyValue
+from nebula.services.cluster.mirror import MirrorState
 from nebula.services.gateway.load import LoadBook, TokenBook, counter_increase
 from nebula.services.gateway.model_metrics import ModelCollector
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.view import ClusterView
+from tests.harness.mirrors import mirrored
 from tests.unit.fake_engine import vllm_metrics_text
 
 COUNTERS = """\
@@ -105,9 +107,10 @@ def test_a_missing_counter_counts_nothing_and_keeps_the_other() -> None:
 
 # --- attribution through the replica table, and /metrics -------------------------------------------------
 
-def kvs(*statuses: InstanceStatus) -> dict[str, KeyValue]:
-    return {keys.instance_key(s.instance): KeyValue(keys.instance_key(s.instance), dumps(s.to_dict()), 1, 1)
-            for s in statuses}
+def kvs(*statuses: InstanceStatus) -> MirrorState[InstanceStatus]:
+    return mirrored(records.INSTANCES, {keys.instance_key(s.instance): KeyValue(keys.instance_key(s.instance),
+                                                                                dumps(s.to_dict()), 1, 1)
+                                        for s in statuses})
 
 
 def ready(instance: str, model: str, endpoint: str, phase: Phase = Phase.READY) -> InstanceStatus:
@@ -125,8 +128,8 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str
 def test_gateway_metrics_show_tokens_and_replicas_per_model() -> None:
     book = LoadBook(max_age_s=3.0)
     table, view = ReplicaTable(loads=book), ClusterView()
-    view.update_models({keys.model_key(n): KeyValue(keys.model_key(n), dumps(ModelSpec(
-        name=n, source="/m", replicas=r).to_dict()), 1, 1) for n, r in (("chat", 2), ("idle", 1))})
+    view.update_models(mirrored(records.MODELS, {keys.model_key(n): KeyValue(keys.model_key(n), dumps(ModelSpec(
+        name=n, source="/m", replicas=r).to_dict()), 1, 1) for n, r in (("chat", 2), ("idle", 1))}))
     table.update(kvs(ready("chat", "chat", "http://a"), ready("chat:1", "chat", "http://b", Phase.STARTING)))
     registry = CollectorRegistry()
     registry.register(ModelCollector(view, table))

@@ -7,6 +7,7 @@ import json
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.status import ModelStatus
+from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.pending import PendingReporter
 
 
@@ -15,13 +16,20 @@ async def reasons(store: MemoryStore) -> dict[str, str]:
     return {s.model: s.pending for s in (ModelStatus.from_dict(json.loads(kv.value)) for kv in snap.items)}
 
 
+async def lead(store: MemoryStore) -> Fence:
+    """Take the scheduler's leader key under a lease of our own, as an elected leader holds it."""
+    lease = await store.grant_lease(10)
+    assert await store.create(keys.SCHEDULER_LEADER, b"s1", lease=lease)
+    return Fence(lease)
+
+
 async def test_written_on_change_kept_since_and_deleted_when_placed() -> None:
     store, now = MemoryStore(), [10.0]
-    lease = await store.grant_lease(10)
-    rep = PendingReporter(store, clock=lambda: now[0])
+    lease = await lead(store)
+    rep = PendingReporter(store, ClusterWrites(store), clock=lambda: now[0])
     await rep.sync({"big": "needs 40 GiB on one GPU; largest free is 22 GiB on node-b"}, lease)
     kv = await store.get(keys.model_status_key("big"))
-    assert kv is not None and kv.lease == lease
+    assert kv is not None and kv.lease == lease.lease
     now[0] = 20.0
     await rep.sync({"big": "needs 40 GiB on one GPU; largest free is 30 GiB on node-c"}, lease)
     kv = await store.get(keys.model_status_key("big"))
@@ -37,10 +45,21 @@ async def test_a_new_leader_drops_reasons_it_does_not_confirm() -> None:
     store = MemoryStore()
     await store.put(keys.model_status_key("old"), b'{"model": "old", "pending": "stale"}')
     await store.put(keys.model_status_key("still"), b'{"model": "still", "pending": "before"}')
-    rep = PendingReporter(store)
+    rep = PendingReporter(store, ClusterWrites(store))
     rep.reset()
-    await rep.sync({"still": "no live nodes"}, await store.grant_lease(10))
+    await rep.sync({"still": "no live nodes"}, await lead(store))
     assert await reasons(store) == {"still": "no live nodes"}
+
+
+async def test_a_deposed_leader_writes_no_reason() -> None:
+    store = MemoryStore()
+    fence = await lead(store)
+    rep = PendingReporter(store, ClusterWrites(store))
+    assert await rep.sync({"a": "no GPU"}, fence)
+    await store.revoke_lease(fence.lease)  # its lease expired: the leader key and its reasons are gone
+    await store.create(keys.SCHEDULER_LEADER, b"s2", lease=await store.grant_lease(10))
+    assert await rep.sync({"b": "no GPU"}, fence) is False
+    assert await reasons(store) == {}
 
 
 def test_nebula_list_shows_the_reason() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task, dumps
 from nebula.core.routing import (
@@ -26,8 +26,10 @@ from nebula.core.routing import (
     rendezvous_home,
 )
 from nebula.core.store import KeyValue
+from nebula.services.cluster.mirror import MirrorState
 from nebula.services.gateway.load import LoadBook
 from nebula.services.gateway.replicas import ReplicaTable
+from tests.harness.mirrors import mirrored
 
 
 def status(instance: str, phase: Phase = Phase.READY, model: str = "m", port: int = 9000,
@@ -324,12 +326,12 @@ def test_prefix_key_never_raises(body: dict[str, object]) -> None:
 
 # --- ReplicaTable ----------------------------------------------------------------------------------------
 
-def kvs(*statuses: InstanceStatus, extra: dict[str, bytes] | None = None) -> dict[str, KeyValue]:
+def kvs(*statuses: InstanceStatus, extra: dict[str, bytes] | None = None) -> MirrorState[InstanceStatus]:
     out = {keys.instance_key(s.instance): KeyValue(keys.instance_key(s.instance), dumps(s.to_dict()), 5, 1)
            for s in statuses}
     for k, v in (extra or {}).items():
         out[k] = KeyValue(k, v, 6, 1)
-    return out
+    return mirrored(records.INSTANCES, out)
 
 
 def test_table_skips_invalid_records_and_routes_the_rest() -> None:
@@ -371,7 +373,7 @@ def test_replica_leaving_ready_gets_no_new_requests_but_keeps_its_count() -> Non
 
 async def test_wait_for_replica_wakes_on_update() -> None:
     table = ReplicaTable()
-    table.update({})
+    table.update(mirrored(records.INSTANCES))
     waiter = asyncio.create_task(table.wait_for_replica("m", 5.0))
     await asyncio.sleep(0.01)
     assert not waiter.done()

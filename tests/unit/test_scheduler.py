@@ -10,6 +10,7 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
 from nebula.services.scheduler.scheduler import Scheduler
+from tests.harness.mirrors import feed_scheduler
 from tests.unit.fake_engine import until
 
 
@@ -19,13 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def feed(store: MemoryStore, sched: Scheduler) -> None:
-    for prefix, cb in ((keys.MODELS, sched.on_models), (keys.NODES, sched.on_nodes),
-                       (keys.PLACEMENTS, sched.on_placements)):
-        snap = await store.list_prefix(prefix)
-        cb({kv.key: kv for kv in snap.items})
 
 
 async def placements(store: MemoryStore) -> dict[str, str]:
@@ -45,19 +39,19 @@ async def test_places_moves_after_grace_only() -> None:
     await store.put(keys.node_key("n2"), node("n2"))
     await store.put(keys.model_key("a"), dumps(ModelSpec.from_dict({"name": "a", "source": "/m",
                                                                     "replicas": 2}).to_dict()))
-    await feed(store, sched)
+    await feed_scheduler(store, sched)
     await sched.schedule_once()
     assert sorted((await placements(store)).values()) == ["n1", "n2"]
-    await feed(store, sched)
+    await feed_scheduler(store, sched)
     before = await placements(store)
 
     await store.delete(keys.node_key("n2"))
-    await feed(store, sched)
+    await feed_scheduler(store, sched)
     clock.now += 29
     await sched.schedule_once()
     assert await placements(store) == before  # a blip shorter than the grace moves nothing
     clock.now += 2
-    await feed(store, sched)
+    await feed_scheduler(store, sched)
     await sched.schedule_once()
     assert sorted((await placements(store)).values()) == ["n1", "n1"]
 

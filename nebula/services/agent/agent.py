@@ -15,20 +15,23 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
-from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, dumps, loads, parse_instance_name
+from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
 from nebula.core.phase import observe_phase
+from nebula.core.pulls import PullIntent
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
-from nebula.core.store import KeyValue, Store
+from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
 from nebula.services.agent.specfiles import SpecFiles
+from nebula.services.cluster.mirror import MirrorState
+from nebula.services.cluster.writes import ClusterWrites
 
 log = logging.getLogger("nebula.agent")
 FAILURE_LINES = 8
@@ -52,7 +55,8 @@ class NodeAgent:
         self.placements_known = False
         self.wake = asyncio.Event()
         self.sources = sources or build_sources(cfg.node, registry, on_change=self.wake.set, clock=clock)
-        self.pulls = PullWorker(node.name, store, self.sources)
+        self.writes = ClusterWrites(store)
+        self.pulls = PullWorker(node.name, self.writes, self.sources)
         self._fetching: dict[str, Fetching] = {}
         self.lease = 0
         self._reported: dict[str, InstanceStatus] = {}
@@ -63,23 +67,16 @@ class NodeAgent:
         self._failure_output: dict[str, str] = {}
 
     # --- inputs -------------------------------------------------------------------------------------
-    def on_placements(self, items: Mapping[str, KeyValue]) -> None:
-        """mirror_prefix callback: the full set of this node's placements."""
-        placements: dict[str, Placement] = {}
-        for kv in items.values():
-            try:
-                p = Placement.from_dict(loads(kv.value))
-            except ValidationError as e:
-                log.error("ignoring invalid placement %s: %s", kv.key, e)
-                continue
-            placements[p.instance] = p
-        self.placements = placements
+    def on_placements(self, state: MirrorState[Placement]) -> None:
+        """The placements mirror's callback: the full set of this node's placements, each validated (its
+        instance name, its node, its key) by the mirror."""
+        self.placements = {p.instance: p for p in state.records.values()}
         self.placements_known = True
         self.wake.set()
 
-    def on_pulls(self, items: Mapping[str, KeyValue]) -> None:
-        """mirror_prefix callback: the full set of this node's pull intents (`nebula pull`)."""
-        self.pulls.on_pulls(items)
+    def on_pulls(self, state: MirrorState[PullIntent]) -> None:
+        """The pulls mirror's callback: the full set of this node's pull intents (`nebula pull`)."""
+        self.pulls.on_pulls(state)
         self.wake.set()
 
     def status_line(self) -> str:
@@ -89,7 +86,7 @@ class NodeAgent:
     async def on_new_lease(self, lease: int) -> None:
         """Register (again) under a new lease: the node record and every instance state."""
         self.lease = lease
-        await self.store.put(keys.node_key(self.node.name), dumps(self.node.to_dict()), lease=lease)
+        await self.writes.register_node(self.node, lease)
         self._reported.clear()
         self.pulls.forget_reports()
         self.wake.set()
@@ -124,7 +121,7 @@ class NodeAgent:
         cached = self.sources.cached()
         if cached != self.node.cached:
             self.node = replace(self.node, cached=cached)
-            await self.store.put(keys.node_key(self.node.name), dumps(self.node.to_dict()), lease=self.lease)
+            await self.writes.register_node(self.node, self.lease)
 
     async def reconcile_once(self) -> None:
         if not self.placements_known:
@@ -262,12 +259,12 @@ class NodeAgent:
                 log.info("instance %s: %s -> %s %s", inst, prev.phase.value if prev else "-", st.phase.value,
                          st.message, extra={"NEBULA_INSTANCE": inst, "NEBULA_MODEL": st.model,
                                             "NEBULA_NODE": self.node.name, "NEBULA_PHASE": st.phase.value})
-            await self.store.put(keys.instance_key(inst), dumps(st.to_dict()), lease=self.lease)
+            await self.writes.report_instance(st, self.lease)
             self._reported[inst] = st
         for inst in list(self._reported):
             if inst not in statuses:
                 log.info("instance %s gone", inst, extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
-                await self.store.delete(keys.instance_key(inst))
+                await self.writes.forget_instance(keys.instance_key(inst))
                 del self._reported[inst]
         self.metrics.observe(statuses)
 
@@ -276,11 +273,11 @@ class NodeAgent:
         snap = await self.store.list_prefix(keys.INSTANCES)
         for kv in snap.items:
             try:
-                st = InstanceStatus.from_dict(loads(kv.value))
+                st = records.INSTANCES.decode(kv.key, kv.value)
             except ValidationError:
-                continue
+                continue  # not ours to judge: only the node that wrote it may remove it
             if st.node == self.node.name and st.instance not in self.placements:
-                await self.store.delete(kv.key)
+                await self.writes.forget_instance(kv.key)
 
     async def run(self) -> None:
         """Reconcile on every placement change and every resync period, until cancelled."""

@@ -15,8 +15,8 @@ from nebula import __version__
 from nebula.adapters.nvml import GpuReading, read_gpus
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
-from nebula.adapters.watching import LeaseKeeper, mirror_prefix
-from nebula.core import keys
+from nebula.adapters.watching import LeaseKeeper
+from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
 from nebula.core.model import Gpu, NodeRecord
@@ -25,6 +25,7 @@ from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.gpus import GpuCollector, GpuSampler
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 
@@ -69,19 +70,23 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         app.add_routes([metrics_route(svc.registry)])
         log.info("node agent %s up (engines via %s)", node.name, type(units).__name__,
                  extra={"NEBULA_NODE": node.name})
+        metrics = MirrorMetrics(svc.registry)
+        mirrors = MirrorSet([
+            Mirror(svc.store, records.PLACEMENTS, metrics, prefix=keys.node_placements_prefix(node.name),
+                   on_change=agent.on_placements),
+            Mirror(svc.store, records.PULLS, metrics, prefix=keys.node_pulls_prefix(node.name),
+                   on_change=agent.on_pulls),
+        ])
         tasks = [
             asyncio.create_task(keeper.run(), name="lease"),
-            asyncio.create_task(mirror_prefix(svc.store, keys.node_placements_prefix(node.name),
-                                              agent.on_placements), name="placements"),
-            asyncio.create_task(mirror_prefix(svc.store, keys.node_pulls_prefix(node.name), agent.on_pulls),
-                                name="pulls"),
+            *mirrors.tasks(),
             asyncio.create_task(agent.run(), name="reconcile"),
             *([asyncio.create_task(gpus.run(cfg.node.gpu_sample_s), name="gpus")] if cfg.node.gpu_sample_s > 0 else []),
             asyncio.create_task(keep_registered(svc.store, service_record(cfg, ServiceKind.NODE, node.name),
                                                 cfg.cluster.lease_ttl_s), name="registration"),
             asyncio.create_task(serve_until_cancelled(app, cfg.node.host, cfg.node.port, svc.notifier,
                                                       f"node agent {node.name}",
-                                                      agent.status_line), name="http"),
+                                                      agent.status_line, healthy=mirrors.live), name="http"),
         ]
         try:
             await run_tasks_until(svc.stop, tasks)

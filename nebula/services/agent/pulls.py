@@ -3,37 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
-from nebula.core import keys
-from nebula.core.model import dumps, loads
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
-from nebula.core.store import KeyValue, Store
-from nebula.errors import ValidationError
 from nebula.services.agent.sources import Broken, ModelSources, Ready
+from nebula.services.cluster.mirror import MirrorState
+from nebula.services.cluster.writes import ClusterWrites
 
 log = logging.getLogger("nebula.agent")
 
 
 class PullWorker:
-    def __init__(self, node: str, store: Store, sources: ModelSources) -> None:
+    def __init__(self, node: str, writes: ClusterWrites, sources: ModelSources) -> None:
         self.node = node
-        self.store = store
+        self.writes = writes
         self.sources = sources
         self.intents: dict[str, PullIntent] = {}
         self._reported: dict[str, PullStatus] = {}
 
-    def on_pulls(self, items: Mapping[str, KeyValue]) -> None:
-        """mirror_prefix callback: the full set of this node's pull intents."""
-        intents: dict[str, PullIntent] = {}
-        for kv in items.values():
-            try:
-                p = PullIntent.from_dict(loads(kv.value))
-            except ValidationError as e:
-                log.error("ignoring invalid pull intent %s: %s", kv.key, e)
-                continue
-            intents[p.id] = p
-        self.intents = intents
+    def on_pulls(self, state: MirrorState[PullIntent]) -> None:
+        """The pulls mirror's callback: the full set of this node's pull intents."""
+        self.intents = {p.id: p for p in state.records.values()}
 
     def source_ids(self) -> set[str]:
         return {p.source_id for p in self.intents.values()}
@@ -46,10 +35,10 @@ class PullWorker:
         statuses = {pid: self._status(p) for pid, p in self.intents.items()}
         for pid, st in statuses.items():
             if self._reported.get(pid) != st:
-                await self.store.put(keys.pull_status_key(self.node, pid), dumps(st.to_dict()), lease=lease)
+                await self.writes.report_pull(st, lease)
                 self._reported[pid] = st
         for pid in [p for p in self._reported if p not in statuses]:
-            await self.store.delete(keys.pull_status_key(self.node, pid))
+            await self.writes.forget_pull(self.node, pid)
             del self._reported[pid]
 
     def _status(self, p: PullIntent) -> PullStatus:

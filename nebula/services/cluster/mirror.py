@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -161,9 +161,10 @@ class Mirror(Generic[T]):
             reason = str(e)
         except Exception as e:  # a decoder bug must cost one record, never the mirror
             reason = f"undecodable ({type(e).__name__}: {e})"
+        already_named = known_bad.get(key, (0, ""))[0] == kv.mod_revision  # once per revision, not per listing
         self._records.pop(key, None)
         self._bad[key] = (kv.mod_revision, reason)
-        if known_bad.get(key, (0, ""))[0] != kv.mod_revision:  # once per revision, not per listing
+        if not already_named:
             self._metrics.bad_revisions.labels(self.prefix).inc()
             log.warning("ignoring %s %r (revision %d): %s", self._kind.what, key, kv.mod_revision, reason,
                         extra={"NEBULA_KEY": key, "NEBULA_PREFIX": self.prefix})
@@ -179,3 +180,19 @@ class Mirror(Generic[T]):
     def _set_faulted(self, faulted: bool) -> None:
         self._faulted = faulted
         self._metrics.live.labels(self.prefix).set(0 if faulted else 1)
+
+
+class MirrorSet:
+    """A service's mirrors, run as its tasks; live while every one of them is."""
+
+    def __init__(self, mirrors: Sequence[Mirror[Any]]) -> None:
+        self.mirrors = tuple(mirrors)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(m.run(), name=f"mirror {m.prefix}") for m in self.mirrors]
+
+    def live(self) -> bool:
+        return all(m.live for m in self.mirrors)
+
+    def not_live(self) -> list[str]:
+        return [m.prefix for m in self.mirrors if not m.live]

@@ -13,7 +13,8 @@ import logging
 from aiohttp import web
 
 from nebula.core import keys
-from nebula.core.model import ModelSpec, dumps, loads, validate_name
+from nebula.core.model import ModelSpec, loads, validate_name
+from nebula.services.cluster.writes import Conflict, LoadOutcome
 from nebula.services.gateway import pulls_api
 from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
 from nebula.services.gateway.state import GATEWAY, GatewayState
@@ -21,7 +22,6 @@ from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-CAS_ATTEMPTS = 10
 
 
 async def _read_json(request: web.Request) -> object:
@@ -36,19 +36,16 @@ async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     spec = ModelSpec.from_dict(await _read_json(request))
     await _check_fleet_has_gpus(st, spec)
-    key = keys.model_key(spec.name)
-    for _ in range(CAS_ATTEMPTS):
-        if await st.store.create(key, dumps(spec.to_dict())):
-            log.info("model %s loaded (%d replicas)", spec.name, spec.replicas)
-            return web.json_response({"created": True, "model": spec.to_dict()})
-        kv = await st.store.get(key)
-        if kv is None:
-            continue  # unloaded between our create and get: try again
-        if model_spec(kv) == spec:
-            return web.json_response({"created": False, "model": spec.to_dict()})
+    try:
+        outcome = await st.writes.load_model(spec)
+    except Conflict as e:
+        raise ApiError(409, str(e), code="conflict") from None
+    if outcome is LoadOutcome.DIFFERENT:
         raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
                        "replicas with PATCH, or unload it first", param="name", code="model_exists")
-    raise ApiError(409, f"model '{spec.name}' is changing concurrently; retry", code="conflict")
+    if outcome is LoadOutcome.CREATED:
+        log.info("model %s loaded (%d replicas)", spec.name, spec.replicas, extra={"NEBULA_MODEL": spec.name})
+    return web.json_response({"created": outcome is LoadOutcome.CREATED, "model": spec.to_dict()})
 
 
 async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
@@ -90,7 +87,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     name = _name(request)
-    if not await st.store.delete(keys.model_key(name)):
+    if not await st.writes.unload_model(name):
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
     log.info("model %s unloaded", name)
     return web.json_response({"name": name, "deleted": True})
@@ -103,17 +100,13 @@ async def scale_model(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or set(body) != {"replicas"}:
         raise ApiError(400, "body must be {\"replicas\": N}; other fields cannot be changed in place",
                        param="replicas", code="invalid_value")
-    key = keys.model_key(name)
-    for _ in range(CAS_ATTEMPTS):
-        kv = await st.store.get(key)
-        current = model_spec(kv) if kv else None
-        if kv is None or current is None:
-            raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
-        wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": body["replicas"]})
-        if wanted == current or await st.store.replace(key, dumps(wanted.to_dict()),
-                                                       mod_revision=kv.mod_revision):
-            return web.json_response({"model": wanted.to_dict()})
-    raise ApiError(409, f"model '{name}' is changing concurrently; retry", code="conflict")
+    try:
+        wanted = await st.writes.scale_model(name, body["replicas"])
+    except Conflict as e:
+        raise ApiError(409, str(e), code="conflict") from None
+    if wanted is None:
+        raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
+    return web.json_response({"model": wanted.to_dict()})
 
 
 async def list_nodes(request: web.Request) -> web.Response:

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
-from nebula.adapters.watching import mirror_prefix
-from nebula.core import keys
+from nebula.core import records
 from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
+from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import admit_by_key, dataplane_router
@@ -39,10 +40,14 @@ from nebula.services.runtime import background, metrics_route, serve_until_cance
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """200 while the gateway's view of the cluster can be trusted; 503 naming the mirrors that cannot (a
+    revoked key or a deleted replica might still be honoured from a view that stopped following etcd)."""
     st = request.app[GATEWAY]
-    return web.json_response({"status": "ok", "models_synced": st.view.models_synced,
+    stale = st.mirrors.not_live()
+    return web.json_response({"status": "unhealthy" if stale else "ok", "models_synced": st.view.models_synced,
                               "models": len(st.view.models), "replicas_synced": st.table.synced,
-                              "ready_replicas": sum(len(r) for r in st.table.ready().values())})
+                              "ready_replicas": sum(len(r) for r in st.table.ready().values()),
+                              "mirrors_not_live": stale}, status=503 if stale else 200)
 
 
 def load_policy(cfg: GatewayConfig) -> LoadPolicy:
@@ -61,9 +66,14 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
     table = ReplicaTable(load_policy(cfg), loads)
     auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock)
+    mirror_metrics = MirrorMetrics(registry)
+    mirrors = MirrorSet([Mirror(store, records.MODELS, mirror_metrics, on_change=view.update_models),
+                         Mirror(store, records.INSTANCES, mirror_metrics, on_change=table.update),
+                         Mirror(store, records.APIKEYS, mirror_metrics, on_change=auth.update_keys)])
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
-                         upstream=UpstreamPool(cfg.connect_timeout_s), session=http_session)
+                         upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
+                         session=http_session)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -90,12 +100,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
             state.upstream.close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.MODELS, view.update_models),
-                                      "gateway-models-watch"))
-    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.INSTANCES, table.update),
-                                      "gateway-instances-watch"))
-    app.cleanup_ctx.append(background(lambda: mirror_prefix(store, keys.APIKEYS, auth.update_keys),
-                                      "gateway-apikeys-watch"))
+    for mirror in mirrors.mirrors:
+        app.cleanup_ctx.append(background(mirror.run, f"gateway-mirror {mirror.prefix}"))
     if cfg.load_poll_s > 0:
         # After session_ctx: the poll uses the session, and cleanup stops the poll before closing it.
         app.cleanup_ctx.append(background(
@@ -127,4 +133,5 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
     tls = server_ssl_context(gw)
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
-                                site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port))
+                                site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port),
+                                healthy=app[GATEWAY].mirrors.live)

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from nebula.core import keys
 from nebula.core.apikeys import DIGEST_RE, KeyRecord, KeyScope, digest
 from nebula.core.limits import Clock, Limiter
-from nebula.core.model import loads
-from nebula.core.store import KeyValue
-from nebula.errors import ConfigError, ValidationError
+from nebula.errors import ConfigError
+from nebula.services.cluster.mirror import MirrorState
 from nebula.services.http.errors import ApiError, Handler, unavailable
 
 log = logging.getLogger(__name__)
@@ -85,29 +83,17 @@ class Authenticator:
         self._created: dict[str, KeyRecord] = {}
         self._revoked: set[str] = set()
         self._by_digest: dict[str, KeyRecord] = dict(self._config)
-        self._warned: set[tuple[str, int]] = set()
         self._any_stored = False  # a record exists, valid or not: a damaged key record must not open the gateway
         self.synced = False  # the mirror delivered its first listing: "no such key" is then the truth
         self.limiter = Limiter(clock)
 
     # --- the key set -------------------------------------------------------------------------------------
 
-    def update_keys(self, items: Mapping[str, KeyValue]) -> None:
-        """The mirror's callback: the full content of /nebula/apikeys/."""
-        stored: dict[str, KeyRecord] = {}
-        for key, kv in items.items():
-            try:
-                record = KeyRecord.from_dict(loads(kv.value))
-                if keys.apikey_key(record.id) != key:
-                    raise ValidationError("id", f"'{record.id}' does not match its key")
-            except ValidationError as e:
-                if (key, kv.mod_revision) not in self._warned:
-                    self._warned.add((key, kv.mod_revision))
-                    log.warning("ignoring invalid API key record %s: %s", key, e)
-                continue
-            stored[record.id] = record
+    def update_keys(self, state: MirrorState[KeyRecord]) -> None:
+        """The API keys mirror's callback: every valid key record (refused ones are in `state.bad`)."""
+        stored = {record.id: record for record in state.records.values()}
         self._stored = stored
-        self._any_stored = bool(items)
+        self._any_stored = bool(state.records or state.bad)
         self._created = {i: r for i, r in self._created.items() if i not in stored}
         self._revoked &= set(stored)
         self.synced = True
@@ -128,6 +114,11 @@ class Authenticator:
         by_digest.update(self._config)  # a config key wins: the config is the operator's last word
         self._by_digest = by_digest
         self.limiter.keep_only(r.id for r in live)
+
+    @property
+    def has_config_admin(self) -> bool:
+        """An admin key from the config or the bootstrap digest file: the admin API can never be locked."""
+        return any(KeyScope.ADMIN in r.scopes for r in self._config.values())
 
     def config_keys(self) -> list[KeyRecord]:
         return sorted(self._config.values(), key=lambda r: r.id)

@@ -13,16 +13,13 @@ store is unreachable the answer is 503 and Prometheus keeps the targets of its l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TypeVar
 
 from aiohttp import web
 
-from nebula.core import keys
-from nebula.core.discovery import ServiceRecord, sd_targets
-from nebula.core.model import InstanceStatus, loads
-from nebula.core.store import Snapshot
-from nebula.errors import ValidationError
+from nebula.core import keys, records
+from nebula.core.discovery import sd_targets
+from nebula.services.gateway.records import decoded
 from nebula.services.gateway.state import GATEWAY
 
 log = logging.getLogger(__name__)
@@ -31,20 +28,10 @@ T = TypeVar("T")
 SD_PATH = "/v1/admin/prometheus/sd"
 
 
-def _parse_all(snapshot: Snapshot, parse: Callable[[object], T]) -> list[T]:
-    out: list[T] = []
-    for kv in snapshot.items:
-        try:
-            out.append(parse(loads(kv.value)))
-        except ValidationError as e:
-            log.debug("service discovery skips invalid record %s: %s", kv.key, e)
-    return out
-
-
 async def prometheus_sd(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    services = _parse_all(await st.store.list_prefix(keys.SERVICES), ServiceRecord.from_dict)
-    instances = _parse_all(await st.store.list_prefix(keys.INSTANCES), InstanceStatus.from_dict)
+    services = decoded(records.SERVICES, (await st.store.list_prefix(keys.SERVICES)).items)
+    instances = decoded(records.INSTANCES, (await st.store.list_prefix(keys.INSTANCES)).items)
     return web.json_response(sd_targets(services, instances))
 
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.core import keys
-from nebula.core.apikeys import SECRET_PREFIX, KeyRecord, KeyRequest, digest, validate_key_id
-from nebula.core.model import dumps, loads
-from nebula.errors import ValidationError
+from nebula.core import keys, records
+from nebula.core.apikeys import SECRET_PREFIX, KeyRequest, digest, validate_key_id
+from nebula.core.model import loads
+from nebula.services.cluster.writes import Conflict, Refused
+from nebula.services.gateway.records import decoded
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.http.errors import ApiError
 
@@ -43,7 +44,11 @@ async def create_key(request: web.Request) -> web.Response:
     for _ in range(CREATE_ATTEMPTS):
         record = wanted.record(new_key_id(), digest(token), round(time.time(), 3))
         # Create-if-absent: a (vanishingly unlikely) id collision must not overwrite another key.
-        if await st.store.create(keys.apikey_key(record.id), dumps(record.to_dict())):
+        try:
+            stored = await st.writes.create_key(record, config_admin=st.auth.has_config_admin)
+        except Refused as e:
+            raise ApiError(409, str(e), param="scopes", code="admin_key_required") from None
+        if stored:
             st.auth.created(record)
             log.info("API key %s (%s) created with scopes %s", record.id, record.name,
                      ",".join(sorted(s.value for s in record.scopes)))
@@ -51,17 +56,9 @@ async def create_key(request: web.Request) -> web.Response:
     raise ApiError(409, "could not pick a free key id; retry", code="conflict")
 
 
-def _stored(value: bytes, key: str) -> KeyRecord | None:
-    try:
-        return KeyRecord.from_dict(loads(value))
-    except ValidationError as e:
-        log.warning("invalid API key record %s: %s", key, e)
-        return None
-
-
 async def list_keys(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    stored = [r for kv in (await st.store.list_prefix(keys.APIKEYS)).items if (r := _stored(kv.value, kv.key))]
+    stored = decoded(records.APIKEYS, (await st.store.list_prefix(keys.APIKEYS)).items)
     data: list[dict[str, Any]] = [r.public_dict() | {"source": "etcd"}
                                   for r in sorted(stored, key=lambda r: (r.created, r.id))]
     data += [r.public_dict() | {"source": "config"} for r in st.auth.config_keys()]
@@ -71,7 +68,13 @@ async def list_keys(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     key_id = validate_key_id(request.match_info["id"])
-    if not await st.store.delete(keys.apikey_key(key_id)):
+    try:
+        deleted = await st.writes.revoke_key(key_id, config_admin=st.auth.has_config_admin)
+    except Refused as e:
+        raise ApiError(409, str(e), param="id", code="last_admin_key") from None
+    except Conflict as e:
+        raise ApiError(409, str(e), code="conflict") from None
+    if not deleted:
         raise ApiError(404, f"no API key with id '{key_id}'", param="id", code="key_not_found")
     st.auth.revoked(key_id)
     log.info("API key %s revoked", key_id)

@@ -13,11 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.core import keys
-from nebula.core.model import ModelSpec, dumps, expect_field, loads, validate_name
-from nebula.core.pulls import PullIntent, PullStatus
+from nebula.core import keys, records
+from nebula.core.model import expect_field, loads, validate_name
+from nebula.core.pulls import PullIntent
 from nebula.errors import ValidationError
-from nebula.services.gateway.records import node_records
+from nebula.services.gateway.records import decoded, model_spec, node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
 
@@ -33,10 +33,10 @@ async def _what(st: GatewayState, body: dict[str, Any]) -> tuple[str, str | None
     if "model" in body:
         name = validate_name(expect_field(body, "model", str), "model")
         kv = await st.store.get(keys.model_key(name))
-        if kv is None:
+        spec = model_spec(kv) if kv is not None else None
+        if spec is None:
             raise ApiError(404, f"model '{name}' is not loaded; pull a source instead (org/name, hf://..., "
                            "modelscope://...)", param="model", code="model_not_found")
-        spec = ModelSpec.from_dict(loads(kv.value))
         return spec.source, spec.revision
     return expect_field(body, "source", str), expect_field(body, "revision", str, None)
 
@@ -62,27 +62,17 @@ async def create_pull(request: web.Request) -> web.Response:
     now = time.time()
     intents = [PullIntent.new(n, source, revision, now) for n in targets]
     for p in intents:
-        await st.store.put(keys.pull_key(p.node, p.id), dumps(p.to_dict()))
+        await st.writes.add_pull(p)
     log.info("pull %s of %s onto %s", intents[0].id, intents[0].source_id, ", ".join(targets))
     return web.json_response({"id": intents[0].id, "source": intents[0].source_id, "nodes": targets}, status=201)
 
 
 async def _pulls(st: GatewayState) -> dict[str, dict[str, Any]]:
     """Pulls by id: the source and, per node, the agent's report (`waiting` until it sends one)."""
-    statuses: dict[tuple[str, str], PullStatus] = {}
-    for kv in (await st.store.list_prefix(keys.PULL_STATUS)).items:
-        try:
-            s = PullStatus.from_dict(loads(kv.value))
-        except ValidationError:
-            continue
-        statuses[(s.node, s.id)] = s
+    statuses = {(s.node, s.id): s for s in decoded(records.PULL_STATUS,
+                                                   (await st.store.list_prefix(keys.PULL_STATUS)).items)}
     out: dict[str, dict[str, Any]] = {}
-    for kv in (await st.store.list_prefix(keys.PULLS)).items:
-        try:
-            p = PullIntent.from_dict(loads(kv.value))
-        except ValidationError as e:
-            log.warning("invalid pull intent %s: %s", kv.key, e)
-            continue
+    for p in decoded(records.PULLS, (await st.store.list_prefix(keys.PULLS)).items):
         entry = out.setdefault(p.id, {"id": p.id, "source": p.source_id, "nodes": {}})
         report = statuses.get((p.node, p.id))
         entry["nodes"][p.node] = (
@@ -107,8 +97,8 @@ async def delete_pull(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     pid = request.match_info["id"]
     deleted = 0
-    for kv in (await st.store.list_prefix(keys.PULLS)).items:
-        if kv.key.rsplit("/", 1)[-1] == pid and await st.store.delete(kv.key):
+    for p in decoded(records.PULLS, (await st.store.list_prefix(keys.PULLS)).items):
+        if p.id == pid and await st.writes.remove_pull(p.node, p.id):
             deleted += 1
     if not deleted:
         raise ApiError(404, f"no pull {pid!r}", param="id", code="pull_not_found")

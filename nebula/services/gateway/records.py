@@ -1,49 +1,48 @@
 """Cluster records as the admin and status endpoints read them from etcd, and the model view they share.
 
-A damaged record is logged and left out: one bad key must not take an endpoint down.
+Every record is decoded by its kind (core/records.py); a damaged one is left out: one bad key must not
+take an endpoint down.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from nebula.core import keys
-from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, loads
-from nebula.core.status import ModelStatus
+from nebula.core import keys, records
+from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase
+from nebula.core.records import RecordKind
 from nebula.core.store import KeyValue, Store
 from nebula.errors import ValidationError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def decoded(kind: RecordKind[T], items: Iterable[KeyValue]) -> list[T]:
+    """The valid records among `items` (a direct read of a prefix); the gateway's mirrors already name
+    each refused one in its log, so they are skipped quietly here."""
+    out = []
+    for kv in items:
+        try:
+            out.append(kind.decode(kv.key, kv.value))
+        except ValidationError as e:
+            log.debug("skipping %s %r: %s", kind.what, kv.key, e)
+    return out
 
 
 def node_records(items: Iterable[KeyValue]) -> list[NodeRecord]:
-    out = []
-    for kv in items:
-        try:
-            out.append(NodeRecord.from_dict(loads(kv.value)))
-        except (ValidationError, KeyError, TypeError, ValueError) as e:
-            log.warning("invalid node record %s: %r", kv.key, e)
-    return out
+    return decoded(records.NODES, items)
 
 
 def model_spec(kv: KeyValue) -> ModelSpec | None:
-    try:
-        return ModelSpec.from_dict(loads(kv.value))
-    except ValidationError as e:
-        log.warning("invalid model record %s: %s", kv.key, e)
-        return None
+    found = decoded(records.MODELS, [kv])
+    return found[0] if found else None
 
 
 def instance_records(items: Iterable[KeyValue]) -> list[InstanceStatus]:
-    out = []
-    for kv in items:
-        try:
-            out.append(InstanceStatus.from_dict(loads(kv.value)))
-        except ValidationError as e:
-            log.warning("invalid instance record %s: %s", kv.key, e)
-    return out
+    return decoded(records.INSTANCES, items)
 
 
 def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],
@@ -66,12 +65,4 @@ async def pending_reasons(store: Store, name: str | None = None) -> dict[str, st
     """Pending reasons by model, as the scheduler leader wrote them (all, or the one of `name`)."""
     items = ((await store.list_prefix(keys.MODEL_STATUS)).items if name is None
              else [kv for kv in [await store.get(keys.model_status_key(name))] if kv is not None])
-    out: dict[str, str] = {}
-    for kv in items:
-        try:
-            status = ModelStatus.from_dict(loads(kv.value))
-        except ValidationError as e:
-            log.warning("invalid model status %s: %s", kv.key, e)
-            continue
-        out[status.model] = status.pending
-    return out
+    return {status.model: status.pending for status in decoded(records.MODEL_STATUS, items)}

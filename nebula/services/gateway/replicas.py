@@ -1,7 +1,7 @@
 """The gateway's routing view of the cluster: READY replicas per model, the requests this gateway has in
 flight to each, and (through its LoadBook) each engine's last polled load.
 
-Fed by `mirror_prefix` on /nebula/instances/ with the full contents each time, so an update simply
+Fed by the mirror of /nebula/instances/ with the full contents each time, so an update simply
 replaces the view. In-flight counts are this gateway's own and survive updates: a replica that leaves
 READY keeps its count until its last request finishes, it just gets no new ones.
 """
@@ -15,10 +15,9 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from nebula.core.model import InstanceStatus, Phase, loads
+from nebula.core.model import InstanceStatus, Phase
 from nebula.core.routing import LoadPolicy, Replica, phase_counts, pick_replica, ready_replicas
-from nebula.core.store import KeyValue
-from nebula.errors import ValidationError
+from nebula.services.cluster.mirror import MirrorState
 from nebula.services.gateway.load import LoadBook
 
 log = logging.getLogger(__name__)
@@ -33,25 +32,14 @@ class ReplicaTable:
         self._models: frozenset[str] = frozenset()
         self._inflight: dict[str, int] = {}
         self._turns: dict[str, int] = {}
-        # (key, mod_revision) of records already reported as invalid: every update re-delivers the full
-        # prefix, and one bad record must not log a warning per update.
-        self._warned: set[tuple[str, int]] = set()
         self._changed = asyncio.Event()
         self.synced = False
 
     # -- feeding ---------------------------------------------------------------------------------
 
-    def update(self, items: Mapping[str, KeyValue]) -> None:
-        """Replace the view with the full current contents of /nebula/instances/ (mirror_prefix feeds it)."""
-        statuses: dict[str, InstanceStatus] = {}
-        for key, kv in items.items():
-            try:
-                statuses[key] = InstanceStatus.from_dict(loads(kv.value))
-            except ValidationError as e:
-                if (key, kv.mod_revision) not in self._warned:
-                    log.warning("ignoring invalid instance record %s: %s", key, e)
-                    self._warned.add((key, kv.mod_revision))
-        self._warned = {w for w in self._warned if w[0] in items and items[w[0]].mod_revision == w[1]}
+    def update(self, state: MirrorState[InstanceStatus]) -> None:
+        """Replace the view with the full current contents of /nebula/instances/ (its mirror feeds it)."""
+        statuses = dict(state.records)
         self._statuses = statuses
         self._models = frozenset(st.model for st in statuses.values())
         self._ready = ready_replicas(statuses.values())

@@ -12,6 +12,8 @@ from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core.config import GatewayConfig
 from nebula.core.engine_load import EngineLoad
 from nebula.core.store import Store
+from nebula.services.cluster.mirror import MirrorSet
+from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway.auth import Authenticator
 from nebula.services.gateway.load import Clock
 from nebula.services.gateway.metrics import GatewayMetrics
@@ -33,6 +35,10 @@ class GatewayState:
     clock: Clock
     # The engine hop (forwarded requests): its own lean client, see upstream_http.
     upstream: UpstreamPool
+    # The gateway's typed mirrors of models, instances and API keys (run in the app's cleanup_ctx).
+    mirrors: MirrorSet
+    # Every write the admin API makes to the cluster.
+    writes: ClusterWrites
     # For the load poll of engines' /metrics. Opened in the app's cleanup_ctx (a session belongs to a
     # running loop), or injected by the caller.
     session: aiohttp.ClientSession | None = field(default=None)

@@ -7,49 +7,22 @@ its own writes at once.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
-from nebula.core import keys
-from nebula.core.model import ModelSpec, Phase, loads
-from nebula.core.store import KeyValue
-from nebula.errors import ValidationError
-
-log = logging.getLogger(__name__)
+from nebula.core.model import ModelSpec, Phase
+from nebula.services.cluster.mirror import MirrorState
 
 
 class ClusterView:
     def __init__(self) -> None:
         self.models: dict[str, ModelSpec] = {}
-        self._warned: set[tuple[str, int]] = set()
         self.models_synced = False
 
-    def update_models(self, items: Mapping[str, KeyValue]) -> None:
-        models: dict[str, ModelSpec] = {}
-        for key, kv in items.items():
-            try:
-                spec = ModelSpec.from_dict(loads(kv.value))
-            except ValidationError as e:
-                self._warn(key, kv, e)
-                continue
-            if keys.model_key(spec.name) != key:
-                self._warn(key, kv, ValidationError("name", f"'{spec.name}' does not match its key"))
-                continue
-            models[spec.name] = spec
-        self._prune(items)
-        self.models = models
+    def update_models(self, state: MirrorState[ModelSpec]) -> None:
+        """The models mirror's callback: every valid model spec, each under its own key (the mirror checked)."""
+        self.models = {spec.name: spec for spec in state.records.values()}
         self.models_synced = True
-
-    def _warn(self, key: str, kv: KeyValue, e: ValidationError) -> None:
-        # Every update re-delivers the whole prefix: warn once per bad record version, not per update.
-        if (key, kv.mod_revision) not in self._warned:
-            self._warned.add((key, kv.mod_revision))
-            log.warning("ignoring invalid record %s: %s", key, e)
-
-    def _prune(self, items: Mapping[str, KeyValue]) -> None:
-        self._warned = {(k, rev) for k, rev in self._warned if k in items and items[k].mod_revision == rev}
 
     @staticmethod
     def model_entry(spec: ModelSpec, phases: Counter[Phase]) -> dict[str, Any]:

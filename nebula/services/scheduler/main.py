@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from nebula.adapters.watching import mirror_prefix
-from nebula.core import keys
+from nebula.core import records
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 from nebula.services.scheduler.scheduler import Scheduler
@@ -25,15 +25,17 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                           registry=svc.registry)
         app = web.Application()
         app.add_routes([metrics_route(svc.registry)])
+        metrics = MirrorMetrics(svc.registry)
+        mirrors = MirrorSet([Mirror(svc.store, records.MODELS, metrics, on_change=sched.on_models),
+                             Mirror(svc.store, records.NODES, metrics, on_change=sched.on_nodes),
+                             Mirror(svc.store, records.PLACEMENTS, metrics, on_change=sched.on_placements)])
         tasks = [
-            asyncio.create_task(mirror_prefix(svc.store, keys.MODELS, sched.on_models), name="models"),
-            asyncio.create_task(mirror_prefix(svc.store, keys.NODES, sched.on_nodes), name="nodes"),
-            asyncio.create_task(mirror_prefix(svc.store, keys.PLACEMENTS, sched.on_placements), name="placements"),
+            *mirrors.tasks(),
             asyncio.create_task(sched.run(), name="leadership"),
             asyncio.create_task(keep_registered(svc.store, service_record(cfg, ServiceKind.SCHEDULER, node_name(cfg)),
                                                 cfg.cluster.lease_ttl_s), name="registration"),
             asyncio.create_task(serve_until_cancelled(
                 app, cfg.scheduler.host, cfg.scheduler.port, svc.notifier, f"scheduler {identity}",
-                lambda: "leader" if sched.is_leader else "standby"), name="http"),
+                lambda: "leader" if sched.is_leader else "standby", healthy=mirrors.live), name="http"),
         ]
         await run_tasks_until(svc.stop, tasks)

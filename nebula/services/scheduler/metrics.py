@@ -47,6 +47,7 @@ class SchedulerMetrics:
     leader: Gauge
     pass_seconds: Histogram
     changes: Counter
+    fenced: Counter
 
     @staticmethod
     def create(registry: CollectorRegistry, state: SchedulerState, clock: Callable[[], float]) -> SchedulerMetrics:
@@ -61,6 +62,8 @@ class SchedulerMetrics:
                                    "Duration of one placement pass (place, then write the difference)",
                                    buckets=PASS_BUCKETS, registry=registry),
             changes=changes,
+            fenced=Counter("nebula_scheduler_fenced_passes", "Placement passes refused by the leader fence: this "
+                           "scheduler had lost the lead (its lease expired) before it noticed", registry=registry),
         )
 
 

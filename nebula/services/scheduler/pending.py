@@ -10,14 +10,15 @@ import time
 from collections.abc import Callable, Mapping
 
 from nebula.core import keys
-from nebula.core.model import dumps
 from nebula.core.status import ModelStatus
 from nebula.core.store import Store
+from nebula.services.cluster.writes import ClusterWrites, Fence
 
 
 class PendingReporter:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, writes: ClusterWrites, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.writes = writes
         self.clock = clock
         self._written: dict[str, ModelStatus] | None = None
 
@@ -25,12 +26,13 @@ class PendingReporter:
         """Leadership (re)gained: what is in the store is someone else's; check it all on the next sync."""
         self._written = None
 
-    async def sync(self, pending: Mapping[str, str], lease: int) -> None:
+    async def sync(self, pending: Mapping[str, str], fence: Fence) -> bool:
+        """Bring the reasons in the store in line with `pending`; False once the fence has fallen."""
         if self._written is None:
             snap = await self.store.list_prefix(keys.MODEL_STATUS)
-            for kv in snap.items:
-                if kv.key.removeprefix(keys.MODEL_STATUS) not in pending:
-                    await self.store.delete(kv.key)
+            stale = [kv.key for kv in snap.items if kv.key.removeprefix(keys.MODEL_STATUS) not in pending]
+            if stale and not await self.writes.clear_pending(fence, stale):
+                return False
             self._written = {}
         now = self.clock()
         for name, reason in sorted(pending.items()):
@@ -38,8 +40,12 @@ class PendingReporter:
             if prev is not None and prev.pending == reason:
                 continue
             st = ModelStatus(model=name, pending=reason, since=prev.since if prev else now)
-            await self.store.put(keys.model_status_key(name), dumps(st.to_dict()), lease=lease)
+            if not await self.writes.report_pending(fence, st):
+                return False
             self._written[name] = st
-        for name in [n for n in self._written if n not in pending]:
-            await self.store.delete(keys.model_status_key(name))
+        gone = [n for n in self._written if n not in pending]
+        if gone and not await self.writes.clear_pending(fence, [keys.model_status_key(n) for n in gone]):
+            return False
+        for name in gone:
             del self._written[name]
+        return True

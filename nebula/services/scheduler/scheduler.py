@@ -10,31 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
 from nebula.core import keys
-from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps, loads
+from nebula.core.model import ModelSpec, NodeRecord, Placement
 from nebula.core.placement import diff_placements, place
-from nebula.core.store import EventType, KeyValue, LeaseLostError, Store
-from nebula.errors import TemporaryError, ValidationError
+from nebula.core.store import EventType, LeaseLostError, Store
+from nebula.errors import TemporaryError
+from nebula.services.cluster.mirror import MirrorState
+from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
 
 log = logging.getLogger("nebula.scheduler")
-T = TypeVar("T")
-
-
-def _parse_all(items: Mapping[str, KeyValue], parse: Callable[[object], T]) -> list[T]:
-    out: list[T] = []
-    for kv in items.values():
-        try:
-            out.append(parse(loads(kv.value)))
-        except ValidationError as e:
-            log.error("ignoring invalid record %s: %s", kv.key, e)
-    return out
 
 
 class Scheduler:
@@ -54,18 +44,21 @@ class Scheduler:
         self.pending: dict[str, str] = {}
         self.seen: set[str] = set()
         self.wake = asyncio.Event()
+        self.lost_lead = asyncio.Event()
         self.is_leader = False
-        self.pending_report = PendingReporter(store)
-        self._lease = 0
+        self.writes = ClusterWrites(store)
+        self.pending_report = PendingReporter(store, self.writes)
+        self._fence = Fence(0)
+        self.fenced_writes = 0  # passes whose writes the fence refused: we had lost the lead
         self.metrics = SchedulerMetrics.create(registry, self, clock)
 
     # --- mirrored inputs ----------------------------------------------------------------------------
-    def on_models(self, items: Mapping[str, KeyValue]) -> None:
-        self.models = {m.name: m for m in _parse_all(items, ModelSpec.from_dict)}
+    def on_models(self, state: MirrorState[ModelSpec]) -> None:
+        self.models = {m.name: m for m in state.records.values()}
         self._seen("models")
 
-    def on_nodes(self, items: Mapping[str, KeyValue]) -> None:
-        nodes = {n.name: n for n in _parse_all(items, NodeRecord.from_dict)}
+    def on_nodes(self, state: MirrorState[NodeRecord]) -> None:
+        nodes = {n.name: n for n in state.records.values()}
         now = self.clock()
         for name in set(self.nodes) - set(nodes):
             self.gone_since.setdefault(name, now)
@@ -76,8 +69,8 @@ class Scheduler:
         self.nodes = nodes
         self._seen("nodes")
 
-    def on_placements(self, items: Mapping[str, KeyValue]) -> None:
-        self.placements = {p.instance: p for p in _parse_all(items, Placement.from_dict)}
+    def on_placements(self, state: MirrorState[Placement]) -> None:
+        self.placements = {p.instance: p for p in state.records.values()}
         self._seen("placements")
 
     def _seen(self, what: str) -> None:
@@ -110,17 +103,27 @@ class Scheduler:
             return
         with self.metrics.pass_seconds.time():
             to_write, to_delete = self.compute()
+            if (to_write or to_delete) and not await self.writes.apply_placements(self._fence, to_write, to_delete):
+                self._deposed()
+                return
             for p in to_delete:
-                log.info("removing placement %s from %s", p.instance, p.node,
+                log.info("removed placement %s from %s", p.instance, p.node,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node})
-                await self.store.delete(keys.placement_key(p.node, p.instance))
                 self.metrics.changes.labels("delete").inc()
             for p in to_write:
-                log.info("placing %s on %s port %d", p.instance, p.node, p.port,
+                log.info("placed %s on %s port %d", p.instance, p.node, p.port,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node, "NEBULA_MODEL": p.model.name})
-                await self.store.put(keys.placement_key(p.node, p.instance), dumps(p.to_dict()))
                 self.metrics.changes.labels("write").inc()
-            await self.pending_report.sync(self.pending, self._lease)
+            if not await self.pending_report.sync(self.pending, self._fence):
+                self._deposed()
+
+    def _deposed(self) -> None:
+        """Our leader key is gone or another's: the fence refused the pass, so nothing of it landed."""
+        self.fenced_writes += 1
+        self.metrics.fenced.inc()
+        log.warning("scheduler %s is no longer the leader: its writes were refused by the fence", self.identity,
+                    extra={"NEBULA_SCHEDULER": self.identity})
+        self.lost_lead.set()
 
     # --- leadership ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -158,11 +161,12 @@ class Scheduler:
 
     async def _lead(self, lease: int) -> None:
         self._set_leader(True)
-        self._lease = lease
+        self._fence = Fence(lease)
+        self.lost_lead.clear()
         self.pending_report.reset()
         keepalive = asyncio.create_task(self._keep_lease(lease))
         try:
-            while not keepalive.done():
+            while not keepalive.done() and not self.lost_lead.is_set():
                 await self.schedule_once()
                 self.wake.clear()
                 waiter = asyncio.create_task(self.wake.wait())
@@ -171,7 +175,8 @@ class Scheduler:
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()  # also when we are cancelled: no task left pending
-            keepalive.result()
+            if keepalive.done():
+                keepalive.result()
         finally:
             keepalive.cancel()
             try:

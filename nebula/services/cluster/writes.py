@@ -1,0 +1,184 @@
+"""`ClusterWrites`: every write Nebula makes to the cluster's state, each one guarded transaction.
+
+Each key has one writer (core/keys.py names it), and each writer's writes are here, next to the guard
+that makes them safe:
+- the admin API's (models, keys, pulls) compare what they read, so two admins racing cannot overwrite
+  each other, and the key set can never lose its last admin key;
+- the scheduler leader's (placements, pending reasons) are fenced by its leader key held under its own
+  lease: once that lease has expired, nothing it writes lands, even before it notices (Nomad's plan
+  applier re-checks a plan where it lands; this is the same idea in one etcd transaction);
+- a node agent's (its node record, its instances' phases, its pulls' progress) are under its lease.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nebula.core import keys, records
+from nebula.core.apikeys import KeyRecord, KeyScope
+from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, dumps
+from nebula.core.pulls import PullIntent, PullStatus
+from nebula.core.status import ModelStatus
+from nebula.core.store import Delete, Guard, Op, Put, Store
+from nebula.errors import PermanentError, TemporaryError, ValidationError
+
+log = logging.getLogger("nebula.cluster")
+
+CAS_ATTEMPTS = 10
+# etcd refuses a transaction of more than --max-txn-ops (128 by default) operations.
+MAX_TXN_OPS = 100
+
+
+class Conflict(TemporaryError):
+    """The record changed between our read and our write, every time we tried: retry later."""
+
+
+class Refused(PermanentError):
+    """The write would break an invariant of the cluster (the message says which, and the fix)."""
+
+
+class LoadOutcome(enum.Enum):
+    CREATED = "created"
+    SAME = "same"  # loaded already with this very spec: nothing written
+    DIFFERENT = "different"  # loaded already with another spec: nothing written
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The scheduler leader's hold on its leader key: writes made under it land only while it holds."""
+
+    lease: int
+
+    @property
+    def guard(self) -> Guard:
+        return Guard(keys.SCHEDULER_LEADER, lease=self.lease)
+
+
+class ClusterWrites:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # --- models (admin API) -------------------------------------------------------------------------------
+    async def load_model(self, spec: ModelSpec) -> LoadOutcome:
+        key = keys.model_key(spec.name)
+        for _ in range(CAS_ATTEMPTS):
+            if await self._store.commit([Guard(key, mod_revision=0)], [Put(key, dumps(spec.to_dict()))]):
+                return LoadOutcome.CREATED
+            kv = await self._store.get(key)
+            if kv is None:
+                continue  # unloaded between our write and our read: try again
+            try:
+                current = records.MODELS.decode(key, kv.value)
+            except ValidationError:
+                return LoadOutcome.DIFFERENT  # a damaged record: the operator unloads it first
+            return LoadOutcome.SAME if current == spec else LoadOutcome.DIFFERENT
+        raise Conflict(f"model '{spec.name}' is changing concurrently; retry")
+
+    async def scale_model(self, name: str, replicas: object) -> ModelSpec | None:
+        """The model with its new replica count (validated like a load), or None when it is not loaded."""
+        key = keys.model_key(name)
+        for _ in range(CAS_ATTEMPTS):
+            kv = await self._store.get(key)
+            if kv is None:
+                return None
+            current = records.MODELS.decode(key, kv.value)
+            wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": replicas})
+            if wanted == current or await self._store.commit([Guard(key, mod_revision=kv.mod_revision)],
+                                                             [Put(key, dumps(wanted.to_dict()))]):
+                return wanted
+        raise Conflict(f"model '{name}' is changing concurrently; retry")
+
+    async def unload_model(self, name: str) -> bool:
+        return await self._store.delete(keys.model_key(name))
+
+    # --- API keys (admin API) -----------------------------------------------------------------------------
+    async def create_key(self, record: KeyRecord, *, config_admin: bool) -> bool:
+        """Store a new key; False on an id collision. Refused: the first key that is not an admin key
+        while no admin key exists, since from then on every call needs a key and none could open the
+        admin API again."""
+        key = keys.apikey_key(record.id)
+        guards = [Guard(key, mod_revision=0)]
+        if KeyScope.ADMIN not in record.scopes and not config_admin:
+            admins = await self._admin_keys()
+            if not admins:
+                raise Refused("no admin key exists yet, and once any key exists every call needs one: create an "
+                              "admin key first (nebula keys create NAME --scope admin)")
+            guards.append(admins[0])  # that admin key must still be there when ours lands
+        return await self._store.commit(guards, [Put(key, dumps(record.to_dict()))])
+
+    async def revoke_key(self, key_id: str, *, config_admin: bool) -> bool:
+        """Delete a key; False when there is none. Refused: the last admin key (the gateway would be locked)."""
+        key = keys.apikey_key(key_id)
+        for _ in range(CAS_ATTEMPTS):
+            kv = await self._store.get(key)
+            if kv is None:
+                return False
+            guards = [Guard(key, mod_revision=kv.mod_revision)]
+            if not config_admin and _is_admin(key, kv.value):
+                others = [g for g in await self._admin_keys() if g.key != key]
+                if not others:
+                    raise Refused(f"key {key_id} is the last admin key: create another admin key before revoking it "
+                                  "(nebula keys create NAME --scope admin)")
+                guards.append(others[0])
+            if await self._store.commit(guards, [Delete(key)]):
+                return True
+        raise Conflict(f"API key {key_id} is changing concurrently; retry")
+
+    async def _admin_keys(self) -> list[Guard]:
+        """A guard on each stored admin key as it is now."""
+        snapshot = await self._store.list_prefix(keys.APIKEYS)
+        return [Guard(kv.key, mod_revision=kv.mod_revision) for kv in snapshot.items if _is_admin(kv.key, kv.value)]
+
+    # --- pulls (admin API) --------------------------------------------------------------------------------
+    async def add_pull(self, intent: PullIntent) -> None:
+        await self._store.put(keys.pull_key(intent.node, intent.id), dumps(intent.to_dict()))
+
+    async def remove_pull(self, node: str, pull_id: str) -> bool:
+        return await self._store.delete(keys.pull_key(node, pull_id))
+
+    # --- the scheduler leader's, fenced -------------------------------------------------------------------
+    async def apply_placements(self, fence: Fence, writes: Sequence[Placement], deletes: Sequence[Placement]) -> bool:
+        """Write and delete placements under the leader's fence; False (nothing more written) once it is gone.
+
+        Deletes go first, in transactions of their own, so a replica's old slot is free before a new one
+        takes it; a batch larger than etcd takes goes in several transactions, each fenced."""
+        ops: list[Op] = [Delete(keys.placement_key(p.node, p.instance)) for p in deletes]
+        ops += [Put(keys.placement_key(p.node, p.instance), dumps(p.to_dict())) for p in writes]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            if not await self._store.commit([fence.guard], ops[start:start + MAX_TXN_OPS]):
+                return False
+        return True
+
+    async def report_pending(self, fence: Fence, status: ModelStatus) -> bool:
+        return await self._store.commit([fence.guard], [Put(keys.model_status_key(status.model),
+                                                            dumps(status.to_dict()), lease=fence.lease)])
+
+    async def clear_pending(self, fence: Fence, model_status_keys: Sequence[str]) -> bool:
+        return await self._store.commit([fence.guard], [Delete(k) for k in model_status_keys])
+
+    # --- a node agent's, under its lease ------------------------------------------------------------------
+    async def register_node(self, node: NodeRecord, lease: int) -> None:
+        await self._store.put(keys.node_key(node.name), dumps(node.to_dict()), lease=lease)
+
+    async def report_instance(self, status: InstanceStatus, lease: int) -> None:
+        await self._store.put(keys.instance_key(status.instance), dumps(status.to_dict()), lease=lease)
+
+    async def forget_instance(self, instance_key: str) -> None:
+        await self._store.delete(instance_key)
+
+    async def report_pull(self, status: PullStatus, lease: int) -> None:
+        await self._store.put(keys.pull_status_key(status.node, status.id), dumps(status.to_dict()), lease=lease)
+
+    async def forget_pull(self, node: str, pull_id: str) -> None:
+        await self._store.delete(keys.pull_status_key(node, pull_id))
+
+
+def _is_admin(key: str, value: bytes) -> bool:
+    try:
+        return KeyScope.ADMIN in records.APIKEYS.decode(key, value).scopes
+    except ValidationError:
+        return False
+
