@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from nebula.core.apikeys import digest
+from nebula.services.gateway.keys_api import new_token
 from tests.chaos import probes
 from tests.chaos.load import LoadGenerator
 from tests.chaos.report import REPORT, FaultRow, format_table
@@ -41,15 +43,19 @@ def chaos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     models = Path(required_path("NEBULA_TEST_MODELS"))
     rows = request.config.stash.setdefault(REPORT, [])
     etcd = EtcdServer.launch(tmp_path_factory.mktemp("chaos-etcd"))
+    # A closed gateway, as production runs it: an admin key from the config (the package's bootstrap key
+    # works the same way), which the load, the probes and the CLI use.
+    admin_key = new_token()
     c = NebulaCluster(workdir=tmp_path_factory.mktemp("chaos"), etcd=etcd, vllm_venv=venv,
                       node_grace_s=60.0, extra_nodes=("node-b",), extra_schedulers=1, restart_on_failure=True,
-                      node_resync_s=1.0, engine_watchdog_s=WATCHDOG_S)
+                      node_resync_s=1.0, engine_watchdog_s=WATCHDOG_S,
+                      extra_env={"NEBULA_GATEWAY_ADMIN_KEY_HASHES": digest(admin_key), "NEBULA_ADMIN_KEY": admin_key})
     load: LoadGenerator | None = None
     try:
         c.up()
         start = time.monotonic()
         c.cli("load", MODEL, "--source", str(models / "tiny-llama"), "--replicas", str(REPLICAS))
-        load = LoadGenerator(c.gateway_url, MODEL)
+        load = LoadGenerator(c.gateway_url, MODEL, api_key=admin_key)
         ch = Chaos(c, load, rows)
         ch.wait_ready(ENGINES_UP_S)
         rows.append(FaultRow("(start: both engines)", recovery_s=time.monotonic() - start))

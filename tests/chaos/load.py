@@ -46,6 +46,7 @@ class LoadGenerator:
     """Client timeout: longer than a hung engine takes to be killed, so its requests end on their own."""
     pause_s: float = 0.5
     """Between two requests of one worker: steady load that leaves a restarting engine's start some CPU."""
+    api_key: str = "unused"
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _running: threading.Event = field(default_factory=threading.Event)
@@ -91,7 +92,7 @@ class LoadGenerator:
             return [o for o in self.outcomes if o.started <= moment < o.ended]
 
     def _work(self, stream: bool, index: int) -> None:
-        client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0,
+        client = openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0,
                                timeout=openai.Timeout(self.timeout_s, connect=5.0))
         n = 0
         while not self._stop.is_set():

@@ -107,8 +107,11 @@ def instance_records(c: NebulaCluster, model: str) -> dict[str, tuple[dict[str, 
     """instance -> (its status record in etcd, the lease it is held by), for `model`."""
     out = {}
     for kv in etcd_list(c.etcd.endpoints, keys.INSTANCES):
-        st = json.loads(kv["value"])
-        if st.get("model") == model:
+        try:
+            st = json.loads(kv["value"])
+        except ValueError:
+            continue  # the hostile-records fault's garbage
+        if isinstance(st, dict) and st.get("model") == model and isinstance(st.get("instance"), str):
             out[st["instance"]] = (st, int(kv["lease"]))
     return out
 
@@ -145,7 +148,7 @@ def chat_ok(c: NebulaCluster, model: str) -> bool:
     try:
         status, _ = post_json(c.gateway_url + "/v1/chat/completions",
                               {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2},
-                              timeout_s=30)
+                              timeout_s=30, key=c.extra_env.get("NEBULA_ADMIN_KEY"))
     except (OSError, ValueError):
         return False
     return status == 200

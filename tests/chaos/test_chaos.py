@@ -12,17 +12,21 @@ do it: Restart=on-failure with RestartSec=2 by the harness's keeper, the cgroup 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.chaos import probes
+from nebula.core import keys
+from tests.chaos import hostile, probes
 from tests.chaos.rig import LEASE_TTL_S, MODEL, Chaos, Measure
+from tests.harness.cluster import NebulaCluster, post_json
 from tests.harness.etcd import EtcdCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.engine, pytest.mark.etcd]
@@ -125,6 +129,68 @@ def test_node_agent_sigkill(chaos: Chaos) -> None:
         back = wait_for(lambda: probes.node_lease(c, "node-a") not in (None, lease), 60, "node-a to register again")
         m.note(f"node-a's agent re-registered {back:.1f} s after its death and re-adopted its engine")
     assert_nothing_lost(m)
+
+
+def key_works(c: NebulaCluster, token: str) -> bool:
+    status, _ = post_json(c.gateway_url + "/v1/chat/completions",
+                          {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+                          timeout_s=30, key=token)
+    return status == 200
+
+
+def admin(c: NebulaCluster, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    req = urllib.request.Request(c.gateway_url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {c.extra_env['NEBULA_ADMIN_KEY']}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
+
+def test_hostile_records(chaos: Chaos) -> None:
+    """Garbage under every prefix, then a key revoked, a replica's record deleted and a model scaled, all
+    straight in etcd (as another gateway or an operator with etcdctl would): every service goes on
+    following the cluster, and each bad record is named once in the log of each service that reads it."""
+    c = chaos.cluster
+    ends = c.etcd.endpoints
+    with chaos.fault("hostile records in etcd") as m:
+        created = admin(c, "POST", "/v1/admin/keys", {"name": "doomed"})
+        token, key_id = created["key"], created["id"]
+        assert key_works(c, token)
+        victim, (record, lease) = next((i, r) for i, r in probes.instance_records(c, MODEL).items()
+                                       if r[0]["node"] == "node-b")
+        pids = {s: c.pid(s) for s in c.services()}
+        bad = hostile.garbage()
+        m.start()
+        for key, value in bad:
+            hostile.put_raw(ends, key, value)
+        hostile.delete_raw(ends, keys.apikey_key(key_id).encode())
+        refused = wait_for(lambda: not key_works(c, token), 30, "the revoked key to be refused")
+        hostile.delete_raw(ends, keys.instance_key(victim).encode())
+        dropped = wait_for(lambda: (probes.gateway_health(c) or {}).get("ready_replicas") == 1, 30,
+                           "the deleted replica to leave the gateway's choice")
+        hostile.put_raw(ends, keys.instance_key(victim).encode(), json.dumps(record).encode(), lease)
+        c.cli("load", "ghost", "--source", "/nonexistent/ghost")
+        c.cli("scale", "ghost", "2")
+        placed = wait_for(lambda: {"ghost", "ghost:1"} <= set(probes.placed(c)), 30,
+                          "the scaled model's two placements")
+        c.cli("unload", "ghost")
+        wait_for(lambda: not {"ghost", "ghost:1"} & set(probes.placed(c)), 30, "the unloaded model's placements to go")
+        for key, _ in bad:
+            hostile.delete_raw(ends, key)
+        m.note(f"{len(bad)} bad records under every prefix; then a key revoked in etcd was refused after "
+               f"{refused:.2f} s, {victim}'s record deleted left the gateway's choice after {dropped:.2f} s, "
+               f"a model loaded and scaled to 2 was placed in {placed:.1f} s")
+    # wait_for times from just after the write; one probe (a chat, or /healthz) may add its own latency.
+    assert refused <= 1.0, f"the revoked key was still accepted {refused:.2f} s later"
+    assert dropped <= 1.0, f"the deleted replica was still chosen {dropped:.2f} s later"
+    assert {s: c.pid(s) for s in c.services()} == pids, "a service restarted"
+    assert_nothing_lost(m)
+    logs = {f.stem: f.read_text(errors="replace") for f in c.workdir.glob("*.log")}
+    for key, _ in bad:
+        for svc in hostile.mirrored_by(key):
+            count = logs[svc].count(f"{hostile.named(key)} (revision")
+            assert count == 1, f"{svc} named {hostile.named(key)} {count} times"
 
 
 def test_etcd_restart(chaos: Chaos) -> None:

@@ -174,8 +174,11 @@ watchdog_s = {self.engine_watchdog_s}
 
     def registered_nodes(self) -> set[str]:
         """Names of the nodes whose agents hold a record in etcd (through the admin API)."""
+        key = self.extra_env.get("NEBULA_ADMIN_KEY")
+        request = urllib.request.Request(self.gateway_url + "/v1/admin/nodes",
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
         try:
-            with urllib.request.urlopen(self.gateway_url + "/v1/admin/nodes", timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 return {str(n["name"]) for n in json.load(resp)["data"]}
         except (OSError, ValueError, KeyError):
             return set()
@@ -272,10 +275,13 @@ def running_cluster(workdir: Path, etcd_dir: Path, *, etcd_members: int = 1, **k
         etcd.stop()
 
 
-def post_json(url: str, body: bytes | Mapping[str, Any], timeout_s: float = 120) -> tuple[int, dict[str, Any]]:
-    """POST raw bytes or a JSON object; the status and the parsed JSON answer, errors included."""
+def post_json(url: str, body: bytes | Mapping[str, Any], timeout_s: float = 120,
+              key: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST raw bytes or a JSON object (with `key` as the bearer token); the status and the parsed JSON
+    answer, errors included."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status, json.loads(resp.read())

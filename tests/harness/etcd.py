@@ -233,7 +233,8 @@ def etcd_list(endpoints: Sequence[str], key: str, *, prefix: bool = True) -> lis
         out = []
         for raw in kvs:
             kv = dict(raw)
-            kv["key"] = base64.b64decode(kv["key"]).decode()
+            # surrogateescape: a key that is not UTF-8 (the chaos suite writes some) reads back as one
+            kv["key"] = base64.b64decode(kv["key"]).decode("utf-8", "surrogateescape")
             kv["value"] = base64.b64decode(kv.get("value", ""))
             for field in ("lease", "create_revision", "mod_revision", "version"):
                 kv[field] = int(kv.get(field, 0))
