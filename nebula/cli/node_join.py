@@ -23,10 +23,10 @@ import tomli_w
 
 from nebula.cli.client import EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from nebula.cli.config_cmd import render_config
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import NebulaConfig, parse_config
-from nebula.core.model import NodeRecord, loads, validate_name
-from nebula.errors import NebulaError
+from nebula.core.model import validate_name
+from nebula.errors import NebulaError, ValidationError
 from nebula.services.runtime import config_path, load_config, node_name, open_store
 
 DROPIN = "50-node.toml"
@@ -90,7 +90,12 @@ def etcd_check(cfg: NebulaConfig, name: str) -> str | None:
             kv = await store.get(keys.node_key(name))
         finally:
             await store.close()
-        return NodeRecord.from_dict(loads(kv.value)).address if kv else None
+        if kv is None:
+            return None
+        try:
+            return records.NODES.decode(kv.key, kv.value).address
+        except ValidationError:
+            return "(a record that does not decode)"  # the name is taken all the same
 
     # The store logs each failed endpoint for services; here the one-line error below says it all.
     quiet = logging.getLogger("nebula.adapters")
