@@ -6,6 +6,7 @@ small aiohttp app takes the connections the router does not know, and answers it
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -20,11 +21,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from nebula.errors import ValidationError
+from nebula.services.http.admission import ConnectionLimits
+from nebula.services.http.connection_reply import ConnectionReply
 from nebula.services.http.errors import ApiError
-from nebula.services.http.fastserver import ConnectionReply, FastRequest, FastServer, FastSite, Route
+from nebula.services.http.fastserver import FastRequest, FastServer, Route
+from nebula.services.http.site import FastSite
 
 MAX_BODY = 1024
-KEEPALIVE_S = 60.0  # the sweeper runs every 15 s: never during a test that does not ask for it
+KEEPALIVE_S = 60.0  # with the default deadlines (20 s and more) the site's own sweep cuts nothing in a test
 BIG = random.Random(0).randbytes(16 * 1024 * 1024)  # random, so a lost or reordered piece shows
 PIECE = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -40,6 +44,7 @@ class Routes:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.admitted: list[str] = []
+        self.released: list[str] = []  # requests whose `release` the server called (admit sets it)
         self.held = asyncio.Event()  # /hold is waiting
         self.release = asyncio.Event()  # lets /hold answer
         self.cancelled = asyncio.Event()  # /hold was cancelled
@@ -63,6 +68,7 @@ class Routes:
         if key == "Bearer bug":
             raise RuntimeError("a bug in admit")
         request.context = key
+        request.release = lambda: self.released.append(request.path)
 
     def router(self, method: str, path: str) -> Route | None:
         route = self._table.get((method, path))
@@ -148,11 +154,28 @@ class Conn:
             return await self.reader.read()
 
 
+class Events:
+    """What the server reported of refused and cut connections (the gateway counts them in its metrics)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def refused(self, reason: str) -> None:
+        self.counts[f"refused:{reason}"] += 1
+
+    def reaped(self) -> None:
+        self.counts["reaped"] += 1
+
+    def cut(self, deadline: str) -> None:
+        self.counts[f"cut:{deadline}"] += 1
+
+
 @dataclass
 class Served:
     runner: web.AppRunner
     site: FastSite
     routes: Routes
+    events: Events
     conns: list[Conn] = field(default_factory=list)
 
     @property
@@ -163,12 +186,15 @@ class Served:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.site.port}"
 
-    async def connect(self, rcvbuf: int = 0) -> Conn:
+    async def connect(self, rcvbuf: int = 0, source: str = "") -> Conn:
         """A raw client connection (`rcvbuf`: a small receive buffer, so a client that does not read holds
-        back little); closed at the end of the test."""
+        back little; `source`: a loopback address to come from, as another client); closed at the end of the
+        test."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: it sets the window
+        if source:
+            sock.bind((source, 0))
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.site.port))
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -179,17 +205,20 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(keepalive_s: float = KEEPALIVE_S, shutdown_timeout_s: float = 5.0, admit: bool = False,
-                  max_body: int = MAX_BODY) -> AsyncIterator[Served]:
+                  max_body: int = MAX_BODY, limits: ConnectionLimits | None = None,
+                  reserve_paths: frozenset[str] = frozenset()) -> AsyncIterator[Served]:
     app = web.Application()
     app.router.add_get("/other", aiohttp_other)
     app.router.add_post("/fast", aiohttp_fast)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
     routes = Routes()
+    events = Events()
     site = FastSite(runner, routes.router, "127.0.0.1", 0, max_body=max_body, keepalive_s=keepalive_s,
-                    shutdown_timeout_s=shutdown_timeout_s, admit=routes.admit if admit else None)
+                    shutdown_timeout_s=shutdown_timeout_s, admit=routes.admit if admit else None, limits=limits,
+                    events=events, reserve_paths=reserve_paths)
     await site.start()
-    served = Served(runner, site, routes)
+    served = Served(runner, site, routes, events)
     try:
         yield served
     finally:
