@@ -62,7 +62,7 @@ class GatewayConfig:
     # Client connections (docs/security.md, "Connections"): caps that keep file descriptors in hand, deadlines
     # that a trickle of bytes does not extend.
     max_connections: int = _f(0, "Most client connections open at once. 0: derived from the open-file limit, "
-                              "(limit - 256) / 2 - 32 (32,480 under the unit's LimitNOFILE=65536). At the cap the "
+                              "(limit - 256) / 2 - 32 (32,608 under the unit's LimitNOFILE=65536). At the cap the "
                               "connection idle longest makes room; with none idle a new one is closed at once, but "
                               "for 32 more kept for /healthz and /metrics.")
     max_connections_per_ip: int = _f(4096, "Most connections from one client address (IPv6: one /64); more are "
