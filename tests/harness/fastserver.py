@@ -180,7 +180,7 @@ class Served:
 
     @property
     def server(self) -> FastServer:
-        return self.site.server  # the tests drive close_idle and read its connections
+        return self.site.server  # the tests drive its sweep and read its connections
 
     @property
     def url(self) -> str:
