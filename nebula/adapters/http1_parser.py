@@ -6,6 +6,8 @@ a status line and headers, then a body framed by Content-Length, by chunked tran
 connection's close; interim 1xx heads are skipped. Chunk extensions and trailers are read and dropped.
 
 The body's framing is parsed, never its content: a server-sent event stream passes as opaque bytes.
+Any input gives a response or ProtocolError, never another exception (a property test feeds it arbitrary
+bytes, whole and split), since the client takes ProtocolError for a failed attempt and anything else for a bug.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ MAX_HEAD = 64 * 1024  # status line and headers together; an engine's are a few 
 MAX_CHUNK_LINE = 4 * 1024  # a chunk-size line, extensions included
 _NO_BODY = frozenset({204, 304})
 _HEX = b"0123456789abcdefABCDEF"
+# Never in a head outside line ends (RFC 9110 5.5): header values go on to the client, and into logs.
+_HEAD_CONTROLS = bytes(c for c in range(0x20) if c not in b"\t\r\n") + b"\x7f"
 
 
 class ProtocolError(Exception):
@@ -128,20 +132,17 @@ class ResponseParser:
                     return
         buf = self._buf + data if self._buf else data
         self._buf = b""
-        if state == _HEAD:
+        while state == _HEAD:  # a loop, not recursion: any number of interim heads may come in one read
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
                     raise ProtocolError("response head too large")
                 self._buf = buf
                 return
-            self._head(buf[:end])  # sets the body's state
+            self._head(buf[:end])  # sets the body's state (_HEAD again after an interim head)
             buf = buf[end + 4:]
             state = self._state
             if not buf:
-                return
-            if state == _HEAD:  # that was an interim head
-                self.feed(buf)
                 return
             if state == _UNTIL_CLOSE:
                 self._sink.on_body(buf)
@@ -218,6 +219,8 @@ class ResponseParser:
         if raw.count(b"\n") != len(lines) - 1 or raw.count(b"\r") != len(lines) - 1:
             # Header values go on to the client: a bare CR or LF in one would split it there.
             raise ProtocolError("bare CR or LF in the response head")
+        if len(raw.translate(None, _HEAD_CONTROLS)) != len(raw):
+            raise ProtocolError("control characters in the response head")
         version, _, rest = lines[0].partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
@@ -235,7 +238,10 @@ class ResponseParser:
             headers.append((name_s, value_s))
             low = name_s.lower()
             if low == "content-length":
-                if not value_s.isdigit() or (length is not None and length != int(value_s)):
+                # ASCII digits only and at most 18 of them: str.isdigit() takes '²', which int() refuses, and
+                # int() refuses over 4300 digits; both would be a ValueError, not a ProtocolError.
+                if (not value_s.isdigit() or not value_s.isascii() or len(value_s) > 18
+                        or (length is not None and length != int(value_s))):
                     raise ProtocolError(f"bad Content-Length {value_s[:40]!r}")
                 length = int(value_s)
             elif low == "transfer-encoding":

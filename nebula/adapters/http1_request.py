@@ -1,7 +1,8 @@
 """Parsing an HTTP/1.1 request head (RFC 9112): the request line, the header fields, and how the body is
 framed. Pure, for the gateway's data-plane server (services/http/fastserver.py) and its tests.
 
-It is strict where leniency lets two parsers read one request two ways (request smuggling): a header
+Any input gives a RequestHead or a BadRequest, never another exception (a property test feeds it arbitrary
+bytes). It is strict where leniency lets two parsers read one request two ways (request smuggling): a header
 line with whitespace before its colon, folded lines, a Content-Length that is not a plain number or is
 repeated with another value, and a request with both Content-Length and Transfer-Encoding are refused.
 """
@@ -15,6 +16,9 @@ MAX_FIELDS = 128
 # RFC 9110 5.6.2 token characters: a method and a field name are made of these only.
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _CONTROLS = bytes(range(0x21)) + b"\x7f"  # never in a request target (RFC 9112 3.2)
+# Never in a head outside line ends (RFC 9110 5.5: a field value is visible octets, SP, HTAB and obs-text). A
+# NUL or an escape sequence in a value would go on to the engine and into logs; CR and LF are checked apart.
+_HEAD_CONTROLS = bytes(c for c in range(0x20) if c not in b"\t\r\n") + b"\x7f"
 
 
 class BadRequest(Exception):
@@ -61,6 +65,8 @@ def parse_request_head(raw: bytes) -> RequestHead:
     if raw.count(b"\n") != len(lines) - 1 or raw.count(b"\r") != len(lines) - 1:
         # A bare CR or LF would end a line for some parsers and not others (and the value goes upstream).
         raise _bad("bare CR or LF in the request head")
+    if len(raw.translate(None, _HEAD_CONTROLS)) != len(raw):
+        raise _bad("control characters in the request head")
     method_b, target_b, version = _request_line(lines[0])
     http11 = version == b"HTTP/1.1"
     headers: list[tuple[str, str]] = []

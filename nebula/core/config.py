@@ -59,6 +59,22 @@ class GatewayConfig:
     tls_cert_file: str = _f("", "PEM certificate (chain) to serve HTTPS with (with tls_key_file). Empty: plain HTTP.")
     tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
     upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")
+    # Client connections (docs/security.md, "Connections"): caps that keep file descriptors in hand, deadlines
+    # that a trickle of bytes does not extend.
+    max_connections: int = _f(0, "Most client connections open at once. 0: derived from the open-file limit, "
+                              "(limit - 256) / 2 - 32 (32,608 under the unit's LimitNOFILE=65536). At the cap the "
+                              "connection idle longest makes room; with none idle a new one is closed at once, but "
+                              "for 32 more kept for /healthz and /metrics.")
+    max_connections_per_ip: int = _f(4096, "Most connections from one client address (IPv6: one /64); more are "
+                                     "closed at once. 0: no cap. Behind a proxy that hides client addresses, raise it.")
+    header_timeout_s: float = _f(20.0, "Longest time a request's head may take to arrive, from the connection's "
+                                 "start or a later request's first byte; then 408.")
+    body_timeout_s: float = _f(120.0, "Longest time a request's whole body may take to arrive after its head; "
+                               "then 408.")
+    write_timeout_s: float = _f(60.0, "Longest time an answer may wait for a client that does not read; then the "
+                                "connection is cut and the request's key slot freed.")
+    request_timeout_s: float = _f(0.0, "Longest time from a request's head to its answer's last byte; then 504, or "
+                                  "a stream is cut. 0: upstream_timeout_s + 60.")
     # Routing: the gateway picks the replica and forwards to its engine itself (one hop).
     connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
     max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
@@ -289,6 +305,12 @@ def _validate(cfg: NebulaConfig) -> None:
         raise ValidationError("cluster.lease_ttl_s", "must be at least 2 seconds")
     if cfg.gateway.max_attempts < 1:
         raise ValidationError("gateway.max_attempts", "must be at least 1")
+    for name in ("max_connections", "max_connections_per_ip", "request_timeout_s"):
+        if getattr(cfg.gateway, name) < 0:
+            raise ValidationError(f"gateway.{name}", "must be 0 or more (0: see its doc)")
+    for name in ("header_timeout_s", "body_timeout_s", "write_timeout_s"):
+        if getattr(cfg.gateway, name) <= 0:
+            raise ValidationError(f"gateway.{name}", "must be more than 0 seconds")
     if cfg.engine.watchdog_s <= 0:
         raise ValidationError("engine.watchdog_s", "must be more than 0 seconds")
     for name in ("hf_endpoint", "modelscope_endpoint"):

@@ -12,7 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from nebula.services.gateway.app import gateway_site
-from nebula.services.http.fastserver import FastSite
+from nebula.services.http.site import FastSite
 
 
 class GatewayServer:

@@ -36,6 +36,8 @@ def test_toml_values_and_env_override() -> None:
     ("[router]\nport = 8001\n", {}, f"{SRC}: router: the router service is retired: routing moved into the gateway"),
     ('[gateway]\nrouter_url = "http://127.0.0.1:8001"\n', {}, f"{SRC}: gateway.router_url: unknown key"),
     ("[gateway]\nmax_attempts = 0\n", {}, f"{SRC}: gateway.max_attempts: must be at least 1"),
+    ("[gateway]\nmax_connections = -1\n", {}, f"{SRC}: gateway.max_connections: must be 0 or more"),
+    ("", {"NEBULA_GATEWAY_HEADER_TIMEOUT_S": "0"}, f"{SRC}: gateway.header_timeout_s: must be more than 0"),
     ("[gateway\n", {}, f"{SRC}: not valid TOML"),
     ("", {"NEBULA_GATEWAY_PORT": "abc"}, f"{SRC}: NEBULA_GATEWAY_PORT: must be an integer"),
     ('[node]\nunit_backend = "docker"\n', {}, f"{SRC}: node.unit_backend: must be"),

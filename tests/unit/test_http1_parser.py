@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nebula.adapters.http1_parser import ProtocolError, ResponseHead, ResponseParser
@@ -100,6 +100,17 @@ def test_interim_heads_are_skipped_and_bodiless_answers_complete_at_once() -> No
     assert [h.status for h in sink.heads] == [204] and sink.completed == 1 and sink.body == b""
 
 
+def test_a_tab_and_obs_text_in_a_value_are_read() -> None:
+    sink = parse([b"HTTP/1.1 200 OK\r\nX-A: a\tb\xe9\r\nContent-Length: 0\r\n\r\n"])
+    assert sink.heads[0].headers[0] == ("X-A", "a\tb\xe9")
+
+
+def test_many_interim_heads_are_no_recursion() -> None:
+    # Each interim head used to be one more recursive feed: a few thousand in one read overflowed the stack.
+    sink = parse([b"HTTP/1.1 100 Continue\r\n\r\n" * 3000 + FIXED])
+    assert sink.completed == 1 and sink.body == b'{"ok": true}\n'
+
+
 def test_chunked_wins_over_a_content_length() -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     sink = parse([raw])
@@ -118,8 +129,16 @@ def test_chunked_wins_over_a_content_length() -> None:
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXX",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi, and more",
     b"HTTP/1.1 204 No Content\r\n\r\nstray",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",  # '\xb2'.isdigit() is True, int() refuses it
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",  # over int()'s 4300 digits
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 19 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",  # values go on to the client
+    b"HTTP/1.1 200 OK\r\nX-A: \x1b[31m\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: \x7f\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200\x00OK\r\nContent-Length: 0\r\n\r\n",
 ], ids=["version", "status", "header", "negative-length", "two-lengths", "coding", "size", "signed-size",
-        "no-crlf", "extra-bytes", "body-on-204"])
+        "no-crlf", "extra-bytes", "body-on-204", "superscript-length", "huge-length", "19-digit-length",
+        "nul-in-value", "escape-in-value", "del-in-value", "nul-in-reason"])
 def test_malformed_responses_are_refused(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse([raw])
@@ -154,3 +173,44 @@ def test_reset_parses_the_next_response() -> None:
 def test_a_parser_given_no_response_refuses_bytes() -> None:
     with pytest.raises(ProtocolError, match="no response was expected"):
         ResponseParser().feed(FIXED)
+
+
+# --- any bytes at all ----------------------------------------------------------------------------------
+
+_NAMES = st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Connection", b"X-A", b"content-length", b""])
+# Whole values that parse as something (numbers, Unicode digits, codings), and pieces of anything.
+_WHOLE_VALUES = st.sampled_from([b"12", b"\xb2", b"1\xb2", b"\xb9\xb2", b"9" * 5000, b"9" * 19, b"chunked",
+                                 b"gzip, chunked", b"close", b"a\x00b", b"\x1b[0m"])
+_VALUE_PIECES = st.sampled_from([b"chunked", b"close", b"keep-alive", b"\xb2", b"\x00", b"9" * 30, b"0", b"12",
+                                b",", b" ", b"\t", b"\r", b"\n", b"-"])
+_VALUES = _WHOLE_VALUES | st.lists(_VALUE_PIECES | st.binary(max_size=6), max_size=4).map(b"".join)
+_FIELDS = st.lists(st.tuples(_NAMES, _VALUES).map(lambda f: f[0] + b": " + f[1] + b"\r\n"), max_size=6)
+_BODIES = st.lists(st.sampled_from([b"0\r\n\r\n", b"5\r\nhello\r\n", b"ff;x\r\n", b"\r\n", b"abc"])
+                   | st.binary(max_size=8), max_size=6).map(b"".join)
+_STATUS = st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 100 Continue", b"HTTP/1.1 204 x",
+                           b"HTTP/1.1 304", b"HTTP/2 200 OK"])
+# Mostly the shape of a response, so that the cases reach the fields, the framing and the body.
+_RESPONSES = st.one_of(st.binary(max_size=300), st.tuples(_STATUS, _FIELDS, _BODIES).map(
+    lambda r: r[0] + b"\r\n" + b"".join(r[1]) + b"\r\n" + r[2]))
+
+
+class _Quiet:
+    def on_head(self, head: ResponseHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_complete(self) -> None: ...
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_RESPONSES, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6), eof=st.booleans())
+def test_any_bytes_whole_or_split_raise_only_protocol_errors(raw: bytes, cuts: list[int], eof: bool) -> None:
+    # An engine's bytes, however broken and however split, give a response or ProtocolError (which the
+    # client maps to a failed attempt), never another exception.
+    for parts in ([raw], [raw[a:b] for a, b in itertools.pairwise([0, *sorted(set(cuts)), len(raw)])]):
+        parser = ResponseParser(_Quiet())
+        try:
+            for part in parts:
+                parser.feed(part)
+            if eof:
+                parser.feed_eof()
+        except ProtocolError:
+            pass

@@ -4,6 +4,8 @@ the flags that hand a request to aiohttp), and every refusal with the status the
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nebula.adapters.http1_request import MAX_FIELDS, MAX_HEAD, BadRequest, RequestHead, parse_request_head
 
@@ -135,6 +137,11 @@ REFUSALS = [
     ("bare-cr-in-value", b"GET / HTTP/1.1\r\nX-A: a\rb", 400),
     ("bare-cr-at-end", b"GET / HTTP/1.1\r\nX-A: a\r", 400),
     ("lf-cr-line-end", b"GET / HTTP/1.1\n\rX-A: a", 400),
+    # Control characters in a value (HTAB is the only one allowed): they go upstream and into logs.
+    ("nul-in-value", b"GET / HTTP/1.1\r\nX-A: a\x00b", 400),
+    ("escape-in-value", b"GET / HTTP/1.1\r\nX-A: \x1b[31mred", 400),
+    ("del-in-value", b"GET / HTTP/1.1\r\nX-A: a\x7f", 400),
+    ("vt-in-value", b"GET / HTTP/1.1\r\nX-A: a\x0bb", 400),
     # Body framing.
     ("content-length-text", head("POST /x HTTP/1.1", "Content-Length: five"), 400),
     ("content-length-negative", head("POST /x HTTP/1.1", "Content-Length: -1"), 400),
@@ -169,6 +176,11 @@ def test_refusals(raw: bytes, status: int) -> None:
     assert e.message and str(e) == e.message
 
 
+def test_a_tab_and_obs_text_in_a_value_are_read() -> None:
+    # RFC 9110 5.5: HTAB and octets 0x80-0xFF (obs-text) are field-value characters.
+    assert parse_request_head(b"GET / HTTP/1.1\r\nX-A: a\tb\xe9").headers == (("X-A", "a\tb\xe9"),)
+
+
 def test_the_size_limits_are_checked_before_anything_else() -> None:
     # A huge head is refused for its size even when its first line is garbage: no work spent parsing it.
     assert refused(b"\x00" * (MAX_HEAD + 1)).status == 431
@@ -186,3 +198,30 @@ def test_messages_quote_the_offending_bytes_briefly() -> None:
     # The message goes back to the client: it names what was wrong without echoing a 64 KiB line.
     e = refused(head("GET / HTTP/1.1", "Bad Line" + "x" * 1000))
     assert "Bad Line" in e.message and len(e.message) < 200
+
+
+# --- any bytes at all ----------------------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["Content-Length", "Transfer-Encoding", "Connection", "Expect", "Upgrade", "X-A", ""])
+# Whole values that parse as something (numbers, Unicode digits, codings), and pieces of anything.
+_WHOLE_VALUES = st.sampled_from([b"12", b"\xb2", b"1\xb2", b"\xb9\xb2", b"9" * 5000, b"9" * 19, b"chunked",
+                                 b"gzip, chunked", b"close", b"a\x00b", b"\x1b[0m"])
+_VALUE_PIECES = st.sampled_from([b"chunked", b"close", b"keep-alive", b"100-continue", b"\xb2", b"\x00",
+                                b"9" * 30, b"0", b",", b" ", b"\t", b"\r", b"\n", b"-"])
+_VALUES = _WHOLE_VALUES | st.lists(_VALUE_PIECES | st.binary(max_size=6), max_size=4).map(b"".join)
+_FIELDS = st.lists(st.tuples(_NAMES, _VALUES).map(lambda f: f[0].encode() + b": " + f[1]), max_size=6)
+_LINES = st.sampled_from([b"POST /v1/x HTTP/1.1", b"GET / HTTP/1.0", b"GET http://h/ HTTP/1.1", b"GET / HTTP/2",
+                          b"G\x00T / HTTP/1.1", b"GET /\x01 HTTP/1.1"])
+# Mostly the shape of a head, so that the cases reach past the request line into the fields.
+_HEADS = st.one_of(st.binary(max_size=300),
+                   st.tuples(_LINES, _FIELDS).map(lambda h: b"\r\n".join([h[0], *h[1]])))
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_HEADS)
+def test_any_bytes_give_a_head_or_a_bad_request(raw: bytes) -> None:
+    # Whatever a client sends, the server gets a head or BadRequest (its refusal), never another exception.
+    try:
+        parse_request_head(raw)
+    except BadRequest as e:
+        assert e.status in (400, 431, 501, 505)

@@ -22,7 +22,7 @@ from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
-from nebula.services.gateway.dataplane import admit_by_key, dataplane_router
+from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
 from nebula.services.gateway.metrics import GatewayMetrics
@@ -34,8 +34,9 @@ from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
+from nebula.services.http.admission import open_file_limit, raise_open_file_limit
 from nebula.services.http.errors import error_middleware
-from nebula.services.http.fastserver import FastSite
+from nebula.services.http.site import FastSite
 from nebula.services.runtime import background, metrics_route, serve_until_cancelled
 
 
@@ -118,9 +119,13 @@ def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.S
     """The gateway app's listening site on host:port: connections start on its data-plane server (the
     OpenAI paths), which hands any other request to aiohttp with its connection."""
     state = runner.app[GATEWAY]
-    return FastSite(runner, dataplane_router(state), host, port, max_body=state.cfg.max_body_bytes,
+    events = state.metrics.connections
+    site = FastSite(runner, dataplane_router(state), host, port, max_body=state.cfg.max_body_bytes,
                     ssl_context=ssl_context, reuse_port=reuse_port, shutdown_timeout_s=shutdown_timeout_s,
-                    admit=admit_by_key(state.auth))
+                    admit=admit_by_key(state.auth), limits=connection_limits(state.cfg, open_file_limit()),
+                    events=events, reserve_paths=RESERVE_PATHS)
+    events.open.set_function(lambda: site.server.open)
+    return site
 
 
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
@@ -132,6 +137,7 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
                  + read_digest_file(cfg.gateway.admin_key_digest_file))
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
     tls = server_ssl_context(gw)
+    raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
                                 site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port),
                                 healthy=app[GATEWAY].mirrors.live)

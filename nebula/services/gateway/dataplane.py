@@ -1,25 +1,44 @@
 """The gateway's routes on its data-plane server (services/http/fastserver.py): the OpenAI paths.
 
 Together with `admit_by_key` each does here what aiohttp's middlewares do for the other paths: names the
-request (X-Request-ID), checks its key and holds one of the key's request slots for as long as the
-answer takes. What the route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
+request (X-Request-ID), checks its key and holds one of the key's request slots from its head (before its
+body is read: a body on its way is a request in flight) until the server releases it, however the request
+ends. What the route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from nebula.core.apikeys import KeyRecord
-from nebula.services.gateway.auth import Authenticator, scope_of
+from nebula.core.config import GatewayConfig
+from nebula.services.gateway.auth import OPEN_PATHS, Authenticator, scope_of
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, new_request_id
 from nebula.services.gateway.openai_api import Call, model_entry, models_list, serve_inference
 from nebula.services.gateway.state import GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint
-from nebula.services.http.fastserver import Admit, ConnectionReply, FastRequest, Route, Router
+from nebula.services.http.admission import ConnectionLimits, derived_max_connections
+from nebula.services.http.connection_reply import ConnectionReply
+from nebula.services.http.fastserver import Admit, FastRequest, Route, Router
 from nebula.services.http.reply import send_json
 
 _MODELS = "/v1/models"
+# Served on the connections kept over the cap (admission.py): the operator's health check and metrics.
+RESERVE_PATHS = OPEN_PATHS
+# request_timeout_s = 0: the engine's own limit and this much more, for the answer to get out.
+REQUEST_MARGIN_S = 60.0
+
+
+def connection_limits(cfg: GatewayConfig, open_files: int) -> ConnectionLimits:
+    """The data-plane server's limits from the config; `open_files`: this process's descriptor limit, from
+    which an unset max_connections is derived."""
+    max_connections = cfg.max_connections or derived_max_connections(open_files)
+    return ConnectionLimits(max_connections=max_connections, max_per_ip=cfg.max_connections_per_ip,
+                            header_timeout_s=cfg.header_timeout_s, body_timeout_s=cfg.body_timeout_s,
+                            write_timeout_s=cfg.write_timeout_s,
+                            request_timeout_s=cfg.request_timeout_s or cfg.upstream_timeout_s + REQUEST_MARGIN_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +48,20 @@ class Admitted:
 
 
 def admit_by_key(auth: Authenticator) -> Admit:
-    """Names the request (X-Request-ID) and checks its key from the head alone, so a caller without a valid
-    key is refused before its body is read; the route finds both in the request's context."""
+    """Names the request (X-Request-ID), checks its key and takes one of its request slots, all from the head,
+    so a caller without a valid key, or over its limits, is refused before its body is read (429 for a key
+    already at max_concurrent, even while its other request's body is still coming); the route finds the
+    key and the id in the request's context, the server gives the slot back through `release`."""
 
     def admit(request: FastRequest) -> None:
         rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         request.extra_headers.append((REQUEST_ID_HEADER, rid))
-        request.context = Admitted(rid, auth.authenticate(scope_of(request.path), request.headers.get("Authorization")))
+        key = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"))
+        request.context = Admitted(rid, key)
+        if key is not None and not key.limits.unlimited:
+            slot = ExitStack()
+            slot.enter_context(auth.admitted(key))  # raises the 429, holding nothing
+            request.release = slot.close
 
     return admit
 
@@ -46,14 +72,8 @@ def dataplane_router(st: GatewayState) -> Router:
 
     def guarded(answer: Callable[[Call, ConnectionReply], Awaitable[None]]) -> Route:
         async def route(request: FastRequest, reply: ConnectionReply) -> None:
-            admitted: Admitted = request.context
-            key = admitted.key
-            call = Call(request.target, request.headers, request.body, key, admitted.request_id)
-            if key is None or key.limits.unlimited:
-                await answer(call, reply)  # the common case, without a context manager per request
-                return
-            with st.auth.admitted(key):
-                await answer(call, reply)
+            admitted: Admitted = request.context  # the key's slot, if it has limits, was taken in admit
+            await answer(call_of(request, admitted), reply)
 
         return route
 
@@ -65,6 +85,9 @@ def dataplane_router(st: GatewayState) -> Router:
 
     async def get_model(call: Call, reply: ConnectionReply) -> None:
         await send_json(reply, model_entry(st, call.key, call.path_qs.partition("?")[0][len(_MODELS) + 1:]))
+
+    def call_of(request: FastRequest, admitted: Admitted) -> Call:
+        return Call(request.target, request.headers, request.body, admitted.key, admitted.request_id)
 
     posts = {f"/v1/{e.path}": inference(e) for e in ENDPOINTS.values()}
     models_route, model_route = guarded(list_models), guarded(get_model)

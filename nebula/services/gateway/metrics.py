@@ -58,3 +58,30 @@ class GatewayMetrics:
         self.inflight = Children(Gauge(
             "nebula_gateway_inflight_requests", "Inference requests being served.", ["endpoint"],
             registry=registry))
+        self.connections = ConnectionMetrics(registry)
+
+
+class ConnectionMetrics:
+    """The data-plane server's connection events (its ConnectionEvents, services/http/admission.py) as series:
+    what a flood costs shows here, not in the request series, since a refused connection carries no request."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._refused = Children(Counter(
+            "nebula_gateway_connections_refused", "Client connections refused: max_connections and per_ip closed "
+            "at accept, reserve_path answered 503 on a connection over the cap.", ["reason"], registry=registry))
+        self._reaped = Counter(
+            "nebula_gateway_connections_reaped", "Idle client connections closed to make room at "
+            "max_connections.", registry=registry)
+        self._cut = Children(Counter(
+            "nebula_gateway_connections_cut", "Client connections cut at a deadline: header, body, request, write.",
+            ["deadline"], registry=registry))
+        self.open = Gauge("nebula_gateway_open_connections", "Client connections open.", registry=registry)
+
+    def refused(self, reason: str) -> None:
+        self._refused(reason).inc()
+
+    def reaped(self) -> None:
+        self._reaped.inc()
+
+    def cut(self, deadline: str) -> None:
+        self._cut(deadline).inc()
