@@ -179,6 +179,7 @@ PrivateTmp=no
 ReadWritePaths={d}
 Environment=NEBULA_CONFIG={d}/none.toml NEBULA_ENGINE_VLLM_VENV={d}/venv NEBULA_NODE_RUN_DIR={d}/run
 Environment=NEBULA_ENGINE_HEALTH_INTERVAL_S=0.5 NEBULA_ENGINE_HEALTH_TIMEOUT_S=1
+Environment=NEBULA_ENGINE_ALLOWED_ENGINE_ARGS=--fake-load-s,--fake-hang-marker PYTHONPATH={REPO_ROOT}
 Environment=NEBULA_ENGINE_STOP_TIMEOUT_S=5
 TimeoutStartSec=20
 TimeoutStopSec=10

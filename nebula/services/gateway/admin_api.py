@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from nebula.core import keys
+from nebula.core.engine_args import check_engine_request
 from nebula.core.model import ModelSpec, dumps, loads, validate_name
 from nebula.services.gateway import pulls_api
 from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
@@ -35,6 +36,8 @@ def _name(request: web.Request) -> str:
 async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     spec = ModelSpec.from_dict(await _read_json(request))
+    check_engine_request(spec.engine_args, spec.trust_remote_code, st.engine.allowed_engine_args,
+                         st.engine.allow_trust_remote_code)  # 400 naming the flag and the config key
     await _check_fleet_has_gpus(st, spec)
     key = keys.model_key(spec.name)
     for _ in range(CAS_ATTEMPTS):

@@ -16,7 +16,7 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.adapters.watching import mirror_prefix
 from nebula.core import keys
-from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
+from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
@@ -52,7 +52,8 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
-                      clock: Clock = time.monotonic, tracing: TracingConfig | None = None) -> web.Application:
+                      clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
+                      engine: EngineConfig | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -63,7 +64,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock)
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
-                         upstream=UpstreamPool(cfg.connect_timeout_s), session=http_session)
+                         upstream=UpstreamPool(cfg.connect_timeout_s), session=http_session,
+                         engine=engine or EngineConfig())
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -124,7 +126,7 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
                  + read_digest_file(cfg.gateway.admin_key_digest_file))
-    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
+    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine)
     tls = server_ssl_context(gw)
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
                                 site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port))
