@@ -3,6 +3,7 @@ plane's only hop: it picks a READY replica itself and forwards to its engine (fo
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from nebula.core import keys
 from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
+from nebula.errors import ConfigError
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import admit_by_key, dataplane_router
@@ -119,13 +121,38 @@ def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.S
                     admit=admit_by_key(state.auth))
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or '' (every interface): it may resolve to anything
+
+
+def with_bootstrap_key(cfg: GatewayConfig) -> GatewayConfig:
+    """`cfg` with the bootstrap admin key's digest (read from admin_key_digest_file) among its admin keys.
+
+    Raises ConfigError (one line naming the fix) for a gateway that would be open beyond loopback: with no
+    admin key in the config or the digest file it answers anyone until a key is stored in etcd, and again
+    whenever none is. Stored keys do not count: the gateway knows them only after its first listing, and
+    revoking the last would reopen it; the package always has the digest file, and `nebula up` makes it.
+    """
+    gw = replace(cfg, admin_key_hashes=cfg.admin_key_hashes + read_digest_file(cfg.admin_key_digest_file))
+    if not gw.admin_key_hashes and not _is_loopback(gw.host):
+        where = gw.admin_key_digest_file or "gateway.admin_key_digest_file"
+        raise ConfigError("gateway.host", f"gateway.host is {gw.host!r} (beyond loopback) but no admin key is "
+                          f"configured: create the bootstrap admin key (`nebula up` makes it; digest in {where}) "
+                          "or set gateway.admin_key_hashes, or bind gateway.host to 127.0.0.1")
+    return gw
+
+
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
                         notifier: Notifier, shared_port: bool = False) -> None:
     """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `shared_port`
     for a worker among several (SO_REUSEPORT)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
-    gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
-                 + read_digest_file(cfg.gateway.admin_key_digest_file))
+    gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine)
     tls = server_ssl_context(gw)
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
