@@ -162,7 +162,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         from nebula.cli import up
 
         return {"up": up.up, "down": up.down, "supervise": up.supervise_cmd}[cmd](cfg, env)
-    client = AdminClient(gateway_url(cfg, env), admin_key(env))
+    client = AdminClient(gateway_url(cfg, env), admin_key(env, cfg.gateway.admin_key_file))
     if cmd == "pull":
         return pull_command(client, args)
     if cmd == "keys":

@@ -55,6 +55,10 @@ class GatewayConfig:
     admin_key_digest_file: str = _f(
         "/etc/nebula/admin.key.sha256", "File with the SHA-256 digest of the bootstrap admin key (written at install; "
         "the key itself is root's, in /etc/nebula/admin.key). A missing file adds no key.")
+    admin_key_file: str = _f(
+        "/etc/nebula/admin.key", "The bootstrap admin key itself (0600, root's): the CLI sends it unless "
+        "NEBULA_ADMIN_KEY or NEBULA_ADMIN_KEY_FILE says otherwise, and `nebula up` creates it with "
+        "admin_key_digest_file when neither exists. The gateway never reads it. Empty: no bootstrap key.")
     tls_cert_file: str = _f("", "PEM certificate (chain) to serve HTTPS with (with tls_key_file). Empty: plain HTTP.")
     tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
     upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")

@@ -98,6 +98,10 @@ lease_ttl_s = 5
 
 [gateway]
 port = {self.ports['gateway']}
+# The bootstrap key's files follow the config (none here: the test gateway stays open on loopback), so a
+# host's /etc/nebula/admin.key.sha256 never closes it.
+admin_key_file = "{self.workdir / 'admin.key'}"
+admin_key_digest_file = "{self.workdir / 'admin.key.sha256'}"
 
 [scheduler]
 port = {self.ports['scheduler']}
