@@ -153,7 +153,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         return logs(lambda: load_config(env, args.config),
                     LogQuery(target=args.target, follow=args.follow, lines=args.lines, since=args.since,
                              node=args.node, directory=REMOTE_DIR if args.remote else args.directory))
-    cfg = load_config(env, args.config)
+    cfg = load_config(env, args.config, skip_unreadable=cmd == "engine")
     if args.config:
         env["NEBULA_CONFIG"] = args.config  # children (supervise, engines) read the same file
     if cmd in SERVICES or cmd == "engine":

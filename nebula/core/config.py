@@ -169,6 +169,10 @@ class EngineConfig:
     allow_trust_remote_code: bool = _f(False, "Whether a model's spec may set trust_remote_code (vLLM's "
                                        "--trust-remote-code: the engine runs Python shipped with the model). "
                                        "Checked by the admin API, the agent and the engine.")
+    user: str = _f("nebula-engine", "Process back-end only, when the agent runs as root: the user engines run as, "
+                   "which must exist and must not be able to read the control plane's credentials. Empty: the "
+                   "agent's own user. Under systemd the unit's User= decides (nebula-engine).")
+
 
 @dataclass(frozen=True)
 class TracingConfig:

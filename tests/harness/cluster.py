@@ -120,6 +120,8 @@ cache_dir = "{self.workdir / ('cache' if index == 0 else f'cache-{node}')}"
 resync_s = {self.node_resync_s}
 
 [engine]
+# Engines as the test's own user: its files (workdir, models) are not another user's to read.
+user = ""
 vllm_venv = "{self.vllm_venv}"
 vllm_device = "cpu"
 default_max_model_len = 512
