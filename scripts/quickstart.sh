@@ -6,8 +6,10 @@
 # It installs etcd and the control plane (/opt/nebula/venv, `nebula` on PATH), the vLLM engine runtime
 # (/opt/nebula/engines/vllm), builds a tiny chat model locally (no model hub needed), writes
 # /etc/nebula/nebula.toml if there is none, brings Nebula up (`nebula up`: systemd units where systemd is
-# PID 1, supervised child processes elsewhere), loads the model through the admin API (desired state in
-# etcd -> scheduler -> node agent -> engine) and waits until it answers. Rerunning it is safe and quick.
+# PID 1, supervised child processes elsewhere; it also makes the bootstrap admin key, /etc/nebula/admin.key
+# and its digest, if there is none, so the admin API is closed from the start), loads the model through the
+# admin API (desired state in etcd -> scheduler -> node agent -> engine) and waits until it answers.
+# Rerunning it is safe and quick; an existing key is kept.
 #
 # Environment: NEBULA_MODEL_NAME (default tiny), NEBULA_MODEL_SOURCE (a model directory to serve instead
 # of the tiny one), NEBULA_PREFIX (default /opt/nebula).
@@ -84,6 +86,10 @@ vllm_venv = "$prefix/engines/vllm"
 EOF
 nebula config check
 
+# Engines run as their own user, which cannot read the control plane's credentials (docs/security.md).
+getent passwd nebula-engine >/dev/null || useradd --system --user-group --home-dir /var/lib/nebula-engine \
+    --no-create-home --shell /usr/sbin/nologin nebula-engine
+
 if [[ -d /run/systemd/system ]]; then
     step "systemd units"
     getent passwd nebula >/dev/null || useradd --system --home-dir /var/lib/nebula --shell /usr/sbin/nologin nebula
@@ -95,17 +101,21 @@ if [[ -d /run/systemd/system ]]; then
     systemctl enable nebula.target nebula-gateway nebula-scheduler nebula-node
 fi
 
-step "nebula up"
+step "nebula up (and the bootstrap admin key)"
 nebula up
+[[ -s /etc/nebula/admin.key ]] || { echo "quickstart: no /etc/nebula/admin.key after nebula up" >&2; exit 1; }
 
 step "load $name from $source_dir"
 nebula load "$name" --source "$source_dir" --max-model-len 512 --wait 900
 
 cat <<EOF
 
-Nebula is up and serving '$name' ($((SECONDS - t0)) s). Try:
+Nebula is up and serving '$name' ($((SECONDS - t0)) s). Every request needs a key: the admin key is
+/etc/nebula/admin.key (root's; the nebula CLI sends it). Make an inference key for clients and try it:
 
-  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+  KEY=\$(nebula keys create quickstart)
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer \$KEY" \\
+       -H 'Content-Type: application/json' \\
        -d '{"model": "$name", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
 
   nebula list              # models, replicas, phases, nodes

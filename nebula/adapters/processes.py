@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -59,16 +60,19 @@ class ProcessEngineUnits:
     """`EngineUnits` backed by child processes of the agent."""
 
     def __init__(self, argv: Sequence[str], run_dir: Path, log_dir: Path, env: Mapping[str, str], *,
-                 stop_timeout_s: float = 40.0) -> None:
+                 stop_timeout_s: float = 40.0, user: str = "", home: Path | None = None) -> None:
         """`argv` is the prefix that runs Nebula, e.g. [sys.executable, "-m", "nebula"].
 
         `stop_timeout_s` bounds SIGTERM -> exit before SIGKILL; keep it above the supervisor's own
-        engine.stop_timeout_s so the supervisor gets to drain vLLM first.
+        engine.stop_timeout_s so the supervisor gets to drain vLLM first. `user` (the agent being root):
+        engines run as that user, with no supplementary groups, `home` as their HOME, and from `/`.
         """
         self._argv = list(argv)
         self._pid_dir = run_dir / "pids"
         self._log_dir = log_dir
-        self._env = dict(env)
+        self._env = engine_env(env)
+        self._user = user
+        self._home = home
         self._stop_timeout_s = stop_timeout_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
@@ -94,7 +98,8 @@ class ProcessEngineUnits:
         self._pid_dir.mkdir(parents=True, exist_ok=True)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._exit_path(instance).unlink(missing_ok=True)
-        child = _spawn([*self._argv, "engine", "run", instance], self._log_dir / f"{instance}.log", self._env)
+        child = _spawn([*self._argv, "engine", "run", instance], self._log_dir / f"{instance}.log", self._env,
+                       self._as_user())
         start_time = process_start_time(child.pid)
         self._children[instance] = child
         self._write_pid(instance, PidRecord(child.pid, start_time if start_time is not None else -1))
@@ -135,6 +140,20 @@ class ProcessEngineUnits:
                 await task
 
     # -- helpers -------------------------------------------------------------------------------------
+
+    def _as_user(self) -> _User | None:
+        if not self._user:
+            return None
+        try:
+            pw = pwd.getpwnam(self._user)
+        except KeyError:
+            raise PermanentError(f"engine.user '{self._user}' does not exist: create it (useradd --system "
+                                 f"--user-group {self._user}) or set [engine] user = \"\" to run engines as the "
+                                 "agent's user") from None
+        home = self._home or Path(pw.pw_dir)
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, pw.pw_uid, pw.pw_gid)  # its caches (vLLM, torch, Hugging Face) go here
+        return _User(pw.pw_uid, pw.pw_gid, str(home))
 
     async def wait_stopped(self, instance: str) -> None:
         """Wait for a stop queued by stop() to finish (tests, orderly shutdown)."""
@@ -264,11 +283,36 @@ def _tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> list[str]:
     return [line for line in data.decode(errors="replace").splitlines() if line.strip()][-lines:]
 
 
-def _spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True)
+class _User:
+    uid: int
+    gid: int
+    home: str
+
+
+# What the agent may hold in its environment and an engine must not see: the etcd settings (password), the
+# bootstrap key, hub tokens (downloads are the agent's).
+_SECRET_ENV_PREFIXES = ("NEBULA_CLUSTER_", "NEBULA_ADMIN_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                        "MODELSCOPE_API_TOKEN")
+
+
+def engine_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment less what engines must not see."""
+    return {k: v for k, v in env.items() if not k.startswith(_SECRET_ENV_PREFIXES)}
+
+
+def _spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str],
+           user: _User | None = None) -> subprocess.Popen[bytes]:
     try:
+        # Opened here, by the agent: an engine under another user writes to it without owning it.
         with log_path.open("ab") as log:
+            if user is None:
+                return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        env=dict(env), start_new_session=True)
             return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=dict(env), start_new_session=True)
+                                    env={**env, "HOME": user.home, "XDG_CACHE_HOME": f"{user.home}/.cache"},
+                                    start_new_session=True, cwd="/", user=user.uid, group=user.gid,
+                                    extra_groups=[])
     except OSError as e:
         raise PermanentError(f"cannot start {argv[0]}: {e}") from e
 

@@ -57,13 +57,26 @@ def gateway_url(cfg: NebulaConfig, env: Mapping[str, str]) -> str:
     return f"{scheme}://{host}:{cfg.gateway.port}"
 
 
-def admin_key(env: Mapping[str, str]) -> str | None:
+def admin_key(env: Mapping[str, str], key_file: str = ADMIN_KEY_FILE) -> str | None:
+    """NEBULA_ADMIN_KEY, else the file NEBULA_ADMIN_KEY_FILE names, else `key_file` (gateway.admin_key_file)."""
     if env.get("NEBULA_ADMIN_KEY"):
         return env["NEBULA_ADMIN_KEY"]
-    path = Path(env.get("NEBULA_ADMIN_KEY_FILE", ADMIN_KEY_FILE))
+    path = Path(env.get("NEBULA_ADMIN_KEY_FILE") or key_file)
+    if not str(path) or str(path) == ".":
+        return None
     try:
         return path.read_text().strip() or None
     except OSError:
+        return None
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects with every header of the request, Authorization included, to whatever host the
+    answer names: the admin key would go to another origin. Nebula's API never redirects, so none is followed
+    (the 3xx then arrives as an HTTPError)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
         return None
 
 
@@ -72,6 +85,7 @@ class AdminClient:
         self.base = base_url
         self.key = key
         self.timeout = timeout_s
+        self._opener = urllib.request.build_opener(_RefuseRedirects())
 
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -80,9 +94,13 @@ class AdminClient:
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                raise CliError(f"the gateway at {self.base} redirected to {e.headers.get('Location', '?')} (HTTP "
+                               f"{e.code}); Nebula's API never redirects, so the key was not sent there: point "
+                               "NEBULA_URL at the gateway itself", EXIT_USAGE) from None
             raise CliError(_error_message(e), http_exit_code(e.code)) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -98,5 +116,5 @@ def _error_message(e: urllib.error.HTTPError) -> str:
     except (ValueError, KeyError, TypeError):
         msg = e.reason
     if e.code in (401, 403):
-        msg += " (set NEBULA_ADMIN_KEY or make /etc/nebula/admin.key readable)"
+        msg += " (set NEBULA_ADMIN_KEY, or make gateway.admin_key_file, default /etc/nebula/admin.key, readable)"
     return f"{msg} (HTTP {e.code})"

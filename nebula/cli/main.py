@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--max-model-len", type=int)
     ld.add_argument("--engine-arg", action="append", default=[], dest="engine_args",
                     help="extra `vllm serve` argument (repeatable), e.g. --engine-arg=--dtype=float32")
+    ld.add_argument("--trust-remote-code", action="store_true",
+                    help="run Python code shipped with the model (the cluster must allow it: "
+                    "[engine] allow_trust_remote_code)")
     ld.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until a replica is ready")
     ld.add_argument("--json", action="store_true")
     sc = sub.add_parser("scale", help="change a model's replica count (removed replicas drain)")
@@ -150,7 +153,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         return logs(lambda: load_config(env, args.config),
                     LogQuery(target=args.target, follow=args.follow, lines=args.lines, since=args.since,
                              node=args.node, directory=REMOTE_DIR if args.remote else args.directory))
-    cfg = load_config(env, args.config)
+    cfg = load_config(env, args.config, skip_unreadable=cmd == "engine")
     if args.config:
         env["NEBULA_CONFIG"] = args.config  # children (supervise, engines) read the same file
     if cmd in SERVICES or cmd == "engine":
@@ -159,7 +162,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         from nebula.cli import up
 
         return {"up": up.up, "down": up.down, "supervise": up.supervise_cmd}[cmd](cfg, env)
-    client = AdminClient(gateway_url(cfg, env), admin_key(env))
+    client = AdminClient(gateway_url(cfg, env), admin_key(env, cfg.gateway.admin_key_file))
     if cmd == "pull":
         return pull_command(client, args)
     if cmd == "keys":
@@ -173,6 +176,8 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
                                 "replicas": args.replicas, "engine_args": args.engine_args}
         if args.max_model_len:
             spec["max_model_len"] = args.max_model_len
+        if args.trust_remote_code:
+            spec["trust_remote_code"] = True
         return m.load(client, spec, wait_s=args.wait, as_json=args.json, out=sys.stdout)
     if cmd == "unload":
         return m.unload(client, args.name, as_json=args.json)

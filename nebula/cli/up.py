@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from nebula.cli.bootstrap_key import ensure_admin_key
 from nebula.cli.client import CliError, gateway_url
 from nebula.core.config import NebulaConfig
 from nebula.services.launcher import pid_alive, supervise
@@ -44,6 +45,10 @@ def _gateway_healthy(url: str) -> bool:
 
 def up(cfg: NebulaConfig, env: dict[str, str]) -> int:
     url = gateway_url(cfg, env)
+    # Before the gateway starts: it reads the digest once, at start, and a gateway without it is open.
+    made = ensure_admin_key(cfg.gateway)
+    if made:
+        print(f"{made}; a gateway already running takes it at its next restart")
     if _systemd():
         subprocess.run(["systemctl", "start", "nebula.target"], check=True)
     elif (pid := _running_pid(cfg)) is not None:

@@ -8,15 +8,14 @@ the file and passes its text and the environment; errors name the source, key an
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nebula.core.config_values import coerce, from_env, show_key
+from nebula.core.engine_args import DEFAULT_ALLOWED_ENGINE_ARGS, flag_name, never_allowed
 from nebula.errors import ConfigError, ValidationError
 
 ENV_PREFIX = "NEBULA_"
@@ -56,6 +55,10 @@ class GatewayConfig:
     admin_key_digest_file: str = _f(
         "/etc/nebula/admin.key.sha256", "File with the SHA-256 digest of the bootstrap admin key (written at install; "
         "the key itself is root's, in /etc/nebula/admin.key). A missing file adds no key.")
+    admin_key_file: str = _f(
+        "/etc/nebula/admin.key", "The bootstrap admin key itself (0600, root's): the CLI sends it unless "
+        "NEBULA_ADMIN_KEY or NEBULA_ADMIN_KEY_FILE says otherwise, and `nebula up` creates it with "
+        "admin_key_digest_file when neither exists. The gateway never reads it. Empty: no bootstrap key.")
     tls_cert_file: str = _f("", "PEM certificate (chain) to serve HTTPS with (with tls_key_file). Empty: plain HTTP.")
     tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
     upstream_timeout_s: float = _f(600.0, "Longest time one inference request may take end to end.")
@@ -172,7 +175,19 @@ class EngineConfig:
         "cores, where a busy engine's spinning threads starve a starting one (seen: a start stalled for minutes); "
         "'nobind' leaves placement to the kernel. Use 'auto' or explicit lists only with one engine per node.")
     default_max_model_len: int = _f(2048, "max_model_len for models that do not set one (0: the model's own).")
-    extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line.")
+    extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line (the operator's own: "
+                                     "not checked against allowed_engine_args).")
+    allowed_engine_args: tuple[str, ...] = _f(
+        DEFAULT_ALLOWED_ENGINE_ARGS, "`vllm serve` flags a model's engine_args may use (as `--flag value` or "
+        "`--flag=value`); the admin API refuses others (400) and agents and engines check again before a start. "
+        "Extend it on every gateway and node. --host, --port, --uds, --served-model-name, --middleware, "
+        "--allowed-local-media-path, --trust-remote-code, --api-key, --config and --model can never be allowed.")
+    allow_trust_remote_code: bool = _f(False, "Whether a model's spec may set trust_remote_code (vLLM's "
+                                       "--trust-remote-code: the engine runs Python shipped with the model). "
+                                       "Checked by the admin API, the agent and the engine.")
+    user: str = _f("nebula-engine", "Process back-end only, when the agent runs as root: the user engines run as, "
+                   "which must exist and must not be able to read the control plane's credentials. Empty: the "
+                   "agent's own user. Under systemd the unit's User= decides (nebula-engine).")
 
 
 @dataclass(frozen=True)
@@ -204,77 +219,6 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(NebulaConfig)}
 
 
-def _key(key: object) -> str:
-    """A key as written in TOML when it is a plain one, else quoted (TOML allows any string as a key)."""
-    return key if isinstance(key, str) and key.isprintable() and key and len(key) <= 60 else _show(key)
-
-
-def _show(value: object) -> str:
-    """A value or key for a one-line message: repr'd (so a newline shows as \\n) and cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValidationError(where, f"must be true or false, got {_show(value)}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValidationError(where, f"must be an integer, got {_show(value)}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an integer beyond any float
-                number = math.inf
-            if math.isfinite(number):
-                return number
-            raise ValidationError(where, f"must be a finite number, got {_show(value)}")
-        raise ValidationError(where, f"must be a number, got {_show(value)}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ValidationError(where, f"must be a string, got {_show(value)}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValidationError(where, f"must be a list, got {_show(value)}")
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type at {where}")
-    raise TypeError(f"unsupported config type {hint!r} at {where}")
-
-
-def _from_env(raw: str, hint: Any, where: str) -> Any:
-    """Env values are strings: parse them by the field's type (lists as JSON or comma-separated)."""
-    if hint is str:
-        return raw
-    if hint is bool:
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValidationError(where, f"must be true or false, got {_show(raw)}")
-    if typing.get_origin(hint) is tuple:
-        text = raw.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except (ValueError, RecursionError):
-                raise ValidationError(where, f"is not a valid JSON list: {_show(raw)}") from None
-        return [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        kind = "an integer" if hint is int else "a number"
-        raise ValidationError(where, f"must be {kind}, got {_show(raw)}") from None
-
-
 def _validate(cfg: NebulaConfig) -> None:
     for section, name in (("gateway", "port"), ("scheduler", "port"), ("node", "port")):
         port = getattr(getattr(cfg, section), name)
@@ -301,6 +245,10 @@ def _validate(cfg: NebulaConfig) -> None:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValidationError("gateway.admin_key_hashes", "entries must be lowercase SHA-256 hex digests")
     _validate_security(cfg)
+    for i, arg in enumerate(cfg.engine.allowed_engine_args):
+        if (flag := flag_name(arg)) is None or flag != arg or never_allowed(flag):
+            raise ValidationError(f"engine.allowed_engine_args[{i}]", f"{arg!r}: list flags as vLLM spells them "
+                                  "(--max-num-seqs); --host, --port and the like can never be allowed")
     if cfg.cluster.lease_ttl_s < 2:
         raise ValidationError("cluster.lease_ttl_s", "must be at least 2 seconds")
     if cfg.gateway.max_attempts < 1:
@@ -364,7 +312,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
                 raise ValidationError(key, "the router service is retired: routing moved into the gateway; move "
                                       "these keys (not host, port) into [gateway] and drop [gateway] router_url")
             if key not in sections:
-                raise ValidationError(_key(key), f"unknown section (known: {', '.join(sections)})")
+                raise ValidationError(show_key(key), f"unknown section (known: {', '.join(sections)})")
         for sname, stype in sections.items():
             raw = data.get(sname, {})
             if not isinstance(raw, Mapping):
@@ -373,16 +321,17 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str], source: str = 
             names = {f.name for f in dataclasses.fields(stype)}
             for key in raw:
                 if key not in names:
-                    raise ValidationError(f"{sname}.{_key(key)}", f"unknown key (known: {', '.join(sorted(names))})")
+                    raise ValidationError(f"{sname}.{show_key(key)}",
+                                          f"unknown key (known: {', '.join(sorted(names))})")
             values: dict[str, Any] = {}
             for fname in names:
                 where = f"{sname}.{fname}"
                 env_name = f"{ENV_PREFIX}{sname}_{fname}".upper()
                 if env_name in env:
-                    values[fname] = _coerce(_from_env(env[env_name], hints[fname], env_name), hints[fname],
+                    values[fname] = coerce(from_env(env[env_name], hints[fname], env_name), hints[fname],
                                             env_name)
                 elif fname in raw:
-                    values[fname] = _coerce(raw[fname], hints[fname], where)
+                    values[fname] = coerce(raw[fname], hints[fname], where)
             built[sname] = stype(**values)
         cfg = NebulaConfig(**built)
         _validate(cfg)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nebula.core.config import EngineConfig
+from nebula.core.engine_args import check_engine_request
 from nebula.core.model import Gpu, Task, expect_field, validate_name
 from nebula.errors import ValidationError
 
@@ -32,6 +33,7 @@ class EngineSpec:
     gpu_indices: tuple[int, ...] = ()
     gpu_memory_utilization: float = 0.0
     """vLLM's --gpu-memory-utilization: the replica's share of each of its GPUs (0: vLLM's default, 0.9)."""
+    trust_remote_code: bool = False
 
     @staticmethod
     def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
@@ -58,6 +60,7 @@ class EngineSpec:
                 engine_args=tuple(args),
                 gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])),
                 gpu_memory_utilization=float(expect_field(obj, "gpu_memory_utilization", (int, float), 0.0)),
+                trust_remote_code=expect_field(obj, "trust_remote_code", bool, False),
             )
         except ValidationError as e:
             raise ValidationError(e.field, f"{source_name}: {e}") from None
@@ -76,7 +79,7 @@ class EngineSpec:
         return {"instance": self.instance, "model": self.model, "source": self.source, "port": self.port,
                 "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
                 "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices),
-                "gpu_memory_utilization": self.gpu_memory_utilization}
+                "gpu_memory_utilization": self.gpu_memory_utilization, "trust_remote_code": self.trust_remote_code}
 
     @property
     def endpoint(self) -> str:
@@ -86,7 +89,8 @@ class EngineSpec:
 def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoint: str = ""
                  ) -> tuple[list[str], dict[str, str]]:
     """The `vllm serve` argv and the environment it adds, for `spec` under `cfg`; `otlp_endpoint` (OTLP/HTTP)
-    turns on vLLM's request spans, parented by the traceparent header the gateway forwards."""
+    turns on vLLM's request spans, parented by the traceparent header the gateway forwards. The caller has
+    checked the spec against cfg (check_engine_spec): engine_args come last, after Nebula's own flags."""
     argv = [f"{cfg.vllm_venv}/bin/vllm", "serve", spec.source,
             "--served-model-name", spec.model,
             "--host", spec.host, "--port", str(spec.port),
@@ -105,6 +109,8 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         argv += ["--enforce-eager"]
     if otlp_endpoint:
         argv += ["--otlp-traces-endpoint", otlp_endpoint]
+    if spec.trust_remote_code:
+        argv += ["--trust-remote-code"]
     argv += list(cfg.extra_args) + list(spec.engine_args)
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     if otlp_endpoint:
@@ -116,6 +122,12 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     elif spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     return argv, env
+
+
+def check_engine_spec(spec: EngineSpec, cfg: EngineConfig) -> None:
+    """ValidationError when `spec` asks for flags or remote code that `cfg` does not allow (engine_args.py)."""
+    check_engine_request(spec.engine_args, spec.trust_remote_code, cfg.allowed_engine_args,
+                         cfg.allow_trust_remote_code)
 
 
 def gpu_memory_share(need_mib: int, gpus: Sequence[Gpu], indices: Sequence[int]) -> float:

@@ -140,6 +140,8 @@ class ModelSpec:
     max_model_len: int | None = None
     revision: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    """vLLM's --trust-remote-code, never an engine_arg: only where [engine] allow_trust_remote_code permits it."""
 
     @staticmethod
     def from_dict(obj: object) -> ModelSpec:
@@ -175,9 +177,10 @@ class ModelSpec:
         revision = expect_field(obj, "revision", str, None)
         parse_source(source, revision)
         labels = expect_str_map(obj, "labels")
+        trust_remote_code: bool = expect_field(obj, "trust_remote_code", bool, False)
         return ModelSpec(name=name, source=source, task=task, replicas=replicas, gpus_per_replica=gpus,
                          gpu_memory_mib=mem, engine=engine, engine_args=tuple(args), max_model_len=max_len,
-                         revision=revision, labels=dict(labels))
+                         revision=revision, labels=dict(labels), trust_remote_code=trust_remote_code)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

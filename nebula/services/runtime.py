@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,8 +32,13 @@ def config_path(env: Mapping[str, str], explicit: str | None = None) -> Path:
     return Path(explicit or env.get("NEBULA_CONFIG", DEFAULT_CONFIG))
 
 
-def load_config(env: Mapping[str, str], explicit: str | None = None) -> NebulaConfig:
-    """The main file (absent: defaults), then `nebula.d/*.toml` drop-ins in name order, then NEBULA_* env."""
+def load_config(env: Mapping[str, str], explicit: str | None = None, *,
+                skip_unreadable: bool = False) -> NebulaConfig:
+    """The main file (absent: defaults), then `nebula.d/*.toml` drop-ins in name order, then NEBULA_* env.
+
+    `skip_unreadable` is for engines, which run as their own user: a file they may not read (a drop-in with
+    the etcd password, 0640 root:nebula) is none of their business, and is skipped with a line on stderr.
+    """
     import tomllib
 
     path = config_path(env, explicit)
@@ -50,6 +56,10 @@ def load_config(env: Mapping[str, str], explicit: str | None = None) -> NebulaCo
             data = merge_tables(data, tomllib.loads(f.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("", f"{f}: not valid TOML: {e}") from None
+        except PermissionError:
+            if not skip_unreadable:
+                raise ConfigError("", f"{f}: cannot read: permission denied") from None
+            print(f"nebula: {f}: not readable by this user; its settings do not apply here", file=sys.stderr)
         except OSError as e:
             raise ConfigError("", f"{f}: cannot read: {e.strerror}") from None
     return parse_config(data, env, str(path))

@@ -98,6 +98,10 @@ lease_ttl_s = 5
 
 [gateway]
 port = {self.ports['gateway']}
+# The bootstrap key's files follow the config (none here: the test gateway stays open on loopback), so a
+# host's /etc/nebula/admin.key.sha256 never closes it.
+admin_key_file = "{self.workdir / 'admin.key'}"
+admin_key_digest_file = "{self.workdir / 'admin.key.sha256'}"
 
 [scheduler]
 port = {self.ports['scheduler']}
@@ -116,6 +120,8 @@ cache_dir = "{self.workdir / ('cache' if index == 0 else f'cache-{node}')}"
 resync_s = {self.node_resync_s}
 
 [engine]
+# Engines as the test's own user: its files (workdir, models) are not another user's to read.
+user = ""
 vllm_venv = "{self.vllm_venv}"
 vllm_device = "cpu"
 default_max_model_len = 512

@@ -289,11 +289,11 @@ def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None
 @pytest.mark.engine
 def test_hand_run_engine_serves_a_model_with_no_control_plane(package: Package, box: Box) -> None:
     """`systemctl start nebula-engine@tiny` on a box with only the package and /etc/nebula/engines/tiny.toml:
-    real vLLM starts as User=nebula under the shipped hardening, answers chat, logs to its unit's journal."""
+    real vLLM starts as User=nebula-engine under the shipped hardening, answers chat, logs to its unit's journal."""
     venv, models = required_path("NEBULA_TEST_VLLM_VENV"), required_path("NEBULA_TEST_MODELS")
     box.sh("rm -rf /opt/nebula/venv /usr/bin/nebula /usr/local/bin/nebula /etc/nebula /var/lib/nebula "
            "/var/cache/nebula /run/nebula /etc/systemd/system/nebula* /usr/sbin/policy-rc.d; "
-           "if getent passwd nebula >/dev/null; then userdel nebula; fi")
+           "for u in nebula nebula-engine; do if getent passwd $u >/dev/null; then userdel $u; fi; done")
     debs = box.sb.scratch / "debs"
     debs.mkdir(exist_ok=True)
     shutil.copy2(package.deb, debs / package.deb.name)
@@ -310,7 +310,7 @@ def test_hand_run_engine_serves_a_model_with_no_control_plane(package: Package, 
         assert time.monotonic() < deadline, f"engine not ready in 420 s:\n{box.logs()}"
         time.sleep(2)
     status = box.sb.show("nebula-engine@tiny.service", "StatusText", "User")
-    assert status["User"] == "nebula", status
+    assert status["User"] == "nebula-engine", status
     assert box.state("nebula-gateway.service")[0] == "inactive"  # no control plane involved
     code, answer = post_json(f"http://127.0.0.1:{port}/v1/chat/completions",
                              {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

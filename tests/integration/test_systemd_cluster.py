@@ -85,8 +85,8 @@ default_max_model_len = 512
                      timeout=600)
         (root / "usr/bin/nebula").unlink(missing_ok=True)
         (root / "usr/bin/nebula").symlink_to(TEST_VENV / "bin" / "nebula")
-        sandbox.exec(["sh", "-c", "getent passwd nebula >/dev/null || useradd --system --home-dir "
-                      "/var/lib/nebula --shell /usr/sbin/nologin nebula"])
+        # The package's users: nebula (control plane) and nebula-engine (engines).
+        sandbox.exec(["systemd-sysusers", str(REPO_ROOT / "packaging/sysusers.d/nebula.conf")])
         polkit = root / "etc/polkit-1/rules.d"
         polkit.mkdir(parents=True, exist_ok=True)
         (polkit / "50-nebula.rules").write_text((REPO_ROOT / "packaging/polkit/50-nebula.rules").read_text())
@@ -117,6 +117,7 @@ def test_units_load_chat_restart_control_plane_unload(unit_cluster: UnitCluster)
     wait_until(ready, 420, "tiny ready under systemd", None, interval_s=1.0)
     before = c.engine()
     assert before["ActiveState"] == "active" and before["NRestarts"] == "0"
+    assert c.sandbox.show("nebula-engine@tiny.service", "User")["User"] == "nebula-engine"
 
     client = openai.OpenAI(base_url=c.gateway_url + "/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)

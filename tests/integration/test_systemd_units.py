@@ -32,6 +32,7 @@ VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 # A stand-in for `vllm serve`: sleeps --fake-load-s ("loading the model"), then answers GET /health.
 # With --fake-hang-marker FILE present, the next request hangs forever (TCP accepted, no answer), once.
+# --fake-read FILE / --fake-write FILE (repeatable): try to, and print what happened.
 FAKE_VLLM = """\
 import os, signal, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -39,6 +40,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 args = sys.argv[1:]
 def opt(name, default=None):
     return args[args.index(name) + 1] if name in args else default
+
+for flag, mode in (("--fake-read", "r"), ("--fake-write", "a")):
+    for path in [args[i + 1] for i, a in enumerate(args) if a == flag]:
+        try:
+            open(path, mode).close()
+            print(f"fake {flag[7:]} {path}: ok", flush=True)
+        except OSError as e:
+            print(f"fake {flag[7:]} {path}: {type(e).__name__}", flush=True)
 
 host, port = opt("--host", "127.0.0.1"), int(opt("--port"))
 marker = opt("--fake-hang-marker")
@@ -97,7 +106,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("unit", "threshold"), [*((u, 2.0) for u in CONTROL_PLANE),
-                                                 ("nebula-engine@.service", 2.5)])
+                                                 ("nebula-engine@.service", 2.0)])
 def test_units_are_hardened(unit: str, threshold: float) -> None:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNITS / unit)],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -179,6 +188,8 @@ PrivateTmp=no
 ReadWritePaths={d}
 Environment=NEBULA_CONFIG={d}/none.toml NEBULA_ENGINE_VLLM_VENV={d}/venv NEBULA_NODE_RUN_DIR={d}/run
 Environment=NEBULA_ENGINE_HEALTH_INTERVAL_S=0.5 NEBULA_ENGINE_HEALTH_TIMEOUT_S=1
+Environment=NEBULA_ENGINE_ALLOWED_ENGINE_ARGS=--fake-load-s,--fake-hang-marker,--fake-read,--fake-write
+Environment=PYTHONPATH={REPO_ROOT}
 Environment=NEBULA_ENGINE_STOP_TIMEOUT_S=5
 TimeoutStartSec=20
 TimeoutStopSec=10
@@ -287,3 +298,37 @@ async def test_missing_model_source_fails_without_a_restart_loop(
     assert any("does not exist" in str(r.get("MESSAGE", "")) for r in errors)
     await units.reset("delta")
     await wait_status(units, "delta", until="gone")
+
+
+@pytest.mark.systemd
+async def test_an_engine_cannot_read_the_control_plane_s_credentials(
+        rig: EngineRig, units: SystemdEngineUnits) -> None:
+    """The shipped unit's user (nebula-engine, from the package's sysusers.d) against the files only the control
+    plane may read: the admin key (0600 root) and an etcd password drop-in (0640 root:nebula). The engine still
+    reads its spec and model, starts (its supervisor skips the drop-in it may not read) and cannot change its
+    spec."""
+    sb = rig.sandbox
+    sb.exec(["systemd-sysusers", str(REPO_ROOT / "packaging/sysusers.d/nebula.conf")])
+    admin_key = "/etc/nebula/admin.key"
+    secret = rig.dir / "nebula.d" / "20-etcd.toml"  # beside the engines' config file ({dir}/none.toml)
+    sb.exec(["sh", "-c", f"mkdir -p /etc/nebula {secret.parent} && umask 077 && echo nbk_secret > {admin_key} && "
+             f"printf '[cluster]\\netcd_user = \"nebula\"\\netcd_password = \"s3cret\"\\n' > {secret} && "
+             f"chown root:nebula {secret} && chmod 0640 {secret}"])
+    try:
+        spec = rig.dir / "run" / "engines" / "eps.json"
+        port = rig.spec("eps", args=("--fake-read", admin_key, "--fake-read", str(secret),
+                                     "--fake-read", str(spec), "--fake-write", str(spec)))
+        # Undo the rig's test-only User=root for this instance: the unit's own user, as shipped.
+        rig.dropin("eps", "User=nebula-engine\nGroup=nebula-engine\n")
+        await units.start("eps")
+        await wait_status(units, "eps", until="active", sandbox=sb)
+        assert health_status(port) == 200
+        assert sb.show(engine_unit_name("eps"), "User")["User"] == "nebula-engine"
+        lines = {str(r.get("MESSAGE", "")) for r in sb.journal(engine_unit_name("eps"))}
+        assert {f"fake read {admin_key}: PermissionError", f"fake read {secret}: PermissionError",
+                f"fake read {spec}: ok", f"fake write {spec}: PermissionError"} <= lines, lines
+        await units.stop("eps")
+        await wait_status(units, "eps", until="gone")
+    finally:
+        sb.exec(["rm", "-f", admin_key, str(secret)], check=False)
+

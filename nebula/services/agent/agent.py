@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
+from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
 from nebula.core.phase import observe_phase
@@ -101,6 +102,12 @@ class NodeAgent:
         blocked: dict[str, str] = {}
         self._fetching = {}
         for inst, p in self.placements.items():
+            try:  # a placement in etcd may have been written by anything, not only the admin API
+                check_engine_request(p.model.engine_args, p.model.trust_remote_code,
+                                     self.cfg.engine.allowed_engine_args, self.cfg.engine.allow_trust_remote_code)
+            except ValidationError as e:
+                blocked[inst] = f"refused by this node: {e}"
+                continue
             res = self.sources.resolve(p.model.source, p.model.revision)
             if isinstance(res, Broken):
                 blocked[inst] = res.message
@@ -111,7 +118,7 @@ class NodeAgent:
             specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=res.path, port=p.port,
                                      host=self.cfg.node.engine_host, task=p.model.task,
                                      max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
-                                     gpu_indices=p.gpu_indices,
+                                     gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
                                                                              self.node.gpus, p.gpu_indices))
         return specs, blocked

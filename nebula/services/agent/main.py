@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,9 +43,13 @@ def make_units(cfg: NebulaConfig, env: Mapping[str, str]) -> EngineUnits:
 
 
 def process_units(cfg: NebulaConfig, env: Mapping[str, str]) -> ProcessEngineUnits:
-    """Engines as children in their own sessions, running `python -m nebula engine run <instance>`."""
+    """Engines as children in their own sessions, running `python -m nebula engine run <instance>`; as
+    engine.user where the agent is root (a user that cannot read the agent's credentials), else as the
+    agent's own user: a process without root cannot become another (docs/security.md)."""
+    user = cfg.engine.user if os.geteuid() == 0 else ""
     return ProcessEngineUnits([sys.executable, "-m", "nebula"], Path(cfg.node.run_dir),
-                              Path(cfg.node.state_dir) / "logs", env)
+                              Path(cfg.node.state_dir) / "logs", env, user=user,
+                              home=Path(cfg.node.state_dir) / "engine-home")
 
 
 def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...]) -> NodeRecord:

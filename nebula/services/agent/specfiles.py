@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,8 +31,13 @@ class SpecFiles:
 
     def write(self, spec: EngineSpec) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Engines run as another user (nebula-engine): they read their spec, whatever the agent's umask, and
+        # cannot change it (the agent owns the file and the directory).
+        with contextlib.suppress(PermissionError):  # a directory the agent does not own: leave it as it is
+            self.dir.chmod(0o755)
         tmp = self.path(spec.instance).with_suffix(".tmp")
         tmp.write_text(json.dumps(spec.to_dict(), indent=2))
+        tmp.chmod(0o644)
         os.replace(tmp, self.path(spec.instance))  # atomic: the engine never reads half a spec
 
     def remove(self, instance: str) -> None:

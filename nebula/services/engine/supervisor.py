@@ -24,7 +24,7 @@ import aiohttp
 
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig, NebulaConfig
-from nebula.core.engine_spec import EngineSpec, vllm_command
+from nebula.core.engine_spec import EngineSpec, check_engine_spec, vllm_command
 from nebula.errors import NebulaError, PermanentError
 
 DEFAULT_ETC_ENGINES = Path("/etc/nebula/engines")
@@ -238,6 +238,8 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
     try:
         try:
             spec = load_spec(instance, Path(cfg.node.run_dir), Path(cfg.engine.hand_specs_dir))
+            # Again here, not only at the admin API: the spec file may have been written by anything.
+            check_engine_spec(spec, cfg.engine)
         except NebulaError as e:
             log.error("cannot start engine: %s", e, extra=fields)
             notifier.notify(STATUS=f"bad spec: {e}")

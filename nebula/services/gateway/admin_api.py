@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from nebula.core import keys
+from nebula.core.engine_args import check_engine_request
 from nebula.core.model import ModelSpec, loads, validate_name
 from nebula.services.cluster.writes import Conflict, LoadOutcome
 from nebula.services.gateway import pulls_api
@@ -35,6 +36,8 @@ def _name(request: web.Request) -> str:
 async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     spec = ModelSpec.from_dict(await _read_json(request))
+    check_engine_request(spec.engine_args, spec.trust_remote_code, st.engine.allowed_engine_args,
+                         st.engine.allow_trust_remote_code)  # 400 naming the flag and the config key
     await _check_fleet_has_gpus(st, spec)
     try:
         outcome = await st.writes.load_model(spec)

@@ -3,6 +3,7 @@ plane's only hop: it picks a READY replica itself and forwards to its engine (fo
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +16,10 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
-from nebula.core.config import GatewayConfig, NebulaConfig, TracingConfig
+from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
+from nebula.errors import ConfigError
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
@@ -58,7 +60,8 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
-                      clock: Clock = time.monotonic, tracing: TracingConfig | None = None) -> web.Application:
+                      clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
+                      engine: EngineConfig | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -74,7 +77,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
-                         session=http_session)
+                         session=http_session, engine=engine or EngineConfig())
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -128,14 +131,39 @@ def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.S
     return site
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or '' (every interface): it may resolve to anything
+
+
+def with_bootstrap_key(cfg: GatewayConfig) -> GatewayConfig:
+    """`cfg` with the bootstrap admin key's digest (read from admin_key_digest_file) among its admin keys.
+
+    Raises ConfigError (one line naming the fix) for a gateway that would be open beyond loopback: with no
+    admin key in the config or the digest file it answers anyone until a key is stored in etcd, and again
+    whenever none is. Stored keys do not count: the gateway knows them only after its first listing, and
+    revoking the last would reopen it; the package always has the digest file, and `nebula up` makes it.
+    """
+    gw = replace(cfg, admin_key_hashes=cfg.admin_key_hashes + read_digest_file(cfg.admin_key_digest_file))
+    if not gw.admin_key_hashes and not _is_loopback(gw.host):
+        where = gw.admin_key_digest_file or "gateway.admin_key_digest_file"
+        raise ConfigError("gateway.host", f"gateway.host is {gw.host!r} (beyond loopback) but no admin key is "
+                          f"configured: create the bootstrap admin key (`nebula up` makes it; digest in {where}) "
+                          "or set gateway.admin_key_hashes, or bind gateway.host to 127.0.0.1")
+    return gw
+
+
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
                         notifier: Notifier, shared_port: bool = False) -> None:
     """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `shared_port`
     for a worker among several (SO_REUSEPORT)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
-    gw = replace(cfg.gateway, admin_key_hashes=cfg.gateway.admin_key_hashes
-                 + read_digest_file(cfg.gateway.admin_key_digest_file))
-    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing)
+    gw = with_bootstrap_key(cfg.gateway)
+    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine)
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

@@ -31,7 +31,10 @@ from nebula.services.http.errors import ApiError, Handler, unavailable
 
 log = logging.getLogger(__name__)
 
-ADMIN_PREFIXES = ("/v1/admin/", "/v1/models/load")
+# Whole paths or a prefix ending in '/': "/v1/models/load" as a prefix also caught GET /v1/models/loader,
+# a model named "loader", and made it admin-only.
+ADMIN_PREFIX = "/v1/admin/"
+ADMIN_PATHS = frozenset({"/v1/admin", "/v1/models/load"})
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 ANY_KEY_PATHS = frozenset({"/openapi.json"})
 
@@ -49,7 +52,7 @@ class Scope(enum.Enum):
 def scope_of(path: str) -> Scope:
     if path in OPEN_PATHS:
         return Scope.OPEN
-    if path.startswith(ADMIN_PREFIXES) or path == "/v1/admin":
+    if path.startswith(ADMIN_PREFIX) or path in ADMIN_PATHS:
         return Scope.ADMIN
     if path in ANY_KEY_PATHS:
         return Scope.ANY_KEY

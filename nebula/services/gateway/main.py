@@ -11,7 +11,7 @@ from dataclasses import replace
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind, advertised_address
-from nebula.services.gateway.app import serve_gateway
+from nebula.services.gateway.app import serve_gateway, with_bootstrap_key
 from nebula.services.gateway.workers import supervise_workers, worker_command
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import node_name, run_tasks_until, serve_metrics, service_context, stop_on_signals
@@ -63,6 +63,7 @@ def run_gateway_process(cfg: NebulaConfig, env: Mapping[str, str], config_file: 
                         worker: int | None = None) -> None:
     """`nebula gateway run`: the gateway until SIGTERM, on the configured event loop; with gateway.workers > 1,
     the supervisor of that many workers (each `nebula gateway run --worker I`)."""
+    with_bootstrap_key(cfg.gateway)  # refuses, before anything starts, to serve beyond loopback with no admin key
     if worker is None and cfg.gateway.workers > 1:
         asyncio.run(run_supervisor(cfg, env, config_file))
         return

@@ -92,7 +92,10 @@ def _model_spec() -> Schema:
         "replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
         "gpus_per_replica": _opt({"type": "integer", "minimum": 0, "maximum": 16}),
         "gpu_memory_mib": _int(0), "engine": _opt({"enum": ["vllm"]}),
-        "engine_args": _opt({"type": "array", "items": {"type": "string"}}), "max_model_len": _int(1),
+        "engine_args": _opt({"type": "array", "items": {"type": "string"},
+                             "description": "`vllm serve` flags among [engine] allowed_engine_args."}),
+        "max_model_len": _int(1),
+        "trust_remote_code": _opt({"type": "boolean", "description": "Needs [engine] allow_trust_remote_code."}),
         "revision": _opt({"type": "string"}),
         "labels": _opt({"type": "object", "additionalProperties": {"type": "string"}}),
     }}

@@ -26,15 +26,19 @@ class _TableCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Not nebula_gateway_inflight_requests: that one counts client requests by endpoint (metrics.py).
+        # Replicas by instance name, never by address: /metrics needs no key, and engines have no
+        # authentication of their own; the engines' addresses are the admin-only SD endpoint's
+        # (/v1/admin/prometheus/sd).
         inflight = GaugeMetricFamily("nebula_gateway_replica_inflight",
                                      "Requests this gateway has in flight to each replica.",
-                                     labels=["model", "instance", "endpoint"])
+                                     labels=["model", "instance"])
         for model, replicas in sorted(self._table.ready().items()):
             for r in replicas:
-                inflight.add_metric([model, r.instance, r.endpoint], self._table.inflight(r.endpoint))
-        for endpoint, n in sorted(self._table.draining_inflight().items()):
-            inflight.add_metric(["", "", endpoint], n)
+                inflight.add_metric([model, r.instance], self._table.inflight(r.endpoint))
         yield inflight
+        yield GaugeMetricFamily("nebula_gateway_draining_inflight",
+                                "Requests still finishing on replicas that are no longer ready.",
+                                value=sum(self._table.draining_inflight().values()))
         phases = GaugeMetricFamily("nebula_gateway_replicas", "Instances of each model by phase.",
                                    labels=["model", "phase"])
         for model, counts in sorted(self._table.phases().items()):

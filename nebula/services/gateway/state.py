@@ -9,7 +9,7 @@ from aiohttp import web
 
 from nebula.adapters.engine_metrics import fetch_engine_load
 from nebula.adapters.upstream_http import UpstreamPool
-from nebula.core.config import GatewayConfig
+from nebula.core.config import EngineConfig, GatewayConfig
 from nebula.core.engine_load import EngineLoad
 from nebula.core.store import Store
 from nebula.services.cluster.mirror import MirrorSet
@@ -44,6 +44,8 @@ class GatewayState:
     session: aiohttp.ClientSession | None = field(default=None)
     # None unless [tracing] otlp_endpoint is set.
     tracer: RequestTracer | None = field(default=None)
+    # What a model spec may ask of the engines ([engine] allowed_engine_args, allow_trust_remote_code).
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
