@@ -189,12 +189,7 @@ class ProcessEngineUnits:
             if self._is_alive(instance, record):
                 state = UnitState.DEACTIVATING if record.stopping else UnitState.ACTIVE
                 return UnitStatus(instance, state, "running", main_pid=record.pid)
-            _kill_leftovers(record.pid)
-            if record.stopping:
-                self._forget(instance)
-                return None
-            # Re-adopted from an earlier agent and gone: no exit status, but engines never exit on their own.
-            self._record_exit(instance, "exited")
+            self._note_gone(instance, record)
         result = self._read_exit(instance)
         if result is None:
             return None
@@ -203,18 +198,30 @@ class ProcessEngineUnits:
     def _reap(self) -> None:
         """Collect exit statuses of our own children (also keeps them from lingering as zombies)."""
         for instance, child in list(self._children.items()):
-            code = child.poll()
-            if code is None:
+            if child.poll() is None:
                 continue
-            del self._children[instance]
-            _kill_leftovers(child.pid)
             record = self._read_pid(instance)
-            if record is None or record.pid != child.pid:
-                continue
-            if record.stopping or code == 0:
-                self._forget(instance)
+            if record is not None and record.pid == child.pid:
+                self._note_gone(instance, record)
             else:
-                self._record_exit(instance, _exit_result(code))
+                del self._children[instance]
+                _kill_leftovers(child.pid)
+
+    def _note_gone(self, instance: str, record: PidRecord) -> None:
+        """The one place an engine's death becomes state, whichever look noticed it first (_reap's poll or
+        _status's liveness check). Our own child's exit status is known once any poll saw it gone: taking
+        it from the child here, not from whoever noticed, makes the result the same for every interleaving
+        ("exited" is only for an engine re-adopted from an earlier agent, whose status nobody can know)."""
+        child = self._children.get(instance)
+        code: int | None = None
+        if child is not None and child.pid == record.pid:
+            code = child.poll()
+            del self._children[instance]
+        _kill_leftovers(record.pid)
+        if record.stopping or code == 0:
+            self._forget(instance)
+        else:
+            self._record_exit(instance, "exited" if code is None else _exit_result(code))
 
     def _record_exit(self, instance: str, result: str) -> None:
         self._exit_path(instance).write_text(json.dumps({"result": result}))

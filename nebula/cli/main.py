@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("load", help="load a model (writes its desired state)")
     ld.add_argument("name")
     ld.add_argument("--source", required=True,
-                    help="model directory (absolute path), Hugging Face repo (org/name, hf://org/name) or "
-                    "modelscope://org/name")
+                    help="model directory (a relative one must exist here and is sent absolute), Hugging Face "
+                    "repo (org/name, hf://org/name) or modelscope://org/name")
     ld.add_argument("--task", default="generate", choices=["generate", "embed", "rerank"])
     ld.add_argument("--replicas", type=int, default=1)
     ld.add_argument("--max-model-len", type=int)
@@ -172,13 +172,14 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
     if cmd == "list":
         return m.list_models(client, as_json=args.json)
     if cmd == "load":
-        spec: dict[str, Any] = {"name": args.name, "source": args.source, "task": args.task,
-                                "replicas": args.replicas, "engine_args": args.engine_args}
+        wait_s = m.check_wait(args.wait)
+        spec: dict[str, Any] = {"name": args.name, "source": m.local_source(args.source, Path.cwd()),
+                                "task": args.task, "replicas": args.replicas, "engine_args": args.engine_args}
         if args.max_model_len:
             spec["max_model_len"] = args.max_model_len
         if args.trust_remote_code:
             spec["trust_remote_code"] = True
-        return m.load(client, spec, wait_s=args.wait, as_json=args.json, out=sys.stdout)
+        return m.load(client, spec, wait_s=wait_s, as_json=args.json, out=sys.stdout)
     if cmd == "unload":
         return m.unload(client, args.name, as_json=args.json)
     if cmd == "scale":

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
-from nebula.cli.client import EXIT_OK, EXIT_TIMEOUT, AdminClient, CliError
+from nebula.cli.client import EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, AdminClient, CliError
 from nebula.cli.views import MODEL_HEADER, model_rows, table, wait_line
+from nebula.core.sources import SourceForm, source_form
 
 
 def print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def local_source(source: str, cwd: Path) -> str:
+    """--source as the admin API gets it: a relative directory made absolute (see `source_form`)."""
+    text = source.strip()
+    first = Path(cwd, text.split("/", 1)[0])
+    form = source_form(text, exists=Path(cwd, text).is_dir(), first_part_exists="/" in text and first.is_dir())
+    return str(Path(cwd, text).resolve()) if form is SourceForm.RELATIVE else source
+
+
+def check_wait(seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise CliError(f"--wait {seconds:g}: give the seconds to wait for a ready replica (0: do not wait)",
+                       EXIT_USAGE)
+    return seconds
 
 
 def list_models(client: AdminClient, *, as_json: bool) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from nebula.core.config import EngineConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.model import Gpu, Task, expect_field, validate_name
+from nebula.core.model_limits import ModelLimit, engine_max_model_len
 from nebula.errors import ValidationError
 
 
@@ -86,17 +87,19 @@ class EngineSpec:
         return f"http://{self.host}:{self.port}"
 
 
-def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoint: str = ""
-                 ) -> tuple[list[str], dict[str, str]]:
+def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoint: str = "",
+                 model_limit: ModelLimit | None = None) -> tuple[list[str], dict[str, str]]:
     """The `vllm serve` argv and the environment it adds, for `spec` under `cfg`; `otlp_endpoint` (OTLP/HTTP)
-    turns on vLLM's request spans, parented by the traceparent header the gateway forwards. The caller has
-    checked the spec against cfg (check_engine_spec): engine_args come last, after Nebula's own flags."""
+    turns on vLLM's request spans, parented by the traceparent header the gateway forwards; `model_limit` (from
+    the model's own config files) caps --max-model-len. ValidationError: the spec asks for more than that.
+    The caller has checked the spec against cfg (check_engine_spec): engine_args come last, after Nebula's own
+    flags."""
     argv = [f"{cfg.vllm_venv}/bin/vllm", "serve", spec.source,
             "--served-model-name", spec.model,
             "--host", spec.host, "--port", str(spec.port),
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log"]
-    max_len = spec.max_model_len or cfg.default_max_model_len
+    max_len = engine_max_model_len(spec.max_model_len, cfg.default_max_model_len, model_limit)
     if max_len:
         argv += ["--max-model-len", str(max_len)]
     if spec.gpu_memory_utilization and not cpu:

@@ -29,10 +29,14 @@ class RestartBook:
     def failed(self, instance: str, at: float) -> None:
         """Record one failure (call once per failure, e.g. when the exit is first seen)."""
         self._failures.setdefault(instance, []).append(at)
+
+    def restarted(self, instance: str) -> None:
+        """Record one restart made (a start after a failure): failures and restarts differ by the last
+        failure, which the policy may answer with no restart."""
         self._total[instance] = self._total.get(instance, 0) + 1
 
     def restarts(self, instance: str) -> int:
-        """Restarts so far, for the instance's status."""
+        """Restarts made so far, for the instance's status."""
         return self._total.get(instance, 0)
 
     def may_restart(self, instance: str, now: float) -> bool:

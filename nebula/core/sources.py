@@ -77,3 +77,39 @@ def source_id(source: str, revision: str | None = None) -> str | None:
     except ValidationError:
         return None
     return ref.id if ref.is_hub else None
+
+
+class SourceForm(enum.StrEnum):
+    HUB = "hub"
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+    """A path relative to where the command runs: the CLI makes it absolute before sending it."""
+
+
+def source_form(text: str, *, exists: bool, first_part_exists: bool) -> SourceForm:
+    """How the CLI reads a --source, given whether `text` is a local directory and whether its first path
+    component is; ValidationError("source") with the fix when it cannot tell.
+
+    A hub prefix is the hub; '/' or file:// an absolute path. A relative path is one that exists here, starts
+    with ./ or ../, or has more than one '/': the node cannot know the CLI's working directory, so it must exist
+    here (and is sent absolute). A bare org/name that is no directory here is a hub id, unless its first part
+    is a local directory: then it is most likely a mistyped path, and guessing would start a download that an
+    offline node retries forever.
+    """
+    t = text.strip()
+    if t.startswith((HF_PREFIX, MODELSCOPE_PREFIX)):
+        return SourceForm.HUB
+    if t.startswith(("/", FILE_PREFIX)):
+        return SourceForm.ABSOLUTE
+    pathlike = t.startswith(("./", "../")) or t in (".", "..") or t.count("/") > 1 or t.endswith("/")
+    if exists:
+        return SourceForm.RELATIVE
+    if pathlike:
+        raise ValidationError("source", f"{text!r}: no such directory here; give the model directory's absolute "
+                              "path as the node sees it (e.g. /models/x)")
+    if REPO_RE.match(t) and first_part_exists:
+        first = t.split("/", 1)[0]
+        raise ValidationError("source", f"{text!r} is ambiguous: no such directory here, but {first}/ is one; "
+                              f"write ./{t} (or an absolute path) for a local model, hf://{t} for the hub")
+    return SourceForm.HUB
+

@@ -53,7 +53,10 @@ def load_config(env: Mapping[str, str], explicit: str | None = None, *,
         files += sorted(dropins.glob("*.toml"))
     for f in files:
         try:
-            data = merge_tables(data, tomllib.loads(f.read_text()))
+            data = merge_tables(data, tomllib.loads(f.read_bytes().decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise ConfigError("", f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                              f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {f}`") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("", f"{f}: not valid TOML: {e}") from None
         except PermissionError:

@@ -168,13 +168,28 @@ async def test_systemd_failure_shows_last_output(tmp_path: Path) -> None:
     await agent.reconcile_once()
     st = await status_of(store, "tiny")
     assert st["phase"] == "failed" and st["restarts"] == 5
-    assert "start-limit-hit" in str(st["message"]) and "tiny: line 7" in str(st["message"])
+    assert st["message"] == "engine unit failed (start-limit-hit) after 5 restart(s): tiny: line 39"
     assert units.starts == 1, "systemd restarts engines itself; the agent must not"
 
 
+class CrashingUnits(TableUnits):
+    """Process-mode units whose engine writes `errors[i]` as its last line on its i-th failure."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__(manager_restarts=False)
+        self.errors = list(errors)
+
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        return ["(APIServer pid=1) Traceback (most recent call last):",
+                f"(APIServer pid={self.starts}) {self.errors[self.starts - 1]}",
+                "2025-01-31 12:00:01,123 ERROR nebula.engine: engine exited unexpectedly with status 1"]
+
+
 async def test_process_engine_restarts_with_delay_then_gives_up(tmp_path: Path) -> None:
+    """Six different failures: five restarts, each progress line counting the restarts the record carries,
+    and a final reason with the same count (it once said 0: the count came from the unit, which has none)."""
     now = [1000.0]
-    store, units = MemoryStore(), TableUnits(manager_restarts=False)
+    store, units = MemoryStore(), CrashingUnits([f"RuntimeError: crash {i}" for i in range(1, 7)])
     agent = await make_agent(tmp_path, store, units, set(), clock=lambda: now[0])
     await place_on(store, agent, "tiny", model_dir(tmp_path))
     await agent.reconcile_once()
@@ -183,14 +198,42 @@ async def test_process_engine_restarts_with_delay_then_gives_up(tmp_path: Path) 
         units.set("tiny", UnitState.FAILED, result="exit-code:1")
         await agent.reconcile_once()  # failure seen; the restart waits for its delay
         st = await status_of(store, "tiny")
-        assert st["phase"] == "starting" and st["restarts"] == attempt and "restarting" in str(st["message"])
+        assert st["phase"] == "starting" and st["restarts"] == attempt - 1
+        assert st["message"] == (f"engine exited (exit-code:1): RuntimeError: crash {attempt}; "
+                                 f"restarting ({attempt - 1} so far)")
         assert units.starts == attempt
         now[0] += 6
         await agent.reconcile_once()
         assert units.starts == attempt + 1
+        assert (await status_of(store, "tiny"))["restarts"] == attempt
     units.set("tiny", UnitState.FAILED, result="exit-code:1")
     await agent.reconcile_once()
     now[0] += 60
     await agent.reconcile_once()
     st = await status_of(store, "tiny")
-    assert units.starts == 6 and st["phase"] == "failed" and "tiny: line 7" in str(st["message"])
+    assert units.starts == 6 and st["phase"] == "failed" and st["restarts"] == 5
+    assert st["message"] == "engine unit failed (exit-code:1) after 5 restart(s): RuntimeError: crash 6"
+
+
+async def test_process_engine_failing_the_same_way_twice_fails_at_once(tmp_path: Path) -> None:
+    """A deterministic failure (vLLM refusing an argument) is not restarted five times: the second identical
+    error ends it, with that error as the one-line reason."""
+    now = [1000.0]
+    error = "ValueError: User-specified max_model_len (2048) is greater than the derived max_model_len (512)"
+    store, units = MemoryStore(), CrashingUnits([error, error, error])
+    agent = await make_agent(tmp_path, store, units, set(), clock=lambda: now[0])
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    units.set("tiny", UnitState.FAILED, result="exit-code:1")
+    await agent.reconcile_once()
+    now[0] += 6
+    await agent.reconcile_once()
+    assert units.starts == 2, "a first failure is restarted: it may have been transient"
+    units.set("tiny", UnitState.FAILED, result="exit-code:1")
+    await agent.reconcile_once()
+    st = await status_of(store, "tiny")
+    assert st["phase"] == "failed" and st["restarts"] == 1
+    assert st["message"] == f"{error} (the same error twice: not restarted)"
+    now[0] += 600
+    await agent.reconcile_once()
+    assert units.starts == 2

@@ -186,3 +186,42 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
     finally:
         os.close(write_end)
     assert res.returncode == 141 and res.stderr == "", res.stderr
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("status",), ("list",)])
+def test_a_config_that_is_not_utf8_is_one_line_with_the_fix(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                           command: tuple[str, ...]) -> None:
+    cfg = tmp_path / "nebula.toml"
+    cfg.write_bytes("# caf\xe9 latin-1\n[gateway]\nport = 8000\n".encode("latin-1"))
+    code = main(["--config", str(cfg), *command], {"NEBULA_URL": "http://127.0.0.1:1"})
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"nebula: {cfg}: not UTF-8 text (byte 0xe9 at offset 5): save it as UTF-8, "
+                                 f"e.g. `iconv -f latin1 -t utf-8 {cfg}`\n")
+
+
+@pytest.mark.parametrize("wait", ["-5", "nan", "inf"])
+def test_load_refuses_a_wait_that_is_no_number_of_seconds(capsys: pytest.CaptureFixture[str], gateway_url: str,
+                                                          tmp_path: Path, wait: str) -> None:
+    code, _, err = run(capsys, gateway_url, "load", "w5", "--source", str(tmp_path), "--wait", wait)
+    assert code == 2 and err.count("\n") == 1 and "0: do not wait" in err, err
+    code, out, _ = run(capsys, gateway_url, "list")
+    assert "w5" not in out, "nothing is loaded after a refused command"
+
+
+def test_relative_sources_are_made_absolute_or_refused_with_the_fix(
+        capsys: pytest.CaptureFixture[str], gateway_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for source in ("models/x", "./models/x", "models/x/"):
+        code, out, _ = run(capsys, gateway_url, "load", "rel", "--source", source, "--json")
+        assert code == 0 and json.loads(out)["model"]["source"] == str(tmp_path / "models" / "x"), (source, out)
+    run(capsys, gateway_url, "unload", "rel")
+    for source, message in [("models/y", "ambiguous: no such directory here, but models/ is one; write ./models/y"),
+                            ("./nothing", "no such directory here; give the model directory's absolute path"),
+                            ("a/b/c", "no such directory here")]:
+        code, _, err = run(capsys, gateway_url, "load", "bad", "--source", source)
+        assert code == 2 and message in err and err.count("\n") == 1, (source, err)
+    # A hub id stays a hub id: no such directory, and no directory of its organisation's name either.
+    code, out, _ = run(capsys, gateway_url, "load", "hub", "--source", "Qwen/Qwen2.5-7B-Instruct", "--json")
+    assert code == 0 and json.loads(out)["model"]["source"] == "Qwen/Qwen2.5-7B-Instruct"
+    run(capsys, gateway_url, "unload", "hub")

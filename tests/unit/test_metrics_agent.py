@@ -15,7 +15,7 @@ from nebula.core.units import UnitState
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.specfiles import SpecFiles
-from tests.unit.test_agent import TableUnits, model_dir, place_on
+from tests.unit.test_agent import CrashingUnits, model_dir, place_on
 
 
 def series(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -56,7 +56,7 @@ def test_instances_by_model_and_phase_and_restart_increases_only() -> None:
 
 async def test_agent_counts_engine_failures_restarts_and_passes(tmp_path: Path) -> None:
     now = [1000.0]
-    store, units, registry = MemoryStore(), TableUnits(manager_restarts=False), CollectorRegistry()
+    store, units, registry = MemoryStore(), CrashingUnits(["OSError: a", "OSError: b"]), CollectorRegistry()
     agent = NodeAgent(NebulaConfig(), NodeRecord(name="n1", address="127.0.0.1", port_min=18000, port_max=18010),
                       store, units, SpecFiles(str(tmp_path / "run")), lambda _: _false(), registry,
                       clock=lambda: now[0])

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -168,6 +169,36 @@ async def test_what_a_dead_engine_leaves_behind_is_killed(make_units: MakeUnits,
             break
         await asyncio.sleep(0.05)
     assert process_start_time(worker) is None, "the engine's child outlived it"
+
+
+async def test_a_death_seen_between_the_two_looks_keeps_its_exit_status(
+        make_units: MakeUnits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """list() looks at an engine twice (reaping its children, then each instance's liveness). An engine that
+    dies between the two looks is the losing interleaving that once flaked the test above ('exited' where
+    'signal:9' was due): forced here by a first poll that does not see the death yet."""
+    units = make_units()
+    await units.start("forker")
+    status = await wait_for(units, "forker", UnitState.ACTIVE)
+    assert status is not None
+    await wait_ready(tmp_path / "log" / "forker.log")
+    os.kill(status.main_pid, signal.SIGKILL)
+    for _ in range(200):  # until it is a zombie: dead, its status not yet collected
+        if process_start_time(status.main_pid) is None:
+            break
+        await asyncio.sleep(0.01)
+    real_poll = subprocess.Popen.poll
+    missed: list[int] = []
+
+    def poll_missing_the_death_once(self: subprocess.Popen[bytes]) -> int | None:
+        if self.pid == status.main_pid and not missed:
+            missed.append(self.pid)
+            return None
+        return real_poll(self)
+
+    monkeypatch.setattr(subprocess.Popen, "poll", poll_missing_the_death_once)
+    failed = (await units.list())["forker"]
+    assert missed, "the first look did not happen"
+    assert (failed.state, failed.result) == (UnitState.FAILED, "signal:9")
 
 
 async def test_recycled_pid_is_not_mistaken_for_the_engine(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nebula.core.engine_spec import EngineSpec
 from nebula.core.model import Phase
-from nebula.core.phase import observe_phase
+from nebula.core.phase import Failures, observe_phase
 from nebula.core.reconcile import Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.units import UnitState, UnitStatus
 
@@ -62,7 +62,8 @@ def test_phase_from_observations() -> None:
     assert observe_phase(blocked=None, unit=unit("a", UnitState.ACTIVE), healthy=False)[0] is Phase.STARTING
     assert observe_phase(blocked=None, unit=unit("a", UnitState.ACTIVE), healthy=True) == (Phase.READY, "")
     assert observe_phase(blocked=None, unit=unit("a", UnitState.DEACTIVATING), healthy=True)[0] is Phase.DRAINING
-    ph, msg = observe_phase(blocked=None, unit=unit("a", UnitState.FAILED, restarts=3), healthy=False)
+    ph, msg = observe_phase(blocked=None, unit=unit("a", UnitState.FAILED), healthy=False,
+                            failures=Failures(restarts=3))
     assert ph is Phase.FAILED and "3 restart" in msg
 
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nebula.core.model import ModelSpec
-from nebula.core.sources import SourceKind, SourceRef, parse_source, source_id
+from nebula.core.sources import SourceForm, SourceKind, SourceRef, parse_source, source_form, source_id
 from nebula.errors import PermanentError, TemporaryError, ValidationError
 from nebula.services.agent.sources import (
     Broken,
@@ -175,3 +175,19 @@ def test_local_sources_and_unconfigured_kinds(tmp_path: Path) -> None:
     assert sources.resolve("modelscope://org/m") == Broken(
         "modelscope://org/m: downloads from modelscope are not configured on this node")
     assert isinstance(sources.resolve("not a source"), Broken)
+
+
+def test_how_the_cli_reads_a_source() -> None:
+    def form(text: str, exists: bool = False, first: bool = False) -> SourceForm:
+        return source_form(text, exists=exists, first_part_exists=first)
+
+    assert form("hf://org/x") is SourceForm.HUB and form("modelscope://org/x") is SourceForm.HUB
+    assert form("/models/x") is SourceForm.ABSOLUTE and form("file:///models/x") is SourceForm.ABSOLUTE
+    assert form("org/x") is SourceForm.HUB
+    for existing in ("org/x", "models", "./m", "a/b/c"):
+        assert form(existing, exists=True) is SourceForm.RELATIVE
+    for missing in ("./m", "../m", "a/b/c", "org/x/", "."):
+        with pytest.raises(ValidationError, match="no such directory here"):
+            form(missing)
+    with pytest.raises(ValidationError, match="ambiguous"):
+        form("models/x", first=True)

@@ -20,7 +20,7 @@ from nebula.core.config import NebulaConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
-from nebula.core.phase import observe_phase
+from nebula.core.phase import Failures, error_line, observe_phase, restart_verdict
 from nebula.core.pulls import PullIntent
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
@@ -35,8 +35,8 @@ from nebula.services.cluster.mirror import MirrorState
 from nebula.services.cluster.writes import ClusterWrites
 
 log = logging.getLogger("nebula.agent")
-FAILURE_LINES = 8
-FAILURE_CHARS = 1500
+# Enough of the output to reach past the supervisor's epilogue and pydantic's detail lines to the error.
+FAILURE_LINES = 40
 HealthCheck = Callable[[str], Awaitable[bool]]
 
 
@@ -65,7 +65,8 @@ class NodeAgent:
         self._stale_forgotten = False
         self.restart_book = RestartBook()
         self._failures_seen: set[str] = set()
-        self._failure_output: dict[str, str] = {}
+        self._failure_errors: dict[str, list[str]] = {}
+        self._restart_due: frozenset[str] = frozenset()
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -156,9 +157,10 @@ class NodeAgent:
 
     async def note_failures(self, desired: Mapping[str, EngineSpec], units: Mapping[str, UnitStatus]
                             ) -> frozenset[str]:
-        """Record new engine failures, keep their last output for the status, and say which to restart.
+        """Record new engine failures with their one-line reason, and say which to restart.
 
-        Only back-ends without a service manager's own Restart= get restarts from the agent.
+        Only back-ends without a service manager's own Restart= get restarts from the agent, and only while
+        `restart_verdict` allows (budget left, not the same error twice).
         """
         now = self.clock()
         for inst, unit in units.items():
@@ -171,18 +173,24 @@ class NodeAgent:
             if not self.units.restarts_failed:
                 self.restart_book.failed(inst, now)
             lines = await self.units.recent_output(inst, FAILURE_LINES)
-            self._failure_output[inst] = " | ".join(lines)[-FAILURE_CHARS:]
+            error = error_line(lines)
+            self._failure_errors.setdefault(inst, []).append(error)
             model = desired[inst].model if inst in desired else parse_instance_name(inst)[0]
             self.metrics.failures.labels(model).inc()
-            log.warning("engine %s failed (%s); last output: %s", inst, unit.result or "?",
-                        self._failure_output[inst], extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name})
-        for inst in list(self._failure_output):
+            log.warning("engine %s failed (%s): %s", inst, unit.result or "?", error,
+                        extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name, "NEBULA_MODEL": model,
+                               "NEBULA_RESULT": unit.result, "NEBULA_ERROR": error})
+        for inst in list(self._failure_errors):
             if inst not in desired and inst not in units:
-                self._failure_output.pop(inst)
+                self._failure_errors.pop(inst)
                 self.restart_book.forget(inst)
-        if self.units.restarts_failed:
-            return frozenset()
-        return frozenset(i for i in desired if i in self._failures_seen and self.restart_book.may_restart(i, now))
+        self._restart_due = frozenset(i for i in desired if i in self._failures_seen and self._restarting(i, now)
+                                      and self.restart_book.may_restart(i, now))
+        return self._restart_due
+
+    def _restarting(self, inst: str, now: float) -> bool:
+        return restart_verdict(self._failure_errors.get(inst, ()), agent_restarts=not self.units.restarts_failed,
+                               budget_left=not self.restart_book.given_up(inst, now))
 
     async def apply(self, action: Action) -> None:
         kind = type(action).__name__.lower()
@@ -195,6 +203,11 @@ class NodeAgent:
                      extra=fields | {"NEBULA_MODEL": action.spec.model})
             self.specs.write(action.spec)
             await self.units.start(action.instance)
+            if action.instance in self._restart_due:  # the one place a restart is counted
+                self.restart_book.restarted(action.instance)
+            elif action.instance in self._failure_errors:  # a fresh start (a changed spec): a new history
+                self._failure_errors.pop(action.instance)
+                self.restart_book.forget(action.instance)
             self._failures_seen.discard(action.instance)  # its next failure is a new one
         elif isinstance(action, ResetFailed):
             await self.units.reset(action.instance)
@@ -214,12 +227,13 @@ class NodeAgent:
         for inst, p in self.placements.items():
             unit = units.get(inst)
             fetching = self._fetching.get(inst)
+            failures = Failures(restarts=self._restarts(inst, unit),
+                                errors=tuple(self._failure_errors.get(inst, ())),
+                                restarting=self._restarting(inst, now))
             phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy,
-                                           downloading=fetching is not None)
+                                           downloading=fetching is not None, failures=failures)
             if fetching is not None:
                 message = fetching.message
-            if phase is Phase.FAILED and unit is not None and unit.state is UnitState.FAILED:
-                phase, message = self._failure_phase(inst, unit, message, now)
             endpoint = f"http://{self.node.address}:{p.port}"
             out[inst] = self._status(inst, p.model.name, phase, message, endpoint, p, unit, now)
             if fetching is not None:
@@ -234,13 +248,6 @@ class NodeAgent:
                                            since=prev.since if prev.phase is Phase.DRAINING else now,
                                            message="unloading", restarts=unit.restarts)
         return out
-
-    def _failure_phase(self, inst: str, unit: UnitStatus, message: str, now: float) -> tuple[Phase, str]:
-        output = self._failure_output.get(inst, "")
-        if not self.units.restarts_failed and not self.restart_book.given_up(inst, now):
-            n = self.restart_book.restarts(inst)
-            return Phase.STARTING, f"engine exited ({unit.result or 'failed'}); restarting ({n} so far): {output}"
-        return Phase.FAILED, f"{message}; last output: {output}" if output else message
 
     def _status(self, inst: str, model: str, phase: Phase, message: str, endpoint: str, p: Placement,
                 unit: UnitStatus | None, now: float) -> InstanceStatus:

@@ -9,12 +9,18 @@ brings requests, urllib3, cryptography and modelscope-hub, to do what two endpoi
 Files land in `<cache>/<org>--<name>/<revision>.partial/` and the directory is renamed to `<revision>` once
 every file is complete (sizes and, where the server gives one, sha256 checked), so a half-done download is
 never taken for a model; a retried download keeps the files it already finished.
+
+Durability: a power loss may persist a rename or a file's size before its data (ext4's delayed allocation
+leaves a file of the right size full of zeros). So each file is written as `<name>.part`, fsynced, renamed
+into place and its directory fsynced; the tree is fsynced before the final rename; and a file found from an
+earlier attempt is trusted only with the right size and, when the hub gave one, the right sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -57,11 +63,14 @@ class ModelScopeFetcher:
         progress(0, total)
         for f in files:
             target = _inside(partial, f.path)
-            if not (target.is_file() and target.stat().st_size == f.size):
+            if not _complete(target, f):
                 self._download(ref, revision, f, target, _offset(progress, done, total))
             done += f.size
             progress(done, total)
-        partial.rename(final)
+        for d in {_inside(partial, f.path).parent for f in files}:
+            _fsync_dir(d)
+        os.replace(partial, final)
+        _fsync_dir(base)
         return final
 
     def list_files(self, ref: SourceRef, revision: str) -> list[RemoteFile]:
@@ -90,22 +99,27 @@ class ModelScopeFetcher:
         query = urllib.parse.urlencode({"Revision": revision, "FilePath": f.path})
         resp = self._open(ref, f"/api/v1/models/{ref.location}/repo?{query}", what=f.path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
         digest = hashlib.sha256()
         n = 0
         try:
-            with resp, target.open("wb") as out:
+            with resp, part.open("wb") as out:
                 while chunk := resp.read(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     n += len(chunk)
                     progress(n, f.size)
+                out.flush()
+                os.fsync(out.fileno())  # the data is on disk before the name says the file is complete
         except (OSError, urllib.error.URLError) as e:
             raise TemporaryError(f"{ref.id}: download of {f.path} broke off: {e}") from e
         if n != f.size:
             raise TemporaryError(f"{ref.id}: {f.path} arrived with {n} of {f.size} bytes")
         if f.sha256 and digest.hexdigest() != f.sha256:
-            target.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
             raise TemporaryError(f"{ref.id}: {f.path} arrived corrupted (sha256 mismatch)")
+        os.replace(part, target)
+        _fsync_dir(target.parent)
 
     def _open(self, ref: SourceRef, path: str, *, what: str) -> Any:
         req = urllib.request.Request(self.endpoint + path)
@@ -127,6 +141,31 @@ class ModelScopeFetcher:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise TemporaryError(f"{ref.id}: cannot reach ModelScope at {self.endpoint}: {reason}") from None
+
+
+def _complete(target: Path, f: RemoteFile) -> bool:
+    """Whether a file left by an earlier attempt can be trusted: its size, and its sha256 when known."""
+    try:
+        if not target.is_file() or target.stat().st_size != f.size:
+            return False
+        if not f.sha256:
+            return True
+        digest = hashlib.sha256()
+        with target.open("rb") as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == f.sha256
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the names in `path` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _offset(progress: Progress, base: int, total: int) -> Progress:

@@ -25,7 +25,8 @@ import aiohttp
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig, NebulaConfig
 from nebula.core.engine_spec import EngineSpec, check_engine_spec, vllm_command
-from nebula.errors import NebulaError, PermanentError
+from nebula.core.model_limits import ModelLimit, engine_max_model_len, model_limit
+from nebula.errors import NebulaError, PermanentError, ValidationError
 
 DEFAULT_ETC_ENGINES = Path("/etc/nebula/engines")
 NVIDIA_DEVICE = Path("/dev/nvidia0")
@@ -69,6 +70,22 @@ def load_spec(instance: str, run_dir: Path, etc_dir: Path = DEFAULT_ETC_ENGINES)
     raise SpecNotFound(f"no spec for engine {instance}: neither {agent_path} nor {hand_path} exists")
 
 
+def read_model_limit(model_dir: Path) -> ModelLimit | None:
+    """The model's own sequence limit from the config files in its directory (read once, at start); None
+    when they do not say or cannot be read (vLLM then reports the problem with the files itself)."""
+    def read(name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    config = read("config.json")
+    if config is None:
+        return None
+    return model_limit(config, read("tokenizer_config.json"), read("sentence_bert_config.json"))
+
+
 def engine_on_cpu(device: str, nvidia_device: Path = NVIDIA_DEVICE) -> bool:
     if device == "auto":
         return not nvidia_device.exists()
@@ -87,8 +104,9 @@ class EngineSupervisor:
     """Runs one vLLM child to completion; `run()` returns the supervisor's exit code."""
 
     def __init__(self, spec: EngineSpec, cfg: EngineConfig, notifier: Notifier, env: Mapping[str, str], *,
-                 cpu: bool, otlp_endpoint: str = "") -> None:
+                 cpu: bool, otlp_endpoint: str = "", model_limit: ModelLimit | None = None) -> None:
         self._spec = spec
+        self._model_limit = model_limit
         self._otlp_endpoint = otlp_endpoint
         self._cfg = cfg
         self._notifier = notifier
@@ -115,7 +133,7 @@ class EngineSupervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         argv, extra_env = vllm_command(self._spec, self._cfg, cpu=self._cpu,
-                                       otlp_endpoint=self._otlp_endpoint)
+                                       otlp_endpoint=self._otlp_endpoint, model_limit=self._model_limit)
         self._log.info("starting engine: %s", " ".join(argv))
         self._notifier.notify(STATUS=f"starting {self._spec.model}")
         # stdout/stderr are inherited: vLLM's own output lands in the unit's journal.
@@ -249,9 +267,17 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
                       extra={**fields, "NEBULA_MODEL": spec.model})
             notifier.notify(STATUS=f"model source {spec.source} does not exist")
             return ExitCode.NO_SOURCE
+        limit = read_model_limit(Path(spec.source))
+        try:
+            engine_max_model_len(spec.max_model_len, cfg.engine.default_max_model_len, limit)
+        except ValidationError as e:
+            # Exit 2 (RestartPreventExitStatus): no start can fix the spec; this line is the failure's reason.
+            log.error("cannot start engine: %s", e.message, extra={**fields, "NEBULA_MODEL": spec.model})
+            notifier.notify(STATUS=f"bad spec: {e.message}")
+            return ExitCode.BAD_SPEC
         cpu = engine_on_cpu(cfg.engine.vllm_device, nvidia_device)
         supervisor = EngineSupervisor(spec, cfg.engine, notifier, env, cpu=cpu,
-                                      otlp_endpoint=cfg.tracing.otlp_endpoint)
+                                      otlp_endpoint=cfg.tracing.otlp_endpoint, model_limit=limit)
         return asyncio.run(supervisor.run())
     finally:
         notifier.close()
