@@ -69,7 +69,8 @@ async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
 async def list_models(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
-    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items)
+    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items,
+                                 (await st.store.list_prefix(keys.NODES)).items)
     names = sorted(set(specs) | {i.model for i in instances})
     pending = await pending_reasons(st.store)
     return web.json_response({"object": "list",
@@ -81,7 +82,8 @@ async def get_model(request: web.Request) -> web.Response:
     name = _name(request)
     kv = await st.store.get(keys.model_key(name))
     spec = model_spec(kv) if kv else None
-    instances = [i for i in instance_records((await st.store.list_prefix(keys.INSTANCES)).items) if i.model == name]
+    instances = [i for i in instance_records((await st.store.list_prefix(keys.INSTANCES)).items,
+                                             (await st.store.list_prefix(keys.NODES)).items) if i.model == name]
     if spec is None and not instances:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
     return web.json_response(model_json(name, spec, instances, await pending_reasons(st.store, name)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from nebula.core import keys, records
@@ -41,8 +42,23 @@ def model_spec(kv: KeyValue) -> ModelSpec | None:
     return found[0] if found else None
 
 
-def instance_records(items: Iterable[KeyValue]) -> list[InstanceStatus]:
-    return decoded(records.INSTANCES, items)
+def instance_records(items: Iterable[KeyValue], nodes: Iterable[KeyValue] = ()) -> list[InstanceStatus]:
+    """The instances' records; with the node records given, a `ready` that no current agent vouches for reads
+    as `starting`.
+
+    An agent writes its node record and its instances' records under one lease. A record under another
+    lease was left by an earlier run of that node's agent (`nebula down` then `up`: etcd renews every lease
+    on its restart, so such records outlive the agent by a lease TTL) and says nothing about the engine now.
+    """
+    leases = {n.name: kv.lease for kv in nodes for n in decoded(records.NODES, [kv])}
+    out = []
+    for kv in items:
+        for st in decoded(records.INSTANCES, [kv]):
+            if st.phase is Phase.READY and st.node in leases and leases[st.node] != kv.lease:
+                st = replace(st, phase=Phase.STARTING,
+                             message=f"not yet confirmed by {st.node}'s agent (a record from before it restarted)")
+            out.append(st)
+    return out
 
 
 def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],

@@ -45,7 +45,7 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
         node_kvs = (await st.store.list_prefix(keys.NODES)).items
         placement_kvs = (await st.store.list_prefix(keys.PLACEMENTS)).items
         model_kvs = (await st.store.list_prefix(keys.MODELS)).items
-        instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items)
+        instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items, node_kvs)
         pending = await pending_reasons(st.store)
     except TemporaryError as e:
         log.warning("status: etcd unreachable: %r", e)
