@@ -87,6 +87,8 @@ class Failures:
     """The `error_line` of each failure seen, oldest first."""
     restarting: bool = False
     """The agent will start it again (`restart_verdict`)."""
+    stopped: bool = False
+    """The agent stopped it between two of its service manager's restarts: the same error twice."""
 
 
 def restart_verdict(errors: Sequence[str], *, agent_restarts: bool, budget_left: bool) -> bool:
@@ -106,6 +108,9 @@ def observe_phase(*, blocked: str | None, unit: UnitStatus | None, healthy: bool
         return Phase.FAILED, blocked
     if downloading:
         return Phase.DOWNLOADING, "fetching model files"
+    if failures.stopped:
+        return Phase.FAILED, f"{failures.errors[-1] if failures.errors else 'engine failed'} (the same error twice: " \
+                             "not restarted)"
     if unit is None or unit.state is UnitState.INACTIVE:
         return Phase.PENDING, "waiting to start"
     if unit.state is UnitState.FAILED:
@@ -116,7 +121,17 @@ def observe_phase(*, blocked: str | None, unit: UnitStatus | None, healthy: bool
         return Phase.READY, ""
     if unit.state is UnitState.ACTIVE:
         return Phase.STARTING, "engine not answering /health yet"
+    if between_restarts(unit):
+        why = f": {failures.errors[-1]}" if failures.errors else ""
+        return Phase.STARTING, f"engine exited ({unit.result or 'failed'}){why}; systemd restarts it " \
+                               f"({failures.restarts} so far)"
     return Phase.STARTING, "loading model"
+
+
+def between_restarts(unit: UnitStatus) -> bool:
+    """systemd's state between a failure and the restart its Restart= makes (`auto-restart`; systemd 254+ also
+    `auto-restart-queued`): a failure the agent sees although the unit never shows `failed`."""
+    return unit.state is UnitState.ACTIVATING and unit.sub_state.startswith("auto-restart")
 
 
 def _failed_phase(unit: UnitStatus, failures: Failures) -> tuple[Phase, str]:

@@ -237,3 +237,59 @@ async def test_process_engine_failing_the_same_way_twice_fails_at_once(tmp_path:
     now[0] += 600
     await agent.reconcile_once()
     assert units.starts == 2
+
+
+class SystemdCrashingUnits(CrashingUnits):
+    """Units under a service manager with Restart=: the engine writes `errors[n]` before its n-th restart."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__(errors)
+        self.manager_restarts = True
+        self.restarts = 0
+
+    def crash(self, instance: str) -> None:
+        """The engine exits; systemd waits RestartSec= before it starts it again (`auto-restart`)."""
+        self.restarts += 1
+        self.units[instance] = UnitStatus(instance, UnitState.ACTIVATING, sub_state="auto-restart",
+                                          restarts=self.restarts, result="exit-code")
+
+    def restarted(self, instance: str) -> None:
+        self.units[instance] = UnitStatus(instance, UnitState.ACTIVATING, sub_state="start", restarts=self.restarts)
+
+    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
+        return ["(APIServer pid=1) Traceback (most recent call last):",
+                f"(APIServer pid={self.restarts}) {self.errors[self.restarts - 1]}"]
+
+
+async def test_systemd_engine_failing_the_same_way_twice_is_stopped_between_restarts(tmp_path: Path) -> None:
+    """Under systemd the unit never shows `failed` until StartLimitBurst (five starts): the agent sees each
+    failure between systemd's restarts, and stops the unit at the second identical error."""
+    error = "ValueError: User-specified max_model_len (2048) is greater than the derived max_model_len (512)"
+    store, units = MemoryStore(), SystemdCrashingUnits([error, error, error])
+    agent = await make_agent(tmp_path, store, units, set())
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    assert units.starts == 1
+    units.crash("tiny")
+    await agent.reconcile_once()
+    st = await status_of(store, "tiny")
+    assert st["phase"] == "starting" and error in str(st["message"]) and "systemd restarts it" in str(st["message"])
+    units.restarted("tiny")
+    await agent.reconcile_once()
+    units.crash("tiny")
+    await agent.reconcile_once()
+    assert units.units["tiny"].state is UnitState.DEACTIVATING, "the second identical error stops the unit"
+    units.units.pop("tiny")  # stopped: systemd forgets an inactive unit
+    await agent.reconcile_once()
+    await agent.reconcile_once()
+    st = await status_of(store, "tiny")
+    assert st["phase"] == "failed" and st["message"] == f"{error} (the same error twice: not restarted)"
+    assert units.starts == 1, "the agent does not start what it stopped"
+    # A new spec (the operator fixed the model) starts afresh.
+    spec = ModelSpec.from_dict({"name": "tiny", "source": model_dir(tmp_path), "max_model_len": 256})
+    await store.put(keys.placement_key("n1", "tiny"), dumps(Placement(instance="tiny", node="n1", model=spec,
+                                                                      port=18000).to_dict()))
+    agent.on_placements(mirrored(records.PLACEMENTS, {kv.key: kv for kv in
+                                                      (await store.list_prefix(keys.PLACEMENTS)).items}))
+    await agent.reconcile_once()
+    assert units.starts == 2

@@ -82,3 +82,15 @@ def test_failed_engine_phase_is_one_line_with_the_one_restart_count() -> None:
         Phase.FAILED, "ValueError: bad arg (the same error twice: not restarted)")
     unknown = observe_phase(blocked=None, unit=failed("start-limit-hit"), healthy=False)
     assert unknown == (Phase.FAILED, "engine unit failed (start-limit-hit) after 0 restart(s)")
+
+
+def test_under_systemd_a_failure_shows_between_restarts_and_a_stopped_one_is_failed() -> None:
+    waiting = UnitStatus("bge", UnitState.ACTIVATING, sub_state="auto-restart", restarts=1, result="exit-code")
+    failures = Failures(restarts=1, errors=("ValueError: bad length",))
+    assert observe_phase(blocked=None, unit=waiting, healthy=False, failures=failures) == (
+        Phase.STARTING, "engine exited (exit-code): ValueError: bad length; systemd restarts it (1 so far)")
+    starting = UnitStatus("bge", UnitState.ACTIVATING, sub_state="start")
+    assert observe_phase(blocked=None, unit=starting, healthy=False) == (Phase.STARTING, "loading model")
+    stopped = Failures(restarts=2, errors=("ValueError: bad length",) * 2, stopped=True)
+    assert observe_phase(blocked=None, unit=None, healthy=False, failures=stopped) == (
+        Phase.FAILED, "ValueError: bad length (the same error twice: not restarted)")

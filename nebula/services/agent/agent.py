@@ -20,7 +20,7 @@ from nebula.core.config import NebulaConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
-from nebula.core.phase import Failures, error_line, observe_phase, restart_verdict
+from nebula.core.phase import Failures, between_restarts, error_line, observe_phase, repeated, restart_verdict
 from nebula.core.pulls import PullIntent
 from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
@@ -66,6 +66,7 @@ class NodeAgent:
         self.restart_book = RestartBook()
         self._failures_seen: set[str] = set()
         self._failure_errors: dict[str, list[str]] = {}
+        self._stopped: dict[str, EngineSpec] = {}  # stopped between systemd's restarts, with the spec that failed
         self._restart_due: frozenset[str] = frozenset()
 
     # --- inputs -------------------------------------------------------------------------------------
@@ -145,7 +146,9 @@ class NodeAgent:
         files = self.specs.read_all()
         actual = {i: Actual(unit=units.get(i), spec=files.get(i)) for i in set(units) | set(files)}
         restart = await self.note_failures(desired, units)
-        actions = plan(desired, actual, restart)
+        # An engine stopped for failing the same way twice stays down until its spec changes.
+        self._stopped = {i: spec for i, spec in self._stopped.items() if desired.get(i) == spec}
+        actions = plan({i: spec for i, spec in desired.items() if i not in self._stopped}, actual, restart)
         for action in actions:
             await self.apply(action)
         if actions:  # re-read only what the actions changed; most passes have none
@@ -164,7 +167,7 @@ class NodeAgent:
         """
         now = self.clock()
         for inst, unit in units.items():
-            if unit.state is not UnitState.FAILED:
+            if unit.state is not UnitState.FAILED and not between_restarts(unit):
                 self._failures_seen.discard(inst)
                 continue
             if inst in self._failures_seen:
@@ -180,6 +183,13 @@ class NodeAgent:
             log.warning("engine %s failed (%s): %s", inst, unit.result or "?", error,
                         extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name, "NEBULA_MODEL": model,
                                "NEBULA_RESULT": unit.result, "NEBULA_ERROR": error})
+            if between_restarts(unit) and inst in desired and repeated(self._failure_errors[inst]):
+                # systemd would go on restarting it until StartLimitBurst; another start can only say it again.
+                log.warning("engine %s failed twice with the same error; stopping its restarts", inst,
+                            extra={"NEBULA_INSTANCE": inst, "NEBULA_NODE": self.node.name, "NEBULA_MODEL": model,
+                                   "NEBULA_ERROR": error})
+                await self.units.stop(inst)
+                self._stopped[inst] = desired[inst]
         for inst in list(self._failure_errors):
             if inst not in desired and inst not in units:
                 self._failure_errors.pop(inst)
@@ -229,7 +239,7 @@ class NodeAgent:
             fetching = self._fetching.get(inst)
             failures = Failures(restarts=self._restarts(inst, unit),
                                 errors=tuple(self._failure_errors.get(inst, ())),
-                                restarting=self._restarting(inst, now))
+                                restarting=self._restarting(inst, now), stopped=inst in self._stopped)
             phase, message = observe_phase(blocked=blocked.get(inst), unit=unit, healthy=inst in self._healthy,
                                            downloading=fetching is not None, failures=failures)
             if fetching is not None:
