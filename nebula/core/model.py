@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nebula.core.profile import ModelProfile
 from nebula.core.sources import parse_source
 from nebula.errors import ValidationError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REPLICA_SEP = ":"
 
 
@@ -142,6 +144,12 @@ class ModelSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     trust_remote_code: bool = False
     """vLLM's --trust-remote-code, never an engine_arg: only where [engine] allow_trust_remote_code permits it."""
+    engine_runtime: str | None = None
+    """The engine runtime (a venv under [engine] runtimes_dir, e.g. vllm-0.32-cu12); None: the node's default."""
+    tensor_parallel_size: int | None = None
+    """GPUs one replica shards over (--tensor-parallel-size); None: gpus_per_replica."""
+    profile: ModelProfile | None = None
+    """What the admin API read from the model's files and derived (parsers, memory need); None: not read."""
 
     @staticmethod
     def from_dict(obj: object) -> ModelSpec:
@@ -178,15 +186,32 @@ class ModelSpec:
         parse_source(source, revision)
         labels = expect_str_map(obj, "labels")
         trust_remote_code: bool = expect_field(obj, "trust_remote_code", bool, False)
+        runtime = expect_field(obj, "engine_runtime", str, None)
+        if runtime is not None and not RUNTIME_RE.fullmatch(runtime):
+            raise ValidationError("engine_runtime", "must be a runtime name such as vllm-0.32-cu12 (lowercase "
+                                  "letters, digits, '.', '_' or '-')")
+        tp = None if obj.get("tensor_parallel_size") is None else expect_int(obj, "tensor_parallel_size", 1, 16)
+        if tp is not None and gpus and tp > gpus:
+            raise ValidationError("tensor_parallel_size", f"must not be more than gpus_per_replica ({gpus})")
+        profile = None if obj.get("profile") is None else ModelProfile.from_dict(obj["profile"])
         return ModelSpec(name=name, source=source, task=task, replicas=replicas, gpus_per_replica=gpus,
                          gpu_memory_mib=mem, engine=engine, engine_args=tuple(args), max_model_len=max_len,
-                         revision=revision, labels=dict(labels), trust_remote_code=trust_remote_code)
+                         revision=revision, labels=dict(labels), trust_remote_code=trust_remote_code,
+                         engine_runtime=runtime, tensor_parallel_size=tp, profile=profile)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f: getattr(self, f) for f in ("name", "source", "replicas", "gpus_per_replica", "gpu_memory_mib",
+                                           "engine", "max_model_len", "revision", "trust_remote_code")}
         d["task"] = self.task.value
         d["engine_args"] = list(self.engine_args)
         d["labels"] = dict(self.labels)
+        # New fields only when set: a spec written before they existed reads back equal (same_deployment).
+        if self.engine_runtime is not None:
+            d["engine_runtime"] = self.engine_runtime
+        if self.tensor_parallel_size is not None:
+            d["tensor_parallel_size"] = self.tensor_parallel_size
+        if self.profile is not None:
+            d["profile"] = self.profile.to_dict()
         return d
 
     @property
