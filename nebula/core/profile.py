@@ -51,10 +51,6 @@ class ModelProfile:
     def from_dict(obj: object) -> ModelProfile:
         if not isinstance(obj, dict):
             raise ValidationError("profile", "must be a JSON object")
-        ints = {k: _int(obj, k) for k in ("max_positions", "param_count", "weight_bytes", "layers", "hidden_size",
-                                          "kv_heads", "head_dim")}
-        strs = {k: _str(obj, k) for k in ("architecture", "model_type", "task", "dtype", "quantization", "family")}
-        parsers = {k: _parser(obj, k) for k in ("tool_call_parser", "reasoning_parser")}
         args = obj.get("engine_args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise ValidationError("profile.engine_args", "must be a list of strings")
@@ -62,7 +58,14 @@ class ModelProfile:
         if not isinstance(derived, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in derived.items()):
             raise ValidationError("profile.derived", "must map strings to strings")
-        return ModelProfile(**strs, **ints, **parsers, engine_args=tuple(args), derived=dict(derived))
+        return ModelProfile(
+            architecture=_str(obj, "architecture"), model_type=_str(obj, "model_type"), task=_str(obj, "task"),
+            max_positions=_int(obj, "max_positions"), dtype=_str(obj, "dtype"),
+            quantization=_str(obj, "quantization"), param_count=_int(obj, "param_count"),
+            weight_bytes=_int(obj, "weight_bytes"), layers=_int(obj, "layers"), hidden_size=_int(obj, "hidden_size"),
+            kv_heads=_int(obj, "kv_heads"), head_dim=_int(obj, "head_dim"), family=_str(obj, "family"),
+            tool_call_parser=_parser(obj, "tool_call_parser"), reasoning_parser=_parser(obj, "reasoning_parser"),
+            engine_args=tuple(args), derived=dict(derived))
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "model_type": self.model_type, "task": self.task,
