@@ -316,7 +316,7 @@ def _req(raw: Mapping[str, Any], key: str, where: str) -> str:
 
 
 def _positive(raw: Mapping[str, Any], key: str, where: str = "") -> int | None:
-    value = _opt(raw, key, int, where)
+    value: int | None = _opt(raw, key, int, where)
     if value is not None and not 1 <= value <= 1 << 24:
         raise ValidationError(f"{where + '.' if where else ''}{key}", "must be a positive number of tokens")
     return value

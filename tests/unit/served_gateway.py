@@ -62,8 +62,8 @@ def served_gateway(cfg: GatewayConfig | None = None,
         store = MemoryStore()
         if prepare is not None:
             await prepare(store)
-        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry(), catalog=catalog), handler_cancellation=True,
-                               shutdown_timeout=5.0)
+        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry(), catalog=catalog),
+                               handler_cancellation=True, shutdown_timeout=5.0)
         await runner.setup()
         await gateway_site(runner, "127.0.0.1", port, shutdown_timeout_s=5.0).start()
         box.append((runner, store))

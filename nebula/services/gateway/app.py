@@ -21,9 +21,9 @@ from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, Tracin
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.errors import ConfigError
+from nebula.services.catalog_files import load_catalog
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
-from nebula.services.catalog_files import load_catalog
 from nebula.services.gateway import admin_api, catalog_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
