@@ -31,7 +31,11 @@ def query_words(words: Sequence[str]) -> list[str]:
 
 
 def gib(value: float) -> str:
-    return f"{value:.1f}" if value >= 0.95 else f"{value:.2f}"
+    return f"{value:.1f}" if value >= 0.95 else f"{value:.2g}"
+
+
+def clipped(text: str, width: int = 72) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def weights_range(entry: Mapping[str, Any]) -> str:
@@ -45,7 +49,7 @@ def weights_range(entry: Mapping[str, Any]) -> str:
 
 def entry_rows(entries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return [[e["name"], ",".join(e.get("sizes") or []), ",".join(e.get("quants") or []), str(e.get("task", "-")),
-             weights_range(e), str(e.get("description") or "")] for e in entries]
+             weights_range(e), clipped(str(e.get("description") or ""))] for e in entries]
 
 
 def variant_rows(entries: Sequence[Mapping[str, Any]]) -> list[list[str]]:

@@ -338,7 +338,7 @@ def resolve_spec(spec: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
     model = catalog.resolve(source.strip(), size, quant)
     task = out.get("task")
     if task is not None and task != model.task.value:
-        raise ValidationError("task", f"catalog entry {model.name} is a {model.task.value} model, but the spec "
+        raise ValidationError("task", f"catalog entry {model.name} serves task {model.task.value}, but the spec "
                               f"says task {task!r}; drop task, or choose a {task} model (nebula catalog search "
                               f"{task})")
     out.setdefault("name", source.strip())

@@ -19,7 +19,8 @@ def shipped_catalog() -> Path:
 
 def catalog_paths(cfg: CatalogConfig, shipped: Path | None = None) -> list[Path]:
     """The files [catalog] files names, in order: globs expanded in name order, a missing catalog.toml
-    replaced by the shipped one; ConfigError for another missing file."""
+    replaced by the shipped one (skipped where there is none: an install without /etc/nebula still starts, with
+    an empty catalog); ConfigError for another missing file."""
     shipped = shipped_catalog() if shipped is None else shipped
     paths: list[Path] = []
     for pattern in cfg.files:
@@ -27,8 +28,8 @@ def catalog_paths(cfg: CatalogConfig, shipped: Path | None = None) -> list[Path]
             paths += [Path(p) for p in sorted(glob.glob(pattern))]
         elif Path(pattern).is_file():
             paths.append(Path(pattern))
-        elif Path(pattern).name == "catalog.toml" and shipped.is_file():
-            paths.append(shipped)
+        elif Path(pattern).name == "catalog.toml":
+            paths += [shipped] if shipped.is_file() else []
         else:
             raise ConfigError("catalog.files", f"catalog.files: {pattern}: no such file (remove it from [catalog] "
                               "files, or create it)")
