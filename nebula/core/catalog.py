@@ -92,6 +92,12 @@ class CatalogModel:
     max_model_len: int | None
     weights_gib: float
     note: str
+    origin: str = ""
+
+    @property
+    def provenance(self) -> str:
+        """For a profile's `derived` map: where the spec's source, task and context came from."""
+        return f"catalog {self.name} ({self.entry} {self.size} {self.quant}, {self.origin or 'catalog'})"
 
 
 class Catalog:
@@ -201,7 +207,7 @@ def _score(entry: CatalogEntry, terms: Sequence[str]) -> int | None:
 def _resolved(entry: CatalogEntry, v: CatalogVariant) -> CatalogModel:
     return CatalogModel(name=entry.variant_name(v), entry=entry.name, size=v.size, quant=v.quant, source=v.source,
                         revision=v.revision, task=entry.task, max_model_len=v.max_model_len or entry.max_model_len,
-                        weights_gib=v.weights_gib, note=v.note)
+                        weights_gib=v.weights_gib, note=v.note, origin=entry.origin)
 
 
 def validate_catalog_name(name: str, where: str) -> str:
@@ -323,9 +329,15 @@ def _positive(raw: Mapping[str, Any], key: str, where: str = "") -> int | None:
 
 
 def resolve_spec(spec: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """A load request whose `source` is a catalog name, made a plain model spec (see `resolve_request`)."""
+    return resolve_request(spec, catalog)[0]
+
+
+def resolve_request(spec: Mapping[str, Any], catalog: Catalog) -> tuple[dict[str, Any], CatalogModel | None]:
     """A load request whose `source` is a catalog name, made a plain model spec: source, revision, task and
     max_model_len from the catalog (the request's own revision and max_model_len win), `size` and `quant`
-    consumed, `name` defaulting to the catalog name. Other requests pass unchanged (size/quant refused)."""
+    consumed, `name` defaulting to the catalog name; with the variant it resolved to. Other requests pass
+    unchanged, with None (size/quant refused)."""
     out = dict(spec)
     size, quant = _choice(out.pop("size", None), "size"), _choice(out.pop("quant", None), "quant")
     source = out.get("source")
@@ -334,7 +346,7 @@ def resolve_spec(spec: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
             raise ValidationError("size" if size is not None else "quant",
                                   "size and quant choose a variant of a catalog entry; the source is not a "
                                   "catalog name (see `nebula catalog`)")
-        return out
+        return out, None
     model = catalog.resolve(source.strip(), size, quant)
     task = out.get("task")
     if task is not None and task != model.task.value:
@@ -348,7 +360,7 @@ def resolve_spec(spec: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
         out["revision"] = model.revision
     if out.get("max_model_len") is None and model.max_model_len is not None:
         out["max_model_len"] = model.max_model_len
-    return out
+    return out, model
 
 
 def _choice(value: object, key: str) -> str | None:

@@ -13,7 +13,7 @@ from nebula.core.config import CatalogConfig, parse_config
 from nebula.core.model import ModelSpec
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.catalog_files import catalog_paths, load_catalog, shipped_catalog
-from nebula.services.gateway.catalog_api import resolve_catalog
+from nebula.services.gateway.catalog_api import resolve_catalog, resolve_catalog_model
 from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, served_gateway
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -63,6 +63,10 @@ def test_resolve_catalog_makes_the_load_body_a_spec() -> None:
     spec = ModelSpec.from_dict(body)
     assert (spec.name, spec.source, spec.replicas) == ("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 2)
     assert resolve_catalog([1, 2], catalog) == [1, 2]  # not an object: ModelSpec.from_dict says so
+    body, model = resolve_catalog_model({"source": "qwen2.5-instruct", "size": "7b", "quant": "awq"}, catalog)
+    assert model is not None and model.provenance == (
+        f"catalog qwen2.5-7b-instruct-awq (qwen2.5-instruct 7b awq, {shipped_catalog()})")
+    assert resolve_catalog_model({"name": "m", "source": "a/b"}, catalog) == ({"name": "m", "source": "a/b"}, None)
     with pytest.raises(ValidationError, match="serves task embed"):
         resolve_catalog({"name": "x", "source": "bge-m3", "task": "rerank"}, catalog)
 

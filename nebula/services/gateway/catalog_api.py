@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.core.catalog import Catalog, CatalogModel, resolve_spec
+from nebula.core.catalog import Catalog, CatalogModel, resolve_request
 from nebula.core.model import validate_name
 from nebula.errors import ValidationError
 from nebula.services.http.errors import ApiError
@@ -27,15 +27,21 @@ def resolve_catalog(spec_json: object, catalog: Catalog) -> object:
     and `quant` consumed; `name` defaulting to the catalog name). Anything else passes unchanged, for
     ModelSpec.from_dict to judge. ValidationError (a 400 naming the field) for an unknown name, with the
     closest names, and for a task the entry contradicts."""
+    return resolve_catalog_model(spec_json, catalog)[0]
+
+
+def resolve_catalog_model(spec_json: object, catalog: Catalog) -> tuple[object, CatalogModel | None]:
+    """`resolve_catalog`, with the variant it resolved to (None: the source named no catalog entry), whose
+    `provenance` a profile's `derived` map can give for source, task and max_model_len."""
     if not isinstance(spec_json, dict):
-        return spec_json
-    return resolve_spec(spec_json, catalog)
+        return spec_json, None
+    return resolve_request(spec_json, catalog)
 
 
 def model_json(m: CatalogModel) -> dict[str, Any]:
     return {"name": m.name, "entry": m.entry, "size": m.size, "quant": m.quant, "source": m.source,
             "revision": m.revision, "task": m.task.value, "max_model_len": m.max_model_len,
-            "weights_gib": m.weights_gib, "note": m.note}
+            "weights_gib": m.weights_gib, "note": m.note, "origin": m.origin}
 
 
 async def list_catalog(request: web.Request) -> web.Response:
