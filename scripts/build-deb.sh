@@ -136,10 +136,14 @@ else
     "${pip[@]}" check >/dev/null || { "${pip[@]}" check >&2; die "the venv is inconsistent: run --relock"; }
 fi
 
-# /etc/nebula/nebula.toml: every setting documented and commented out (a conffile that admins rarely need
-# to edit; their settings go in nebula.d/ drop-ins, which never trigger a conffile prompt).
-mkdir -p "$stage/etc/nebula/nebula.d" "$stage/etc/nebula/engines"
-"$venv/bin/nebula" --config "$stage/etc/nebula/nebula.toml" config init >/dev/null
+# /etc/nebula: the repository's etc/nebula/*.toml, each a conffile (the reference nebula.toml, every setting
+# documented and commented out; the model catalog; other shipped data files). Admins put their settings in
+# nebula.d/ and their catalog entries in catalog.d/, which never trigger a conffile prompt.
+mkdir -p "$stage/etc/nebula/nebula.d" "$stage/etc/nebula/catalog.d" "$stage/etc/nebula/engines"
+install -m 0644 -t "$stage/etc/nebula" "$repo"/etc/nebula/*.toml
+"$venv/bin/nebula" config init --stdout | cmp -s - "$stage/etc/nebula/nebula.toml" \
+    || die "etc/nebula/nebula.toml is not what this build's config generates: run" \
+           "python -m nebula config init --stdout > etc/nebula/nebula.toml, and commit it"
 "$python" - "$stage/etc/nebula/nebula.toml" <<'EOF'
 import sys, tomllib
 data = tomllib.load(open(sys.argv[1], "rb"))
@@ -225,7 +229,7 @@ for script in postinst prerm postrm; do
     ! grep -q '@[A-Z_]*@' "$stage/DEBIAN/$script" || die "unfilled token in $script"
     sh -n "$stage/DEBIAN/$script"
 done
-echo /etc/nebula/nebula.toml >"$stage/DEBIAN/conffiles"
+(cd "$stage" && find etc/nebula -maxdepth 1 -name '*.toml' -type f -printf '/%p\n' | sort) >"$stage/DEBIAN/conffiles"
 # dpkg-shlibdeps and dpkg-gencontrol expect a source tree with debian/control.
 cp "$deb/control" "$deb/changelog" "$work/debian/"
 mapfile -t elfs < <(find "$venv" -type f -name '*.so*' | sort)

@@ -30,14 +30,24 @@ def render_config(cfg: NebulaConfig) -> str:
     return "\n".join(out) + "\n"
 
 
-def config_command(action: str, explicit: str | None, env: Mapping[str, str], *, as_json: bool = False) -> int:
+def reference_config() -> str:
+    """etc/nebula/nebula.toml, the reference config the package installs: every setting at its default, as
+    generated from the config's field docs (tests/unit/test_reference_config.py keeps the file in step)."""
+    return render_config(NebulaConfig())
+
+
+def config_command(action: str, explicit: str | None, env: Mapping[str, str], *, as_json: bool = False,
+                   stdout: bool = False) -> int:
+    if action == "init" and stdout:
+        sys.stdout.write(reference_config())
+        return 0
     path = config_path(env, explicit)
     if action == "init":
         if path.exists():
             print(f"nebula: {path} exists; not overwriting it (remove it first)", file=sys.stderr)
             return 1
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_config(NebulaConfig()))
+        path.write_text(reference_config())
         os.chmod(path, 0o644)
         print(f"wrote {path}")
         return 0

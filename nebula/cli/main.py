@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from nebula import __version__
+from nebula.cli.catalog import add_catalog_parser, catalog_command
 from nebula.cli.client import EXIT_CODES_HELP, EXIT_USAGE, AdminClient, CliError, admin_key, gateway_url
 from nebula.cli.keys import add_keys_parser, keys_command
 from nebula.cli.pull import add_pull_parser, pull_command
+from nebula.cli.show import add_show_parser, show
 from nebula.core.config import NebulaConfig
 from nebula.errors import ConfigError, ValidationError
 from nebula.services.runtime import config_path, load_config
@@ -47,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="models, their replicas and phases")
     ls.add_argument("--json", action="store_true")
     ld = sub.add_parser("load", help="load a model (writes its desired state)")
-    ld.add_argument("name")
-    ld.add_argument("--source", required=True,
+    ld.add_argument("name", help="the name it is served as; with no --source, a catalog name (`nebula catalog`)")
+    ld.add_argument("--source",
                     help="model directory (a relative one must exist here and is sent absolute), Hugging Face "
-                    "repo (org/name, hf://org/name) or modelscope://org/name")
-    ld.add_argument("--task", default="generate", choices=["generate", "embed", "rerank"])
+                    "repo (org/name, hf://org/name), modelscope://org/name, or a catalog name (default: NAME)")
+    ld.add_argument("--size", help="with a catalog name: the entry's size (e.g. 7b)")
+    ld.add_argument("--quant", help="with a catalog name: the variant's quantization (e.g. awq, fp8)")
+    ld.add_argument("--task", choices=["generate", "embed", "rerank"],
+                    help="default: the catalog entry's, else generate")
     ld.add_argument("--replicas", type=int, default=1)
     ld.add_argument("--max-model-len", type=int)
     ld.add_argument("--engine-arg", action="append", default=[], dest="engine_args",
@@ -72,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("-w", "--watch", action="store_true", help="redraw until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch refresh (default 2)")
+    add_show_parser(sub)
+    add_catalog_parser(sub)
     add_logs_parser(sub)
     add_pull_parser(sub)
     add_keys_parser(sub)
     cf = sub.add_parser("config", help="check or write the config file")
     cf.add_argument("action", choices=["check", "init", "show"])
     cf.add_argument("--json", action="store_true", help="check, show: machine-readable output")
+    cf.add_argument("--stdout", action="store_true", help="init: print the file instead of writing it (the "
+                    "reference etc/nebula/nebula.toml)")
     return p
 
 
@@ -137,7 +146,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
     if cmd == "config":
         from nebula.cli.config_cmd import config_command
 
-        return config_command(args.action, args.config, env, as_json=args.json)
+        return config_command(args.action, args.config, env, as_json=args.json, stdout=args.stdout)
     if cmd == "node" and args.action == "join":
         from nebula.cli import node_join as nj
 
@@ -167,18 +176,17 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         return pull_command(client, args)
     if cmd == "keys":
         return keys_command(client, args)
+    if cmd == "catalog":
+        return catalog_command(client, args, sys.stdout)
+    if cmd == "show":
+        return show(client, args.model, as_json=args.json, out=sys.stdout)
     from nebula.cli import models as m
 
     if cmd == "list":
         return m.list_models(client, as_json=args.json)
     if cmd == "load":
         wait_s = m.check_wait(args.wait)
-        spec: dict[str, Any] = {"name": args.name, "source": m.local_source(args.source, Path.cwd()),
-                                "task": args.task, "replicas": args.replicas, "engine_args": args.engine_args}
-        if args.max_model_len:
-            spec["max_model_len"] = args.max_model_len
-        if args.trust_remote_code:
-            spec["trust_remote_code"] = True
+        spec = m.load_spec(args, Path.cwd())
         return m.load(client, spec, wait_s=wait_s, as_json=args.json, out=sys.stdout)
     if cmd == "unload":
         return m.unload(client, args.name, as_json=args.json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -25,6 +26,20 @@ def local_source(source: str, cwd: Path) -> str:
     first = Path(cwd, text.split("/", 1)[0])
     form = source_form(text, exists=Path(cwd, text).is_dir(), first_part_exists="/" in text and first.is_dir())
     return str(Path(cwd, text).resolve()) if form is SourceForm.RELATIVE else source
+
+
+def load_spec(args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
+    """The load request of `nebula load`: with no --source, NAME is a catalog name (the gateway resolves it);
+    --size and --quant choose the catalog entry's variant; --task only when given (the catalog's otherwise)."""
+    source = local_source(args.source, cwd) if args.source else args.name
+    spec: dict[str, Any] = {"name": args.name, "source": source, "replicas": args.replicas,
+                            "engine_args": args.engine_args}
+    for key in ("task", "size", "quant", "max_model_len"):
+        if getattr(args, key):
+            spec[key] = getattr(args, key)
+    if args.trust_remote_code:
+        spec["trust_remote_code"] = True
+    return spec
 
 
 def check_wait(seconds: float) -> float:

@@ -199,6 +199,15 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
+class CatalogConfig:
+    files: tuple[str, ...] = _f(
+        ("/etc/nebula/catalog.toml", "/etc/nebula/catalog.d/*.toml"),
+        "Model catalog files (`nebula catalog`, `nebula load NAME`), read in order (a glob in name order); an "
+        "entry of a later file replaces an earlier one of the same name. A missing catalog.toml reads the "
+        "catalog shipped with Nebula instead.")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _f("info", "Log level: debug, info, warning, error.")
 
@@ -211,6 +220,7 @@ class NebulaConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -95,15 +95,20 @@ def test_package_layout(package: Package) -> None:
     assert {"nebula.target", "nebula-engine@.service", *CONTROL_PLANE} <= set(package.units)
     assert (t / "usr/share/polkit-1/rules.d/50-nebula.rules").is_file()
     assert (t / "usr/lib/sysusers.d/nebula.conf").is_file() and (t / "usr/lib/tmpfiles.d/nebula.conf").is_file()
-    assert (t / "etc/nebula/nebula.d").is_dir() and (t / "etc/nebula/engines").is_dir()
+    assert all((t / "etc/nebula" / d).is_dir() for d in ("nebula.d", "catalog.d", "engines"))
     conf = (t / "etc/nebula/nebula.toml").read_text()
     assert all(line.startswith(("#", "[")) or not line.strip() for line in conf.splitlines()), conf
+    # The reference config and the catalog as the repository has them (etc/nebula/).
+    shipped = sorted(p.name for p in (REPO_ROOT / "etc/nebula").glob("*.toml"))
+    assert {"nebula.toml", "catalog.toml"} <= set(shipped)
+    for name in shipped:
+        assert (t / "etc/nebula" / name).read_text() == (REPO_ROOT / "etc/nebula" / name).read_text(), name
     control = run(["dpkg-deb", "-I", str(package.deb)]).stdout
     for field in ("Depends: ", "python3.11", "systemd", "polkitd", "Recommends: etcd-server",
                   "Suggests: etcd-client, prometheus"):
         assert field in control, control
     res = run(["sh", "-c", f"dpkg-deb --ctrl-tarfile {package.deb} | tar -xO ./conffiles"])
-    assert res.stdout.split() == ["/etc/nebula/nebula.toml"], res
+    assert res.stdout.split() == [f"/etc/nebula/{name}" for name in shipped], res
 
 
 def test_units_verify_silently(package: Package) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.cli.main import main
+from nebula.core.catalog import Catalog
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.app import build_gateway_app, gateway_site
 from tests.harness.etcd import free_port
@@ -45,7 +46,8 @@ class ServedGateway:
 @contextmanager
 def served_gateway(cfg: GatewayConfig | None = None,
                    prepare: Callable[[MemoryStore], Awaitable[None]] | None = None,
-                   cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None) -> Iterator[ServedGateway]:
+                   cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                   catalog: Catalog | None = None) -> Iterator[ServedGateway]:
     """Serve the gateway (by default with ADMIN_KEY as its admin key) until the block ends. `prepare` runs
     on the gateway's loop before it serves (to fill the store, start fake engines), `cleanup` after it
     stopped. Served as in production: the data-plane server in front of aiohttp, handlers cancelled when
@@ -60,8 +62,8 @@ def served_gateway(cfg: GatewayConfig | None = None,
         store = MemoryStore()
         if prepare is not None:
             await prepare(store)
-        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry()), handler_cancellation=True,
-                               shutdown_timeout=5.0)
+        runner = web.AppRunner(build_gateway_app(cfg, store, CollectorRegistry(), catalog=catalog),
+                               handler_cancellation=True, shutdown_timeout=5.0)
         await runner.setup()
         await gateway_site(runner, "127.0.0.1", port, shutdown_timeout_s=5.0).start()
         box.append((runner, store))

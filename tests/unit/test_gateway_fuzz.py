@@ -23,8 +23,9 @@ from schemathesis.core.result import Ok
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
-from nebula.core.config import GatewayConfig
+from nebula.core.config import CatalogConfig, GatewayConfig
 from nebula.core.model import ModelSpec, Task, dumps
+from nebula.services.catalog_files import load_catalog
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.openapi import openapi_document
 from tests.unit.fake_engine import FakeEngine, put_instance
@@ -49,7 +50,8 @@ def gateway_url() -> Iterator[str]:
 
     cfg = GatewayConfig(admin_key_hashes=(hashlib.sha256(ADMIN.encode()).hexdigest(),), load_poll_s=0,
                         max_body_bytes=64 * 1024)
-    with served_gateway(cfg, prepare, engine.stop) as gateway:
+    # The shipped catalog: /v1/admin/catalog answers with real entries.
+    with served_gateway(cfg, prepare, engine.stop, catalog=load_catalog(CatalogConfig())) as gateway:
         yield gateway.url
 
 

@@ -16,13 +16,15 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
+from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.errors import ConfigError
+from nebula.services.catalog_files import load_catalog
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
-from nebula.services.gateway import admin_api, discovery, keys_api, openai_api, status_api
+from nebula.services.gateway import admin_api, catalog_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
@@ -61,7 +63,7 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
-                      engine: EngineConfig | None = None) -> web.Application:
+                      engine: EngineConfig | None = None, catalog: Catalog | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -82,6 +84,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
     app[GATEWAY] = state
+    app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()
     registry.register(ModelCollector(view, table))
     app.on_response_prepare.append(add_request_id_header)
 
@@ -112,7 +115,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
             lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
             "gateway-load-poll"))
     app.add_routes(openai_api.routes() + admin_api.routes() + status_api.routes() + keys_api.routes()
-                   + discovery.routes() + [openapi_route()])
+                   + catalog_api.routes() + discovery.routes() + [openapi_route()])
     app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
     return app
 
@@ -163,7 +166,8 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     for a worker among several (SO_REUSEPORT)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = with_bootstrap_key(cfg.gateway)
-    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine)
+    app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
+                            catalog=load_catalog(cfg.catalog))
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

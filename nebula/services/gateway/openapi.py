@@ -87,7 +87,10 @@ def _model_spec() -> Schema:
     return {"type": "object", "required": ["name", "source"], "additionalProperties": True, "properties": {
         "name": {"type": "string", "pattern": NAME_PATTERN},
         "source": {"type": "string", "pattern": "\\S",
-                   "description": "An absolute model directory on the nodes, or a hub reference."},
+                   "description": "An absolute model directory on the nodes, a hub reference, or a catalog name "
+                                  "(GET /v1/admin/catalog)."},
+        "size": _opt({"type": "string", "description": "With a catalog name: the entry's size (7b)."}),
+        "quant": _opt({"type": "string", "description": "With a catalog name: the variant's quant (awq, fp8)."}),
         "task": _opt({"enum": ["generate", "embed", "rerank"]}),
         "replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
         "gpus_per_replica": _opt({"type": "integer", "minimum": 0, "maximum": 16}),
@@ -152,6 +155,10 @@ def _path_param(name: str, schema: Schema) -> Schema:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
+def _query_param(name: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
 def openapi_document() -> Schema:
     bodies = _inference_bodies()
     inference = {f"/v1/{path}": {"post": _op(f"OpenAI-compatible /v1/{path}, forwarded to a ready replica",
@@ -181,6 +188,13 @@ def openapi_document() -> Schema:
                          body={"type": "object", "required": ["replicas"], "additionalProperties": False,
                                "properties": {"replicas": {"type": "integer", "minimum": 1, "maximum": 64}}})},
         "/v1/admin/nodes": {"get": _op("Live nodes", "a list", errors=admin)},
+        "/v1/admin/catalog": {"get": _op("Catalog entries matching every word of q (all without q), best first",
+                                         "a list", params=[_query_param("q", {"type": "string", "maxLength": 200})],
+                                         errors=admin)},
+        "/v1/admin/catalog/{name}": {"get": _op(
+            "One catalog variant: a variant's name, or an entry's with size and quant", "the variant and its entry",
+            params=[name, _query_param("size", {"type": "string"}), _query_param("quant", {"type": "string"})],
+            errors=(*admin, "404"))},
         "/v1/admin/replicas": {"get": _op("This gateway's routing table", "the table", errors=admin)},
         "/v1/admin/status": {"get": _op("The whole cluster at a glance", "the status", errors=admin)},
         "/v1/admin/keys": {
