@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from nebula.core.model import ModelSpec
+from nebula.core.model import ModelSpec, Task
 from nebula.core.profile import ModelProfile
 
 DERIVED_PREFIX = "spec."
 # Fields sizing may fill, with the value a request that left them open carries.
-SIZED_FIELDS: Mapping[str, Any] = {"gpus_per_replica": 0, "gpu_memory_mib": 0, "tensor_parallel_size": None,
-                                   "max_model_len": None}
+SIZED_FIELDS: Mapping[str, Any] = {"task": Task.GENERATE, "gpus_per_replica": 0, "gpu_memory_mib": 0,
+                                   "tensor_parallel_size": None, "max_model_len": None}
 
 
 def with_derived(spec: ModelSpec, profile: ModelProfile, filled: Mapping[str, tuple[Any, str]]) -> ModelSpec:

@@ -13,10 +13,11 @@ import logging
 from aiohttp import web
 
 from nebula.core import keys
-from nebula.core.engine_args import check_engine_request
-from nebula.core.model import ModelSpec, loads, validate_name
+from nebula.core.model import ModelSpec, NodeRecord, loads, validate_name
 from nebula.services.cluster.writes import Conflict, LoadOutcome
 from nebula.services.gateway import pulls_api
+from nebula.services.gateway.catalog_api import catalog_of
+from nebula.services.gateway.load_request import plan_load
 from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError
@@ -35,10 +36,13 @@ def _name(request: web.Request) -> str:
 
 async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    spec = ModelSpec.from_dict(await _read_json(request))
-    check_engine_request(spec.engine_args, spec.trust_remote_code, st.engine.allowed_engine_args,
-                         st.engine.allow_trust_remote_code)  # 400 naming the flag and the config key
-    await _check_fleet_has_gpus(st, spec)
+    nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
+    plan = await plan_load(await _read_json(request), catalog=catalog_of(request.app), store=st.store,
+                           engine=st.engine, node=st.node, models=st.models, nodes=nodes)
+    spec = plan.spec
+    _check_fleet_has_gpus(nodes, spec)
+    if plan.existing is not None:
+        return web.json_response({"created": False, "model": spec.to_dict(), "note": plan.note})
     try:
         outcome = await st.writes.load_model(spec)
     except Conflict as e:
@@ -47,17 +51,17 @@ async def load_model(request: web.Request) -> web.Response:
         raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
                        "replicas with PATCH, or unload it first", param="name", code="model_exists")
     if outcome is LoadOutcome.CREATED:
-        log.info("model %s loaded (%d replicas)", spec.name, spec.replicas, extra={"NEBULA_MODEL": spec.name})
-    return web.json_response({"created": outcome is LoadOutcome.CREATED, "model": spec.to_dict()})
+        log.info("model %s loaded (%d replicas)%s", spec.name, spec.replicas,
+                 f": {plan.note}" if plan.note else "", extra={"NEBULA_MODEL": spec.name})
+    return web.json_response({"created": outcome is LoadOutcome.CREATED, "model": spec.to_dict(), "note": plan.note})
 
 
-async def _check_fleet_has_gpus(st: GatewayState, spec: ModelSpec) -> None:
+def _check_fleet_has_gpus(nodes: list[NodeRecord], spec: ModelSpec) -> None:
     """400 for more GPUs per replica than any registered node has: no placement could ever hold it. GPU
     memory short of the need is a pending reason instead (a bigger GPU may join, or one may be freed), and
     an empty fleet (nodes not joined yet) is given the benefit of the doubt."""
     if spec.gpus_per_replica <= 0:
         return
-    nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
     if not nodes or any(len(n.gpus) >= spec.gpus_per_replica for n in nodes):
         return
     most = max(nodes, key=lambda n: (len(n.gpus), n.name))

@@ -17,7 +17,7 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
 from nebula.core.catalog import Catalog
-from nebula.core.config import EngineConfig, GatewayConfig, NebulaConfig, TracingConfig
+from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NebulaConfig, NodeConfig, TracingConfig
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.errors import ConfigError
@@ -63,7 +63,8 @@ def load_policy(cfg: GatewayConfig) -> LoadPolicy:
 def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegistry,
                       http_session: aiohttp.ClientSession | None = None,
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
-                      engine: EngineConfig | None = None, catalog: Catalog | None = None) -> web.Application:
+                      engine: EngineConfig | None = None, catalog: Catalog | None = None,
+                      node: NodeConfig | None = None, models: ModelsConfig | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -79,7 +80,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
-                         session=http_session, engine=engine or EngineConfig())
+                         session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
+                         models=models or ModelsConfig())
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -167,7 +169,7 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
-                            catalog=load_catalog(cfg.catalog))
+                            catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models)
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from nebula.adapters.engine_metrics import fetch_engine_load
 from nebula.adapters.upstream_http import UpstreamPool
-from nebula.core.config import EngineConfig, GatewayConfig
+from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NodeConfig
 from nebula.core.engine_load import EngineLoad
 from nebula.core.store import Store
 from nebula.services.cluster.mirror import MirrorSet
@@ -46,6 +46,9 @@ class GatewayState:
     tracer: RequestTracer | None = field(default=None)
     # What a model spec may ask of the engines ([engine] allowed_engine_args, allow_trust_remote_code).
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Where a load reads a model's files from (the hub endpoint and token of [node]) and how it sizes it.
+    node: NodeConfig = field(default_factory=NodeConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
