@@ -59,6 +59,15 @@ def installed_runtimes(cfg: EngineConfig) -> tuple[str, ...]:
     return valid_runtimes(names)
 
 
+def linked_runtime(cfg: EngineConfig) -> str | None:
+    """The runtime the default runtime's link names (install-engine.sh links vllm -> vllm-0.32-cu13), None
+    where the default is no link (a venv of its own) or missing."""
+    try:
+        return Path(os.readlink(runtime_venv(cfg, None))).name
+    except OSError:
+        return None
+
+
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         if len(argv) in (1, 2) and argv[0] == "device":

@@ -127,6 +127,20 @@ def missing_runtime(runtime: str | None, installed: Iterable[str], cfg: EngineCo
     return f"engine runtime {runtime} is not installed on this node (installed: {have}); {how}"
 
 
+def engine_advice(device: Device, installed: Iterable[str], linked: str | None, cfg: EngineConfig) -> str:
+    """What a node needs done about its default runtime, as one line ("" when nothing): `device` is what the
+    machine should run (choose_device), `linked` the runtime the default link names (None: not a link)."""
+    how = f"`{install_command(device)}` (from a Nebula checkout, as root)"
+    if cfg.default_runtime not in installed:
+        return (f"no default engine runtime at {runtime_venv(cfg, None)}, so no model starts here: install one "
+                f"with {how}")
+    have = runtime_device(linked) if linked else None
+    if have is not None and have != device:
+        return (f"the default engine runtime is {linked}, a {have.upper()} build, but this machine calls for the "
+                f"{device.upper()} one: install it with {how}")
+    return ""
+
+
 def check_runtime_available(runtime: str | None, nodes: Iterable[NodeRecord]) -> None:
     """The admin API's check of a model's engine_runtime against the live nodes' records.
 

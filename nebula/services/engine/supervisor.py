@@ -14,7 +14,6 @@ import contextlib
 import enum
 import json
 import logging
-import os
 import signal
 import subprocess
 from collections.abc import Mapping
@@ -23,9 +22,10 @@ from typing import Any
 
 import aiohttp
 
+from nebula.adapters.engine_runtimes import linked_runtime
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig, NebulaConfig
-from nebula.core.engine_runtime import Device, runtime_device, runtime_venv
+from nebula.core.engine_runtime import Device, runtime_device
 from nebula.core.engine_spec import EngineSpec, check_engine_spec, vllm_command
 from nebula.core.model_limits import ModelLimit, engine_max_model_len, model_limit
 from nebula.errors import NebulaError, PermanentError, ValidationError
@@ -101,10 +101,8 @@ def spec_runtime_device(spec: EngineSpec, cfg: EngineConfig) -> Device | None:
     its link points at (install-engine.sh links `vllm` to e.g. vllm-0.32-cpu)."""
     if spec.engine_runtime is not None and spec.engine_runtime != cfg.default_runtime:
         return runtime_device(spec.engine_runtime)
-    try:
-        return runtime_device(Path(os.readlink(runtime_venv(cfg, None))).name)
-    except OSError:
-        return None
+    linked = linked_runtime(cfg)
+    return runtime_device(linked) if linked else None
 
 
 async def check_health(session: aiohttp.ClientSession, url: str, timeout_s: float) -> bool:
