@@ -36,7 +36,7 @@ cache_root=${NEBULA_ENGINE_CACHE:-}
 make_default=1
 dry_run=0
 
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --runtime) device=$2; shift 2 ;;
@@ -162,8 +162,11 @@ rm -rf "$venv"
 # wheel fail the install.
 install_args=(--python "$venv/bin/python" --require-hashes)
 # The CPU torch wheel (a +cpu local version) lies in /opt/wheels on CI and developer machines; uv does
-# not look there on its own.
-[[ -d /opt/wheels ]] && install_args+=(--find-links /opt/wheels)
+# not look there on its own. Only for a lock that pins it: `torch==2.13.0` of the GPU lock would match the
+# +cpu wheel too (a local version satisfies a plain ==).
+if [[ -d /opt/wheels ]] && grep -q '^torch==[^ ]*+cpu' "$lock"; then
+    install_args+=(--find-links /opt/wheels)
+fi
 log "installing $(basename "$lock") into $venv"
 "$uv" pip sync --quiet "${install_args[@]}" "$lock"
 

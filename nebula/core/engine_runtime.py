@@ -141,6 +141,12 @@ def engine_advice(device: Device, installed: Iterable[str], linked: str | None, 
     return ""
 
 
+def node_has_runtime(node: NodeRecord, runtime: str | None) -> bool:
+    """Whether `node` can run a model of `runtime` (None: its default runtime, which every node is taken to
+    have): the filter placement can apply so a pinned model lands only where its runtime is installed."""
+    return runtime is None or runtime in node.runtimes
+
+
 def check_runtime_available(runtime: str | None, nodes: Iterable[NodeRecord]) -> None:
     """The admin API's check of a model's engine_runtime against the live nodes' records.
 
@@ -151,7 +157,7 @@ def check_runtime_available(runtime: str | None, nodes: Iterable[NodeRecord]) ->
     if runtime is None:
         return
     nodes = list(nodes)
-    if not nodes or any(runtime in n.runtimes for n in nodes):
+    if not nodes or any(node_has_runtime(n, runtime) for n in nodes):
         return
     have = sorted({r for n in nodes for r in n.runtimes})
     device = runtime_device(runtime) or "gpu"

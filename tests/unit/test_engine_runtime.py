@@ -14,6 +14,7 @@ from nebula.core.engine_runtime import (
     check_runtime_available,
     choose_device,
     missing_runtime,
+    node_has_runtime,
     parse_lock,
     runtime_device,
     runtime_name,
@@ -165,6 +166,8 @@ def test_missing_runtime_names_the_install_command() -> None:
 def test_admin_check_needs_one_live_node_with_the_runtime() -> None:
     nodes = [node("a", "vllm", "vllm-0.32-cpu"), node("b", "vllm", "vllm-0.32-cu13")]
     check_runtime_available(None, nodes)
+    assert [n.name for n in nodes if node_has_runtime(n, "vllm-0.32-cu13")] == ["b"]
+    assert all(node_has_runtime(n, None) for n in nodes)
     check_runtime_available("vllm-0.32-cu13", nodes)
     check_runtime_available("vllm-0.33-cu13", [])  # no node yet: the model waits pending like any other
     with pytest.raises(ValidationError) as e:

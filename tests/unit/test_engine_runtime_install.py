@@ -8,17 +8,18 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.engine_runtimes import gpus_seen, installed_runtimes
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys, records
-from nebula.core.config import EngineConfig, NebulaConfig
+from nebula.core.config import EngineConfig, NebulaConfig, NodeConfig
 from nebula.core.engine_spec import EngineSpec
 from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
-from nebula.services.engine.supervisor import spec_runtime_device
+from nebula.services.engine.supervisor import ExitCode, run_engine, spec_runtime_device
 from tests.harness.mirrors import mirrored
 from tests.unit.test_agent import TableUnits, model_dir, phase
 
@@ -158,3 +159,15 @@ async def test_agent_runs_installed_runtimes_and_refuses_others(tmp_path: Path) 
     assert json.loads(status.value)["message"] == (
         "engine runtime vllm-0.33-cu13 is not installed on this node (installed: vllm, vllm-0.32-cpu); install it "
         "with `scripts/install-engine.sh --runtime gpu` from a Nebula checkout whose lock makes vllm-0.33-cu13")
+
+
+def test_the_engine_refuses_a_runtime_that_is_not_installed(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "m.toml").write_text(f'source = "{tmp_path / "model"}"\nport = 18000\n'
+                                     'engine_runtime = "vllm-0.32-cu13"\n')
+    cfg = NebulaConfig(node=NodeConfig(run_dir=str(tmp_path / "run")),
+                       engine=EngineConfig(runtimes_dir=str(tmp_path / "engines"), hand_specs_dir=str(tmp_path)))
+    assert run_engine("m", cfg, {}) == ExitCode.BAD_SPEC
+    assert "engine runtime vllm-0.32-cu13 is not installed on this node (installed: none); install it with " \
+           "`scripts/install-engine.sh --runtime gpu`" in caplog.text

@@ -22,10 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from nebula.adapters.engine_runtimes import linked_runtime
+from nebula.adapters.engine_runtimes import installed_runtimes, linked_runtime
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig, NebulaConfig
-from nebula.core.engine_runtime import Device, runtime_device
+from nebula.core.engine_runtime import Device, missing_runtime, runtime_device
 from nebula.core.engine_spec import EngineSpec, check_engine_spec, vllm_command
 from nebula.core.model_limits import ModelLimit, engine_max_model_len, model_limit
 from nebula.errors import NebulaError, PermanentError, ValidationError
@@ -280,6 +280,11 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
                       extra={**fields, "NEBULA_MODEL": spec.model})
             notifier.notify(STATUS=f"model source {spec.source} does not exist")
             return ExitCode.NO_SOURCE
+        # A runtime the agent saw may be gone since (removed by hand), and a hand-written spec is checked nowhere else.
+        if reason := missing_runtime(spec.engine_runtime, installed_runtimes(cfg.engine), cfg.engine):
+            log.error("cannot start engine: %s", reason, extra={**fields, "NEBULA_MODEL": spec.model})
+            notifier.notify(STATUS=f"bad spec: {reason}")
+            return ExitCode.BAD_SPEC
         limit = read_model_limit(Path(spec.source))
         try:
             engine_max_model_len(spec.max_model_len, cfg.engine.default_max_model_len, limit)
