@@ -22,9 +22,8 @@ from nebula.errors import ValidationError
 
 Device = Literal["cpu", "gpu"]
 DEVICES: tuple[Device, ...] = ("cpu", "gpu")
-LOCKS: dict[Device, str] = {"cpu": "packaging/engine/vllm-cpu.lock", "gpu": "packaging/engine/vllm-gpu.lock"}
-"""The lock each device installs, relative to the repository root."""
 INSTALL = "scripts/install-engine.sh"
+"""It installs packaging/engine/vllm-<device>.lock for --runtime <device>."""
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 _HASH = re.compile(r"--hash=(sha256:[0-9a-f]{64})")
