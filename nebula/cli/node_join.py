@@ -1,9 +1,11 @@
-"""`nebula node join --etcd URL[,URL...] [--name N] [--labels k=v,...] [--address A] [--no-start]`.
+"""`nebula node join --etcd URL[,URL...] [--name N] [--labels k=v,...] [--address A] [--engine auto|cpu|gpu]
+[--no-start]`.
 
 Writes this node's settings as the drop-in nebula.d/50-node.toml beside the main config (the package's
 conffile stays untouched, so upgrades never prompt), checks that etcd answers with the resulting config,
 then enables and (re)starts nebula-node.service when systemd is PID 1. A failed check leaves the files as
-they were.
+they were. Last, the engine step: the runtime this machine calls for (GPU where NVML sees one, unless
+--engine or NEBULA_ENGINE_DEVICE says otherwise) against those installed, and the install command if needed.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import logging
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import tomli_w
 
+from nebula.adapters.engine_runtimes import gpus_seen, installed_runtimes, linked_runtime
 from nebula.cli.client import EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from nebula.cli.config_cmd import render_config
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig, parse_config
+from nebula.core.engine_runtime import Device, choose_device, engine_advice
 from nebula.core.model import validate_name
 from nebula.errors import NebulaError, ValidationError
 from nebula.services.runtime import config_path, load_config, node_name, open_store
@@ -37,11 +41,41 @@ EtcdCheck = Callable[[NebulaConfig, str], str | None]
 
 
 @dataclass(frozen=True)
+class EngineCheck:
+    """The engine step: the runtime this machine calls for and what it has (nebula/core/engine_runtime.py)."""
+
+    device: Device
+    gpus: int
+    runtimes: tuple[str, ...]
+    linked: str | None
+    advice: str
+    """One line saying what to install; empty when the default runtime fits the machine."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "gpus": self.gpus, "runtimes": list(self.runtimes),
+                "default": self.linked, "advice": self.advice}
+
+
+def engine_check(cfg: NebulaConfig, requested: str, env: Mapping[str, str]) -> EngineCheck:
+    """`requested` (--engine auto|cpu|gpu), else NEBULA_ENGINE_DEVICE, else a GPU runtime where NVML sees a
+    GPU: the choice scripts/install-engine.sh makes, checked against the runtimes installed here."""
+    gpus = gpus_seen()
+    try:
+        device = choose_device(requested, env.get("NEBULA_ENGINE_DEVICE", ""), gpus)
+    except ValidationError as e:
+        raise CliError(f"{e.field}: {e.message}", EXIT_USAGE) from None
+    runtimes, linked = installed_runtimes(cfg.engine), linked_runtime(cfg.engine)
+    return EngineCheck(device, gpus, runtimes, linked, engine_advice(device, runtimes, linked, cfg.engine))
+
+
+@dataclass(frozen=True)
 class JoinRequest:
     etcd: tuple[str, ...]
     name: str = ""
     labels: tuple[str, ...] = ()
     address: str = ""
+    engine: str = "auto"
+    """--engine: auto, cpu or gpu; the engine runtime this node should have."""
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
@@ -114,11 +148,12 @@ def etcd_check(cfg: NebulaConfig, name: str) -> str | None:
 
 def join(req: JoinRequest, env: Mapping[str, str], explicit: str | None, *, start: bool, systemd: bool,
          as_json: bool, check: EtcdCheck = etcd_check,
-         run: Callable[[list[str]], subprocess.CompletedProcess[str]] | None = None) -> int:
+         run: Callable[[list[str]], subprocess.CompletedProcess[str]] | None = None,
+         engine: Callable[[NebulaConfig, str, Mapping[str, str]], EngineCheck] = engine_check) -> int:
     if not req.etcd:
         raise CliError("--etcd: give at least one etcd URL, e.g. --etcd http://10.0.0.5:2379", EXIT_USAGE)
     if not req.address:
-        req = JoinRequest(req.etcd, req.name, req.labels, address_towards(req.etcd[0]))
+        req = replace(req, address=address_towards(req.etcd[0]))
     main = config_path(env, explicit)
     dropin = main.parent / "nebula.d" / DROPIN
     table = join_table(req)
@@ -137,12 +172,17 @@ def join(req: JoinRequest, env: Mapping[str, str], explicit: str | None, *, star
                            "(or stop that node's agent first)", EXIT_FAILURE)
         written.keep()
     started = _start(run or _systemctl) if start and systemd else False
+    # After the join, and never failing it: the agent runs without a runtime and says why its models fail.
+    eng = engine(cfg, req.engine, env)
     if as_json:
         print(json.dumps({"config": str(dropin), "node": name, "address": cfg.node.address,
                           "etcd": list(cfg.cluster.etcd_endpoints), "labels": list(cfg.node.labels),
-                          "started": started}, indent=2, sort_keys=True))
+                          "started": started, "engine": eng.to_dict()}, indent=2, sort_keys=True))
         return EXIT_OK
     print(f"wrote {dropin}: node {name} at {cfg.node.address}, etcd {', '.join(cfg.cluster.etcd_endpoints)}")
+    seen = f"{eng.gpus} GPU(s) seen" if eng.gpus else "no GPU seen"
+    print(f"engine: {eng.advice}" if eng.advice else
+          f"engine runtimes: {', '.join(eng.runtimes)} (default: {eng.linked or cfg.engine.default_runtime}; {seen})")
     if started:
         print(f"enabled and started {UNIT}; see it with `nebula status` (or `nebula logs node`)")
     elif not start:

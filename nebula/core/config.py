@@ -16,6 +16,7 @@ from typing import Any
 
 from nebula.core.config_values import coerce, from_env, show_key
 from nebula.core.engine_args import DEFAULT_ALLOWED_ENGINE_ARGS, flag_name, never_allowed
+from nebula.core.model import RUNTIME_RE
 from nebula.errors import ConfigError, ValidationError
 
 ENV_PREFIX = "NEBULA_"
@@ -158,7 +159,13 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    vllm_venv: str = _f("/opt/nebula/engines/vllm", "The virtualenv that holds the vLLM engine runtime.")
+    runtimes_dir: str = _f("/opt/nebula/engines", "Engine runtimes side by side, one venv per name (e.g. "
+                           "vllm-0.32-cu13, from scripts/install-engine.sh): a model's engine_runtime runs "
+                           "<runtimes_dir>/<name>/bin/vllm. The agent advertises those it finds.")
+    default_runtime: str = _f("vllm", "The runtime of models that name none: <runtimes_dir>/<this>. 'vllm' is the "
+                              "link install-engine.sh points at the runtime it installed last.")
+    vllm_venv: str = _f("", "The default runtime's venv where it lives outside runtimes_dir (older configs set "
+                        "/opt/nebula/engines/vllm, the same place). Empty: <runtimes_dir>/<default_runtime>.")
     hand_specs_dir: str = _f("/etc/nebula/engines", "Specs of hand-run engines (<instance>.toml), used when the "
                              "agent wrote none: `systemctl start nebula-engine@<instance>` with no control plane.")
     vllm_device: str = _f("auto", "'cpu' adds the CPU engine's settings; 'auto' detects from the install.")
@@ -240,6 +247,8 @@ def _validate(cfg: NebulaConfig) -> None:
         raise ValidationError("node.unit_backend", "must be 'auto', 'systemd' or 'process'")
     if cfg.engine.vllm_device not in ("auto", "cpu", "gpu"):
         raise ValidationError("engine.vllm_device", "must be 'auto', 'cpu' or 'gpu'")
+    if not RUNTIME_RE.fullmatch(cfg.engine.default_runtime):
+        raise ValidationError("engine.default_runtime", "must be a runtime name such as vllm or vllm-0.32-cu13")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         raise ValidationError("log.level", "must be one of debug, info, warning, error")
     for i, label in enumerate(cfg.node.labels):

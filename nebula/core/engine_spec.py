@@ -15,7 +15,8 @@ from typing import Any
 
 from nebula.core.config import EngineConfig
 from nebula.core.engine_args import check_engine_request
-from nebula.core.model import Gpu, Task, expect_field, validate_name
+from nebula.core.engine_runtime import runtime_venv
+from nebula.core.model import RUNTIME_RE, Gpu, Task, expect_field, validate_name
 from nebula.core.model_limits import ModelLimit, engine_max_model_len
 from nebula.errors import ValidationError
 
@@ -35,6 +36,8 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.0
     """vLLM's --gpu-memory-utilization: the replica's share of each of its GPUs (0: vLLM's default, 0.9)."""
     trust_remote_code: bool = False
+    engine_runtime: str | None = None
+    """The runtime (venv) to run: <runtimes_dir>/<engine_runtime> (core/engine_runtime.py); None: the default."""
 
     @staticmethod
     def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
@@ -62,6 +65,7 @@ class EngineSpec:
                 gpu_indices=tuple(int(i) for i in expect_field(obj, "gpu_indices", list, [])),
                 gpu_memory_utilization=float(expect_field(obj, "gpu_memory_utilization", (int, float), 0.0)),
                 trust_remote_code=expect_field(obj, "trust_remote_code", bool, False),
+                engine_runtime=_runtime(expect_field(obj, "engine_runtime", str, None)),
             )
         except ValidationError as e:
             raise ValidationError(e.field, f"{source_name}: {e}") from None
@@ -77,10 +81,14 @@ class EngineSpec:
         return EngineSpec.from_dict(data, source_name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"instance": self.instance, "model": self.model, "source": self.source, "port": self.port,
-                "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
-                "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices),
-                "gpu_memory_utilization": self.gpu_memory_utilization, "trust_remote_code": self.trust_remote_code}
+        d = {"instance": self.instance, "model": self.model, "source": self.source, "port": self.port,
+             "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
+             "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices),
+             "gpu_memory_utilization": self.gpu_memory_utilization, "trust_remote_code": self.trust_remote_code}
+        # Only when set: spec files of engines started before runtimes existed read back unchanged.
+        if self.engine_runtime is not None:
+            d["engine_runtime"] = self.engine_runtime
+        return d
 
     @property
     def endpoint(self) -> str:
@@ -94,7 +102,7 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     the model's own config files) caps --max-model-len. ValidationError: the spec asks for more than that.
     The caller has checked the spec against cfg (check_engine_spec): engine_args come last, after Nebula's own
     flags."""
-    argv = [f"{cfg.vllm_venv}/bin/vllm", "serve", spec.source,
+    argv = [f"{runtime_venv(cfg, spec.engine_runtime)}/bin/vllm", "serve", spec.source,
             "--served-model-name", spec.model,
             "--host", spec.host, "--port", str(spec.port),
             "--generation-config", "vllm",
@@ -125,6 +133,12 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     elif spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     return argv, env
+
+
+def _runtime(name: str | None) -> str | None:
+    if name is not None and not RUNTIME_RE.fullmatch(name):
+        raise ValidationError("engine_runtime", "must be a runtime name such as vllm-0.32-cu13")
+    return name
 
 
 def check_engine_spec(spec: EngineSpec, cfg: EngineConfig) -> None:

@@ -265,6 +265,8 @@ class NodeRecord:
     agent_version: str = ""
     cached: tuple[str, ...] = ()
     """Canonical ids of the hub sources whose weights this node holds (core/sources.py), sorted."""
+    runtimes: tuple[str, ...] = ()
+    """Engine runtimes installed on this node ([engine] runtimes_dir, core/engine_runtime.py), sorted."""
 
     @staticmethod
     def from_dict(obj: object) -> NodeRecord:
@@ -277,12 +279,21 @@ class NodeRecord:
         return NodeRecord(name=validate_name(expect_field(obj, "name", str)), address=expect_field(obj, "address", str),
                           port_min=port_min, port_max=port_max, gpus=gpus, labels=expect_str_map(obj, "labels"),
                           agent_version=expect_field(obj, "agent_version", str, ""),
-                          cached=expect_str_list(obj, "cached"))
+                          cached=expect_str_list(obj, "cached"), runtimes=_runtimes(obj))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "port_min": self.port_min,
                 "port_max": self.port_max, "gpus": [asdict(g) for g in self.gpus],
-                "labels": dict(self.labels), "agent_version": self.agent_version, "cached": list(self.cached)}
+                "labels": dict(self.labels), "agent_version": self.agent_version, "cached": list(self.cached),
+                "runtimes": list(self.runtimes)}
+
+
+def _runtimes(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    names = expect_str_list(obj, "runtimes")
+    for name in names:
+        if not RUNTIME_RE.fullmatch(name):
+            raise ValidationError("runtimes", f"{name!r} is not a runtime name such as vllm-0.32-cu13")
+    return tuple(sorted(set(names)))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.engine_args import check_engine_request
+from nebula.core.engine_runtime import missing_runtime
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
 from nebula.core.phase import Failures, between_restarts, error_line, observe_phase, repeated, restart_verdict
@@ -43,7 +44,8 @@ HealthCheck = Callable[[str], Awaitable[bool]]
 class NodeAgent:
     def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
-                 clock: Callable[[], float] = time.time, sources: ModelSources | None = None) -> None:
+                 clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
+                 runtimes: Callable[[], tuple[str, ...]] | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -51,6 +53,7 @@ class NodeAgent:
         self.specs = specs
         self.health = health
         self.clock = clock
+        self.runtimes = runtimes  # the engine runtimes installed here, read again each pass; None: node.runtimes
         self.metrics = AgentMetrics.create(registry)
         self.placements: dict[str, Placement] = {}
         self.placements_known = False
@@ -110,6 +113,9 @@ class NodeAgent:
             except ValidationError as e:
                 blocked[inst] = f"refused by this node: {e}"
                 continue
+            if reason := missing_runtime(p.model.engine_runtime, self.node.runtimes, self.cfg.engine):
+                blocked[inst] = reason
+                continue
             res = self.sources.resolve(p.model.source, p.model.revision)
             if isinstance(res, Broken):
                 blocked[inst] = res.message
@@ -121,15 +127,18 @@ class NodeAgent:
                                      host=self.cfg.node.engine_host, task=p.model.task,
                                      max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
                                      gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
+                                     engine_runtime=p.model.engine_runtime,
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
                                                                              self.node.gpus, p.gpu_indices))
         return specs, blocked
 
     async def advertise_cache(self) -> None:
-        """Keep the node record's list of cached sources current: the scheduler prefers nodes holding a model."""
+        """Keep the node record's lists of cached sources (the scheduler prefers nodes holding a model) and of
+        installed engine runtimes (a runtime installed while the agent runs counts within a pass) current."""
         cached = self.sources.cached()
-        if cached != self.node.cached:
-            self.node = replace(self.node, cached=cached)
+        runtimes = self.runtimes() if self.runtimes is not None else self.node.runtimes
+        if cached != self.node.cached or runtimes != self.node.runtimes:
+            self.node = replace(self.node, cached=cached, runtimes=runtimes)
             await self.writes.register_node(self.node, self.lease)
 
     async def reconcile_once(self) -> None:

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from nebula import __version__
+from nebula.adapters.engine_runtimes import installed_runtimes
 from nebula.adapters.nvml import GpuReading, read_gpus
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
@@ -57,7 +58,8 @@ def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...]) -> NodeReco
                      memory_used_mib=g.memory_used_mib) for g in readings)
     return NodeRecord(name=node_name(cfg), address=cfg.node.address, port_min=cfg.node.port_min,
                       port_max=cfg.node.port_max, gpus=gpus, agent_version=__version__,
-                      labels={k: v for k, _, v in (label.partition("=") for label in cfg.node.labels)})
+                      labels={k: v for k, _, v in (label.partition("=") for label in cfg.node.labels)},
+                      runtimes=installed_runtimes(cfg.engine))
 
 
 async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
@@ -68,7 +70,8 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         svc.registry.register(GpuCollector(gpus))
         node = node_record(cfg, gpus.readings)
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
-                          EngineHealth(session, cfg.node.health_timeout_s), svc.registry)
+                          EngineHealth(session, cfg.node.health_timeout_s), svc.registry,
+                          runtimes=lambda: installed_runtimes(cfg.engine))
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()

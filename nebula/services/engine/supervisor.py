@@ -22,8 +22,10 @@ from typing import Any
 
 import aiohttp
 
+from nebula.adapters.engine_runtimes import installed_runtimes, linked_runtime
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig, NebulaConfig
+from nebula.core.engine_runtime import Device, missing_runtime, runtime_device
 from nebula.core.engine_spec import EngineSpec, check_engine_spec, vllm_command
 from nebula.core.model_limits import ModelLimit, engine_max_model_len, model_limit
 from nebula.errors import NebulaError, PermanentError, ValidationError
@@ -86,10 +88,21 @@ def read_model_limit(model_dir: Path) -> ModelLimit | None:
     return model_limit(config, read("tokenizer_config.json"), read("sentence_bert_config.json"))
 
 
-def engine_on_cpu(device: str, nvidia_device: Path = NVIDIA_DEVICE) -> bool:
+def engine_on_cpu(device: str, nvidia_device: Path = NVIDIA_DEVICE, runtime: Device | None = None) -> bool:
+    """`runtime`: the device the engine runtime's name says, which decides 'auto' (a CPU runtime may run on a
+    node with GPUs); without one, 'auto' means a GPU where the node has one."""
     if device == "auto":
-        return not nvidia_device.exists()
+        return runtime == "cpu" if runtime is not None else not nvidia_device.exists()
     return device == "cpu"
+
+
+def spec_runtime_device(spec: EngineSpec, cfg: EngineConfig) -> Device | None:
+    """The device of the runtime `spec` runs: its engine_runtime's name, or for the default runtime the name
+    its link points at (install-engine.sh links `vllm` to e.g. vllm-0.32-cpu)."""
+    if spec.engine_runtime is not None and spec.engine_runtime != cfg.default_runtime:
+        return runtime_device(spec.engine_runtime)
+    linked = linked_runtime(cfg)
+    return runtime_device(linked) if linked else None
 
 
 async def check_health(session: aiohttp.ClientSession, url: str, timeout_s: float) -> bool:
@@ -267,6 +280,11 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
                       extra={**fields, "NEBULA_MODEL": spec.model})
             notifier.notify(STATUS=f"model source {spec.source} does not exist")
             return ExitCode.NO_SOURCE
+        # A runtime the agent saw may be gone since (removed by hand), and a hand-written spec is checked nowhere else.
+        if reason := missing_runtime(spec.engine_runtime, installed_runtimes(cfg.engine), cfg.engine):
+            log.error("cannot start engine: %s", reason, extra={**fields, "NEBULA_MODEL": spec.model})
+            notifier.notify(STATUS=f"bad spec: {reason}")
+            return ExitCode.BAD_SPEC
         limit = read_model_limit(Path(spec.source))
         try:
             engine_max_model_len(spec.max_model_len, cfg.engine.default_max_model_len, limit)
@@ -275,7 +293,7 @@ def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,
             log.error("cannot start engine: %s", e.message, extra={**fields, "NEBULA_MODEL": spec.model})
             notifier.notify(STATUS=f"bad spec: {e.message}")
             return ExitCode.BAD_SPEC
-        cpu = engine_on_cpu(cfg.engine.vllm_device, nvidia_device)
+        cpu = engine_on_cpu(cfg.engine.vllm_device, nvidia_device, spec_runtime_device(spec, cfg.engine))
         supervisor = EngineSupervisor(spec, cfg.engine, notifier, env, cpu=cpu,
                                       otlp_endpoint=cfg.tracing.otlp_endpoint, model_limit=limit)
         return asyncio.run(supervisor.run())
