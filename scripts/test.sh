@@ -120,7 +120,8 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
         [[ -x $engine/bin/vllm ]] || { echo "test.sh: $engine has no bin/vllm" >&2; exit 1; }
         echo "using existing venv $engine"
     else
-        scripts/install-engine.sh "$engine"
+        # The suite runs CPU engines, whatever the machine has (a GPU dev box would pick the CUDA runtime).
+        scripts/install-engine.sh --runtime cpu "$engine"
     fi
 
     # --- tiny models -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from nebula.core import keys, records
 from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, ModelsConfig, NodeConfig
 from nebula.core.engine_args import check_engine_request
+from nebula.core.engine_runtime import check_runtime_available
 from nebula.core.model import ModelSpec, NodeRecord, Task
 from nebula.core.model_load import as_requested, with_derived
 from nebula.core.profile import ModelProfile
@@ -59,6 +60,7 @@ async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: Eng
     spec = ModelSpec.from_dict(request)
     check_engine_request(spec.engine_args, spec.trust_remote_code, engine.allowed_engine_args,
                          engine.allow_trust_remote_code)  # 400 naming the flag and the config key
+    check_runtime_available(spec.engine_runtime, nodes)  # 400 naming the install command
     existing = await _stored(store, spec.name)
     if existing is not None and as_requested(existing) == spec:
         return LoadPlan(existing, existing=existing)
