@@ -93,10 +93,9 @@ def size(spec: ModelSpec, profile: ModelProfile | None, nodes: Sequence[NodeReco
             if node is not None:
                 return Sizing(max_len, tp, tp, est.total_mib, _chosen(tried, node, gpus), est)
         tp *= 2
-    shown = "; ".join(f"{_gib(e.total_mib)} per GPU at tensor-parallel {e.tensor_parallel}" for e in tried)
-    return Refusal(f"needs {shown}; {_largest(gpus)}, at most {most} GPU(s) on one node: "
-                   f"{tried[-1].explain() if tried else ''}; lower max_model_len, add GPUs, or use a quantized "
-                   "model".replace(": ;", ";"))
+    shown = ", ".join(f"{_gib(e.total_mib)} at tensor-parallel {e.tensor_parallel}" for e in tried)
+    return Refusal(f"needs {shown} per GPU ({tried[-1].explain()}); {_largest(gpus)}, and at most {most} GPU(s) "
+                   "are on one node: lower max_model_len, add GPUs, or use a quantized model")
 
 
 def _limit(profile: ModelProfile | None) -> ModelLimit | None:
