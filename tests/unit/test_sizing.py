@@ -153,9 +153,9 @@ def test_sized_spec_fills_the_spec() -> None:
 
 def test_models_config_is_validated() -> None:
     assert parse_config({}, {}).models.kv_concurrency == 1
-    with pytest.raises(ValidationError, match="models.kv_concurrency"):
+    with pytest.raises(ValidationError, match=r"models\.kv_concurrency"):
         parse_config({"models": {"kv_concurrency": 0}}, {})
-    with pytest.raises(ValidationError, match="models.read_timeout_s"):
+    with pytest.raises(ValidationError, match=r"models\.read_timeout_s"):
         parse_config({"models": {"read_timeout_s": 0}}, {})
     assert parse_config({}, {"NEBULA_MODELS_GPU_RESERVE_MIB": "2048"}).models.gpu_reserve_mib == 2048
 
