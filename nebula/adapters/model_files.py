@@ -33,15 +33,15 @@ class _Budget:
     """Bytes and time left for one model's read."""
 
     def __init__(self, max_bytes: int, timeout_s: float) -> None:
-        self.left = max_bytes
+        self.max_bytes = self.left = max_bytes
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
 
     def take(self, n: int, what: str) -> None:
         self.left -= n
         if self.left < 0:
-            raise ValidationError("source", f"reading {what} goes past the {self.left + n} bytes left of "
-                                  "[models] read_max_bytes")
+            raise ValidationError("source", f"reading {what} would pass the {self.max_bytes} bytes of [models] "
+                                  "read_max_bytes (small files and safetensors headers together)")
         self.check(what)
 
     def check(self, what: str) -> None:
@@ -69,9 +69,11 @@ def read_local(directory: str | Path, max_bytes: int = 64 << 20, timeout_s: floa
                 raw[name] = path.read_bytes()
         present = frozenset(n for n in mf.PRESENCE_FILES if (root / n).is_file())
         headers = {name: _local_header(root / name, budget) for name in _local_shards(root, raw)}
+        pickled = root / mf.PYTORCH_SINGLE
+        pickled_bytes = pickled.stat().st_size if not headers and pickled.is_file() else 0
     except OSError as e:
         raise ValidationError("source", f"cannot read {root}: {e.strerror or e}") from None
-    return mf.read_files(raw, present, headers)
+    return mf.read_files(raw, present, headers, pickled_bytes)
 
 
 def _local_shards(root: Path, raw: dict[str, bytes]) -> tuple[str, ...]:
@@ -80,7 +82,11 @@ def _local_shards(root: Path, raw: dict[str, bytes]) -> tuple[str, ...]:
         missing = [n for n in names if not (root / n).is_file()]
         # A partial download: the index's total_size still says how large the model is.
         return () if missing else names
-    return tuple(sorted(p.name for p in root.glob("*.safetensors") if p.is_file()))
+    if (root / mf.SAFETENSORS_SINGLE).is_file():
+        return (mf.SAFETENSORS_SINGLE,)
+    # Mistral's repos also carry consolidated.safetensors (the same weights in Mistral's own format).
+    return tuple(sorted(p.name for p in root.glob("*.safetensors") if p.is_file()
+                        and not p.name.startswith("consolidated")))
 
 
 def _local_header(path: Path, budget: _Budget) -> mf.WeightSummary:
@@ -119,12 +125,14 @@ def read_hub(repo: str, revision: str | None = None, endpoint: str = "", token: 
                         weights = {}
             elif (single := hub.header(mf.SAFETENSORS_SINGLE)) is not None:
                 weights = {mf.SAFETENSORS_SINGLE: single}
+            pickled = (0 if weights or mf.SAFETENSORS_INDEX in raw or mf.PYTORCH_INDEX in raw
+                       else hub.size(mf.PYTORCH_SINGLE))
     except httpx2.TimeoutException:
         raise ValidationError("source", f"the hub at {base} did not answer within {timeout_s:g} s "
                               "([models] read_timeout_s)") from None
     except httpx2.HTTPError as e:
         raise ValidationError("source", f"cannot reach the hub at {base}: {_first_line(e)}") from None
-    return mf.read_files(raw, present, weights)
+    return mf.read_files(raw, present, weights, pickled)
 
 
 class _Hub:
@@ -155,6 +163,16 @@ class _Hub:
 
     def exists(self, name: str) -> bool:
         return self.get(name, 0, 0) is not None
+
+    def size(self, name: str) -> int:
+        """A file's size from a HEAD (the hub's X-Linked-Size for large files), 0 when it has none."""
+        self.budget.check(name)
+        resp = self.client.head(f"{self.base}/{name}", timeout=self.budget.remaining_s())
+        if resp.status_code == 404:
+            return 0
+        self._check(resp, name)
+        value = resp.headers.get("X-Linked-Size") or resp.headers.get("Content-Length") or "0"
+        return int(value) if value.isdigit() else 0
 
     def header(self, name: str) -> mf.WeightSummary | None:
         first8 = self.get(name, 0, 7)

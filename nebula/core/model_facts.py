@@ -34,8 +34,11 @@ SENTENCE_CONFIG = "config_sentence_transformers.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+PYTORCH_SINGLE = "pytorch_model.bin"
+"""Older checkpoints (bge-m3 among them) ship pickled weights: their size, not their contents, is used."""
 SMALL_FILES = (CONFIG, TOKENIZER_CONFIG, GENERATION_CONFIG, SENTENCE_BERT_CONFIG, SENTENCE_MODULES,
-               SENTENCE_CONFIG, SAFETENSORS_INDEX)
+               SENTENCE_CONFIG, SAFETENSORS_INDEX, PYTORCH_INDEX)
 PRESENCE_FILES = (CHAT_TEMPLATE,)
 """Files only whose presence matters (a chat template may be large: never read)."""
 MAX_JSON_BYTES = 32 * 1024 * 1024
@@ -141,40 +144,42 @@ def combine(summaries: Mapping[str, WeightSummary]) -> WeightSummary:
     return WeightSummary(total, params, f"safetensors headers of {files} file{'s' if files != 1 else ''}")
 
 
-def shard_names(index: Mapping[str, Any]) -> tuple[str, ...]:
-    """The safetensors files an index names (its weight_map's values), sorted."""
+def shard_names(index: Mapping[str, Any], name: str = SAFETENSORS_INDEX) -> tuple[str, ...]:
+    """The weight files an index names (its weight_map's values), sorted."""
     weight_map = index.get("weight_map", {})
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValidationError(SAFETENSORS_INDEX, "weight_map must map tensor names to file names")
+        raise ValidationError(name, "weight_map must map tensor names to file names")
     names = sorted(set(weight_map.values()))
-    if len(names) > MAX_SHARDS or any("/" in n and ".." in n.split("/") for n in names):
-        raise ValidationError(SAFETENSORS_INDEX, "weight_map names too many files or a path outside the repo")
+    if len(names) > MAX_SHARDS or any(n.startswith("/") or ".." in n.split("/") for n in names):
+        raise ValidationError(name, "weight_map names too many files or a path outside the repo")
     return tuple(names)
 
 
-def index_summary(index: Mapping[str, Any]) -> WeightSummary | None:
+def index_summary(index: Mapping[str, Any], name: str = SAFETENSORS_INDEX) -> WeightSummary | None:
     """metadata.total_size of an index (None when it has none)."""
     meta = index.get("metadata")
     if meta is None:
         return None
     if not isinstance(meta, dict):
-        raise ValidationError(SAFETENSORS_INDEX, "metadata must be an object")
+        raise ValidationError(name, "metadata must be an object")
     size = meta.get("total_size")
     if size is None:
         return None
     if isinstance(size, float) and size.is_integer():
         size = int(size)  # some converters wrote it as a float
     if not _count(size) or size == 0:
-        raise ValidationError(SAFETENSORS_INDEX, "metadata.total_size must be a positive integer")
+        raise ValidationError(name, "metadata.total_size must be a positive integer")
     params = meta.get("total_parameters")
     counted = {"total": params} if _count(params) and params else {}
-    return WeightSummary(size, counted, f"metadata.total_size in {SAFETENSORS_INDEX}")
+    return WeightSummary(size, counted, f"metadata.total_size in {name}")
 
 
 def read_files(raw: Mapping[str, bytes], present: frozenset[str] = frozenset(),
-               headers: Mapping[str, WeightSummary] | None = None) -> ModelFiles:
+               headers: Mapping[str, WeightSummary] | None = None, pickled_bytes: int = 0) -> ModelFiles:
     """ModelFiles from the bytes of the small files found (`raw`, by file name), the names of other files
-    that exist (`present`) and the parsed safetensors headers (by file name), if read."""
+    that exist (`present`), the parsed safetensors headers (by file name) if read, and the size of a
+    pytorch_model.bin when the model has no safetensors. The weights' size comes from the first of: the
+    headers, the safetensors index, the pytorch index, the pickled file's size."""
     if CONFIG not in raw:
         raise ValidationError(CONFIG, "is missing: not a Hugging Face model directory")
     parsed = {name: parse_json(name, data) for name, data in raw.items()
@@ -191,9 +196,13 @@ def read_files(raw: Mapping[str, bytes], present: frozenset[str] = frozenset(),
     weights: WeightSummary | None = None
     if headers:
         weights = combine(headers)
-    elif SAFETENSORS_INDEX in parsed:
-        shard_names(parsed[SAFETENSORS_INDEX])
-        weights = index_summary(parsed[SAFETENSORS_INDEX])
+    else:
+        for index in (SAFETENSORS_INDEX, PYTORCH_INDEX):
+            if index in parsed and weights is None:
+                shard_names(parsed[index], index)
+                weights = index_summary(parsed[index], index)
+        if weights is None and pickled_bytes > 0:
+            weights = WeightSummary(pickled_bytes, {}, f"size of {PYTORCH_SINGLE}")
     tok = parsed.get(TOKENIZER_CONFIG)
     chat = CHAT_TEMPLATE in present or (tok is not None and bool(tok.get("chat_template")))
     return ModelFiles(config=parsed[CONFIG], tokenizer_config=tok, generation_config=parsed.get(GENERATION_CONFIG),

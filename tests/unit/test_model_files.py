@@ -72,6 +72,23 @@ def test_a_partial_download_falls_back_to_the_index(tmp_path: Path) -> None:
     assert files.weights is not None and files.weights.total_bytes == 123456
 
 
+def test_pickled_weights_count_by_size_and_consolidated_copies_are_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    (root / "config.json").write_text('{"architectures": ["XLMRobertaModel"]}')
+    (root / "pytorch_model.bin").write_bytes(b"\0" * 4096)
+    files = model_files.read_local(root)
+    assert files.weights is not None and (files.weights.total_bytes, files.weights.source) == (
+        4096, "size of pytorch_model.bin")
+    with running_mirror({"org/old": root}) as hub:
+        assert model_files.read_hub("org/old", endpoint=hub.url).weights == files.weights
+    (root / "pytorch_model.bin.index.json").write_text('{"metadata": {"total_size": 8000}, "weight_map": {}}')
+    assert model_files.read_local(root).weights.total_bytes == 8000  # type: ignore[union-attr]
+    safetensors.write(root / "model-00001-of-00001.safetensors", {"w": ("BF16", [8])})
+    safetensors.write(root / "consolidated.safetensors", {"w": ("BF16", [8])})
+    assert model_files.read_local(root).weights.total_bytes == 16  # type: ignore[union-attr]
+
+
 def test_huge_weights_are_never_read(tmp_path: Path) -> None:
     root = tmp_path / "big"
     root.mkdir()
