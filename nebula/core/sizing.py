@@ -70,18 +70,14 @@ def size(spec: ModelSpec, profile: ModelProfile | None, nodes: Sequence[NodeReco
         return estimate(profile, tokens, tp, cfg.kv_concurrency, _kv_dtype(spec),
                         overhead_mib=cfg.activation_overhead_mib)
 
+    if spec.gpu_memory_mib:  # declared memory per GPU, GPUs not declared: one replica on tensor_parallel GPUs
+        tp = spec.tensor_parallel_size or 1
+        return _declared(max_len, tp, tp, spec.gpu_memory_mib, need(tp), gpus, force,
+                         f"declared {spec.gpu_memory_mib} MiB per GPU (the estimate {need(tp).explain()})")
     if declared_tp:
         est = need(declared_tp)
-        per_gpu = spec.gpu_memory_mib or est.total_mib
-        node = _fitting_node(gpus, declared_tp, per_gpu)
-        gpu_count = max(spec.gpus_per_replica, declared_tp)
-        if node is None and not force:
-            return Refusal(f"needs {_gib(per_gpu)} per GPU {est.explain()}; no node has {declared_tp} GPU(s) "
-                           f"that large ({_largest(gpus)}): lower max_model_len, declare more GPUs, or force "
-                           "the load to wait pending")
-        where = f"fits {node}" if node else "fits no node now (forced: it waits pending)"
-        return Sizing(max_len, declared_tp, gpu_count, per_gpu, f"declared tensor-parallel {declared_tp}: "
-                      f"{est.explain()}; {where}", est)
+        return _declared(max_len, declared_tp, max(spec.gpus_per_replica, declared_tp), est.total_mib, est, gpus,
+                         force, f"as declared, {est.explain()}")
     most = max(len(caps) for _, caps in gpus)
     tried: list[MemoryEstimate] = []
     tp = 1
@@ -96,6 +92,17 @@ def size(spec: ModelSpec, profile: ModelProfile | None, nodes: Sequence[NodeReco
     shown = ", ".join(f"{_gib(e.total_mib)} at tensor-parallel {e.tensor_parallel}" for e in tried)
     return Refusal(f"needs {shown} per GPU ({tried[-1].explain()}); {_largest(gpus)}, and at most {most} GPU(s) "
                    "are on one node: lower max_model_len, add GPUs, or use a quantized model")
+
+
+def _declared(max_len: int | None, tp: int, gpu_count: int, per_gpu: int, est: MemoryEstimate,
+              gpus: list[tuple[str, list[int]]], force: bool, why: str) -> Sizing | Refusal:
+    node = _fitting_node(gpus, tp, per_gpu)
+    if node is None and not force:
+        return Refusal(f"needs {_gib(per_gpu)} on each of {tp} GPU(s) ({why}); no node has {tp} GPU(s) that large "
+                       f"({_largest(gpus)}): lower max_model_len, declare more GPUs, or force the load to wait "
+                       "pending")
+    where = f"fits {node}" if node else "fits no node now (forced: it waits pending)"
+    return Sizing(max_len, tp, gpu_count, per_gpu, f"{why}; {where}", est)
 
 
 def _limit(profile: ModelProfile | None) -> ModelLimit | None:

@@ -124,8 +124,18 @@ def test_a_declared_size_that_fits_no_gpu_is_refused_unless_forced() -> None:
     p = profile("Llama-3.1-70B-Instruct")
     result = size(spec(gpus_per_replica=1), p, DGX, CFG)
     assert isinstance(result, Refusal) and "no node has 1 GPU(s) that large" in result.reason
+    assert result.reason.startswith("needs 173.4 GiB on each of 1 GPU(s) (as declared, at tensor-parallel 1: weights 131.4 GiB")
     forced = sized(size(spec(gpus_per_replica=1), p, DGX, CFG, force=True))
     assert forced.tensor_parallel == 1 and "waits pending" in forced.explanation
+
+
+def test_declared_memory_alone_is_checked_against_the_gpus() -> None:
+    p = profile("Qwen2.5-7B-Instruct")
+    s = sized(size(spec(gpu_memory_mib=40000), p, DGX, CFG))
+    assert (s.tensor_parallel, s.gpus_per_replica, s.gpu_memory_mib) == (1, 1, 40000)
+    assert s.explanation.startswith("declared 40000 MiB per GPU (the estimate at tensor-parallel 1: ")
+    result = size(spec(gpu_memory_mib=100000), p, DGX, CFG)
+    assert isinstance(result, Refusal) and "needs 97.7 GiB on each of 1 GPU(s)" in result.reason
 
 
 def test_an_unprofiled_model_keeps_its_declarations() -> None:
