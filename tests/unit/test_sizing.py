@@ -124,7 +124,8 @@ def test_a_declared_size_that_fits_no_gpu_is_refused_unless_forced() -> None:
     p = profile("Llama-3.1-70B-Instruct")
     result = size(spec(gpus_per_replica=1), p, DGX, CFG)
     assert isinstance(result, Refusal) and "no node has 1 GPU(s) that large" in result.reason
-    assert result.reason.startswith("needs 173.4 GiB on each of 1 GPU(s) (as declared, at tensor-parallel 1: weights 131.4 GiB")
+    assert result.reason.startswith("needs 173.4 GiB on each of 1 GPU(s) (as declared, at tensor-parallel 1: "
+                                    "weights 131.4 GiB")
     forced = sized(size(spec(gpus_per_replica=1), p, DGX, CFG, force=True))
     assert forced.tensor_parallel == 1 and "waits pending" in forced.explanation
 
