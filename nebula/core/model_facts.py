@@ -58,6 +58,8 @@ _CLASSIFY_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "Cl
 _EMBED_SUFFIXES = ("ForTextEncoding", "EmbeddingModel", "ForRewardModeling", "RewardModel", "Model")
 _QUANT_KEYS = ("quantization_config", "compression_config")
 _DTYPE_RE = re.compile(r"[A-Z0-9_]{1,16}")
+_HUGE = 1 << 60
+"""Sizes at or above this are no real model (and would not fit the profile's integers)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ def parse_header(name: str, header: bytes) -> WeightSummary:
             raise ValidationError(name, f"tensor {tensor[:80]!r} has bad data_offsets")
         total += offsets[1] - offsets[0]
         params[dtype] = params.get(dtype, 0) + math.prod(shape)
+        if total >= _HUGE or params[dtype] >= _HUGE:
+            raise ValidationError(name, f"tensor {tensor[:80]!r} is impossibly large")
     return WeightSummary(total, params, f"safetensors header of {name}")
 
 
@@ -140,6 +144,8 @@ def combine(summaries: Mapping[str, WeightSummary]) -> WeightSummary:
         total += s.total_bytes
         for dtype, n in s.params.items():
             params[dtype] = params.get(dtype, 0) + n
+    if total >= _HUGE or sum(params.values()) >= _HUGE:
+        raise ValidationError("model.safetensors", "the headers add up to an impossible size")
     files = len(summaries)
     return WeightSummary(total, params, f"safetensors headers of {files} file{'s' if files != 1 else ''}")
 

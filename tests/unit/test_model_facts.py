@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from nebula.core import model_facts as mf
 from nebula.core.families import Families, FamilyRule
+from nebula.core.profile import ModelProfile
 from nebula.errors import ValidationError
 from tests.harness import safetensors
 
@@ -167,6 +168,7 @@ def test_malformed_files_are_refused_naming_the_file(raw: dict[str, bytes], fiel
     b'{"a": {"dtype": "BF16", "shape": [-1], "data_offsets": [0, 4]}}',
     b'{"a": {"dtype": "bf 16", "shape": [2], "data_offsets": [0, 4]}}',
     b'{"a": [1]}',
+    b'{"a": {"dtype": "BF16", "shape": [4611686018427387904, 4], "data_offsets": [0, 4]}}',
 ])
 def test_malformed_headers_are_refused(header: bytes) -> None:
     with pytest.raises(ValidationError):
@@ -198,15 +200,20 @@ def test_any_garbage_gives_a_profile_or_a_validation_error(config: dict[str, Any
            "model.safetensors.index.json": index}
     try:
         files = mf.read_files(raw)
-        mf.derive_profile(files, FAMILIES, "x/y")
+        profile = mf.derive_profile(files, FAMILIES, "x/y")
     except ValidationError:
-        pass
+        return
+    assert ModelProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
 
 
 @given(data=st.binary(max_size=200))
 def test_any_header_bytes_give_a_summary_or_a_validation_error(data: bytes) -> None:
     try:
-        mf.parse_header("x", data)
-        mf.header_length("x", data)
+        assert 2 <= mf.header_length("x", data) <= mf.MAX_HEADER_BYTES
     except ValidationError:
         pass
+    try:
+        summary = mf.parse_header("x", data)
+    except ValidationError:
+        return
+    assert summary.total_bytes >= 0 and all(n >= 0 for n in summary.params.values())
