@@ -1,8 +1,8 @@
 """How many GPUs one replica of a model needs, and how much memory on each: decided before a load is stored.
 
 Pure: from the spec, the model's profile (core/model_facts.py), the live nodes' GPUs and [models]:
-- max_model_len = min(requested, [engine] default_max_model_len, the model's own limit); a request above
-  the model's limit is a ValidationError naming it (core/model_limits.py);
+- max_model_len = the spec's value, else [engine] default_max_model_len, capped by the model's own limit
+  (core/model_limits.engine_max_model_len); a request above the limit is a ValidationError naming it;
 - tensor_parallel = the spec's, else the smallest power of two of GPUs on ONE node whose per-GPU estimate
   (core/memory.py) fits that node's GPUs (each GPU's total less [models] gpu_reserve_mib). Whether the
   GPUs are free now is placement's question, not this one's: sizing is about the hardware;
