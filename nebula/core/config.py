@@ -220,6 +220,28 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    profiles_files: tuple[str, ...] = _f(
+        ("/etc/nebula/profiles.toml", "/etc/nebula/profiles.d/*.toml"),
+        "Model-family profiles files (tool-call and reasoning parsers, extra engine flags per family), read in "
+        "order, globs expanded in name order; later entries override earlier ones of the same name. When "
+        "/etc/nebula/profiles.toml is absent (a source checkout, tests), the repository's etc/nebula/profiles.toml "
+        "beside the nebula package is read in its place. Missing files are skipped.")
+    kv_concurrency: int = _f(1, "Sequences of max_model_len tokens the KV cache must hold at once when a model's "
+                             "GPU memory is estimated. 1: one full-length request always fits (vLLM refuses to "
+                             "start otherwise); shorter requests share the rest. Raise it to size for load.")
+    gpu_reserve_mib: int = _f(1024, "Per-GPU memory kept free when sizing a model: the CUDA context and driver take "
+                              "about 0.5-1 GiB outside what vLLM counts.")
+    activation_overhead_mib: int = _f(2048, "Per-GPU memory a replica needs beyond weights and KV cache: vLLM's "
+                                      "activation peak, CUDA graphs and NCCL/cuBLAS buffers (vLLM logs 1.5-2.5 GiB "
+                                      "for 7-70B models).")
+    read_timeout_s: float = _f(20.0, "Longest time reading a model's config files and safetensors headers (local "
+                               "or from the hub) may take before the load goes on without a profile.")
+    read_max_bytes: int = _f(64 * 1024 * 1024, "Most bytes read for one model's profile (config files and "
+                             "safetensors headers together); never the weights.")
+
+
+@dataclass(frozen=True)
 class NebulaConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -229,6 +251,7 @@ class NebulaConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
 def _sections() -> dict[str, type]:
@@ -299,6 +322,14 @@ def _validate(cfg: NebulaConfig) -> None:
         raise ValidationError("tracing.otlp_endpoint", f"must be an http(s):// URL, got {ep!r}")
     if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
         raise ValidationError("tracing.sample_ratio", "must be between 0 and 1")
+    for name in ("kv_concurrency", "read_max_bytes"):
+        if getattr(cfg.models, name) < 1:
+            raise ValidationError(f"models.{name}", "must be at least 1")
+    for name in ("gpu_reserve_mib", "activation_overhead_mib"):
+        if getattr(cfg.models, name) < 0:
+            raise ValidationError(f"models.{name}", "must be 0 or more MiB")
+    if cfg.models.read_timeout_s <= 0:
+        raise ValidationError("models.read_timeout_s", "must be more than 0 seconds")
 
 
 def _validate_security(cfg: NebulaConfig) -> None:
