@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--trust-remote-code", action="store_true",
                     help="run Python code shipped with the model (the cluster must allow it: "
                     "[engine] allow_trust_remote_code)")
+    ld.add_argument("--engine-runtime", help="engine runtime on the nodes (e.g. vllm-0.32-cu13; default: each "
+                    "node's default runtime)")
+    ld.add_argument("--gpus", type=int, dest="gpus_per_replica",
+                    help="GPUs per replica (default: the fewest that hold the model's memory estimate)")
+    ld.add_argument("--allow-pending", action="store_true",
+                    help="load even when no GPU holds the model's estimate now: it waits pending for one")
     ld.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until a replica is ready")
     ld.add_argument("--json", action="store_true")
     sc = sub.add_parser("scale", help="change a model's replica count (removed replicas drain)")

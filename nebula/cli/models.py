@@ -34,11 +34,12 @@ def load_spec(args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
     source = local_source(args.source, cwd) if args.source else args.name
     spec: dict[str, Any] = {"name": args.name, "source": source, "replicas": args.replicas,
                             "engine_args": args.engine_args}
-    for key in ("task", "size", "quant", "max_model_len"):
-        if getattr(args, key):
+    for key in ("task", "size", "quant", "max_model_len", "engine_runtime", "gpus_per_replica"):
+        if getattr(args, key, None):
             spec[key] = getattr(args, key)
-    if args.trust_remote_code:
-        spec["trust_remote_code"] = True
+    for flag in ("trust_remote_code", "allow_pending"):
+        if getattr(args, flag, False):
+            spec[flag] = True
     return spec
 
 

@@ -107,8 +107,10 @@ class NodeAgent:
         blocked: dict[str, str] = {}
         self._fetching = {}
         for inst, p in self.placements.items():
+            # The model family's flags (parsers, from its profile) first; the spec's own engine_args may override.
+            engine_args = (p.model.profile.family_args() if p.model.profile else ()) + p.model.engine_args
             try:  # a placement in etcd may have been written by anything, not only the admin API
-                check_engine_request(p.model.engine_args, p.model.trust_remote_code,
+                check_engine_request(engine_args, p.model.trust_remote_code,
                                      self.cfg.engine.allowed_engine_args, self.cfg.engine.allow_trust_remote_code)
             except ValidationError as e:
                 blocked[inst] = f"refused by this node: {e}"
@@ -125,7 +127,7 @@ class NodeAgent:
                 continue
             specs[inst] = EngineSpec(instance=inst, model=p.model.name, source=res.path, port=p.port,
                                      host=self.cfg.node.engine_host, task=p.model.task,
-                                     max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
+                                     max_model_len=p.model.max_model_len, engine_args=engine_args,
                                      gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
                                      engine_runtime=p.model.engine_runtime,
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,

@@ -19,7 +19,7 @@ from nebula.services.gateway import pulls_api
 from nebula.services.gateway.catalog_api import catalog_of
 from nebula.services.gateway.load_request import plan_load
 from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
-from nebula.services.gateway.state import GATEWAY, GatewayState
+from nebula.services.gateway.state import GATEWAY
 from nebula.services.http.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ async def load_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
     plan = await plan_load(await _read_json(request), catalog=catalog_of(request.app), store=st.store,
-                           engine=st.engine, node=st.node, models=st.models, nodes=nodes)
+                           engine=st.engine, node=st.node, models=st.models, nodes=nodes,
+                           families=st.families)
     spec = plan.spec
     _check_fleet_has_gpus(nodes, spec)
     if plan.existing is not None:

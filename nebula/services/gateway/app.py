@@ -13,11 +13,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.model_files import read_families
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
 from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NebulaConfig, NodeConfig, TracingConfig
+from nebula.core.families import Families
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.errors import ConfigError
@@ -64,7 +66,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                       http_session: aiohttp.ClientSession | None = None,
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
                       engine: EngineConfig | None = None, catalog: Catalog | None = None,
-                      node: NodeConfig | None = None, models: ModelsConfig | None = None) -> web.Application:
+                      node: NodeConfig | None = None, models: ModelsConfig | None = None,
+                      families: Families | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -81,7 +84,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
                          session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
-                         models=models or ModelsConfig())
+                         models=models or ModelsConfig(), families=families)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -169,7 +172,8 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
-                            catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models)
+                            catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models,
+                            families=read_families(cfg.models.profiles_files))
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

@@ -19,6 +19,7 @@ from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, ModelsConfig, NodeConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import check_runtime_available
+from nebula.core.families import Families
 from nebula.core.model import ModelSpec, NodeRecord, Task
 from nebula.core.model_load import as_requested, with_derived
 from nebula.core.profile import ModelProfile
@@ -45,7 +46,7 @@ class LoadPlan:
 
 
 async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: EngineConfig, node: NodeConfig,
-                    models: ModelsConfig, nodes: list[NodeRecord]) -> LoadPlan:
+                    models: ModelsConfig, nodes: list[NodeRecord], families: Families | None = None) -> LoadPlan:
     """The spec a load request stores. ValidationError (400) for a bad request; ApiError for a refusal."""
     resolved, variant = resolve_catalog_model(body, catalog)
     if not isinstance(resolved, dict):
@@ -64,7 +65,7 @@ async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: Eng
     existing = await _stored(store, spec.name)
     if existing is not None and as_requested(existing) == spec:
         return LoadPlan(existing, existing=existing)
-    read = await read_profile(spec, node, models)
+    read = await read_profile(spec, node, models, families)
     profile = read.profile
     notes = [read.reason] if read.reason else []
     filled: dict[str, tuple[Any, str]] = {}

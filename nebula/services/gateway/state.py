@@ -11,6 +11,7 @@ from nebula.adapters.engine_metrics import fetch_engine_load
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NodeConfig
 from nebula.core.engine_load import EngineLoad
+from nebula.core.families import Families
 from nebula.core.store import Store
 from nebula.services.cluster.mirror import MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
@@ -49,6 +50,9 @@ class GatewayState:
     # Where a load reads a model's files from (the hub endpoint and token of [node]) and how it sizes it.
     node: NodeConfig = field(default_factory=NodeConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    # Model families (parsers per family), read once at start so a bad profiles file stops the start; None:
+    # read at each load (tests).
+    families: Families | None = None
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
