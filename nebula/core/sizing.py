@@ -13,7 +13,7 @@ A fleet without GPUs sizes nothing: the replica runs on CPUs (gpus_per_replica 0
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from nebula.core.config import ModelsConfig
@@ -90,8 +90,23 @@ def size(spec: ModelSpec, profile: ModelProfile | None, nodes: Sequence[NodeReco
                 return Sizing(max_len, tp, tp, est.total_mib, _chosen(tried, node, gpus), est)
         tp *= 2
     shown = ", ".join(f"{_gib(e.total_mib)} at tensor-parallel {e.tensor_parallel}" for e in tried)
+    if force:
+        return _pending_size(max_len, need, profile, gpus, tp, shown)
     return Refusal(f"needs {shown} per GPU ({tried[-1].explain()}); {_largest(gpus)}, and at most {most} GPU(s) "
                    "are on one node: lower max_model_len, add GPUs, or use a quantized model")
+
+
+def _pending_size(max_len: int | None, need: Callable[[int], MemoryEstimate], profile: ModelProfile,
+                  gpus: list[tuple[str, list[int]]], tp: int, shown: str) -> Sizing:
+    """A forced load that fits no node now: sized for the fewest GPUs of today's largest size that would hold it
+    (it waits pending for a node with that many), or the most tensor parallelism vLLM is given."""
+    largest = max((c for _, caps in gpus for c in caps), default=0)
+    est = need(tp)
+    while tp < MAX_TP and (est.total_mib > largest or not _splits(profile, tp)):
+        tp *= 2
+        est = need(tp)
+    return Sizing(max_len, tp, tp, est.total_mib, f"needs {shown} per GPU, more than any node holds now; forced: "
+                  f"it waits pending for {tp} GPUs on one node ({est.explain()})", est)
 
 
 def _declared(max_len: int | None, tp: int, gpu_count: int, per_gpu: int, est: MemoryEstimate,

@@ -41,7 +41,8 @@ async def load_model(request: web.Request) -> web.Response:
                            engine=st.engine, node=st.node, models=st.models, nodes=nodes,
                            families=st.families)
     spec = plan.spec
-    _check_fleet_has_gpus(nodes, spec)
+    if not plan.allow_pending:
+        _check_fleet_has_gpus(nodes, spec)
     if plan.existing is not None:
         return web.json_response({"created": False, "model": spec.to_dict(), "note": plan.note})
     try:

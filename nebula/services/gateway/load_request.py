@@ -43,6 +43,8 @@ class LoadPlan:
     """The stored spec, when the request asks for exactly it (nothing to write)."""
     note: str = ""
     """Why the spec has no profile or no memory estimate, for the answer; empty when it has both."""
+    allow_pending: bool = False
+    """The request may wait pending for GPUs no node has yet."""
 
 
 async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: EngineConfig, node: NodeConfig,
@@ -91,8 +93,8 @@ async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: Eng
         filled["max_model_len"] = (sizing.max_model_len, _len_reason(profile, engine))
     if profile is None:
         # Nothing was read: the spec stays as requested and the engine derives what it can on its node.
-        return LoadPlan(spec, note="; ".join(notes))
-    return LoadPlan(with_derived(spec, profile, filled), note="; ".join(notes))
+        return LoadPlan(spec, note="; ".join(notes), allow_pending=allow_pending)
+    return LoadPlan(with_derived(spec, profile, filled), note="; ".join(notes), allow_pending=allow_pending)
 
 
 async def _stored(store: Store, name: str) -> ModelSpec | None:
