@@ -121,6 +121,7 @@ class NodeAgent:
                                      host=self.cfg.node.engine_host, task=p.model.task,
                                      max_model_len=p.model.max_model_len, engine_args=p.model.engine_args,
                                      gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
+                                     tensor_parallel_size=p.model.tensor_parallel_size,
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
                                                                              self.node.gpus, p.gpu_indices))
         return specs, blocked
