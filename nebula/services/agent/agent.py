@@ -27,6 +27,7 @@ from nebula.core.restarts import RestartBook
 from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
+from nebula.services.agent.gpus import EngineView, GpuSampler, gpu_records
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
@@ -43,7 +44,8 @@ HealthCheck = Callable[[str], Awaitable[bool]]
 class NodeAgent:
     def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
-                 clock: Callable[[], float] = time.time, sources: ModelSources | None = None) -> None:
+                 clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
+                 gpus: GpuSampler | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -68,6 +70,7 @@ class NodeAgent:
         self._failure_errors: dict[str, list[str]] = {}
         self._stopped: dict[str, EngineSpec] = {}  # stopped between systemd's restarts, with the spec that failed
         self._restart_due: frozenset[str] = frozenset()
+        self.gpus = gpus
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -133,6 +136,24 @@ class NodeAgent:
             self.node = replace(self.node, cached=cached)
             await self.writes.register_node(self.node, self.lease)
 
+    async def advertise_gpus(self, units: Mapping[str, UnitStatus]) -> None:
+        """Tell the GPU sampler which engines run (whose memory is Nebula's), and keep the node record's
+        memory used outside Nebula current, rewritten only when it moved by [node] gpu_outside_step_mib."""
+        if self.gpus is None:
+            return
+        declared: dict[int, int] = {}
+        for p in self.placements.values():
+            for i in p.gpu_indices:
+                declared[i] = declared.get(i, 0) + p.model.gpu_memory_mib
+        self.gpus.engines = EngineView(
+            running=frozenset(i for i, u in units.items() if u.state not in (UnitState.INACTIVE, UnitState.FAILED)),
+            sessions={u.main_pid: i for i, u in units.items() if u.main_pid > 0}, declared_mib=declared)
+        gpus = gpu_records(self.node.gpus, self.gpus.readings, self.gpus.outside_mib(),
+                           self.cfg.node.gpu_outside_step_mib)
+        if gpus is not None:
+            self.node = replace(self.node, gpus=gpus)
+            await self.writes.register_node(self.node, self.lease)
+
     async def reconcile_once(self) -> None:
         if not self.placements_known:
             return  # never act on an empty view before the first listing: that would stop every engine
@@ -156,6 +177,7 @@ class NodeAgent:
             units = dict(await self.units.list())
             files = self.specs.read_all()
         await self.check_health(units, files)
+        await self.advertise_gpus(units)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
 
