@@ -103,8 +103,8 @@ def test_properties_with_outside_use_and_mixed_sizes(replicas: list[int], gpu_ne
         for g in p.gpu_indices:
             used[(p.node, g)] = used.get((p.node, g), 0) + p.model.gpu_memory_mib
     for (name, index), mib in used.items():
-        g = next(g for g in nodes[name].gpus if g.index == index)
-        assert mib <= g.memory_total_mib - reserve - g.memory_outside_mib, "a GPU is over-committed"
+        held = next(g for g in nodes[name].gpus if g.index == index)
+        assert mib <= held.memory_total_mib - reserve - held.memory_outside_mib, "a GPU is over-committed"
     for name, m in models.items():
         assert sum(1 for p in r.placements.values() if p.model.name == name) == m.replicas or name in r.pending
     for reason in r.pending.values():
