@@ -27,7 +27,7 @@ from nebula.core.restarts import RestartBook
 from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
-from nebula.services.agent.gpus import EngineView, GpuSampler, gpu_records
+from nebula.services.agent.gpus import GpuSampler, engine_view, gpu_records
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
@@ -145,9 +145,7 @@ class NodeAgent:
         for p in self.placements.values():
             for i in p.gpu_indices:
                 declared[i] = declared.get(i, 0) + p.model.gpu_memory_mib
-        self.gpus.engines = EngineView(
-            running=frozenset(i for i, u in units.items() if u.state not in (UnitState.INACTIVE, UnitState.FAILED)),
-            sessions={u.main_pid: i for i, u in units.items() if u.main_pid > 0}, declared_mib=declared)
+        self.gpus.engines = engine_view(units, declared)
         gpus = gpu_records(self.node.gpus, self.gpus.readings, self.gpus.outside_mib(),
                            self.cfg.node.gpu_outside_step_mib)
         if gpus is not None:

@@ -23,6 +23,7 @@ from nebula.adapters.procinfo import read_process
 from nebula.core.gpu_release import ReleaseTracker
 from nebula.core.gpu_usage import GpuProcess, GpuUsage, moved, split_usage
 from nebula.core.model import Gpu
+from nebula.core.units import UnitState, UnitStatus
 
 log = logging.getLogger("nebula.agent")
 LABELS = ["node", "gpu", "uuid", "name"]
@@ -40,6 +41,14 @@ class EngineView:
     """Session id (an engine's main pid: each engine leads its own session) -> instance."""
     declared_mib: Mapping[int, int] = field(default_factory=dict)
     """Per GPU, the memory this node's placements declared on it."""
+
+
+def engine_view(units: Mapping[str, UnitStatus], declared_mib: Mapping[int, int] | None = None) -> EngineView:
+    """The sampler's view of the engines from the units the back-end lists."""
+    return EngineView(running=frozenset(i for i, u in units.items()
+                                        if u.state not in (UnitState.INACTIVE, UnitState.FAILED)),
+                      sessions={u.main_pid: i for i, u in units.items() if u.main_pid > 0},
+                      declared_mib=dict(declared_mib or {}))
 
 
 class GpuSampler:

@@ -24,7 +24,7 @@ from nebula.core.gpu_release import ReleaseTracker
 from nebula.core.model import NodeRecord
 from nebula.core.units import EngineUnits
 from nebula.services.agent.agent import NodeAgent
-from nebula.services.agent.gpus import EngineView, GpuCollector, GpuSampler, gpu_record
+from nebula.services.agent.gpus import GpuCollector, GpuSampler, engine_view, gpu_record
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
@@ -67,7 +67,7 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         gpus = GpuSampler(NvmlReader(), node_name(cfg),
                           tracker=ReleaseTracker(cfg.node.gpu_release_timeout_s, cfg.node.gpu_release_slack_mib))
         # The engines already running (a restarted agent) own their memory from the first reading on.
-        gpus.engines = EngineView(sessions={u.main_pid: i for i, u in (await units.list()).items() if u.main_pid})
+        gpus.engines = engine_view(await units.list())
         gpus.sample()  # the inventory for the node record; it logs why when there are no GPUs
         svc.registry.register(GpuCollector(gpus))
         node = node_record(cfg, gpus.readings, gpus.outside_mib())
