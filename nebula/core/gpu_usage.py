@@ -9,7 +9,7 @@ own reservation alike, is used outside Nebula, and placement must not hand it ou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nebula.core.units import instance_of_unit
@@ -67,12 +67,15 @@ class GpuUsage:
         memory a process left behind."""
         return max(0, self.used_mib - self.nebula_mib - self.others_mib)
 
-    def outside_mib(self, declared_mib: int = 0) -> int:
-        """Memory used outside Nebula. Without a process list, all that is used beyond what this node's
-        placements declared on the GPU (`declared_mib`) is taken to be outside."""
+    def outside_mib(self, declared_mib: int = 0, running: Collection[str] | None = None) -> int:
+        """Memory placement cannot count on: used outside Nebula, and, given `running` (the engines whose
+        unit is up), what processes of stopped engines still hold (workers left behind: not placed, not
+        free either). Without a process list, all that is used beyond what this node's placements declared
+        on the GPU (`declared_mib`) is taken to be outside."""
         if not self.processes_known:
             return max(0, self.used_mib - declared_mib)
-        return max(0, self.used_mib - self.nebula_mib)
+        ours = self.by_engine.values() if running is None else [m for i, m in self.by_engine.items() if i in running]
+        return max(0, self.used_mib - sum(ours))
 
 
 def split_usage(index: int, total_mib: int, used_mib: int, procs: Sequence[GpuProcess] | None,

@@ -44,6 +44,8 @@ def test_usage_splits_nebula_from_outside_and_counts_the_unlisted_as_outside() -
     assert u.by_engine == {"qwen:1": 30 * GIB, "llama": 20 * GIB}
     assert (u.nebula_mib, u.others_mib, u.unlisted_mib) == (50 * GIB, 10 * GIB, GIB)
     assert u.outside_mib() == 11 * GIB  # the notebook and the driver's own
+    # Given the engines that run, what a stopped one's processes still hold cannot be placed on either.
+    assert u.outside_mib(running={"qwen:1"}) == 31 * GIB
 
 
 def test_without_a_process_list_what_placements_did_not_declare_is_outside() -> None:

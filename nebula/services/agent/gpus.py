@@ -101,9 +101,9 @@ class GpuSampler:
         return tuple(usage)
 
     def outside_mib(self) -> dict[int, int]:
-        """Per GPU, the memory used outside Nebula at the latest reading."""
-        declared = self.engines.declared_mib
-        return {u.index: u.outside_mib(declared.get(u.index, 0)) for u in self.usage}
+        """Per GPU, the memory used outside Nebula (or left by stopped engines) at the latest reading."""
+        view = self.engines
+        return {u.index: u.outside_mib(view.declared_mib.get(u.index, 0), view.running) for u in self.usage}
 
     async def run(self, interval_s: float, sleep: Sleep = asyncio.sleep) -> NoReturn:
         while True:
