@@ -52,9 +52,15 @@ prepare() {
         "$dir" "$(du -sh "$dir" | cut -f1)" "$(basename "$dir")" >&2
 }
 
+check_python() {
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+        || die "$python is not Python 3.11 or newer: set PYTHON to one (with torch, for the stand-in engines)"
+}
+
 run_from() {
     local dir=$1 path="" whl
     shift
+    check_python
     for whl in "$dir"/wheels/*.whl; do
         [[ -f $whl ]] && path+="${path:+:}$whl"
     done
@@ -77,6 +83,7 @@ case ${1:-} in
         elif [[ -d $here/wheels ]]; then
             run_from "$here" "$@"
         else
+            check_python
             exec "$python" "$here/gpu_check.py" --python "$python" "$@"
         fi ;;
 esac
