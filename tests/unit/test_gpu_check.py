@@ -54,9 +54,10 @@ def test_run_mode_imports_from_the_prepared_wheels_alone(tmp_path: Path) -> None
         shutil.copy(ROOT / "scripts" / name, tmp_path / name)
     # -I -S: no site-packages, no PYTHONPATH read by Python itself, no current directory: only the wheels.
     wrapper = tmp_path / "python"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S -c 'import sys, runpy; sys.path[:0] = "
-                       f"__import__(\"os\").environ[\"PYTHONPATH\"].split(\":\"); sys.argv = sys.argv[1:]; "
-                       f"runpy.run_path(sys.argv[0], run_name=\"__main__\")' \"$@\"\n")
+    py = sys.executable
+    run = ("import sys, runpy; sys.path[:0] = __import__('os').environ['PYTHONPATH'].split(':'); "
+           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec {py} -I -S "$@"\nexec {py} -I -S -c "{run}" "$@"\n')
     wrapper.chmod(0o755)
     res = subprocess.run([str(tmp_path / "gpu-check.sh")], capture_output=True, text=True, timeout=60,
                          env={"PATH": os.environ["PATH"], "PYTHON": str(wrapper)}, cwd="/")
