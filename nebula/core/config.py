@@ -119,6 +119,9 @@ class SchedulerConfig:
     port: int = _f(8002, "Port of the scheduler's /metrics.")
     node_grace_s: float = _f(60.0, "How long a node may be gone before its replicas are placed elsewhere.")
     resync_s: float = _f(30.0, "Full re-placement period, on top of watch-driven passes.")
+    gpu_headroom_mib: int = _f(1024, "Memory of every GPU that placement never hands out, on top of what NVML "
+                               "reports used outside Nebula (CUDA contexts, fragmentation, a GPU's total "
+                               "rounded up by its board).")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,12 @@ class NodeConfig:
     port: int = _f(8003, "Port of the agent's /metrics.")
     gpu_sample_s: float = _f(5.0, "How often the agent reads its GPUs' utilisation, memory, temperature and power "
                              "for /metrics (0: never).")
+    gpu_outside_step_mib: int = _f(512, "The node record's per-GPU memory used outside Nebula is rewritten when "
+                                   "it moves by at least this much (placement reads it; smaller moves would "
+                                   "only churn etcd).")
+    gpu_release_timeout_s: float = _f(120.0, "How long after an engine stops its GPU memory may take to come "
+                                      "back before nebula_agent_gpu_memory_unreleased_bytes reports it.")
+    gpu_release_slack_mib: int = _f(256, "Memory left over after a stop that still counts as released.")
     engine_host: str = _f("127.0.0.1", "Address the engines on this node listen on.")
     port_min: int = _f(18000, "First port handed to engines on this node.")
     port_max: int = _f(18999, "Last port handed to engines on this node.")
@@ -307,6 +316,10 @@ def _validate(cfg: NebulaConfig) -> None:
         url = getattr(cfg.node, name)
         if url and not url.startswith(("http://", "https://")):
             raise ValidationError(f"node.{name}", f"must be an http(s):// URL, got {url!r}")
+    for section, name in (("scheduler", "gpu_headroom_mib"), ("node", "gpu_outside_step_mib"),
+                          ("node", "gpu_release_slack_mib"), ("node", "gpu_release_timeout_s")):
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ValidationError(f"{section}.{name}", "must be 0 or more")
     if cfg.node.download_workers < 1:
         raise ValidationError("node.download_workers", "must be at least 1")
     if cfg.gateway.access_log not in ("all", "errors", "off"):

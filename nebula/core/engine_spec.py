@@ -16,7 +16,7 @@ from typing import Any
 from nebula.core.config import EngineConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import runtime_venv
-from nebula.core.model import RUNTIME_RE, Gpu, Task, expect_field, validate_name
+from nebula.core.model import RUNTIME_RE, Gpu, Task, expect_field, expect_int, validate_name
 from nebula.core.model_limits import ModelLimit, engine_max_model_len
 from nebula.errors import ValidationError
 
@@ -38,6 +38,8 @@ class EngineSpec:
     trust_remote_code: bool = False
     engine_runtime: str | None = None
     """The runtime (venv) to run: <runtimes_dir>/<engine_runtime> (core/engine_runtime.py); None: the default."""
+    tensor_parallel_size: int | None = None
+    """GPUs the model is sharded over (--tensor-parallel-size); None: every pinned GPU when more than one."""
 
     @staticmethod
     def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
@@ -66,6 +68,8 @@ class EngineSpec:
                 gpu_memory_utilization=float(expect_field(obj, "gpu_memory_utilization", (int, float), 0.0)),
                 trust_remote_code=expect_field(obj, "trust_remote_code", bool, False),
                 engine_runtime=_runtime(expect_field(obj, "engine_runtime", str, None)),
+                tensor_parallel_size=(None if obj.get("tensor_parallel_size") is None
+                                      else expect_int(obj, "tensor_parallel_size", 1, 16)),
             )
         except ValidationError as e:
             raise ValidationError(e.field, f"{source_name}: {e}") from None
@@ -85,14 +89,21 @@ class EngineSpec:
              "host": self.host, "task": self.task.value, "max_model_len": self.max_model_len,
              "engine_args": list(self.engine_args), "gpu_indices": list(self.gpu_indices),
              "gpu_memory_utilization": self.gpu_memory_utilization, "trust_remote_code": self.trust_remote_code}
-        # Only when set: spec files of engines started before runtimes existed read back unchanged.
+        # Only when set: spec files of engines started before these fields existed read back unchanged.
         if self.engine_runtime is not None:
             d["engine_runtime"] = self.engine_runtime
+        if self.tensor_parallel_size is not None:
+            d["tensor_parallel_size"] = self.tensor_parallel_size
         return d
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def tensor_parallel(self) -> int:
+        """The tensor-parallel size vLLM runs with: the declared one, else all the pinned GPUs (at least 1)."""
+        return self.tensor_parallel_size or max(1, len(self.gpu_indices))
 
 
 def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoint: str = "",
@@ -112,6 +123,9 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         argv += ["--max-model-len", str(max_len)]
     if spec.gpu_memory_utilization and not cpu:
         argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:.2f}"]
+    if spec.tensor_parallel > 1 and not cpu and not _has_flag(spec.engine_args, "--tensor-parallel-size", "-tp"):
+        # Without it vLLM uses one of the GPUs it sees, and a model sized for two never loads.
+        argv += ["--tensor-parallel-size", str(spec.tensor_parallel)]
     if spec.task is Task.EMBED:
         argv += ["--runner", "pooling", "--convert", "embed"]
     elif spec.task is Task.RERANK:
@@ -131,6 +145,9 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
     elif spec.gpu_indices:
+        # Placement numbers GPUs as NVML does (PCI bus order); CUDA's default order (fastest first) differs on
+        # mixed machines, so CUDA is told to number them the same way before the indices mean anything.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     return argv, env
 
@@ -141,6 +158,10 @@ def _runtime(name: str | None) -> str | None:
     return name
 
 
+def _has_flag(args: Sequence[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
 def check_engine_spec(spec: EngineSpec, cfg: EngineConfig) -> None:
     """ValidationError when `spec` asks for flags or remote code that `cfg` does not allow (engine_args.py)."""
     check_engine_request(spec.engine_args, spec.trust_remote_code, cfg.allowed_engine_args,
@@ -148,13 +169,17 @@ def check_engine_spec(spec: EngineSpec, cfg: EngineConfig) -> None:
 
 
 def gpu_memory_share(need_mib: int, gpus: Sequence[Gpu], indices: Sequence[int]) -> float:
-    """The share of its GPUs a replica that declared `need_mib` may take (--gpu-memory-utilization).
+    """The share of its GPUs a replica that declared `need_mib` per GPU may take (--gpu-memory-utilization).
 
     vLLM takes 90% of every GPU it sees by default, so a second replica placed on the same GPU (the
-    scheduler packs GPUs by declared memory) could never start. Rounded down, so shares of one GPU never
-    add up to more than it holds; 0 (vLLM's default) when nothing was declared or the GPUs are unknown.
+    scheduler packs GPUs by declared memory) could never start. vLLM applies one fraction of each GPU's
+    total to all of a replica's GPUs, so on GPUs of different sizes the share is the one that gives the
+    smallest GPU its need (the larger ones are asked for more; vLLM sizes the KV cache by its smallest
+    worker, so the surplus is never allocated). Each per-GPU share is rounded down, so shares of one GPU
+    never add up to more than it holds; 0 (vLLM's default) when nothing was declared or a GPU is unknown.
     """
-    totals = [g.memory_total_mib for g in gpus if g.index in indices and g.memory_total_mib > 0]
-    if need_mib <= 0 or not totals or len(totals) < len(indices):
+    totals = {g.index: g.memory_total_mib for g in gpus if g.index in indices and g.memory_total_mib > 0}
+    if need_mib <= 0 or not indices or any(i not in totals for i in indices):
         return 0.0
-    return max(0.01, min(0.95, math.floor(need_mib / min(totals) * 100) / 100))
+    share = max(math.floor(need_mib / totals[i] * 100) / 100 for i in indices)
+    return max(0.01, min(0.95, share))

@@ -239,9 +239,15 @@ def parse_instance_name(instance: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class Gpu:
     index: int
+    """NVML's index, which is PCI bus order (engines run with CUDA_DEVICE_ORDER=PCI_BUS_ID to match)."""
     name: str
     memory_total_mib: int
     memory_used_mib: int
+    memory_outside_mib: int = 0
+    """Memory in use by processes that are not Nebula's engines (and the driver's own): never Nebula's to place."""
+    link_group: int = 0
+    """GPUs in one group are adjacent (NVLink, or one PCIe switch): the lowest index in the group. Placement
+    pins a replica's GPUs inside one group when it can. All 0 where NVML says nothing about topology."""
 
     @staticmethod
     def from_dict(obj: object) -> Gpu:
@@ -249,7 +255,9 @@ class Gpu:
             raise ValidationError("gpus", "each GPU must be a JSON object")
         return Gpu(index=expect_int(obj, "index", 0, 1023), name=expect_field(obj, "name", str),
                    memory_total_mib=expect_int(obj, "memory_total_mib", 0, 1 << 40),
-                   memory_used_mib=expect_int(obj, "memory_used_mib", 0, 1 << 40))
+                   memory_used_mib=expect_int(obj, "memory_used_mib", 0, 1 << 40),
+                   memory_outside_mib=expect_int(obj, "memory_outside_mib", 0, 1 << 40, 0),
+                   link_group=expect_int(obj, "link_group", 0, 1023, 0))
 
 
 @dataclass(frozen=True)

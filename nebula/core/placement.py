@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from nebula.core.model import ModelSpec, NodeRecord, Placement, instance_name
+from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
 from nebula.core.sources import source_id
 
 
@@ -22,16 +22,39 @@ class PlacementResult:
 class _NodeCapacity:
     node: NodeRecord
     gpu_free_mib: dict[int, int]
+    """What each GPU can still take: its total, less the reserve, less what processes outside Nebula use, less
+    what placements already hold."""
     used_ports: set[int]
     replicas_by_model: dict[str, int]
     total_free_mib: int = 0
     cached: frozenset[str] = frozenset()
     next_port: int = 0
     """Every port below it is taken: ports are only ever taken during a pass, so the lowest free one only rises."""
+    groups: dict[int, int] = field(default_factory=dict)
+    """Each GPU's link group (Gpu.link_group)."""
 
     def free_gpus(self, need_mib: int) -> list[int]:
-        return sorted((i for i, free in self.gpu_free_mib.items() if free >= need_mib),
-                      key=lambda i: (-self.gpu_free_mib[i], i))
+        """The GPUs that can hold `need_mib`, best first: a declared need goes where it fits tightest (large
+        GPUs stay free for large models: bin-packing), an undeclared one (0) where the most is free."""
+        fitting = [i for i, free in self.gpu_free_mib.items() if free >= need_mib]
+        sign = 1 if need_mib else -1
+        return sorted(fitting, key=lambda i: (sign * self.gpu_free_mib[i], i))
+
+    def pick_gpus(self, need_mib: int, count: int) -> list[int]:
+        """`count` GPUs that each hold `need_mib`, inside one link group when one has enough (the tightest
+        such group), else the best `count` of the node; [] when the node has fewer."""
+        free = self.free_gpus(need_mib)
+        if len(free) < count:
+            return []
+        if count == 1:
+            return free[:1]
+        by_group: dict[int, list[int]] = {}
+        for i in free:  # keeps the best-first order inside each group
+            by_group.setdefault(self.groups.get(i, 0), []).append(i)
+        whole = [g[:count] for g in by_group.values() if len(g) >= count]
+        if not whole:
+            return free[:count]
+        return min(whole, key=lambda g: (sum(self.gpu_free_mib[i] for i in g) * (1 if need_mib else -1), g))
 
     def free_port(self) -> int | None:
         port = max(self.next_port, self.node.port_min)
@@ -48,11 +71,20 @@ class _NodeCapacity:
         self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
 
 
-def _capacities(nodes: Iterable[NodeRecord]) -> dict[str, _NodeCapacity]:
-    return {n.name: _NodeCapacity(node=n, gpu_free_mib={g.index: g.memory_total_mib for g in n.gpus},
-                                  used_ports=set(), replicas_by_model={},
-                                  total_free_mib=sum(g.memory_total_mib for g in n.gpus),
-                                  cached=frozenset(n.cached)) for n in nodes}
+def gpu_capacity_mib(gpu: Gpu, reserve_mib: int) -> int:
+    """What Nebula may place on `gpu`: its total less the reserve and less what is used outside Nebula
+    (other processes, the driver), never below 0."""
+    return max(0, gpu.memory_total_mib - reserve_mib - gpu.memory_outside_mib)
+
+
+def _capacities(nodes: Iterable[NodeRecord], reserve_mib: int) -> dict[str, _NodeCapacity]:
+    caps = {}
+    for n in nodes:
+        free = {g.index: gpu_capacity_mib(g, reserve_mib) for g in n.gpus}
+        caps[n.name] = _NodeCapacity(node=n, gpu_free_mib=free, used_ports=set(), replicas_by_model={},
+                                     total_free_mib=sum(free.values()), cached=frozenset(n.cached),
+                                     groups={g.index: g.link_group for g in n.gpus})
+    return caps
 
 
 def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
@@ -60,20 +92,25 @@ def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
 
 
 def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
-          current: Mapping[str, Placement], *, retained_nodes: Iterable[str] = ()) -> PlacementResult:
+          current: Mapping[str, Placement], *, retained_nodes: Iterable[str] = (),
+          gpu_reserve_mib: int = 0) -> PlacementResult:
     """Compute the placements that should exist.
 
     - A current placement stays where it is while its node is live (or in `retained_nodes`: gone for less
       than the grace period) and its replica is still desired; its spec follows the model's spec.
     - A desired replica with no placement goes to the matching node with the fewest replicas of the same
       model (spread), then one that already holds the model's weights (no download), then the most free GPU
-      memory, then by name (deterministic); GPUs are bin-packed by declared memory; the port is the node's
-      lowest free one. Only nodes with the capacity are ranked, so neither preference overrides capacity,
+      memory, then by name (deterministic); the port is the node's lowest free one.
+    - A GPU holds what its total less `gpu_reserve_mib` less the memory used outside Nebula (the node record's
+      NVML reading) leaves; each of a replica's GPUs must hold the declared per-GPU need. GPUs are bin-packed
+      (the tightest fit), and a replica's GPUs are taken from one link group (NVLink / PCIe switch) when one
+      has enough. Kept placements are never re-checked against capacity: outside use that grew since does
+      not evict a running replica. Only nodes with the capacity are ranked, so neither preference overrides capacity,
       and spread ranks first, so the cache never stacks replicas on one node while another has none.
     - A model with replicas that fit nowhere is in `pending` with the reason.
     """
     keep_on = set(nodes) | set(retained_nodes)
-    caps = _capacities(nodes.values())
+    caps = _capacities(nodes.values(), gpu_reserve_mib)
     result: dict[str, Placement] = {}
     # Existing placements first, so capacity and ports they hold are not handed out again.
     for inst, p in sorted(current.items()):
@@ -96,7 +133,7 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
             inst = instance_name(name, r)
             if inst in result:
                 continue
-            placed = _place_one(inst, model, caps, sid)
+            placed = _place_one(inst, model, caps, sid, gpu_reserve_mib)
             if isinstance(placed, str):
                 unplaced += 1
                 reason = placed
@@ -121,29 +158,23 @@ def _replica_index(inst: str, model: ModelSpec) -> int | None:
     return None
 
 
-def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], sid: str | None
+def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], sid: str | None, reserve_mib: int
                ) -> Placement | str:
     # Rank every fitting node by a cheap key first; build the placement for the winner only (this loop runs
     # replicas x nodes times on a first placement of a fleet).
     best: tuple[tuple[int, int, int, str], _NodeCapacity, list[int], int] | None = None
-    why = _Shortfall()
-    need = model.gpus_per_replica
+    why = _Shortfall(reserve_mib=reserve_mib)
+    need, mem = model.gpus_per_replica, model.gpu_memory_mib
     for cap in caps.values():
         if model.labels and not _matches_labels(model, cap.node):
             continue
         why.matching += 1
         gpus: list[int] = []
         if need:
-            largest = max(cap.gpu_free_mib.values(), default=0)
-            if largest < model.gpu_memory_mib or len(cap.gpu_free_mib) < need:
-                fitting = len(cap.free_gpus(model.gpu_memory_mib)) if largest >= model.gpu_memory_mib else 0
-                why.short_of_gpus(cap, largest, fitting)
+            gpus = cap.pick_gpus(mem, need) if len(cap.gpu_free_mib) >= need else []
+            if not gpus:
+                why.short_of_gpus(cap, mem)
                 continue
-            free = cap.free_gpus(model.gpu_memory_mib)
-            if len(free) < need:
-                why.short_of_gpus(cap, largest, len(free))
-                continue
-            gpus = free[:need]
         cached = 0 if sid is not None and sid in cap.cached else 1
         key = (cap.replicas_by_model.get(model.name, 0), cached, -cap.total_free_mib, cap.node.name)
         if best is not None and key >= best[0]:
@@ -172,14 +203,29 @@ class _Shortfall:
     best_count: int = 0
     best_count_node: str = ""
     no_port: list[str] = field(default_factory=list)
+    outside: list[tuple[int, str, int]] = field(default_factory=list)
+    """(MiB used outside Nebula, node, GPU index) of each GPU that would hold the need but for that use."""
+    reserve_mib: int = 0
+    reserved: bool = False
+    """Some GPU would hold the need but for the reserve."""
 
-    def short_of_gpus(self, cap: _NodeCapacity, largest: int, count: int) -> None:
+    def short_of_gpus(self, cap: _NodeCapacity, mem: int) -> None:
+        largest = max(cap.gpu_free_mib.values(), default=0)
+        count = sum(1 for free in cap.gpu_free_mib.values() if free >= mem)
         self.gpu_short += 1
         self.any_gpus = self.any_gpus or bool(cap.gpu_free_mib)
         if largest > self.largest_free or not self.largest_node:
             self.largest_free, self.largest_node = largest, cap.node.name
         if count > self.best_count or not self.best_count_node:
             self.best_count, self.best_count_node = count, cap.node.name
+        for g in cap.node.gpus:
+            free = cap.gpu_free_mib.get(g.index, 0)
+            if free >= mem:
+                continue
+            if g.memory_outside_mib and free + g.memory_outside_mib >= mem:
+                self.outside.append((g.memory_outside_mib, cap.node.name, g.index))
+            elif self.reserve_mib and free + self.reserve_mib >= mem:
+                self.reserved = True
 
     def reason(self, model: ModelSpec, *, has_nodes: bool) -> str:
         if not has_nodes:
@@ -201,9 +247,19 @@ class _Shortfall:
                 free = f" with {mib_text(mem)} free" if mem else ""
                 parts.append(f"needs {need} GPUs{free} on one node; at most {self.best_count} on "
                              f"{self.best_count_node}")
+            parts += self._outside_text()
+            if self.reserved:
+                parts.append(f"{mib_text(self.reserve_mib)} of each GPU is kept free ([scheduler] gpu_headroom_mib)")
         if self.no_port:
             parts.append(f"no free engine port on {', '.join(sorted(self.no_port))}")
         return "; ".join(parts) or "no node fits"
+
+    def _outside_text(self) -> list[str]:
+        if not self.outside:
+            return []
+        # The GPU with the most outside use: the one an operator most likely wants to look at.
+        mib, node, index = max(self.outside, key=lambda o: (o[0], o[1], -o[2]))
+        return [f"GPU {index} of {node}: {mib_text(mib)} used outside Nebula"]
 
 
 def _gpus(n: int) -> str:

@@ -29,15 +29,11 @@ RERANK_MODEL = "rerank"
 MAX_MODEL_LEN = 512
 READY_TIMEOUT_S = 600
 
-# Forced tool calls that a random model completes (see shared/notes/engine.md): structured outputs with
-# xgrammar and no free whitespace. Each flag is one argv element of `vllm serve`, so a JSON value with
-# quotes needs no shell quoting: `--engine-arg=--structured-outputs-config={...}` travels as one string.
-CHAT_ENGINE_ARGS = (
-    "--tool-call-parser=pythonic",
-    "--enable-auto-tool-choice",
-    "--structured-outputs-config=" + json.dumps({"backend": "xgrammar", "disable_any_whitespace": True},
-                                                separators=(",", ":")),
-)
+# The chat model is loaded as a newcomer would, with no engine flags: its profile (the `nebula-tiny` family of
+# etc/nebula/profiles.toml, matched by the gateway from the model's files) turns on tool calling and structured
+# outputs with no free whitespace, which is what makes a random model complete forced tool calls and JSON
+# (see shared/notes/engine.md). These tests are what prove that path.
+CHAT_FAMILY = "nebula-tiny"
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class ApiCluster:
 
 def _load_commands(models: Path) -> dict[str, list[str]]:
     chat = ["load", CHAT_MODEL, "--source", str(models / "tiny-llama"), "--task", "generate",
-            "--max-model-len", str(MAX_MODEL_LEN), *(f"--engine-arg={a}" for a in CHAT_ENGINE_ARGS)]
+            "--max-model-len", str(MAX_MODEL_LEN)]
     embed = ["load", EMBED_MODEL, "--source", str(models / "tiny-bert-embed"), "--task", "embed"]
     rerank = ["load", RERANK_MODEL, "--source", str(models / "tiny-bert-rerank"), "--task", "rerank"]
     return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank}

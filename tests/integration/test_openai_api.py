@@ -26,6 +26,7 @@ from openai.types.chat import (
 
 from tests.harness.cluster import post_json
 from tests.integration.api_fixtures import (
+    CHAT_FAMILY,
     CHAT_MODEL,
     EMBED_MODEL,
     MAX_MODEL_LEN,
@@ -157,6 +158,15 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 
 
 # --- tools ------------------------------------------------------------------------------------------
+
+
+def test_the_chat_model_was_loaded_with_no_flags_and_runs_with_its_familys(gateway: str) -> None:
+    """The tool tests below pass only because the profile's flags reached `vllm serve`: the load sent none."""
+    spec = get(gateway + f"/v1/admin/models/{CHAT_MODEL}")["spec"]
+    assert spec["engine_args"] == [], spec
+    assert spec["profile"]["family"] == CHAT_FAMILY and spec["profile"]["tool_call_parser"] == "pythonic", spec
+    assert spec["profile"]["derived"]["family"], spec["profile"]["derived"]
+
 
 
 def test_tool_choice_named_gives_a_schema_valid_call(client: openai.OpenAI) -> None:

@@ -18,7 +18,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "nebula" / "profiles.tom
 VLLM_TOOL_PARSERS = {"hermes", "llama3_json", "llama4_pythonic", "mistral", "deepseek_v3", "deepseek_v31", "openai",
                      "glm45", "pythonic", "qwen3_coder"}
 VLLM_REASONING_PARSERS = {"deepseek_r1", "qwen3", "deepseek_v3", "openai_gptoss", "glm45"}
-# tests/integration/api_fixtures.py CHAT_ENGINE_ARGS: what the quickstart's tiny model needs.
+# What the quickstart's tiny model needs (tests/integration/test_openai_api.py proves it through real engines).
 TINY_ARGS = {"--tool-call-parser=pythonic", "--enable-auto-tool-choice",
              "--structured-outputs-config=" + json.dumps({"backend": "xgrammar", "disable_any_whitespace": True},
                                                          separators=(",", ":"))}

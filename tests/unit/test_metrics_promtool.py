@@ -133,7 +133,8 @@ def test_exposition_passes_promtool_check_metrics(expositions: dict[str, str], s
     wanted = {"gateway": ["nebula_gateway_prompt_tokens_total{", "nebula_gateway_model_replicas_ready{"],
               "scheduler": ["nebula_scheduler_node_gone_seconds{", "nebula_scheduler_model_pending{",
                             "nebula_scheduler_placement_changes_total{"],
-              "agent": ["nebula_gpu_power_watts{", "nebula_agent_instances{", "nebula_agent_reconcile_seconds_count"]}
+              "agent": ["nebula_gpu_power_watts{", "nebula_agent_instances{", "nebula_agent_reconcile_seconds_count",
+                        "nebula_agent_gpu_memory_unreleased_bytes{", "nebula_agent_gpu_memory_release_overdue_total{"]}
     for prefix in wanted[service]:
         assert any(line.startswith(prefix) for line in text.splitlines()), prefix
 

@@ -28,6 +28,7 @@ from nebula.core.restarts import RestartBook
 from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
+from nebula.services.agent.gpus import GpuSampler, engine_view, gpu_records
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
@@ -45,7 +46,7 @@ class NodeAgent:
     def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
                  clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
-                 runtimes: Callable[[], tuple[str, ...]] | None = None) -> None:
+                 runtimes: Callable[[], tuple[str, ...]] | None = None, gpus: GpuSampler | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -71,6 +72,7 @@ class NodeAgent:
         self._failure_errors: dict[str, list[str]] = {}
         self._stopped: dict[str, EngineSpec] = {}  # stopped between systemd's restarts, with the spec that failed
         self._restart_due: frozenset[str] = frozenset()
+        self.gpus = gpus
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -130,6 +132,7 @@ class NodeAgent:
                                      max_model_len=p.model.max_model_len, engine_args=engine_args,
                                      gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
                                      engine_runtime=p.model.engine_runtime,
+                                     tensor_parallel_size=p.model.tensor_parallel_size,
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
                                                                              self.node.gpus, p.gpu_indices))
         return specs, blocked
@@ -141,6 +144,22 @@ class NodeAgent:
         runtimes = self.runtimes() if self.runtimes is not None else self.node.runtimes
         if cached != self.node.cached or runtimes != self.node.runtimes:
             self.node = replace(self.node, cached=cached, runtimes=runtimes)
+            await self.writes.register_node(self.node, self.lease)
+
+    async def advertise_gpus(self, units: Mapping[str, UnitStatus]) -> None:
+        """Tell the GPU sampler which engines run (whose memory is Nebula's), and keep the node record's
+        memory used outside Nebula current, rewritten only when it moved by [node] gpu_outside_step_mib."""
+        if self.gpus is None:
+            return
+        declared: dict[int, int] = {}
+        for p in self.placements.values():
+            for i in p.gpu_indices:
+                declared[i] = declared.get(i, 0) + p.model.gpu_memory_mib
+        self.gpus.engines = engine_view(units, declared)
+        gpus = gpu_records(self.node.gpus, self.gpus.readings, self.gpus.outside_mib(),
+                           self.cfg.node.gpu_outside_step_mib)
+        if gpus is not None:
+            self.node = replace(self.node, gpus=gpus)
             await self.writes.register_node(self.node, self.lease)
 
     async def reconcile_once(self) -> None:
@@ -166,6 +185,7 @@ class NodeAgent:
             units = dict(await self.units.list())
             files = self.specs.read_all()
         await self.check_health(units, files)
+        await self.advertise_gpus(units)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
 

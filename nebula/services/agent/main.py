@@ -14,17 +14,18 @@ from aiohttp import web
 
 from nebula import __version__
 from nebula.adapters.engine_runtimes import installed_runtimes
-from nebula.adapters.nvml import GpuReading, read_gpus
+from nebula.adapters.nvml import GpuReading, NvmlReader
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
 from nebula.adapters.watching import LeaseKeeper
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
-from nebula.core.model import Gpu, NodeRecord
+from nebula.core.gpu_release import ReleaseTracker
+from nebula.core.model import NodeRecord
 from nebula.core.units import EngineUnits
 from nebula.services.agent.agent import NodeAgent
-from nebula.services.agent.gpus import GpuCollector, GpuSampler
+from nebula.services.agent.gpus import GpuCollector, GpuSampler, engine_view, gpu_record
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
@@ -53,9 +54,9 @@ def process_units(cfg: NebulaConfig, env: Mapping[str, str]) -> ProcessEngineUni
                               home=Path(cfg.node.state_dir) / "engine-home")
 
 
-def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...]) -> NodeRecord:
-    gpus = tuple(Gpu(index=g.index, name=g.name, memory_total_mib=g.memory_total_mib,
-                     memory_used_mib=g.memory_used_mib) for g in readings)
+def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...], outside_mib: Mapping[int, int]
+                ) -> NodeRecord:
+    gpus = tuple(gpu_record(g, outside_mib.get(g.index, 0)) for g in readings)
     return NodeRecord(name=node_name(cfg), address=cfg.node.address, port_min=cfg.node.port_min,
                       port_max=cfg.node.port_max, gpus=gpus, agent_version=__version__,
                       labels={k: v for k, _, v in (label.partition("=") for label in cfg.node.labels)},
@@ -65,13 +66,16 @@ def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...]) -> NodeReco
 async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
     async with service_context(cfg, env) as svc, aiohttp.ClientSession() as session:
         units = make_units(cfg, env)
-        gpus = GpuSampler(read_gpus, node_name(cfg))
+        gpus = GpuSampler(NvmlReader(), node_name(cfg),
+                          tracker=ReleaseTracker(cfg.node.gpu_release_timeout_s, cfg.node.gpu_release_slack_mib))
+        # The engines already running (a restarted agent) own their memory from the first reading on.
+        gpus.engines = engine_view(await units.list())
         gpus.sample()  # the inventory for the node record; it logs why when there are no GPUs
         svc.registry.register(GpuCollector(gpus))
-        node = node_record(cfg, gpus.readings)
+        node = node_record(cfg, gpus.readings, gpus.outside_mib())
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
                           EngineHealth(session, cfg.node.health_timeout_s), svc.registry,
-                          runtimes=lambda: installed_runtimes(cfg.engine))
+                          runtimes=lambda: installed_runtimes(cfg.engine), gpus=gpus)
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()

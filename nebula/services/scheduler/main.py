@@ -22,7 +22,7 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         identity = f"{node_name(cfg)}:{os.getpid()}"
         sched = Scheduler(svc.store, identity, lease_ttl_s=cfg.cluster.lease_ttl_s,
                           node_grace_s=cfg.scheduler.node_grace_s, resync_s=cfg.scheduler.resync_s,
-                          registry=svc.registry)
+                          registry=svc.registry, gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib)
         app = web.Application()
         app.add_routes([metrics_route(svc.registry)])
         metrics = MirrorMetrics(svc.registry)

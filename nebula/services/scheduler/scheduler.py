@@ -29,13 +29,14 @@ log = logging.getLogger("nebula.scheduler")
 
 class Scheduler:
     def __init__(self, store: Store, identity: str, *, lease_ttl_s: int, node_grace_s: float,
-                 resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic,
+                 gpu_headroom_mib: int = 0) -> None:
         self.store = store
         self.identity = identity
         self.lease_ttl_s = lease_ttl_s
         self.node_grace_s = node_grace_s
         self.resync_s = resync_s
+        self.gpu_headroom_mib = gpu_headroom_mib
         self.clock = clock
         self.models: dict[str, ModelSpec] = {}
         self.nodes: dict[str, NodeRecord] = {}
@@ -90,7 +91,8 @@ class Scheduler:
         return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
 
     def compute(self) -> tuple[list[Placement], list[Placement]]:
-        result = place(self.models, self.nodes, self.placements, retained_nodes=self.retained_nodes())
+        result = place(self.models, self.nodes, self.placements, retained_nodes=self.retained_nodes(),
+                       gpu_reserve_mib=self.gpu_headroom_mib)
         if result.pending != self.pending:
             for model, reason in result.pending.items():
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
