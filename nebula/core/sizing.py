@@ -4,8 +4,9 @@ Pure: from the spec, the model's profile (core/model_facts.py), the live nodes' 
 - max_model_len = the spec's value, else [engine] default_max_model_len, capped by the model's own limit
   (core/model_limits.engine_max_model_len); a request above the limit is a ValidationError naming it;
 - tensor_parallel = the spec's, else the smallest power of two of GPUs on ONE node whose per-GPU estimate
-  (core/memory.py) fits that node's GPUs (each GPU's total less [models] gpu_reserve_mib). Whether the
-  GPUs are free now is placement's question, not this one's: sizing is about the hardware;
+  (core/memory.py) fits that node's GPUs (each GPU's total less [scheduler] gpu_headroom_mib and less what
+  is used outside Nebula, as placement counts it). Whether Nebula's own replicas leave room now is
+  placement's question, not this one's;
 - what the spec declares (gpus_per_replica, tensor_parallel_size, gpu_memory_mib) always wins, but a
   declared size whose estimate fits no GPU is refused with the numbers unless forced.
 A fleet without GPUs sizes nothing: the replica runs on CPUs (gpus_per_replica 0).
@@ -20,11 +21,14 @@ from nebula.core.config import ModelsConfig
 from nebula.core.memory import GIB, MIB, MemoryEstimate, estimate
 from nebula.core.model import ModelSpec, NodeRecord
 from nebula.core.model_limits import ModelLimit, engine_max_model_len
+from nebula.core.placement import gpu_capacity_mib
 from nebula.core.profile import ModelProfile
 
 VLLM_DEFAULT_LEN = 2048
 """What vLLM assumes when a model's files name no length."""
 MAX_TP = 16
+DEFAULT_RESERVE_MIB = 1024
+"""[scheduler] gpu_headroom_mib's default: the same reserve placement keeps."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,12 @@ class Refusal:
 
 
 def size(spec: ModelSpec, profile: ModelProfile | None, nodes: Sequence[NodeRecord], cfg: ModelsConfig,
-         default_max_model_len: int = 0, force: bool = False) -> Sizing | Refusal:
+         default_max_model_len: int = 0, force: bool = False, reserve_mib: int = DEFAULT_RESERVE_MIB
+         ) -> Sizing | Refusal:
     """The replica's size, or why no node's GPUs can hold it. ValidationError: max_model_len over the limit."""
     limit = _limit(profile)
     max_len = engine_max_model_len(spec.max_model_len, default_max_model_len, limit)
-    gpus = [(n.name, [max(0, g.memory_total_mib - cfg.gpu_reserve_mib) for g in n.gpus]) for n in nodes if n.gpus]
+    gpus = [(n.name, [gpu_capacity_mib(g, reserve_mib) for g in n.gpus]) for n in nodes if n.gpus]
     declared_tp = spec.tensor_parallel_size or spec.gpus_per_replica or 0
     if not gpus:
         return Sizing(max_len, 1, 0, 0, "no node has a GPU: the replica runs on CPUs, nothing to size")

@@ -15,7 +15,7 @@ from nebula.core.families import Families
 from nebula.core.memory import estimate
 from nebula.core.model import Gpu, ModelSpec, NodeRecord
 from nebula.core.profile import ModelProfile
-from nebula.core.sizing import Refusal, Sizing, size, sized_spec
+from nebula.core.sizing import DEFAULT_RESERVE_MIB, Refusal, Sizing, size, sized_spec
 from nebula.errors import ValidationError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-configs"
@@ -168,7 +168,7 @@ def test_models_config_is_validated() -> None:
         parse_config({"models": {"kv_concurrency": 0}}, {})
     with pytest.raises(ValidationError, match=r"models\.read_timeout_s"):
         parse_config({"models": {"read_timeout_s": 0}}, {})
-    assert parse_config({}, {"NEBULA_MODELS_GPU_RESERVE_MIB": "2048"}).models.gpu_reserve_mib == 2048
+    assert parse_config({}, {"NEBULA_MODELS_KV_CONCURRENCY": "4"}).models.kv_concurrency == 4
 
 
 GPU_SIZES = st.sampled_from([8192, 16384, 23034, 46068, 81559, 143771])
@@ -186,7 +186,7 @@ def test_chosen_tensor_parallel_is_a_minimal_fitting_power_of_two(weights_gib: i
     if not any(n.gpus for n in nodes):
         assert isinstance(result, Sizing) and result.gpus_per_replica == 0
         return
-    caps = [[g.memory_total_mib - CFG.gpu_reserve_mib for g in n.gpus] for n in nodes]
+    caps = [[g.memory_total_mib - DEFAULT_RESERVE_MIB for g in n.gpus] for n in nodes]
 
     def fits(tp: int) -> bool:
         need = estimate(p, length, tp, overhead_mib=CFG.activation_overhead_mib).total_mib

@@ -39,7 +39,7 @@ async def load_model(request: web.Request) -> web.Response:
     nodes = node_records((await st.store.list_prefix(keys.NODES)).items)
     plan = await plan_load(await _read_json(request), catalog=catalog_of(request.app), store=st.store,
                            engine=st.engine, node=st.node, models=st.models, nodes=nodes,
-                           families=st.families)
+                           families=st.families, gpu_headroom_mib=st.gpu_headroom_mib)
     spec = plan.spec
     if not plan.allow_pending:
         _check_fleet_has_gpus(nodes, spec)

@@ -67,7 +67,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
                       engine: EngineConfig | None = None, catalog: Catalog | None = None,
                       node: NodeConfig | None = None, models: ModelsConfig | None = None,
-                      families: Families | None = None) -> web.Application:
+                      families: Families | None = None, gpu_headroom_mib: int = 1024) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open."""
@@ -84,7 +84,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
                          session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
-                         models=models or ModelsConfig(), families=families)
+                         models=models or ModelsConfig(), families=families, gpu_headroom_mib=gpu_headroom_mib)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
@@ -173,7 +173,8 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
                             catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models,
-                            families=read_families(cfg.models.profiles_files))
+                            families=read_families(cfg.models.profiles_files),
+                            gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib)
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

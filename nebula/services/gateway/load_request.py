@@ -23,7 +23,7 @@ from nebula.core.families import Families
 from nebula.core.model import ModelSpec, NodeRecord, Task
 from nebula.core.model_load import as_requested, with_derived
 from nebula.core.profile import ModelProfile
-from nebula.core.sizing import Refusal, size
+from nebula.core.sizing import DEFAULT_RESERVE_MIB, Refusal, size
 from nebula.core.store import Store
 from nebula.errors import ValidationError
 from nebula.services.gateway.catalog_api import resolve_catalog_model
@@ -48,7 +48,8 @@ class LoadPlan:
 
 
 async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: EngineConfig, node: NodeConfig,
-                    models: ModelsConfig, nodes: list[NodeRecord], families: Families | None = None) -> LoadPlan:
+                    models: ModelsConfig, nodes: list[NodeRecord], families: Families | None = None,
+                    gpu_headroom_mib: int = DEFAULT_RESERVE_MIB) -> LoadPlan:
     """The spec a load request stores. ValidationError (400) for a bad request; ApiError for a refusal."""
     resolved, variant = resolve_catalog_model(body, catalog)
     if not isinstance(resolved, dict):
@@ -78,7 +79,8 @@ async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: Eng
         if task is not spec.task:
             filled["task"] = (task, f"detected: {profile.derived.get('task', profile.architecture)}")
         check_engine_request(profile.family_args(), False, engine.allowed_engine_args, False)
-    sizing = size(spec, profile, nodes, models, engine.default_max_model_len, force=allow_pending)
+    sizing = size(spec, profile, nodes, models, engine.default_max_model_len, force=allow_pending,
+                  reserve_mib=gpu_headroom_mib)
     if isinstance(sizing, Refusal):
         raise ApiError(400, f"model '{spec.name}' {sizing.reason} (or send {ALLOW_PENDING}: true / "
                        "nebula load --allow-pending to let it wait for such a node)", param="gpus_per_replica",

@@ -53,6 +53,8 @@ class GatewayState:
     # Model families (parsers per family), read once at start so a bad profiles file stops the start; None:
     # read at each load (tests).
     families: Families | None = None
+    # [scheduler] gpu_headroom_mib: the per-GPU reserve a load's sizing keeps, as placement does.
+    gpu_headroom_mib: int = 1024
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
