@@ -122,3 +122,15 @@ def test_a_catalog_name_loads_its_hub_source(gateway: ServedGateway) -> None:
     res = load(gateway, name="qwen", source="qwen2.5-7b-instruct")
     assert res.status_code == 200, res.text
     assert stored(gateway, "qwen").source == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_a_quantization_the_engine_does_not_load_is_refused(gateway: ServedGateway, tmp_path: Path) -> None:
+    config = json.loads((FIXTURES / "Qwen2.5-7B-Instruct" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    res = load(gateway, name="bnb", source=str(tmp_path))
+    assert res.status_code == 400, res.text
+    assert "bitsandbytes" in res.json()["error"]["message"] and "AWQ" in res.json()["error"]["message"]
+    assert gateway.run(gateway.store.get(keys.model_key("bnb"))) is None
+    awq = load(gateway, name="awq", source=str(FIXTURES / "Qwen2.5-7B-Instruct-AWQ"))
+    assert awq.status_code == 200, awq.text

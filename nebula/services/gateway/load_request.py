@@ -19,6 +19,7 @@ from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, ModelsConfig, NodeConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import check_runtime_available
+from nebula.core.engine_support import check_quantization
 from nebula.core.families import Families
 from nebula.core.model import ModelSpec, NodeRecord, Task
 from nebula.core.model_load import as_requested, with_derived
@@ -79,6 +80,7 @@ async def plan_load(body: object, *, catalog: Catalog, store: Store, engine: Eng
         if task is not spec.task:
             filled["task"] = (task, f"detected: {profile.derived.get('task', profile.architecture)}")
         check_engine_request(profile.family_args(), False, engine.allowed_engine_args, False)
+        check_quantization(profile)
     sizing = size(spec, profile, nodes, models, engine.default_max_model_len, force=allow_pending,
                   reserve_mib=gpu_headroom_mib)
     if isinstance(sizing, Refusal):
