@@ -90,6 +90,20 @@ def test_sampler_attributes_through_the_agents_view_and_remembers_stopped_sessio
     assert sampler.usage[0].by_engine == {}
 
 
+def test_a_draining_engine_holds_memory_placement_cannot_count_on_until_it_stops() -> None:
+    """Its placement is gone (unloaded, or moved), so placement no longer counts its memory: it is outside use
+    until the engine exits, or a new replica would be placed onto memory that is not free yet."""
+    sampler = GpuSampler(lambda: ((reading(0, 71, (5100, 40), (6000, 30)),), ""), "n1",
+                         read_proc=lambda pid, mib: read_process(pid, mib, PROC))
+    sampler.engines = EngineView(running=frozenset({"embed"}), sessions={5000: "embed"}, placed=frozenset({"embed"}))
+    sampler.sample()
+    assert sampler.outside_mib() == {0: 31 * GIB}
+    sampler.engines = EngineView(running=frozenset({"embed"}), sessions={5000: "embed"}, placed=frozenset())
+    sampler.sample()
+    assert sampler.outside_mib() == {0: 71 * GIB}
+    assert sampler.usage[0].by_engine == {"embed": 40 * GIB}, "still Nebula's engine, for the release tracker"
+
+
 def test_node_record_gpus_carry_outside_use_and_decode_old_records() -> None:
     g = gpu_record(reading(1, 70), 70 * GIB)
     assert g == Gpu(1, "NVIDIA H200", 141 * GIB, 70 * GIB, memory_outside_mib=70 * GIB, link_group=0)

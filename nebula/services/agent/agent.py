@@ -155,7 +155,7 @@ class NodeAgent:
         for p in self.placements.values():
             for i in p.gpu_indices:
                 declared[i] = declared.get(i, 0) + p.model.gpu_memory_mib
-        self.gpus.engines = engine_view(units, declared)
+        self.gpus.engines = engine_view(units, declared, placed=self.placements.keys())
         gpus = gpu_records(self.node.gpus, self.gpus.readings, self.gpus.outside_mib(),
                            self.cfg.node.gpu_outside_step_mib)
         if gpus is not None:

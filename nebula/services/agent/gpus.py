@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -41,14 +41,23 @@ class EngineView:
     """Session id (an engine's main pid: each engine leads its own session) -> instance."""
     declared_mib: Mapping[int, int] = field(default_factory=dict)
     """Per GPU, the memory this node's placements declared on it."""
+    placed: frozenset[str] | None = None
+    """Instances this node's placements still want; None: all running ones. A running engine outside it (one
+    draining after an unload or a move) holds memory its placement no longer counts: outside use, until it
+    stops, so a new replica is not placed onto memory that is not free yet."""
+
+    def counted(self) -> frozenset[str]:
+        """Running engines whose memory placement already counts (through their placements)."""
+        return self.running if self.placed is None else self.running & self.placed
 
 
-def engine_view(units: Mapping[str, UnitStatus], declared_mib: Mapping[int, int] | None = None) -> EngineView:
+def engine_view(units: Mapping[str, UnitStatus], declared_mib: Mapping[int, int] | None = None,
+                placed: Collection[str] | None = None) -> EngineView:
     """The sampler's view of the engines from the units the back-end lists."""
     return EngineView(running=frozenset(i for i, u in units.items()
                                         if u.state not in (UnitState.INACTIVE, UnitState.FAILED)),
                       sessions={u.main_pid: i for i, u in units.items() if u.main_pid > 0},
-                      declared_mib=dict(declared_mib or {}))
+                      declared_mib=dict(declared_mib or {}), placed=None if placed is None else frozenset(placed))
 
 
 class GpuSampler:
@@ -103,7 +112,7 @@ class GpuSampler:
     def outside_mib(self) -> dict[int, int]:
         """Per GPU, the memory used outside Nebula (or left by stopped engines) at the latest reading."""
         view = self.engines
-        return {u.index: u.outside_mib(view.declared_mib.get(u.index, 0), view.running) for u in self.usage}
+        return {u.index: u.outside_mib(view.declared_mib.get(u.index, 0), view.counted()) for u in self.usage}
 
     async def run(self, interval_s: float, sleep: Sleep = asyncio.sleep) -> NoReturn:
         while True:
