@@ -117,6 +117,10 @@ def _node_row(n: Mapping[str, Any]) -> list[str]:
     total = sum(int(g["memory_total_mib"]) for g in gpus)
     used = sum(int(g["memory_used_mib"]) for g in gpus)
     mem = f"{used / 1024:.1f}/{total / 1024:.1f} GiB" if total else "-"
+    # Memory held outside Nebula (other processes, the driver, engines still draining): placement leaves it be.
+    outside = sum(int(g.get("memory_outside_mib") or 0) for g in gpus)
+    if outside:
+        mem += f" ({outside / 1024:.1f} outside)"
     # Busy fraction (0-1, as NVML reports it), when the node record carries one.
     utils = [float(g["utilization"]) for g in gpus if g.get("utilization") is not None]
     util = percent(sum(utils) / len(utils)) if utils else "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -76,6 +77,14 @@ def test_healthy_frame() -> None:
     node = next(line for line in lines if line.startswith("gpu1 "))
     assert node.split() == ["gpu1", "alive", "10.0.0.1", "2", "20.0/160.0", "GiB", "40%", "gpu=h100,zone=a", "1"]
     assert lines[-1] == "healthy" and status_problems(HEALTHY) == []
+
+
+def test_gpu_memory_used_outside_nebula_is_shown() -> None:
+    busy = json.loads(json.dumps(HEALTHY))
+    busy["nodes"][0]["gpus"][0]["memory_outside_mib"] = 71680
+    node = next(line for line in status_frame(busy, url="http://gw:8000", title="T").splitlines()
+                if line.startswith("gpu1 "))
+    assert "20.0/160.0 GiB (70.0 outside)" in node, node
 
 
 def test_problems_each_name_the_fix() -> None:
