@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from nebula.core.config import EngineConfig
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share, vllm_command
 from nebula.core.gpu_release import ReleaseTracker
 from nebula.core.gpu_usage import GpuProcess, GpuUsage, split_usage
+from nebula.core.memory import estimate
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement
 from nebula.core.placement import gpu_capacity_mib, mib_text, place
 from nebula.core.profile import ModelProfile
@@ -129,15 +129,10 @@ def argv_problems(spec: EngineSpec, argv: Sequence[str], env: Mapping[str, str])
     return problems
 
 
-def estimated_need_mib(profile: ModelProfile, max_model_len: int) -> tuple[int | None, str]:
-    """The per-GPU need nebula.core.memory estimates, with its explanation; None where this build lacks it
-    (the hook for the estimate: `estimate(profile, max_model_len, tensor_parallel, concurrency)`)."""
-    try:
-        memory = importlib.import_module("nebula.core.memory")
-    except ImportError:
-        return None, "nebula.core.memory is not in this build: declared memory only"
-    est = memory.estimate(profile, max_model_len, tensor_parallel=1, concurrency=1)
-    return int(est.total_mib), str(est.explain())
+def estimated_need_mib(profile: ModelProfile, max_model_len: int) -> tuple[int, str]:
+    """The per-GPU need nebula.core.memory estimates for one replica on one GPU, with its explanation."""
+    est = estimate(profile, max_model_len, tensor_parallel=1, concurrency=1)
+    return est.total_mib, est.explain()
 
 
 def no_gpu_line(note: str) -> str:
@@ -378,11 +373,8 @@ def main(argv: Sequence[str] | None = None, read: GpuReader | None = None) -> in
     placements = check_two_replicas(report, "check-declared", node, need, "declared")
     check_refused(report, node)
     estimated, how = estimated_need_mib(QWEN25_7B, 8192)
-    if estimated is None:
-        report.add("placement-estimated", None, how)
-    else:
-        print(f"     Qwen2.5-7B-Instruct, max_model_len 8192: {how}", flush=True)
-        check_two_replicas(report, "check-estimated", node, estimated, "estimated")
+    print(f"     Qwen2.5-7B-Instruct, max_model_len 8192: {how}", flush=True)
+    check_two_replicas(report, "check-estimated", node, estimated, "estimated")
     check_tensor_parallel(report, node)
     if placements:
         asyncio.run(run_standins(report, node, placements, reader, args.python, args.start_timeout,
