@@ -9,7 +9,10 @@
 # /etc/nebula/nebula.toml if there is none, brings Nebula up (`nebula up`: systemd units where systemd is
 # PID 1, supervised child processes elsewhere; it also makes the bootstrap admin key, /etc/nebula/admin.key
 # and its digest, if there is none, so the admin API is closed from the start), loads the model through the
-# admin API (desired state in etcd -> scheduler -> node agent -> engine) and waits until it answers.
+# admin API (desired state in etcd -> scheduler -> node agent -> engine) and waits until it answers. With the
+# tiny models it also loads `embed` (a tiny sentence-transformers BERT) and `rerank` (a tiny cross-encoder), so
+# chat with tool calls and json_schema, embeddings and rerank can all be tried at once; the gateway reads
+# each model's files and turns on what its family needs (etc/nebula/profiles.toml).
 # Rerunning it is safe and quick; an existing key is kept.
 #
 # Environment: NEBULA_MODEL_NAME (default tiny), NEBULA_MODEL_SOURCE (a model directory to serve instead
@@ -79,9 +82,12 @@ else
     source_dir=/var/lib/nebula/models/tiny-llama
 fi
 
-step "config /etc/nebula/nebula.toml"
-mkdir -p /etc/nebula/engines /etc/nebula/nebula.d
+step "config /etc/nebula (nebula.toml, catalog, model families)"
+mkdir -p /etc/nebula/engines /etc/nebula/nebula.d /etc/nebula/catalog.d /etc/nebula/profiles.d
 [[ -f /etc/nebula/nebula.toml ]] || nebula config init
+# The shipped model catalog and model families, as the package installs them; your own go in catalog.d/ and
+# profiles.d/ (a rerun refreshes these two and never touches the drop-ins).
+install -m 0644 "$repo/etc/nebula/catalog.toml" "$repo/etc/nebula/profiles.toml" /etc/nebula/
 # Settings of this machine go in a drop-in, so the main file stays the commented reference.
 cat >/etc/nebula/nebula.d/10-quickstart.toml <<EOF
 [engine]
@@ -110,6 +116,12 @@ nebula up
 
 step "load $name from $source_dir"
 nebula load "$name" --source "$source_dir" --max-model-len 512 --wait 900
+if [[ -z ${NEBULA_MODEL_SOURCE:-} ]]; then
+    # The task (embed, rerank) is read from the models' own files.
+    step "load embed and rerank (tiny BERTs)"
+    nebula load embed --source /var/lib/nebula/models/tiny-bert-embed --wait 900
+    nebula load rerank --source /var/lib/nebula/models/tiny-bert-rerank --wait 900
+fi
 
 cat <<EOF
 
@@ -121,7 +133,23 @@ Nebula is up and serving '$name' ($((SECONDS - t0)) s). Every request needs a ke
        -H 'Content-Type: application/json' \\
        -d '{"model": "$name", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
 
+  # tool calls (the model's family turns the parser on; a random tiny model needs the call forced):
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer \$KEY" \\
+       -H 'Content-Type: application/json' \\
+       -d '{"model": "$name", "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 64,
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object",
+              "properties": {"city": {"type": "string", "enum": ["paris", "lima"]}}, "required": ["city"]}}}],
+            "tool_choice": "required"}'
+$( [[ -n ${NEBULA_MODEL_SOURCE:-} ]] || cat <<EOT
+  curl -s http://127.0.0.1:8000/v1/embeddings -H "Authorization: Bearer \$KEY" \\
+       -H 'Content-Type: application/json' -d '{"model": "embed", "input": ["hello", "world"]}'
+  curl -s http://127.0.0.1:8000/v1/rerank -H "Authorization: Bearer \$KEY" \\
+       -H 'Content-Type: application/json' -d '{"model": "rerank", "query": "hi", "documents": ["hello", "bye"]}'
+EOT
+)
+
   nebula list              # models, replicas, phases, nodes
+  nebula show $name         # what Nebula read from its files: family, parsers, limits, memory
   nebula status            # nodes and models at a glance
   nebula logs $name         # the engine's log
   nebula unload $name       # drain and stop it
