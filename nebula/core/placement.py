@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from nebula.core.engine_runtime import node_has_runtime
 from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
 from nebula.core.sources import source_id
 
@@ -168,6 +169,9 @@ def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], s
     for cap in caps.values():
         if model.labels and not _matches_labels(model, cap.node):
             continue
+        if not node_has_runtime(cap.node, model.engine_runtime):
+            why.without_runtime += 1
+            continue
         why.matching += 1
         gpus: list[int] = []
         if need:
@@ -196,6 +200,8 @@ class _Shortfall:
     """What the nodes lacked, gathered while ranking them, to say why a replica fits nowhere."""
 
     matching: int = 0
+    without_runtime: int = 0
+    """Nodes (with the model's labels) that lack the engine runtime it is pinned to."""
     gpu_short: int = 0
     any_gpus: bool = False
     largest_free: int = 0
@@ -230,6 +236,9 @@ class _Shortfall:
     def reason(self, model: ModelSpec, *, has_nodes: bool) -> str:
         if not has_nodes:
             return "no live nodes"
+        if not self.matching and self.without_runtime:
+            return (f"no live node{' with its labels' if model.labels else ''} has engine runtime "
+                    f"{model.engine_runtime} installed (scripts/install-engine.sh on a node; nodes advertise theirs)")
         if not self.matching:
             labels = ", ".join(f"{k}={v}" for k, v in sorted(model.labels.items()))
             return f"no live node has the labels {labels}"

@@ -3,6 +3,8 @@ one node and across nodes, and adjacent GPUs for a tensor-parallel replica."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -116,3 +118,16 @@ def test_properties_with_outside_use_and_mixed_sizes(replicas: list[int], gpu_ne
                                            memory_outside_mib=g.memory_total_mib) for g in rec.gpus))
               for n, rec in nodes.items()}
     assert place(models, fuller, r.placements, gpu_reserve_mib=reserve).placements == r.placements
+
+
+def test_a_model_pinned_to_an_engine_runtime_goes_only_where_it_is_installed() -> None:
+    pinned = replace(model("m", mem_gib=10), engine_runtime="vllm-0.32-cu13")
+    old = replace(node("old", gpu(0, 80)), runtimes=("vllm-0.31-cu12",))
+    new = replace(node("new", gpu(0, 80)), runtimes=("vllm-0.31-cu12", "vllm-0.32-cu13"))
+    r = place({"m": pinned}, {"old": old, "new": new}, {})
+    assert [p.node for p in r.placements.values()] == ["new"]
+    nowhere = place({"m": pinned}, {"old": old}, {})
+    assert not nowhere.placements
+    assert nowhere.pending["m"].startswith("no live node has engine runtime vllm-0.32-cu13 installed"), nowhere.pending
+    unpinned = place({"m": model("m", mem_gib=10)}, {"old": old}, {})
+    assert [p.node for p in unpinned.placements.values()] == ["old"], "the default runtime is every node's"
