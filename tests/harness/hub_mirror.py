@@ -65,6 +65,9 @@ class HubMirror:
     fail_next: int = 0
     """Answer this many next requests with 503, as a hub having a bad minute."""
     requests: list[tuple[str, str]] = field(default_factory=list)
+    whole_gets: list[str] = field(default_factory=list)
+    """Paths of GETs without a Range header: whole files, as downloads fetch them (a profile's header peek
+    reads ranges)."""
     port: int = 0
     _files: dict[str, list[RepoFile]] = field(default_factory=dict)
 
@@ -83,6 +86,11 @@ class HubMirror:
         return sum(1 for m, p in self.requests if m == "GET" and (p.startswith(f"/{repo}/resolve/")
                                                                    or p.startswith(f"/api/v1/models/{repo}/repo?")))
 
+    def weight_downloads(self, repo: str) -> int:
+        """Whole-file GETs of `repo`'s weights (*.safetensors, *.bin): what a download of the model costs."""
+        return sum(1 for p in self.whole_gets if p.startswith(f"/{repo}/resolve/")
+                   and p.endswith((".safetensors", ".bin")))
+
     def _repo_files(self, repo: str) -> list[RepoFile]:
         if repo not in self._files:
             self._files[repo] = list_files(self.repos[repo])
@@ -92,6 +100,8 @@ class HubMirror:
     @web.middleware
     async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
+        if request.method == "GET" and "Range" not in request.headers:
+            self.whole_gets.append(request.path)
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=503, text="mirror is having a bad minute")

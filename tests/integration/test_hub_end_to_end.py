@@ -35,6 +35,8 @@ def test_pull_then_load_from_the_hub_and_chat(tmp_path: Path) -> None:
         pulled = cluster.cli("pull", "tiny/llama", "--timeout", "120")
         assert pulled.stdout.splitlines()[-1] == "hf://tiny/llama is cached on node-a", pulled.stdout
         assert mirror.file_requests("tiny/llama") == 6
+        weights = mirror.weight_downloads("tiny/llama")
+        assert weights >= 1
         with urllib.request.urlopen(cluster.gateway_url + "/v1/admin/nodes", timeout=10) as resp:
             nodes = json.loads(resp.read())["data"]
         assert [n["cached"] for n in nodes] == [["hf://tiny/llama"]]
@@ -47,7 +49,11 @@ def test_pull_then_load_from_the_hub_and_chat(tmp_path: Path) -> None:
         wait_until(lambda: admin_model(cluster.gateway_url, "llama")["ready"] == 1, READY_TIMEOUT_S, "llama ready",
                    cluster, interval_s=1.0)
         assert admin_model(cluster.gateway_url, "llama")["pending_reason"] is None
-        assert mirror.file_requests("tiny/llama") == 6, "the load must use the pulled weights"
+        # The gateway read the model's profile from the hub (config files, and the safetensors header by range),
+        # and the node used the pulled weights: no weight file was fetched again.
+        assert mirror.weight_downloads("tiny/llama") == weights, "the load must use the pulled weights"
+        profile = admin_model(cluster.gateway_url, "llama")["spec"]["profile"]
+        assert profile["architecture"] == "LlamaForCausalLM" and profile["weight_bytes"] > 0, profile
 
         client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0)
         chat = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hello"}],
