@@ -121,9 +121,12 @@ def test_properties(replicas: list[int], gpu_need: list[int], mem_need: list[int
     for name, m in models.items():
         placed = [p for p in r.placements.values() if p.model.name == name]
         assert len(placed) == m.replicas or name in r.pending
-        # spread: with room on every node, no node holds two replicas while another holds none
-        if m.gpus_per_replica == 0 and len(placed) <= len(nodes):
-            assert len({p.node for p in placed}) == len(placed)
+        # spread: no node holds two replicas while another node, with a port still free, holds none
+        per_node = {n: sum(1 for p in placed if p.node == n) for n in nodes}
+        if m.gpus_per_replica == 0 and max(per_node.values()) > 1:
+            for n, count in per_node.items():
+                free_ports = nodes[n].port_max - nodes[n].port_min + 1 - sum(1 for node_, _ in ports if node_ == n)
+                assert count > 0 or free_ports == 0, f"{name}: {per_node}, while {n} has {free_ports} port(s) free"
     assert place(models, nodes, r.placements).placements == r.placements
 
 
