@@ -15,7 +15,7 @@ A fleet without GPUs sizes nothing: the replica runs on CPUs (gpus_per_replica 0
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nebula.core.config import ModelsConfig
 from nebula.core.memory import GIB, MIB, MemoryEstimate, estimate
@@ -173,11 +173,3 @@ def _largest(gpus: list[tuple[str, list[int]]]) -> str:
 
 def _gib(mib: int) -> str:
     return f"{mib * MIB / GIB:.1f} GiB"
-
-
-def sized_spec(spec: ModelSpec, profile: ModelProfile | None, sizing: Sizing) -> ModelSpec:
-    """The spec as stored: its profile, max_model_len, GPUs, tensor-parallel size and per-GPU memory filled."""
-    gpus = sizing.gpus_per_replica
-    return replace(spec, profile=profile, max_model_len=sizing.max_model_len, gpus_per_replica=gpus,
-                   gpu_memory_mib=sizing.gpu_memory_mib if gpus else spec.gpu_memory_mib,
-                   tensor_parallel_size=sizing.tensor_parallel if gpus else spec.tensor_parallel_size)

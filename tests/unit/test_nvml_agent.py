@@ -4,7 +4,6 @@ its node record (only when it moved), and writes the tensor-parallel size into t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -20,38 +19,10 @@ from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.gpus import GpuSampler
 from nebula.services.agent.specfiles import SpecFiles
 from tests.harness.mirrors import mirrored
+from tests.unit.test_agent import TableUnits
 
 PROC = Path(__file__).resolve().parents[1] / "fixtures/proc"
 GIB = 2**30
-
-
-class Units:
-    """Engine units that change only when the test says so."""
-
-    def __init__(self) -> None:
-        self.units: dict[str, UnitStatus] = {}
-
-    async def list(self) -> Mapping[str, UnitStatus]:
-        return dict(self.units)
-
-    async def start(self, instance: str) -> None:
-        self.units[instance] = UnitStatus(instance, UnitState.ACTIVATING)
-
-    async def stop(self, instance: str) -> None:
-        self.units[instance] = UnitStatus(instance, UnitState.DEACTIVATING)
-
-    async def reset(self, instance: str) -> None:
-        self.units.pop(instance, None)
-
-    async def close(self) -> None:
-        pass
-
-    async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
-        return []
-
-    @property
-    def restarts_failed(self) -> bool:
-        return True
 
 
 class Gpus:
@@ -75,7 +46,7 @@ async def node_gpus(store: MemoryStore) -> tuple[Gpu, ...]:
 
 
 async def test_outside_use_reaches_the_node_record_and_engines_are_known(tmp_path: Path) -> None:
-    store, units, gpus = MemoryStore(), Units(), Gpus()
+    store, units, gpus = MemoryStore(), TableUnits(), Gpus()
     sampler = GpuSampler(gpus, "n1", read_proc=lambda pid, mib: read_process(pid, mib, PROC))
     sampler.sample()
     node = NodeRecord(name="n1", address="127.0.0.1", port_min=18000, port_max=18010,

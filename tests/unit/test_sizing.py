@@ -15,7 +15,7 @@ from nebula.core.families import Families
 from nebula.core.memory import estimate
 from nebula.core.model import Gpu, ModelSpec, NodeRecord
 from nebula.core.profile import ModelProfile
-from nebula.core.sizing import DEFAULT_RESERVE_MIB, Refusal, Sizing, size, sized_spec
+from nebula.core.sizing import DEFAULT_RESERVE_MIB, Refusal, Sizing, size
 from nebula.errors import ValidationError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-configs"
@@ -152,14 +152,6 @@ def test_kv_cache_dtype_from_engine_args_and_concurrency_from_config() -> None:
     assert fp8.estimate and plain.estimate and fp8.estimate.kv_bytes * 2 == plain.estimate.kv_bytes
     busy = sized(size(spec(max_model_len=8192), p, DGX, replace(CFG, kv_concurrency=8)))
     assert busy.estimate and busy.estimate.kv_bytes == 8 * 8192 * 128 * 1024
-
-
-def test_sized_spec_fills_the_spec() -> None:
-    p = profile("Llama-3.1-70B-Instruct")
-    s = sized(size(spec(max_model_len=8192), p, DGX, CFG))
-    out = sized_spec(spec(max_model_len=8192), p, s)
-    assert (out.gpus_per_replica, out.tensor_parallel_size, out.gpu_memory_mib) == (2, 2, s.gpu_memory_mib)
-    assert out.profile == p and ModelSpec.from_dict(out.to_dict()) == out
 
 
 def test_models_config_is_validated() -> None:
