@@ -1,4 +1,4 @@
-"""One Nebula with three real vLLM CPU engines (chat, embed, rerank), shared by the whole test session.
+"""One Nebula with five real vLLM CPU engines (chat, embed, rerank, and two of pair), shared by the whole test session.
 
 An engine start is the expensive part (~50 s alone, ~145 s for three at once on 2 cores), so the session
 pays it once: `api_cluster` loads all three models through the CLI (the admin API), then waits for all of
@@ -26,6 +26,10 @@ from tests.harness.otlp import ThreadedOtlpReceiver
 CHAT_MODEL = "chat"
 EMBED_MODEL = "embed"
 RERANK_MODEL = "rerank"
+# Two replicas of the tiny chat model with runtime LoRA on: what the Responses API (a stored response lives in
+# one replica) and LoRA adapters (loaded on every replica of their base) are tested against.
+PAIR_MODEL = "pair"
+PAIR_REPLICAS = 2
 MAX_MODEL_LEN = 512
 READY_TIMEOUT_S = 600
 
@@ -57,7 +61,10 @@ def _load_commands(models: Path) -> dict[str, list[str]]:
             "--max-model-len", str(MAX_MODEL_LEN)]
     embed = ["load", EMBED_MODEL, "--source", str(models / "tiny-bert-embed"), "--task", "embed"]
     rerank = ["load", RERANK_MODEL, "--source", str(models / "tiny-bert-rerank"), "--task", "rerank"]
-    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank}
+    pair = ["load", PAIR_MODEL, "--source", str(models / "tiny-llama"), "--task", "generate",
+            "--max-model-len", str(MAX_MODEL_LEN), "--replicas", str(PAIR_REPLICAS),
+            "--engine-arg=--enable-lora", "--engine-arg=--max-lora-rank=8", "--engine-arg=--max-loras=2"]
+    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank, PAIR_MODEL: pair}
 
 
 def _admin_models(cluster: NebulaCluster) -> dict[str, dict[str, Any]]:
@@ -68,7 +75,7 @@ def _admin_models(cluster: NebulaCluster) -> dict[str, dict[str, Any]]:
 
 
 def wait_all_ready(cluster: NebulaCluster, names: list[str], timeout_s: float) -> None:
-    """Poll until every model has a ready replica; fail at once, with the logs, when an instance fails."""
+    """Poll until every model has all its replicas ready; fail at once, with the logs, when an instance fails."""
     deadline = time.monotonic() + timeout_s
     pending = list(names)
     while pending:
@@ -77,7 +84,7 @@ def wait_all_ready(cluster: NebulaCluster, names: list[str], timeout_s: float) -
             entry = models.get(name)
             if entry is None:
                 continue
-            if entry["ready"] >= 1:
+            if entry["ready"] >= entry["spec"]["replicas"]:
                 pending.remove(name)
                 continue
             failed = [i for i in entry["instances"] if i["phase"] == "failed"]
