@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamResponse, UpstreamUnreachable
 from nebula.core.routing import Replica
@@ -33,20 +34,38 @@ RETRY_STATUSES = frozenset({502, 503})
 Respond = Callable[[Reply, UpstreamResponse, RelayStats], Awaitable[None]]
 
 
-async def _pick(st: GatewayState, model: str, tried: set[str], prefix: str | None, first: bool
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Which replicas may take a request: the READY replicas of `model` for which `eligible` holds (all of
+    them when it is None). A LoRA adapter's requests go to its base's replicas that have it loaded; a
+    follow-up of a stored response goes to the one replica that holds it."""
+
+    model: str
+    eligible: Callable[[Replica], bool] | None = None
+
+
+def _excluded(st: GatewayState, target: Target, tried: set[str]) -> set[str]:
+    if target.eligible is None:
+        return tried
+    return tried | {r.endpoint for r in st.table.ready().get(target.model, ()) if not target.eligible(r)}
+
+
+async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: str | None, first: bool
                 ) -> Replica | None:
-    replica = st.table.pick(model, tried, prefix)
+    replica = st.table.pick(target.model, _excluded(st, target, tried), prefix)
     # Only the first attempt waits: a model that is loading gets its first replica, a retry does not
     # wait for replicas that were already all tried.
     if (replica is None and first and st.cfg.no_replica_wait_s > 0
-            and await st.table.wait_for_replica(model, st.cfg.no_replica_wait_s)):
-        replica = st.table.pick(model, tried, prefix)
+            and await st.table.wait_for_replica(target.model, st.cfg.no_replica_wait_s)):
+        replica = st.table.pick(target.model, _excluded(st, target, tried), prefix)
     return replica
 
 
 async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
-                  headers: dict[str, str], prefix: str | None, respond: Respond = relay) -> None:
-    """POST `body` with `headers` to `path_qs` on a replica of `ex.model` and answer with `respond`.
+                  headers: dict[str, str], prefix: str | None, respond: Respond = relay,
+                  target: Target | None = None) -> None:
+    """POST `body` with `headers` to `path_qs` on a replica of `target` (default: any replica of `ex.model`)
+    and answer with `respond`.
 
     `prefix` is the request's affinity key (routing.prefix_key), None for none; `ex` records the replica
     that answered, the attempts and (through the relay) the body's timing. A replica that refuses the
@@ -54,11 +73,12 @@ async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, bo
     an inference request has no effect beyond its answer, so replaying it is safe. Raises ApiError 503 (with
     Retry-After) when no replica could take it, 504 on upstream_timeout_s, 502 when every try failed so.
     """
-    model = ex.model
+    target = target or Target(ex.model)
+    model = target.model
     tried: set[str] = set()
     failed_midway = ""
     for attempt in range(st.cfg.max_attempts):
-        replica = await _pick(st, model, tried, prefix, attempt == 0)
+        replica = await _pick(st, target, tried, prefix, attempt == 0)
         if replica is None:
             break
         ex.replica, ex.attempts = replica.instance, attempt + 1
@@ -84,7 +104,7 @@ async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, bo
                 continue
             async with upstream:
                 if (upstream.status in RETRY_STATUSES and attempt + 1 < st.cfg.max_attempts
-                        and st.table.has_candidate(model, tried | {replica.endpoint})):
+                        and st.table.has_candidate(model, _excluded(st, target, tried | {replica.endpoint}))):
                     log.info("replica %s answered %d, trying another", replica.instance, upstream.status,
                              extra=ex.log_fields())
                     st.routing.retries(model, str(upstream.status)).inc()
