@@ -112,6 +112,18 @@ def test_sdk_errors_map_to_its_exception_classes(served: tuple[ServedGateway, Fa
     assert "messages" in str(bad.value)
 
 
+def test_claude_codes_beta_query_and_headers_reach_the_engine(served: tuple[ServedGateway, FakeEngine]) -> None:
+    # Claude Code posts to /v1/messages?beta=true with anthropic-beta headers.
+    gateway, engine = served
+    before = len(engine.received)
+    status, body = _post(gateway.url, "/v1/messages?beta=true", json.dumps(HELLO).encode(),
+                         {"x-api-key": KEY, "anthropic-beta": "tools-2024-05-16", "anthropic-version": "2023-06-01"})
+    assert status == 200 and body["type"] == "message", body
+    received = engine.received[before]
+    assert received.path == "/v1/messages?beta=true"
+    assert received.headers["anthropic-beta"] == "tools-2024-05-16"
+
+
 # --- the error shape from both servers --------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["data-plane", "aiohttp"])
