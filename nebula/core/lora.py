@@ -53,7 +53,9 @@ class AdapterSpec:
         source = expect_field(obj, "source", str)
         if not source.strip():
             raise ValidationError("source", "must not be empty")
-        parse_source(source)
+        if not parse_source(source).is_hub and not source.strip().removeprefix("file://").startswith("/"):
+            # Resolved on every node by its agent: a relative path would mean a different place on each.
+            raise ValidationError("source", "a local adapter directory must be an absolute path")
         rank = None if obj.get("rank") is None else expect_int(obj, "rank", 1, MAX_RANK)
         return AdapterSpec(name=name, base=base, source=source, rank=rank)
 

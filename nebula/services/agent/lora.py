@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
+from pathlib import Path
 
 from nebula.core.engine_spec import EngineSpec
 from nebula.core.lora import (
@@ -25,8 +26,9 @@ from nebula.core.lora import (
     lora_limits,
     plan_adapters,
 )
-from nebula.errors import TemporaryError
-from nebula.services.agent.sources import Broken, ModelSources, Ready
+from nebula.core.sources import parse_source
+from nebula.errors import TemporaryError, ValidationError
+from nebula.services.agent.sources import Broken, ModelSources, Ready, Resolution
 from nebula.services.cluster.mirror import MirrorState
 
 log = logging.getLogger("nebula.agent")
@@ -80,12 +82,26 @@ class LoraSync:
         for a in sorted(self.adapters.values(), key=lambda a: a.name):
             if a.base != spec.model:
                 continue
-            res = self.sources.resolve(a.source)
+            res = self.resolve(a.source)
             if isinstance(res, Ready):
                 want[a.name] = res.path
             elif isinstance(res, Broken):
                 broken[a.name] = res.message
         return want, broken
+
+    def resolve(self, source: str) -> Resolution:
+        """Where an adapter's files are on this node: a local directory must hold adapter_config.json (a model's
+        source needs a config.json instead); a hub id is fetched into the node's cache like a model's weights."""
+        try:
+            ref = parse_source(source)
+        except ValidationError as e:
+            return Broken(e.message)
+        if ref.is_hub:
+            return self.sources.resolve(source)
+        path = Path(ref.location)
+        if not (path / "adapter_config.json").is_file():
+            return Broken(f"{ref.location} on this node is not a LoRA adapter directory (no adapter_config.json)")
+        return Ready(str(path.resolve()))
 
     async def sync(self, specs: Mapping[str, EngineSpec], healthy: Set[str]) -> None:
         """One pass over the running engines (`specs`: their spec files; `healthy`: those answering)."""
