@@ -20,6 +20,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.harness.cluster import NebulaCluster, post_json, required_path, wait_until
 from tests.integration.api_fixtures import CHAT_MODEL, PAIR_MODEL, PAIR_REPLICAS, ApiCluster, wait_all_ready
@@ -28,7 +29,7 @@ ADAPTER = "tone"
 PAIR_INSTANCES = {PAIR_MODEL, *(f"{PAIR_MODEL}:{i}" for i in range(1, PAIR_REPLICAS))}
 LOAD_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 420
-PROMPT = [{"role": "user", "content": "Say something about the sea."}]
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something about the sea."}]
 
 
 def get(url: str) -> Any:
