@@ -8,6 +8,8 @@ must load with exactly the versions that will serve them. Writes:
     OUT_DIR/tiny-llama        LlamaForCausalLM, byte-level BPE tokenizer, ChatML chat template (generate)
     OUT_DIR/tiny-bert-embed   BertModel + sentence-transformers mean pooling (--convert embed)
     OUT_DIR/tiny-bert-rerank  BertForSequenceClassification, num_labels=1 cross-encoder (--convert classify)
+    OUT_DIR/tiny-llama-lora   a PEFT LoRA adapter for tiny-llama, rank 4 on q_proj and v_proj
+    OUT_DIR/tiny-llama-lora-r16  the same at rank 16 (what an engine with --max-lora-rank=8 refuses)
     OUT_DIR/manifest.json     name -> task, for test fixtures
     OUT_DIR/.stamp            what the models were built from; a matching stamp makes the next run a no-op
 
@@ -29,6 +31,8 @@ import time
 from pathlib import Path
 
 MODELS = {"tiny-llama": "generate", "tiny-bert-embed": "embed", "tiny-bert-rerank": "rerank"}
+# LoRA adapters of tiny-llama: directory -> rank.
+ADAPTERS = {"tiny-llama-lora": 4, "tiny-llama-lora-r16": 16}
 VOCAB = 4096
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -124,6 +128,32 @@ def make_chat(out: Path, files: list[str]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def make_lora(out: Path, rank: int) -> int:
+    """A PEFT LoRA adapter for tiny-llama, written without peft: adapter_config.json and the tensors under the
+    names vLLM's loader reads (vllm/lora/utils.py parse_fine_tuned_lora_name:
+    `base_model.model.<module>.lora_A.weight` of shape (r, in), `lora_B.weight` of shape (out, r))."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, heads, kv_heads, head_dim, layers = 128, 2, 1, 64, 2  # as make_chat's LlamaConfig
+    shapes = {"q_proj": heads * head_dim, "v_proj": kv_heads * head_dim}
+    gen = torch.Generator().manual_seed(rank)
+    tensors = {}
+    for layer in range(layers):
+        for module, out_features in shapes.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.1
+            # Non-zero B (PEFT starts it at zero): an adapter that changes nothing would prove nothing.
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.1
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny-llama", "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": sorted(shapes), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True})
+    return sum(t.numel() for t in tensors.values())
+
+
 def wordpiece_vocab(files: list[str]) -> dict[str, int]:
     """A WordPiece vocabulary counted here rather than by tokenizers' WordPieceTrainer.
 
@@ -216,7 +246,7 @@ def main(argv: list[str]) -> int:
     root = Path(argv[1]).absolute()
     key = build_key()
     stamp = root / ".stamp"
-    if stamp.is_file() and stamp.read_text().strip() == key and all((root / m).is_dir() for m in MODELS):
+    if stamp.is_file() and stamp.read_text().strip() == key and all((root / m).is_dir() for m in [*MODELS, *ADAPTERS]):
         print(f"make_tiny_models: up to date in {root}")
         return 0
 
@@ -231,7 +261,10 @@ def main(argv: list[str]) -> int:
         params = {"tiny-llama": make_chat(tmp / "tiny-llama", files)}
         params["tiny-bert-embed"], params["tiny-bert-rerank"] = make_bert(
             tmp / "tiny-bert-embed", tmp / "tiny-bert-rerank", files)
-        write_json(tmp / "manifest.json", {m: {"task": t, "path": m} for m, t in MODELS.items()})
+        for name, rank in ADAPTERS.items():
+            params[name] = make_lora(tmp / name, rank)
+        write_json(tmp / "manifest.json", {m: {"task": t, "path": m} for m, t in MODELS.items()}
+                   | {a: {"task": "lora", "base": "tiny-llama", "rank": r, "path": a} for a, r in ADAPTERS.items()})
         # safetensors files come out 0600; engines may run as an unprivileged user (nebula), so let
         # everyone read the models.
         for dirpath, _dirs, names in os.walk(tmp):

@@ -15,6 +15,7 @@ from nebula import __version__
 from nebula.cli.catalog import add_catalog_parser, catalog_command
 from nebula.cli.client import EXIT_CODES_HELP, EXIT_USAGE, AdminClient, CliError, admin_key, gateway_url
 from nebula.cli.keys import add_keys_parser, keys_command
+from nebula.cli.lora import adapter_command, add_adapter_parser
 from nebula.cli.pull import add_pull_parser, pull_command
 from nebula.cli.show import add_show_parser, show
 from nebula.core.config import NebulaConfig
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_logs_parser(sub)
     add_pull_parser(sub)
     add_keys_parser(sub)
+    add_adapter_parser(sub)
     cf = sub.add_parser("config", help="check or write the config file")
     cf.add_argument("action", choices=["check", "init", "show"])
     cf.add_argument("--json", action="store_true", help="check, show: machine-readable output")
@@ -197,6 +199,8 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
         return pull_command(client, args)
     if cmd == "keys":
         return keys_command(client, args)
+    if cmd == "adapter":
+        return adapter_command(client, args, Path.cwd())
     if cmd == "catalog":
         return catalog_command(client, args, sys.stdout)
     if cmd == "show":

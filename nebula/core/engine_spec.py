@@ -16,6 +16,7 @@ from typing import Any
 from nebula.core.config import EngineConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import runtime_venv
+from nebula.core.lora import lora_limits
 from nebula.core.model import RUNTIME_RE, Gpu, Task, expect_field, expect_int, validate_name
 from nebula.core.model_limits import ModelLimit, engine_max_model_len
 from nebula.errors import ValidationError
@@ -138,6 +139,11 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         argv += ["--trust-remote-code"]
     argv += list(cfg.extra_args) + list(spec.engine_args)
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if lora_limits(spec.engine_args) is not None:
+        # The agent loads the model's LoRA adapters at runtime (/v1/load_lora_adapter: core/lora.py); vLLM
+        # serves that endpoint only with this set. Whoever reaches an engine can load adapters from the engine's
+        # filesystem with it; an engine has no authentication of its own either way ([node] engine_host).
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if otlp_endpoint:
         # vLLM defaults to OTLP over gRPC; Nebula speaks OTLP/HTTP everywhere, one endpoint for all.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"

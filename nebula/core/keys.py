@@ -11,11 +11,17 @@ PULL_STATUS = ROOT + "pull-status/"
 MODEL_STATUS = ROOT + "status/models/"
 SERVICES = ROOT + "services/"
 APIKEYS = ROOT + "apikeys/"
+ADAPTERS = ROOT + "adapters/"
 
 
 def model_key(name: str) -> str:
     """Desired model; written by the gateway's admin API."""
     return MODELS + name
+
+
+def adapter_key(name: str) -> str:
+    """A desired LoRA adapter (core/lora.py); written by the gateway's admin API."""
+    return ADAPTERS + name
 
 
 def apikey_key(key_id: str) -> str:

@@ -348,6 +348,8 @@ class InstanceStatus:
     restarts: int = 0
     progress: float | None = None
     """Fraction (0-1) of the model's weights downloaded, while the phase is `downloading`; else None."""
+    adapters: tuple[str, ...] = ()  # LoRA adapters its engine has loaded (core/lora.py): the gateway routes by them
+    adapter_errors: tuple[tuple[str, str], ...] = ()  # (adapter, the engine's message) for each it refused
 
     @staticmethod
     def from_dict(obj: object) -> InstanceStatus:
@@ -365,14 +367,15 @@ class InstanceStatus:
                               endpoint=expect_field(obj, "endpoint", str),
                               task=task, since=expect_number(obj, "since", 0.0),
                               message=expect_field(obj, "message", str, ""),
-                              restarts=expect_int(obj, "restarts", 0, 1 << 31, 0),
-                              progress=_fraction(progress))
+                              restarts=expect_int(obj, "restarts", 0, 1 << 31, 0), progress=_fraction(progress),
+                              adapters=tuple(sorted(set(expect_str_list(obj, "adapters")))),
+                              adapter_errors=tuple(sorted(expect_str_map(obj, "adapter_errors").items())))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["phase"] = self.phase.value
-        d["task"] = self.task.value
-        return d
+        d = asdict(self) | {"phase": self.phase.value, "task": self.task.value, "adapters": list(self.adapters),
+                            "adapter_errors": dict(self.adapter_errors)}
+        # Adapters only when set: a record without them reads as it did before they existed.
+        return {k: v for k, v in d.items() if v or k not in ("adapters", "adapter_errors")}
 
 
 def _fraction(value: float | None) -> float | None:

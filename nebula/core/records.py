@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from nebula.core import keys
 from nebula.core.apikeys import KeyRecord
 from nebula.core.discovery import ServiceRecord
+from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, loads
 from nebula.core.pulls import PullIntent, PullStatus
 from nebula.core.status import ModelStatus
@@ -74,5 +75,8 @@ SERVICES: RecordKind[ServiceRecord] = RecordKind(
     "service record", keys.SERVICES, ServiceRecord.from_dict,
     lambda s: keys.service_key(s.service.value, s.node, s.address))
 
+ADAPTERS: RecordKind[AdapterSpec] = RecordKind("LoRA adapter", keys.ADAPTERS, AdapterSpec.from_dict,
+                                               lambda a: keys.adapter_key(a.name))
+
 ALL: tuple[RecordKind[object], ...] = (MODELS, NODES, PLACEMENTS, INSTANCES, APIKEYS, PULLS,  # type: ignore[assignment]
-                                       PULL_STATUS, MODEL_STATUS, SERVICES)
+                                       PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
 from nebula.core.discovery import ServiceKind, ServiceRecord
+from nebula.core.lora import AdapterSpec
 from nebula.core.model import Gpu, InstanceStatus, ModelSpec, NodeRecord, Phase, Placement, dumps
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
 from nebula.core.records import RecordKind
@@ -27,13 +28,15 @@ VALID: dict[str, tuple[RecordKind[Any], Any]] = {
                                                 gpu_indices=(0, 1))),
     "instance": (records.INSTANCES, InstanceStatus(instance="tiny:1", model="tiny", node="node-a",
                                                    phase=Phase.READY, endpoint="http://10.0.0.1:18001",
-                                                   restarts=2, progress=None)),
+                                                   restarts=2, progress=None, adapters=("sql", "tone"),
+                                                   adapter_errors=(("big", "rank 16 > 8"),))),
     "apikey": (records.APIKEYS, KeyRecord(id="0123456789abcdef", name="ci", digest="a" * 64,
                                           scopes=frozenset({KeyScope.INFERENCE}), created=1.5)),
     "pull": (records.PULLS, PullIntent.new("node-a", "org/model", None, 2.0)),
     "pull-status": (records.PULL_STATUS, PullStatus(id="0123456789abcdef", node="node-a", source="hf://org/model",
                                                     phase=PullPhase.DOWNLOADING, progress=0.5)),
     "model-status": (records.MODEL_STATUS, ModelStatus(model="tiny", pending="no GPU", since=3.0)),
+    "adapter": (records.ADAPTERS, AdapterSpec(name="sql", base="tiny", source="/adapters/sql", rank=8)),
     "service": (records.SERVICES, ServiceRecord(service=ServiceKind.GATEWAY, node="node-a", address="127.0.0.1:8000")),
 }
 

@@ -20,6 +20,7 @@ from nebula.core.config import NebulaConfig
 from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import missing_runtime
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
+from nebula.core.lora import AdapterSpec, EngineAdapters
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
 from nebula.core.phase import Failures, between_restarts, error_line, observe_phase, repeated, restart_verdict
 from nebula.core.pulls import PullIntent
@@ -29,6 +30,7 @@ from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
 from nebula.services.agent.gpus import GpuSampler, engine_view, gpu_records
+from nebula.services.agent.lora import LoraSync
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
@@ -46,7 +48,8 @@ class NodeAgent:
     def __init__(self, cfg: NebulaConfig, node: NodeRecord, store: Store, units: EngineUnits,
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
                  clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
-                 runtimes: Callable[[], tuple[str, ...]] | None = None, gpus: GpuSampler | None = None) -> None:
+                 runtimes: Callable[[], tuple[str, ...]] | None = None, gpus: GpuSampler | None = None,
+                 lora: EngineAdapters | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -73,6 +76,7 @@ class NodeAgent:
         self._stopped: dict[str, EngineSpec] = {}  # stopped between systemd's restarts, with the spec that failed
         self._restart_due: frozenset[str] = frozenset()
         self.gpus = gpus
+        self.lora = LoraSync(lora, self.sources, clock, node.name)  # LoRA adapters on the engines (lora.py)
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -85,6 +89,11 @@ class NodeAgent:
     def on_pulls(self, state: MirrorState[PullIntent]) -> None:
         """The pulls mirror's callback: the full set of this node's pull intents (`nebula pull`)."""
         self.pulls.on_pulls(state)
+        self.wake.set()
+
+    def on_adapters(self, state: MirrorState[AdapterSpec]) -> None:
+        """The LoRA adapters mirror's callback: every adapter record (each agent serves those of its bases)."""
+        self.lora.on_adapters(state)
         self.wake.set()
 
     def status_line(self) -> str:
@@ -170,7 +179,8 @@ class NodeAgent:
             self._stale_forgotten = True
         desired, blocked = self.desired()
         await self.pulls.step(self.lease)
-        self.sources.forget_unused({p.model.source_id for p in self.placements.values()} | self.pulls.source_ids())
+        self.sources.forget_unused({p.model.source_id for p in self.placements.values()} | self.pulls.source_ids()
+                                   | self.lora.source_ids())
         await self.advertise_cache()
         units = dict(await self.units.list())
         files = self.specs.read_all()
@@ -185,6 +195,7 @@ class NodeAgent:
             units = dict(await self.units.list())
             files = self.specs.read_all()
         await self.check_health(units, files)
+        await self.lora.sync(files, self._healthy)
         await self.advertise_gpus(units)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
@@ -294,9 +305,11 @@ class NodeAgent:
                 unit: UnitStatus | None, now: float) -> InstanceStatus:
         prev = self._reported.get(inst)
         since = prev.since if prev is not None and prev.phase is phase else now
+        adapters = self.lora.report(inst)
         return InstanceStatus(instance=inst, model=model, node=self.node.name, phase=phase, endpoint=endpoint,
                               task=p.model.task, since=since, message=message,
-                              restarts=self._restarts(inst, unit))
+                              restarts=self._restarts(inst, unit), adapters=adapters.loaded,
+                              adapter_errors=adapters.errors)
 
     def _restarts(self, inst: str, unit: UnitStatus | None) -> int:
         if not self.units.restarts_failed:

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from nebula import __version__
+from nebula.adapters.engine_lora import EngineLoraClient
 from nebula.adapters.engine_runtimes import installed_runtimes
 from nebula.adapters.nvml import GpuReading, NvmlReader
 from nebula.adapters.processes import ProcessEngineUnits
@@ -33,6 +34,8 @@ from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 
 log = logging.getLogger("nebula.agent")
+# One runtime-LoRA call to an engine (a load reads the adapter's weights from disk).
+LORA_TIMEOUT_S = 30.0
 
 
 def make_units(cfg: NebulaConfig, env: Mapping[str, str]) -> EngineUnits:
@@ -75,7 +78,8 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         node = node_record(cfg, gpus.readings, gpus.outside_mib())
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
                           EngineHealth(session, cfg.node.health_timeout_s), svc.registry,
-                          runtimes=lambda: installed_runtimes(cfg.engine), gpus=gpus)
+                          runtimes=lambda: installed_runtimes(cfg.engine), gpus=gpus,
+                          lora=EngineLoraClient(session, LORA_TIMEOUT_S))
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()
@@ -88,6 +92,7 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                    on_change=agent.on_placements),
             Mirror(svc.store, records.PULLS, metrics, prefix=keys.node_pulls_prefix(node.name),
                    on_change=agent.on_pulls),
+            Mirror(svc.store, records.ADAPTERS, metrics, on_change=agent.on_adapters),
         ])
         tasks = [
             asyncio.create_task(keeper.run(), name="lease"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
+from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.pulls import PullIntent, PullStatus
 from nebula.core.status import ModelStatus
@@ -63,12 +64,17 @@ class ClusterWrites:
 
     # --- models (admin API) -------------------------------------------------------------------------------
     async def load_model(self, spec: ModelSpec) -> LoadOutcome:
+        """Refused: the name is a LoRA adapter's (they share the namespace the engines route by)."""
         key = keys.model_key(spec.name)
+        adapter = Guard(keys.adapter_key(spec.name), mod_revision=0)
         for _ in range(CAS_ATTEMPTS):
-            if await self._store.commit([Guard(key, mod_revision=0)], [Put(key, dumps(spec.to_dict()))]):
+            if await self._store.commit([Guard(key, mod_revision=0), adapter], [Put(key, dumps(spec.to_dict()))]):
                 return LoadOutcome.CREATED
             kv = await self._store.get(key)
             if kv is None:
+                if await self._store.get(adapter.key) is not None:
+                    raise Refused(f"'{spec.name}' is the name of a LoRA adapter: choose another name, or remove the "
+                                  f"adapter first (nebula adapter rm {spec.name})")
                 continue  # unloaded between our write and our read: try again
             try:
                 current = records.MODELS.decode(key, kv.value)
@@ -93,6 +99,22 @@ class ClusterWrites:
 
     async def unload_model(self, name: str) -> bool:
         return await self._store.delete(keys.model_key(name))
+
+    # --- LoRA adapters (admin API) -------------------------------------------------------------------------
+    async def add_adapter(self, adapter: AdapterSpec, base_revision: int) -> bool:
+        """Store a new adapter; False when one of that name exists. Lands only while its base model is as the
+        caller read and checked it (`base_revision`), and no model has the adapter's name."""
+        key = keys.adapter_key(adapter.name)
+        guards = [Guard(key, mod_revision=0), Guard(keys.model_key(adapter.name), mod_revision=0),
+                  Guard(keys.model_key(adapter.base), mod_revision=base_revision)]
+        if await self._store.commit(guards, [Put(key, dumps(adapter.to_dict()))]):
+            return True
+        if await self._store.get(key) is not None:
+            return False
+        raise Conflict(f"model '{adapter.base}' or '{adapter.name}' changed while the adapter was added; retry")
+
+    async def remove_adapter(self, name: str) -> bool:
+        return await self._store.delete(keys.adapter_key(name))
 
     # --- API keys (admin API) -----------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord, *, config_admin: bool) -> bool:

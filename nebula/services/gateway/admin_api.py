@@ -14,8 +14,8 @@ from aiohttp import web
 
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, loads, validate_name
-from nebula.services.cluster.writes import Conflict, LoadOutcome
-from nebula.services.gateway import pulls_api
+from nebula.services.cluster.writes import Conflict, LoadOutcome, Refused
+from nebula.services.gateway import lora_api, pulls_api
 from nebula.services.gateway.catalog_api import catalog_of
 from nebula.services.gateway.load_request import plan_load
 from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
@@ -49,6 +49,8 @@ async def load_model(request: web.Request) -> web.Response:
         outcome = await st.writes.load_model(spec)
     except Conflict as e:
         raise ApiError(409, str(e), code="conflict") from None
+    except Refused as e:  # the name is a LoRA adapter's
+        raise ApiError(409, str(e), param="name", code="name_taken") from None
     if outcome is LoadOutcome.DIFFERENT:
         raise ApiError(409, f"model '{spec.name}' is already loaded with a different spec; change its "
                        "replicas with PATCH, or unload it first", param="name", code="model_exists")
@@ -143,4 +145,5 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/admin/nodes", list_nodes),
         web.get("/v1/admin/replicas", list_replicas),
         *pulls_api.routes(),
+        *lora_api.routes(),
     ]

@@ -28,6 +28,7 @@ from nebula.errors import ValidationError
 from nebula.services.gateway.auth import check_model_allowed, model_allowed, request_key
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, Exchange, request_id
 from nebula.services.gateway.forward import Respond, forward
+from nebula.services.gateway.lora_routing import adapter_entries, find_adapter, resolve_model
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
@@ -71,7 +72,8 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         model = check_request(endpoint, body)
         # Before the lookup: a key restricted to other models learns nothing about which exist.
         check_model_allowed(call.key, model)
-        spec = st.view.models.get(model)
+        resolved = resolve_model(st, model)  # a model, or a LoRA adapter on its base's replicas
+        spec, target = resolved if resolved is not None else (None, None)
         if spec is None and not st.view.models_synced:
             # Started while the store is unreachable: "unknown model" would be a lie.
             raise unavailable("the gateway has not loaded the model list yet; retry shortly",
@@ -96,7 +98,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         if st.tracer is not None:
             span = st.tracer.start(f"POST /v1/{path}", call.headers, headers,
                                    {"nebula.model": model, "nebula.request_id": ex.request_id})
-        await forward(reply, call.path_qs, st, ex, call.body, headers, prefix, respond)
+        await forward(reply, call.path_qs, st, ex, call.body, headers, prefix, respond, target)
         status = reply.status
     except ApiError as e:
         status = e.status
@@ -158,12 +160,14 @@ def models_list(st: GatewayState, key: KeyRecord | None) -> dict[str, object]:
     phases = st.table.phases()
     data = [st.view.model_entry(spec, phases.get(name, Counter())) for name, spec in sorted(st.view.models.items())
             if model_allowed(key, name)]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data + adapter_entries(st, key)}
 
 
 def model_entry(st: GatewayState, key: KeyRecord | None, name: str) -> dict[str, object]:
     """GET /v1/models/{name}; ApiError 404 for a model that does not exist or `key` may not use."""
     spec = st.view.models.get(name)
+    if spec is None and (adapter := find_adapter(st, key, name)) is not None:
+        return adapter
     if spec is None or not model_allowed(key, name):
         raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
     return st.view.model_entry(spec, st.table.phases().get(name, Counter()))

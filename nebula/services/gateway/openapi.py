@@ -155,6 +155,20 @@ def _pull_request() -> Schema:
                 "revision": _opt({"type": "string"}), "nodes": _opt({"type": "array", "items": {"type": "string"}})}}
 
 
+def _adapters() -> Schema:
+    """/v1/admin/adapters (lora_api.py): a LoRA adapter on its base's replicas."""
+    body = {"type": "object", "required": ["name", "base", "source"], "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN, "description": "what requests give as `model`"},
+        "base": {"type": "string", "pattern": NAME_PATTERN, "description": "a model loaded with --enable-lora"},
+        "source": {"type": "string", "description": "an absolute adapter directory, or a hub repo id"},
+        "rank": _opt({"type": "integer", "minimum": 1, "maximum": 1024})}}
+    add = _op("Serve a LoRA adapter on every replica of its base", "created", body,
+              errors=("400", "401", "403", "404", "409", "413", "503"), ok_status="201")
+    add["responses"]["200"] = {"description": "unchanged: the same adapter exists already",
+                               "content": {"application/json": {"schema": {"type": "object"}}}}
+    return add
+
+
 def _error_response(description: str, schema: str = "Error") -> Schema:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
@@ -244,6 +258,11 @@ def openapi_document() -> Schema:
                           errors=(*admin, "404"))},
         "/v1/admin/prometheus/sd": {"get": _op("Prometheus http_sd targets of the cluster", "target groups",
                                                errors=admin, ok_schema={"type": "array"})},
+        "/v1/admin/adapters": {"post": _adapters(),
+                               "get": _op("LoRA adapters, where each is loaded and the engines' refusals", "a list",
+                                          errors=admin)},
+        "/v1/admin/adapters/{name}": {"delete": _op("Remove a LoRA adapter (unloaded from every replica)", "deleted",
+                                                    params=[name], errors=(*admin, "404"))},
         "/healthz": {"get": {"summary": "Liveness and sync state (never needs a key)", "security": [],
                              "responses": {"200": {"description": "ok"}}}},
     }

@@ -30,6 +30,7 @@ class ReplicaTable:
         self._statuses: dict[str, InstanceStatus] = {}
         self._ready: dict[str, tuple[Replica, ...]] = {}
         self._models: frozenset[str] = frozenset()
+        self._adapters: dict[str, frozenset[str]] = {}  # LoRA adapter -> the READY instances that have it loaded
         self._inflight: dict[str, int] = {}
         self._turns: dict[str, int] = {}
         self._changed = asyncio.Event()
@@ -43,6 +44,12 @@ class ReplicaTable:
         self._statuses = statuses
         self._models = frozenset(st.model for st in statuses.values())
         self._ready = ready_replicas(statuses.values())
+        adapters: dict[str, set[str]] = {}
+        for st in statuses.values():
+            if st.phase is Phase.READY:
+                for name in st.adapters:
+                    adapters.setdefault(name, set()).add(st.instance)
+        self._adapters = {name: frozenset(instances) for name, instances in adapters.items()}
         self.loads.assign_models({r.endpoint: r.model for reps in self._ready.values() for r in reps})
         self.synced = True
         # Wake everything waiting for a replica, then arm a fresh event for the next change.
@@ -95,6 +102,10 @@ class ReplicaTable:
     def knows(self, model: str) -> bool:
         """True when any instance of `model` is recorded (bounds the label values of metrics)."""
         return model in self._models
+
+    def with_adapter(self, adapter: str) -> frozenset[str]:
+        """The READY instances whose engines have the LoRA adapter `adapter` loaded."""
+        return self._adapters.get(adapter, frozenset())
 
     def inflight(self, endpoint: str) -> int:
         return self._inflight.get(endpoint, 0)

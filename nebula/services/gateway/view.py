@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from nebula.core.lora import AdapterSpec
 from nebula.core.model import ModelSpec, Phase
 from nebula.services.cluster.mirror import MirrorState
 
@@ -18,6 +19,11 @@ class ClusterView:
     def __init__(self) -> None:
         self.models: dict[str, ModelSpec] = {}
         self.models_synced = False
+        self.adapters: dict[str, AdapterSpec] = {}  # LoRA adapters by name (lora_routing.py)
+
+    def update_adapters(self, state: MirrorState[AdapterSpec]) -> None:
+        """The adapters mirror's callback: every valid adapter record."""
+        self.adapters = {a.name: a for a in state.records.values()}
 
     def update_models(self, state: MirrorState[ModelSpec]) -> None:
         """The models mirror's callback: every valid model spec, each under its own key (the mirror checked)."""
