@@ -64,6 +64,12 @@ async def test_a_client_s_form_gives_its_model_and_file_name() -> None:
     assert await read_form(ctype, body) == AudioForm("whisper", "clip.wav")
 
 
+async def test_a_large_upload_is_read_whole() -> None:
+    ctype, body = await encode([("model", "whisper", None), ("file", WAV * 1000, "long.wav")])
+    assert len(body) > 1_000_000
+    assert await read_form(ctype, body) == AudioForm("whisper", "long.wav")
+
+
 @pytest.mark.parametrize(("fields", "field", "says"), [
     ([("file", WAV, "a.wav")], "model", "is required"),
     ([("model", "whisper", None)], "file", "is required"),
@@ -89,7 +95,7 @@ async def test_a_body_that_breaks_its_boundary_is_malformed() -> None:
 
 @pytest.mark.filterwarnings("ignore::aiohttp.multipart.BadContentDispositionHeader",
                             "ignore::aiohttp.multipart.BadContentDispositionParam")
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 async def test_any_bytes_give_a_form_or_a_400(data: st.DataObject) -> None:
     ctype, body = await encode([("model", "whisper", None), ("file", WAV[:64], "a.wav")])

@@ -26,7 +26,6 @@ from nebula.errors import ValidationError
 
 MAX_MODEL_FIELD = 1024  # bytes of the `model` field: a model name is at most 63 characters
 MAX_BOUNDARY = 70  # RFC 2046 5.1.1
-_READ_LIMIT = 2**16  # the StreamReader's buffer mark; the whole body is fed at once regardless
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +68,9 @@ async def read_form(content_type: str | None, body: bytes) -> AudioForm:
     ctype = check_content_type(content_type)
     models: list[str] = []
     filename: str | None = None
+    stream = _stream(body)
     try:
-        reader = MultipartReader({"Content-Type": ctype}, _stream(body))
+        reader = MultipartReader({"Content-Type": ctype}, stream)
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ValidationError("", "a nested multipart part is not a form field")
@@ -87,7 +87,7 @@ async def read_form(content_type: str | None, body: bytes) -> AudioForm:
         raise
     except UnicodeDecodeError:
         raise ValidationError("model", "must be UTF-8 text") from None
-    except (ValueError, AssertionError, LookupError, HttpProcessingError) as e:
+    except (ValueError, HttpProcessingError) as e:
         # What aiohttp raises on a body that does not follow its boundary (missing or bad delimiters, a
         # part head it cannot parse, a body cut short): the client's mistake, so a 400.
         raise ValidationError("", f"malformed multipart/form-data body ({type(e).__name__})") from None
@@ -99,7 +99,9 @@ async def read_form(content_type: str | None, body: bytes) -> AudioForm:
 
 def _stream(body: bytes) -> StreamReader:
     loop = asyncio.get_running_loop()
-    stream = StreamReader(BaseProtocol(loop), _READ_LIMIT, loop=loop)
+    # Its high-water mark (twice the limit) above the body: a reader over it would ask the protocol to pause
+    # reading, and this protocol has no connection to pause.
+    stream = StreamReader(BaseProtocol(loop), max(len(body), 2**16), loop=loop)
     stream.feed_data(body)
     stream.feed_eof()
     return stream
