@@ -8,6 +8,7 @@ must load with exactly the versions that will serve them. Writes:
     OUT_DIR/tiny-llama        LlamaForCausalLM, byte-level BPE tokenizer, ChatML chat template (generate)
     OUT_DIR/tiny-bert-embed   BertModel + sentence-transformers mean pooling (--convert embed)
     OUT_DIR/tiny-bert-rerank  BertForSequenceClassification, num_labels=1 cross-encoder (--convert classify)
+    OUT_DIR/tiny-whisper      WhisperForConditionalGeneration + WhisperProcessor (speech to text: /v1/audio/*)
     OUT_DIR/tiny-llama-lora   a PEFT LoRA adapter for tiny-llama, rank 4 on q_proj and v_proj
     OUT_DIR/tiny-llama-lora-r16  the same at rank 16 (what an engine with --max-lora-rank=8 refuses)
     OUT_DIR/manifest.json     name -> task, for test fixtures
@@ -30,7 +31,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-MODELS = {"tiny-llama": "generate", "tiny-bert-embed": "embed", "tiny-bert-rerank": "rerank"}
+MODELS = {"tiny-llama": "generate", "tiny-bert-embed": "embed", "tiny-bert-rerank": "rerank",
+          "tiny-whisper": "transcribe"}
 # LoRA adapters of tiny-llama: directory -> rank.
 ADAPTERS = {"tiny-llama-lora": 4, "tiny-llama-lora-r16": 16}
 VOCAB = 4096
@@ -63,7 +65,8 @@ def build_key() -> str:
     from importlib.metadata import version
 
     h = hashlib.sha256(Path(__file__).read_bytes())
-    libs = "|".join(f"{d}={version(d)}" for d in ("torch", "transformers", "tokenizers"))
+    # vllm: the tiny Whisper takes its language tokens from the engine that serves it.
+    libs = "|".join(f"{d}={version(d)}" for d in ("torch", "transformers", "tokenizers", "vllm"))
     h.update(f"{sys.version}|{libs}".encode())
     return h.hexdigest()
 
@@ -234,6 +237,50 @@ def make_bert(embed_out: Path, rerank_out: Path, files: list[str]) -> tuple[int,
     return (sum(p.numel() for p in embed.parameters()), sum(p.numel() for p in rerank.parameters()))
 
 
+def make_whisper(out: Path, files: list[str]) -> int:
+    """A Whisper that vLLM serves on /v1/audio/transcriptions: the processor (80-bin log-mel features of 30 s
+    at 16 kHz, as vLLM's whisper.py pads every clip to) and a byte-level BPE tokenizer with the special tokens
+    vLLM writes into the decoder prompt (<|startoftranscript|><|en|><|transcribe|><|notimestamps|>), one
+    language token for each language vLLM accepts. d_model 64, 2 + 2 layers: ~357k parameters, 1.4 MB."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from vllm.model_executor.models.whisper import ISO639_1_SUPPORTED_LANGS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train(files, trainers.BpeTrainer(vocab_size=512, min_frequency=2, show_progress=False,
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = WhisperTokenizer(vocab=trained["vocab"], merges=merges)  # bos = eos = unk = <|endoftext|>
+    specials = ["<|startoftranscript|>", *(f"<|{lang}|>" for lang in sorted(ISO639_1_SUPPORTED_LANGS)),
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                "<|notimestamps|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(out)
+
+    eot, sot = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftranscript|>")
+    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448,
+                        init_std=0.2, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+                        decoder_start_token_id=sot, begin_suppress_tokens=None, suppress_tokens=None)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+                                               decoder_start_token_id=sot)
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1].startswith("-"):
         print(__doc__, file=sys.stderr)
@@ -261,6 +308,7 @@ def main(argv: list[str]) -> int:
         params = {"tiny-llama": make_chat(tmp / "tiny-llama", files)}
         params["tiny-bert-embed"], params["tiny-bert-rerank"] = make_bert(
             tmp / "tiny-bert-embed", tmp / "tiny-bert-rerank", files)
+        params["tiny-whisper"] = make_whisper(tmp / "tiny-whisper", files)
         for name, rank in ADAPTERS.items():
             params[name] = make_lora(tmp / name, rank)
         write_json(tmp / "manifest.json", {m: {"task": t, "path": m} for m, t in MODELS.items()}

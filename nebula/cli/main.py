@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "repo (org/name, hf://org/name), modelscope://org/name, or a catalog name (default: NAME)")
     ld.add_argument("--size", help="with a catalog name: the entry's size (e.g. 7b)")
     ld.add_argument("--quant", help="with a catalog name: the variant's quantization (e.g. awq, fp8)")
-    ld.add_argument("--task", choices=["generate", "embed", "rerank"],
+    ld.add_argument("--task", choices=["generate", "embed", "rerank", "transcribe"],
                     help="default: the catalog entry's, else generate")
     ld.add_argument("--replicas", type=int, default=1)
     ld.add_argument("--max-model-len", type=int)

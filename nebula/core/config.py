@@ -48,6 +48,9 @@ class GatewayConfig:
     host: str = _f("127.0.0.1", "Address the gateway listens on (loopback unless you mean to expose it).")
     port: int = _f(8000, "Port of the OpenAI-compatible API, the admin API and /metrics.")
     max_body_bytes: int = _f(8 * 1024 * 1024, "Largest request body accepted; larger gets 413.")
+    max_upload_bytes: int = _f(25 * 1024 * 1024, "Largest upload to /v1/audio/transcriptions and /translations (the "
+                               "whole multipart body); larger gets 413 before it is read. 25 MiB: OpenAI's limit "
+                               "and vLLM's default (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB).")
     admin_key_hashes: tuple[str, ...] = _f(
         (), "SHA-256 hex digests of admin API keys (they open the OpenAI endpoints too).")
     api_key_hashes: tuple[str, ...] = _f(

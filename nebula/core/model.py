@@ -28,6 +28,9 @@ class Task(enum.StrEnum):
     GENERATE = "generate"
     EMBED = "embed"
     RERANK = "rerank"
+    # Speech to text (/v1/audio/transcriptions and /translations): Whisper-class models, which vLLM serves
+    # with its generate runner but only on the audio paths.
+    TRANSCRIBE = "transcribe"
 
 
 class Phase(enum.StrEnum):

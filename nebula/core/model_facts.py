@@ -55,6 +55,11 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "
 # vLLM's architecture-suffix defaults (vllm/config/model.py, _SUFFIX_TO_DEFAULTS), first match wins.
 _GENERATE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "ChatModel", "LMHeadModel")
 _CLASSIFY_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ClassificationModel")
+# vLLM's speech-to-text models that serve nothing but /v1/audio/* (their class says
+# supports_transcription_only); they end in ForConditionalGeneration like chat models, so are named whole.
+_TRANSCRIBE_ARCHS = frozenset({"WhisperForConditionalGeneration", "CohereAsrForConditionalGeneration",
+                               "FireRedASR2ForConditionalGeneration", "FunASRForConditionalGeneration",
+                               "MossTranscribeDiarizeForConditionalGeneration"})
 _EMBED_SUFFIXES = ("ForTextEncoding", "EmbeddingModel", "ForRewardModeling", "RewardModel", "Model")
 _QUANT_KEYS = ("quantization_config", "compression_config")
 _DTYPE_RE = re.compile(r"[A-Z0-9_]{1,16}")
@@ -275,6 +280,8 @@ def _task(arch: str, files: ModelFiles) -> tuple[str, str]:
         return "classify", f"{arch} with {labels} labels"
     if files.sentence_transformers and any(t.endswith("Pooling") for t in files.sentence_modules):
         return "embed", "sentence-transformers modules.json with a Pooling module"
+    if arch in _TRANSCRIBE_ARCHS:
+        return "transcribe", f"architecture {arch} (vLLM serves it on /v1/audio/transcriptions only)"
     if arch.endswith(_GENERATE_SUFFIXES):
         return "generate", f"architecture {arch} (vLLM runs *{_suffix(arch, _GENERATE_SUFFIXES)} as generate)"
     if files.sentence_transformers:

@@ -1,4 +1,5 @@
-"""One Nebula with five real vLLM CPU engines (chat, embed, rerank, and two of pair), shared by the whole test session.
+"""One Nebula with six real vLLM CPU engines (chat, embed, rerank, two of pair, speech), shared by the whole test
+session.
 
 An engine start is the expensive part (~50 s alone, ~145 s for three at once on 2 cores), so the session
 pays it once: `api_cluster` loads all three models through the CLI (the admin API), then waits for all of
@@ -30,6 +31,8 @@ RERANK_MODEL = "rerank"
 # one replica) and LoRA adapters (loaded on every replica of their base) are tested against.
 PAIR_MODEL = "pair"
 PAIR_REPLICAS = 2
+# A tiny random Whisper (scripts/make_tiny_models.py): /v1/audio/transcriptions and /translations.
+SPEECH_MODEL = "speech"
 MAX_MODEL_LEN = 512
 READY_TIMEOUT_S = 600
 
@@ -64,7 +67,9 @@ def _load_commands(models: Path) -> dict[str, list[str]]:
     pair = ["load", PAIR_MODEL, "--source", str(models / "tiny-llama"), "--task", "generate",
             "--max-model-len", str(MAX_MODEL_LEN), "--replicas", str(PAIR_REPLICAS),
             "--engine-arg=--enable-lora", "--engine-arg=--max-lora-rank=8", "--engine-arg=--max-loras=2"]
-    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank, PAIR_MODEL: pair}
+    # No --task: that a Whisper is a transcribe model is read from its files (model_facts), which is under test.
+    speech = ["load", SPEECH_MODEL, "--source", str(models / "tiny-whisper")]
+    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank, PAIR_MODEL: pair, SPEECH_MODEL: speech}
 
 
 def _admin_models(cluster: NebulaCluster) -> dict[str, dict[str, Any]]:

@@ -11,10 +11,12 @@ load set in `waiting`, `running`, `kv_usage`; `metrics_status` makes it fail, `m
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import gzip
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from email.parser import BytesParser
 from typing import Any
 
 from aiohttp import web
@@ -145,6 +147,8 @@ class FakeEngine:
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
+        if request.match_info["tail"].startswith("audio/"):
+            return await self._transcribe(request, body)
         parsed = json.loads(body)
         model = parsed.get("model", "")
         if request.match_info["tail"] == "messages":
@@ -159,6 +163,23 @@ class FakeEngine:
             return resp
         return web.Response(body=completion_bytes(self.name, model), content_type="application/json",
                             headers={"X-Engine": self.name})
+
+
+    async def _transcribe(self, request: web.Request, body: bytes) -> web.Response:
+        """As vLLM's /v1/audio/*: parse the multipart form and answer with what it held. The parser is the
+        standard library's MIME parser, not aiohttp's (which the gateway uses), so the two check each other."""
+        head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        fields: dict[object, bytes] = {}
+        for part in message.iter_parts() if message.is_multipart() else ():
+            payload = part.get_payload(decode=True)
+            name = part.get_param("name", header="content-disposition")
+            fields[name] = payload if isinstance(payload, bytes) else b""
+        if "file" not in fields or "model" not in fields or message.defects:
+            return web.json_response({"error": {"message": f"bad form: {message.defects}", "type": "BadRequestError",
+                                                "param": None, "code": 400}}, status=400)
+        return web.json_response({"text": f"hello from {self.name}", "model": fields["model"].decode(),
+                                  "file_bytes": len(fields["file"])}, headers={"X-Engine": self.name})
 
 
 async def put_instance(store: Store, instance: str, endpoint: str, phase: Phase = Phase.READY,

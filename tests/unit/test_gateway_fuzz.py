@@ -44,7 +44,7 @@ def gateway_url() -> Iterator[str]:
 
     async def prepare(store: MemoryStore) -> None:
         endpoint = await engine.start()
-        for name, task in (("m", Task.GENERATE), ("e", Task.EMBED), ("r", Task.RERANK)):
+        for name, task in (("m", Task.GENERATE), ("e", Task.EMBED), ("r", Task.RERANK), ("t", Task.TRANSCRIBE)):
             await store.put(keys.model_key(name), dumps(ModelSpec(name=name, source="/models/x", task=task).to_dict()))
             await put_instance(store, name, endpoint, model=name, task=task)
 

@@ -86,6 +86,7 @@ def test_cross_encoder_with_one_label_reranks() -> None:
 @pytest.mark.parametrize(("arch", "extra", "task"), [
     ("MistralForCausalLM", {}, "generate"),
     ("Gemma3ForConditionalGeneration", {}, "generate"),
+    ("WhisperForConditionalGeneration", {}, "transcribe"),
     ("GPT2LMHeadModel", {}, "generate"),
     ("BertModel", {}, "embed"),
     ("Qwen3EmbeddingModel", {}, "embed"),

@@ -26,7 +26,7 @@ from nebula.errors import ConfigError
 from nebula.services.catalog_files import load_catalog
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
-from nebula.services.gateway import admin_api, catalog_api, discovery, keys_api, openai_api, status_api
+from nebula.services.gateway import admin_api, audio_api, catalog_api, discovery, keys_api, openai_api, status_api
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
@@ -121,8 +121,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
         app.cleanup_ctx.append(background(
             lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
             "gateway-load-poll"))
-    app.add_routes(openai_api.routes() + admin_api.routes() + status_api.routes() + keys_api.routes()
-                   + catalog_api.routes() + discovery.routes() + [openapi_route()])
+    app.add_routes(openai_api.routes() + audio_api.routes() + admin_api.routes() + status_api.routes()
+                   + keys_api.routes() + catalog_api.routes() + discovery.routes() + [openapi_route()])
     app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
     return app
 
@@ -136,7 +136,7 @@ def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.S
     site = FastSite(runner, dataplane_router(state), host, port, max_body=state.cfg.max_body_bytes,
                     ssl_context=ssl_context, reuse_port=reuse_port, shutdown_timeout_s=shutdown_timeout_s,
                     admit=admit_by_key(state.auth), limits=connection_limits(state.cfg, open_file_limit()),
-                    events=events, reserve_paths=RESERVE_PATHS)
+                    events=events, reserve_paths=RESERVE_PATHS, body_limits=audio_api.upload_limits(state.cfg))
     events.open.set_function(lambda: site.server.open)
     return site
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from nebula.core.apikeys import KeyRecord
 from nebula.core.config import GatewayConfig
+from nebula.services.gateway.audio_api import AUDIO_PATHS, serve_audio
 from nebula.services.gateway.auth import OPEN_PATHS, Authenticator, scope_of
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, new_request_id
 from nebula.services.gateway.openai_api import Call, model_entry, models_list, serve_inference
@@ -90,7 +91,10 @@ def dataplane_router(st: GatewayState) -> Router:
     def call_of(request: FastRequest, admitted: Admitted) -> Call:
         return Call(request.target, request.headers, request.body, admitted.key, admitted.request_id)
 
-    posts = {f"/v1/{e.path}": inference(e) for e in ENDPOINTS.values()}
+    def audio(path: str) -> Route:
+        return guarded(lambda call, reply: serve_audio(st, path, call, reply))
+
+    posts = {f"/v1/{e.path}": inference(e) for e in ENDPOINTS.values()} | {f"/v1/{p}": audio(p) for p in AUDIO_PATHS}
     models_route, model_route = guarded(list_models), guarded(get_model)
 
     def route(method: str, path: str) -> Route | None:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from nebula import __version__
 from nebula.core.apikeys import MAX_CONCURRENT, MAX_MODELS, MAX_NAME, MAX_RPM
+from nebula.services.gateway.audio_api import AUDIO_PATHS
 
 Schema = dict[str, Any]
 
@@ -108,6 +109,19 @@ def _messages_bodies() -> dict[str, Schema]:
     }
 
 
+def _audio_op(path: str) -> Schema:
+    """An audio upload (audio_api.py): a multipart form whose `model` routes it; the rest is the engine's."""
+    form = _body({"model": _MODEL, "file": {"type": "string", "format": "binary",
+                                            "description": "The audio (wav, flac, mp3, ogg, webm...)."}},
+                 ["model", "file"])
+    op = _op(f"OpenAI-compatible /v1/{path}, forwarded unchanged to a ready replica of a transcribe model",
+             "the engine's answer (json, text, srt, vtt; SSE when stream is true)",
+             errors=("400", "401", "403", "404", "413", "429", "503"))
+    op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
+    op["responses"]["413"] = _error_response("upload larger than gateway.max_upload_bytes")
+    return op
+
+
 def _model_spec() -> Schema:
     return {"type": "object", "required": ["name", "source"], "additionalProperties": True, "properties": {
         "name": {"type": "string", "pattern": NAME_PATTERN},
@@ -120,7 +134,7 @@ def _model_spec() -> Schema:
                                 "description": "An engine runtime installed on the nodes (vllm-0.32-cu13)."}),
         "tensor_parallel_size": _opt({"type": "integer", "minimum": 1, "maximum": 16}),
         "allow_pending": _opt({"type": "boolean", "description": "Store it even when no GPU holds its estimate."}),
-        "task": _opt({"enum": ["generate", "embed", "rerank"]}),
+        "task": _opt({"enum": ["generate", "embed", "rerank", "transcribe"]}),
         "replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
         "gpus_per_replica": _opt({"type": "integer", "minimum": 0, "maximum": 16}),
         "gpu_memory_mib": _int(0), "engine": _opt({"enum": ["vllm"]}),
@@ -216,6 +230,7 @@ def openapi_document() -> Schema:
     admin = ("400", "401", "403", "503")
     paths: Schema = {
         **inference,
+        **{f"/v1/{path}": {"post": _audio_op(path)} for path in AUDIO_PATHS},
         "/v1/models": {"get": _op("Models and their ready replicas", "a list", errors=("401", "403", "429"))},
         "/v1/models/{name}": {"get": _op("One model", "the model", params=[
             _path_param("name", {"type": "string"})], errors=("401", "403", "404", "429"))},

@@ -15,8 +15,8 @@ chain and writer), as much as the gateway's own work.
 Behaviour an HTTP/1.1 server owes its clients, as aiohttp gives it:
 - keep-alive, and pipelined requests answered in order; Connection: close and HTTP/1.0 respected;
 - `Expect: 100-continue` answered before the body is read;
-- a body over `max_body` refused with 413 before it is read, a head over 64 KiB with 431, a malformed
-  one with 400, all in the OpenAI error shape, then the connection closed;
+- a body over `max_body` (or its path's own `body_limits`) refused with 413 before it is read, a head
+  over 64 KiB with 431, a malformed one with 400, all in the OpenAI error shape, then the connection closed;
 - a client that goes away cancels its handler (as aiohttp's handler_cancellation), so the engine
   request is closed and the engine stops generating;
 - writing waits while the client reads slowly (transport flow control), reading pauses while a
@@ -35,7 +35,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, cast
@@ -92,6 +92,14 @@ Router = Callable[[str, str], Route | None]
 Admit = Callable[[FastRequest], None]
 
 
+@dataclass(frozen=True, slots=True)
+class BodyLimit:
+    """The largest body a path takes, and the setting that raises it (named in the 413)."""
+
+    max_bytes: int
+    setting: str
+
+
 async def _refused(request: FastRequest, reply: ConnectionReply) -> None:
     # Mostly a marker: a refused request is answered by its connection at once. Run only when the client is
     # not reading its answers, so that the refusal (through _answer) waits for it like any answer.
@@ -109,11 +117,15 @@ class FastServer:
     def __init__(self, router: Router, fallback: Callable[[], asyncio.BaseProtocol], max_body: int,
                  keepalive_s: float = KEEPALIVE_S, admit: Admit | None = None,
                  limits: ConnectionLimits | None = None, events: ConnectionEvents | None = None,
-                 reserve_paths: frozenset[str] = frozenset(), clock: Clock = time.monotonic) -> None:
+                 reserve_paths: frozenset[str] = frozenset(), clock: Clock = time.monotonic,
+                 body_limits: Mapping[str, BodyLimit] | None = None) -> None:
         self.router = router
         self.admit = admit
         self.fallback = fallback
         self.max_body = max_body
+        # Paths with a limit of their own (the gateway's uploads), checked from the head like max_body.
+        self.body_limits: Mapping[str, BodyLimit] = body_limits or {}
+        self.default_body_limit = BodyLimit(max_body, "gateway.max_body_bytes")
         self.keepalive_s = keepalive_s
         self.limits = limits or ConnectionLimits()
         self.events: ConnectionEvents = events or NoEvents()
@@ -490,9 +502,10 @@ class FastConnection(asyncio.Protocol):
         if route is None:
             self._hand_over()
             return False
-        if head.content_length > self._server.max_body:
+        limit = self._server.body_limits.get(head.path, self._server.default_body_limit)
+        if head.content_length > limit.max_bytes:
             self._refuse(413, f"the request body ({head.content_length} bytes) is over the gateway's "
-                              f"limit of {self._server.max_body} bytes (gateway.max_body_bytes)", head.path)
+                              f"limit of {limit.max_bytes} bytes ({limit.setting})", head.path)
             return False
         buf = self._buf = buf[end + 4:]
         request = FastRequest(head.method, head.target, head.path, CIMultiDict(head.headers), b"")

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from nebula.services.http.admission import ConnectionEvents, ConnectionLimits
-from nebula.services.http.fastserver import KEEPALIVE_S, Admit, FastServer, Router
+from nebula.services.http.fastserver import KEEPALIVE_S, Admit, BodyLimit, FastServer, Router
 
 
 class FastSite(web.BaseSite):
@@ -21,11 +22,13 @@ class FastSite(web.BaseSite):
                  ssl_context: Any = None, reuse_port: bool = False, keepalive_s: float = KEEPALIVE_S,
                  shutdown_timeout_s: float = 60.0, admit: Admit | None = None,
                  limits: ConnectionLimits | None = None, events: ConnectionEvents | None = None,
-                 reserve_paths: frozenset[str] = frozenset()) -> None:
+                 reserve_paths: frozenset[str] = frozenset(),
+                 body_limits: Mapping[str, BodyLimit] | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         server = runner.server
         assert server is not None  # BaseSite checked it
-        self._fast = FastServer(router, server, max_body, keepalive_s, admit, limits, events, reserve_paths)
+        self._fast = FastServer(router, server, max_body, keepalive_s, admit, limits, events, reserve_paths,
+                                body_limits=body_limits)
         self._host, self._port, self._reuse_port = host, port, reuse_port
         self._shutdown_timeout_s = shutdown_timeout_s
         self._sweeper: asyncio.Task[None] | None = None
