@@ -138,6 +138,9 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         argv += ["--trust-remote-code"]
     argv += list(cfg.extra_args) + list(spec.engine_args)
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if cfg.responses_store and spec.task is Task.GENERATE:
+        # A deliberate trade (see EngineConfig.responses_store): the store grows until the engine restarts.
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if otlp_endpoint:
         # vLLM defaults to OTLP over gRPC; Nebula speaks OTLP/HTTP everywhere, one endpoint for all.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
