@@ -25,6 +25,8 @@ from nebula.core.config import GatewayConfig
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, Task, dumps
 from nebula.core.response_ids import replica_token, token_of
 from nebula.services.gateway.app import build_gateway_app
+from nebula.services.gateway.auth import Scope, scope_of
+from nebula.services.gateway.responses_api import stored_request
 from nebula.services.gateway.state import GATEWAY
 from tests.harness.etcd import free_port
 from tests.harness.gateway_server import GatewayServer
@@ -271,3 +273,25 @@ async def test_the_tokenizer_under_both_spellings_for_a_model_of_any_task(gw: Gw
     assert status == 404 and err["error"]["code"] == "model_not_found"
     status, err = await gw.call("POST", "/v1/detokenize", {"model": "e", "tokens": "ab"})
     assert status == 400 and err["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    ("GET", f"/v1/responses/{GONE}", (GONE, False)),
+    ("POST", f"/v1/responses/{GONE}/cancel", (GONE, True)),
+    ("POST", f"/v1/responses/{GONE}", None),  # nothing to POST to a response but its cancel
+    ("GET", f"/v1/responses/{GONE}/cancel", None),
+    ("DELETE", f"/v1/responses/{GONE}", None),
+    ("GET", "/v1/responses/", None),
+    ("POST", "/v1/responses//cancel", None),
+    ("GET", "/v1/responses/a%2Fb", None),  # escaped: aiohttp's to match (and 404)
+    ("GET", "/v1/responses/a/b", None),
+    ("GET", "/v1/responsesx/a", None),
+])
+def test_stored_response_paths(method: str, path: str, expected: tuple[str, bool] | None) -> None:
+    assert stored_request(method, path) == expected
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", f"/v1/responses/{GONE}", f"/v1/responses/{GONE}/cancel",
+                                  "/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize"])
+def test_the_new_paths_need_an_inference_key(path: str) -> None:
+    assert scope_of(path) is Scope.INFERENCE
