@@ -71,6 +71,10 @@ API_KEY = "bench-inference-key"
 HOST = "127.0.0.1"  # loopback only, everywhere
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API (the `messages_*` scenarios)
+PATHS = {"chat": PATH, "messages": MESSAGES_PATH}
+# What a streamed Messages answer ends with (Anthropic's streaming documentation; vLLM writes the same).
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,6 +124,53 @@ async def _engine_chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _event(kind: str, data: str) -> bytes:
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def _engine_messages(request: web.Request) -> web.StreamResponse:
+    """vLLM's /v1/messages as the engine simulator: Anthropic's message, or its SSE event sequence."""
+    body = json.loads(await request.read())
+    model = str(body.get("model", MODEL))
+    tokens = int(body.get("max_tokens") or 16)
+    ttft = float(body.get("bench_ttft_ms", 0)) / 1000
+    tpot = float(body.get("bench_tpot_ms", 0)) / 1000
+    msg_id = f"msg_{id(request):x}"
+    usage = f'{{"input_tokens":10,"output_tokens":{tokens}}}'
+    if not body.get("stream"):
+        if ttft + tokens * tpot > 0:
+            await asyncio.sleep(ttft + tokens * tpot)
+        return web.json_response({
+            "id": msg_id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": " tok" * tokens}], "stop_reason": "max_tokens",
+            "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": tokens}})
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    if ttft > 0:
+        await asyncio.sleep(ttft)
+    await resp.write(_event("message_start", f'{{"type":"message_start","message":{{"id":"{msg_id}","type":'
+                                             f'"message","role":"assistant","model":"{model}","content":[],'
+                                             f'"stop_reason":null,"stop_sequence":null,"usage":{usage}}}}}')
+                     + _event("content_block_start", '{"type":"content_block_start","index":0,'
+                                                     '"content_block":{"type":"text","text":""}}'))
+    token = _event("content_block_delta", '{"type":"content_block_delta","index":0,'
+                                          '"delta":{"type":"text_delta","text":" tok"}}')
+    for i in range(tokens):
+        if tpot > 0:
+            delay = start + ttft + (i + 1) * tpot - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await resp.write(token)
+    await resp.write(_event("content_block_stop", '{"type":"content_block_stop","index":0}')
+                     + _event("message_delta", f'{{"type":"message_delta","delta":{{"stop_reason":"max_tokens",'
+                                               f'"stop_sequence":null}},"usage":{usage}}}')
+                     + MESSAGE_STOP)
+    await resp.write_eof()
+    return resp
+
+
 async def _ok(_: web.Request) -> web.Response:
     return web.Response(text="")
 
@@ -127,6 +178,7 @@ async def _ok(_: web.Request) -> web.Response:
 def engine_app() -> web.Application:
     app = web.Application()
     app.router.add_post(PATH, _engine_chat)
+    app.router.add_post(MESSAGES_PATH, _engine_messages)
     app.router.add_get("/health", _ok)
     return app
 
@@ -209,6 +261,12 @@ class LoadResult:
 def request_body(args: argparse.Namespace) -> bytes:
     # A chat of realistic size: the gateway parses the whole body, so its length matters.
     words = ("the quick brown fox jumps over the lazy dog " * (args.prompt_bytes // 44 + 1))[:args.prompt_bytes]
+    if args.api == "messages":
+        return json.dumps({
+            "model": MODEL, "stream": args.stream, "max_tokens": args.tokens,
+            "bench_ttft_ms": args.ttft_ms, "bench_tpot_ms": args.tpot_ms,
+            "system": "You are a helpful assistant.", "messages": [{"role": "user", "content": words}],
+        }).encode()
     return json.dumps({
         "model": MODEL, "stream": args.stream, "max_tokens": args.tokens,
         "bench_ttft_ms": args.ttft_ms, "bench_tpot_ms": args.tpot_ms,
@@ -226,7 +284,7 @@ class Window:
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                      stream: bool, res: LoadResult, window: Window) -> None:
+                      stream: bool, res: LoadResult, window: Window, api: str = "chat") -> None:
     t0 = time.perf_counter()
     try:
         async with session.post(url, data=body, headers=headers) as resp:
@@ -240,10 +298,17 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, hea
             data = b"".join(parts)
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
-            if stream:
+            if stream and api == "messages":
+                if not data.endswith(MESSAGE_STOP):
+                    raise RuntimeError("stream did not end with message_stop")
+                tokens = data.count(b'"text_delta"')
+            elif stream:
                 if not data.endswith(b"data: [DONE]\n\n"):
                     raise RuntimeError("stream did not end with [DONE]")
                 tokens = data.count(b'"delta":{"content":')
+            elif api == "messages":
+                tokens = int(json.loads(data)["usage"]["output_tokens"])
+                first = end
             else:
                 tokens = int(json.loads(data)["usage"]["completion_tokens"])
                 first = end  # non-streaming: the answer is usable only once complete
@@ -270,7 +335,9 @@ async def load(args: argparse.Namespace) -> LoadResult:
     body = request_body(args)
     headers = {"Content-Type": "application/json"}
     if args.key:
-        headers["Authorization"] = f"Bearer {args.key}"
+        # Anthropic's clients send their key in x-api-key; the gateway takes it there too.
+        headers["x-api-key" if args.api == "messages" else "Authorization"] = (
+            args.key if args.api == "messages" else f"Bearer {args.key}")
     pids = {name: int(pid) for name, pid in (p.split("=") for p in args.pids.split(",") if p)}
     res = LoadResult()
     window = Window()
@@ -283,7 +350,7 @@ async def load(args: argparse.Namespace) -> LoadResult:
     async def worker(i: int) -> None:
         await asyncio.sleep(spread_s * i / args.concurrency)
         while not window.stopping:
-            await one_request(session, args.url, body, headers, args.stream, res, window)
+            await one_request(session, args.url, body, headers, args.stream, res, window, args.api)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
@@ -557,6 +624,7 @@ class Scenario:
     tpot_ms: float = 0.0
     duration_s: float = 3.0  # the measured window, after warm_up_s (and the workers' start spread)
     warmup_s: float = 1.0
+    api: str = "chat"  # which API the requests speak: "chat" (OpenAI's chat completions) or "messages"
 
 
 SCENARIOS = (
@@ -566,6 +634,7 @@ SCENARIOS = (
     Scenario("nonstream32_c64", stream=False, concurrency=64),
     Scenario("realistic_c128", stream=True, concurrency=128, tokens=128, ttft_ms=50, tpot_ms=10,
              duration_s=6.0, warmup_s=1.5),
+    Scenario("messages_stream32_c64", stream=True, concurrency=64, api="messages"),
 )
 TARGETS = ("direct", "proxy", "nebula")
 
@@ -576,7 +645,7 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
             | stack.extra_url)[target]
     pids = dict(stack.pids[target]) | stack.pids["_engine"]
     duration = sc.duration_s * scale
-    argv = [sys.executable, str(Path(__file__).resolve()), "loadgen", "--url", base + PATH,
+    argv = [sys.executable, str(Path(__file__).resolve()), "loadgen", "--url", base + PATHS[sc.api], "--api", sc.api,
             "--concurrency", str(sc.concurrency), "--duration-s", str(duration), "--warmup-s", str(sc.warmup_s),
             "--tokens", str(sc.tokens), "--ttft-ms", str(sc.ttft_ms), "--tpot-ms", str(sc.tpot_ms),
             "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
@@ -776,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lg.add_argument("--warmup-s", type=float, default=1.0)
     lg.add_argument("--request-timeout-s", type=float, default=60.0)
     lg.add_argument("--key", default="")
+    lg.add_argument("--api", choices=sorted(PATHS), default="chat")
     lg.add_argument("--pids", default="", help="name=pid,... whose CPU time to measure")
     sv = sub.add_parser("service", help="(internal) a Nebula service under cProfile")
     sv.add_argument("service", choices=["gateway", "router"])

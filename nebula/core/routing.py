@@ -160,10 +160,12 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _chat_prefix(messages: Any) -> tuple[str, str] | None:
+def _chat_prefix(messages: Any, top_system: Any = None) -> tuple[str, str] | None:
     if not isinstance(messages, list):
         return None
-    system = user = None
+    user = None
+    # Anthropic's Messages API puts the system prompt beside the messages (a string or text blocks).
+    system = _text(top_system)[:PREFIX_CHARS] or None
     for m in messages:
         if not isinstance(m, Mapping):
             continue
@@ -192,8 +194,9 @@ def _completion_prefix(prompt: Any) -> str | None:
 def prefix_key(body: Mapping[str, Any]) -> str | None:
     """The affinity key of a parsed request body (16 lowercase hex chars), handed to the replica pick.
 
-    Chat (`messages`): model + the first PREFIX_CHARS characters of the first system (or developer) message
-    and of the first user message, so every turn of a conversation gets the same key. Completions
+    Chat (`messages`, OpenAI's or Anthropic's): model + the first PREFIX_CHARS characters of the system
+    prompt (Anthropic's top-level `system`, else the first system or developer message) and of the first
+    user message, so every turn of a conversation gets the same key. Completions
     (`prompt`): model + the first PREFIX_CHARS characters of the prompt (of the first prompt of a batch;
     token-id prompts by their first PREFIX_CHARS ids). Anything else (embeddings, rerank, score) or a body
     without text: None, and the pick is by load alone. Never raises, whatever the body holds.
@@ -203,7 +206,7 @@ def prefix_key(body: Mapping[str, Any]) -> str | None:
         return None
     parts: tuple[str, ...] | None
     if "messages" in body:
-        parts = _chat_prefix(body["messages"])
+        parts = _chat_prefix(body["messages"], body.get("system"))
     elif "prompt" in body:
         prompt = _completion_prefix(body["prompt"])
         parts = None if prompt is None else (prompt,)

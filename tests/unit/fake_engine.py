@@ -42,6 +42,13 @@ def completion_bytes(engine: str, model: str) -> bytes:
     }).encode()
 
 
+def message_json(engine: str, model: str) -> dict[str, Any]:
+    """An answer of vLLM's Messages API (/v1/messages), as Anthropic's SDK parses it."""
+    return {"id": f"msg_{engine}", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": f"hello from {engine}"}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 3}}
+
+
 def sse_chunks(engine: str, model: str) -> list[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
         body = {"id": f"chatcmpl-{engine}", "object": "chat.completion.chunk", "created": 1, "model": model,
@@ -140,6 +147,8 @@ class FakeEngine:
                 raise
         parsed = json.loads(body)
         model = parsed.get("model", "")
+        if request.match_info["tail"] == "messages":
+            return web.json_response(message_json(self.name, model), headers={"X-Engine": self.name})
         if request.match_info["tail"] == "chat/completions" and parsed.get("stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Engine": self.name})
             await resp.prepare(request)

@@ -285,6 +285,16 @@ def test_prefix_key_reads_content_parts_and_developer_role() -> None:
         chat(("system", "You are terse."), ("user", "Plan a trip")))
 
 
+def test_prefix_key_of_anthropic_messages_reads_the_top_level_system_prompt() -> None:
+    openai_style = prefix_key(chat(("system", "You are terse."), ("user", "Plan a trip")))
+    blocks = [{"type": "text", "text": "You are terse."}]
+    for system in ("You are terse.", blocks):
+        body = {**chat(("user", [{"type": "text", "text": "Plan a trip"}])), "system": system, "max_tokens": 8}
+        assert prefix_key(body) == openai_style
+    other = {**chat(("user", "Plan a trip")), "system": "You are kind."}
+    assert prefix_key(other) != openai_style
+
+
 def test_prefix_key_looks_at_a_bounded_prefix() -> None:
     head = "x" * PREFIX_CHARS
     assert prefix_key(chat(("user", head + "A"))) == prefix_key(chat(("user", head + "B")))

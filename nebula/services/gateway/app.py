@@ -39,6 +39,7 @@ from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.gateway.tracing import RequestTracer
+from nebula.services.gateway.unknown_paths import unknown_path_middleware
 from nebula.services.gateway.view import ClusterView
 from nebula.services.http.admission import open_file_limit, raise_open_file_limit
 from nebula.services.http.errors import error_middleware
@@ -86,7 +87,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
                          models=models or ModelsConfig(), families=families, gpu_headroom_mib=gpu_headroom_mib)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
-    app = web.Application(middlewares=[error_middleware, auth_middleware(auth)],
+    app = web.Application(middlewares=[error_middleware, unknown_path_middleware(), auth_middleware(auth)],
                           client_max_size=cfg.max_body_bytes)
     app[GATEWAY] = state
     app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()

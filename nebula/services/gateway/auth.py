@@ -143,12 +143,15 @@ class Authenticator:
         finally:
             self.limiter.release(record.id)
 
-    def authenticate(self, scope: Scope, authorization: str | None) -> KeyRecord | None:
-        """The key's record, or None while the gateway is open. Raises ApiError 401 (no or unknown key),
-        403 (the key's scopes do not cover the path), 503 (stored keys not loaded yet: fail closed)."""
+    def authenticate(self, scope: Scope, authorization: str | None, x_api_key: str | None = None
+                     ) -> KeyRecord | None:
+        """The key's record, or None while the gateway is open. The key is read from `Authorization: Bearer`
+        or, when that is absent, from `x-api-key` (what Anthropic's SDK and Claude Code send). Raises ApiError
+        401 (no or unknown key), 403 (the key's scopes do not cover the path), 503 (stored keys not loaded
+        yet: fail closed)."""
         if scope is Scope.OPEN:
             return None
-        token = _bearer(authorization)
+        token = _bearer(authorization) if authorization else (x_api_key or "").strip() or None
         record = self._by_digest.get(digest(token)) if token is not None else None
         if record is not None:
             if scope is Scope.ADMIN and KeyScope.ADMIN not in record.scopes:
@@ -157,13 +160,13 @@ class Authenticator:
                 raise ApiError(403, "this API key is for the admin API only", code="insufficient_scope")
             return record
         if token is None and self._config:
-            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
         if not self.synced:
             raise unavailable("the gateway has not loaded its API keys yet; retry shortly", code="keys_not_loaded")
         if not self._by_digest and not self._any_stored:
             return None
         if token is None:
-            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
         raise _unauthorized("invalid API key")
 
 
@@ -182,7 +185,8 @@ def auth_middleware(auth: Authenticator) -> Middleware:
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"))
+        record = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"),
+                                   request.headers.get("x-api-key"))
         if record is None:
             return await handler(request)
         request[API_KEY] = record

@@ -57,7 +57,8 @@ def admit_by_key(auth: Authenticator) -> Admit:
     def admit(request: FastRequest) -> None:
         rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         request.extra_headers.append((REQUEST_ID_HEADER, rid))
-        key = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"))
+        key = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"),
+                                request.headers.get("x-api-key"))
         request.context = Admitted(rid, key)
         if key is not None and not key.limits.unlimited:
             slot = ExitStack()

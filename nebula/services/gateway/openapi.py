@@ -92,6 +92,7 @@ def _inference_bodies() -> dict[str, Schema]:
             _body({"model": _MODEL, "prompt": {"type": "string"}}, ["model", "prompt"]),
             _body({"model": _MODEL, "messages": {"type": "array"}}, ["model", "messages"])]},
         "detokenize": _body({"model": _MODEL, "tokens": {"type": "array", "items": _TOKEN}}, ["model", "tokens"]),
+        **_messages_bodies(),
     }
 
 
@@ -111,6 +112,30 @@ def _stored_response_paths() -> dict[str, Schema]:
         **{f"/{path}": {"post": _op(f"vLLM's /{path} (as /v1/{path})", "the engine's answer", bodies[path],
                                     errors=("400", "401", "403", "404", "413", "429", "503"))}
            for path in ("tokenize", "detokenize")},
+    }
+
+
+def _messages_bodies() -> dict[str, Schema]:
+    """Anthropic's Messages API as messages_validation.py checks it."""
+    blocks: Schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}]}
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": True,
+               "properties": {"role": {"enum": ["user", "assistant"]}, "content": blocks}}
+    tool = {"type": "object", "required": ["name", "input_schema"], "additionalProperties": True,
+            "properties": {"name": {"type": "string", "minLength": 1}, "description": _opt({"type": "string"}),
+                           "input_schema": {"type": "object"}}}
+    common = {"model": _MODEL, "messages": {"type": "array", "minItems": 1, "items": message},
+              "system": _opt(blocks), "tools": _opt({"type": "array", "items": tool}),
+              "tool_choice": _opt({"type": "object", "required": ["type"], "properties": {
+                  "type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"}}})}
+    return {
+        "messages": _body({**common, "max_tokens": {"type": "integer", "minimum": 1},
+                           "stream": _opt({"type": "boolean"}), "temperature": _num(minimum=0, maximum=2),
+                           "top_p": _num(minimum=0, maximum=1), "top_k": _int(-1),
+                           "stop_sequences": _opt({"type": "array", "items": {"type": "string"}}),
+                           "metadata": _opt({"type": "object"})},
+                          ["model", "messages", "max_tokens"]),
+        "messages/count_tokens": _body(common, ["model", "messages"]),
     }
 
 
@@ -161,9 +186,9 @@ def _pull_request() -> Schema:
                 "revision": _opt({"type": "string"}), "nodes": _opt({"type": "array", "items": {"type": "string"}})}}
 
 
-def _error_response(description: str) -> Schema:
+def _error_response(description: str, schema: str = "Error") -> Schema:
     return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
 _ERRORS = {"400": "invalid request (`param` names the field)", "401": "missing or unknown API key",
@@ -175,10 +200,10 @@ _ERRORS = {"400": "invalid request (`param` names the field)", "401": "missing o
 
 def _op(summary: str, ok: str, body: Schema | None = None, params: list[Schema] | None = None,
         errors: tuple[str, ...] = ("400", "401", "403", "404", "429", "503"), ok_status: str = "200",
-        ok_schema: Schema | None = None) -> Schema:
+        ok_schema: Schema | None = None, error_schema: str = "Error") -> Schema:
     op: Schema = {"summary": summary, "responses": {
         ok_status: {"description": ok, "content": {"application/json": {"schema": ok_schema or {"type": "object"}}}},
-        **{code: _error_response(_ERRORS[code]) for code in errors}}}
+        **{code: _error_response(_ERRORS[code], error_schema) for code in errors}}}
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     if params:
@@ -196,10 +221,12 @@ def _query_param(name: str, schema: Schema) -> Schema:
 
 def openapi_document() -> Schema:
     bodies = _inference_bodies()
-    inference = {f"/v1/{path}": {"post": _op(f"OpenAI-compatible /v1/{path}, forwarded to a ready replica",
-                                             "the engine's answer (SSE when stream is true)", body,
-                                             errors=("400", "401", "403", "404", "413", "429", "503"))}
-                 for path, body in bodies.items()}
+    inference = {f"/v1/{path}": {"post": _op(
+        f"{'Anthropic' if path.startswith('messages') else 'OpenAI'}-compatible /v1/{path}, forwarded to a "
+        "ready replica", "the engine's answer (SSE when stream is true)", body,
+        errors=("400", "401", "403", "404", "413", "429", "503"),
+        error_schema="AnthropicError" if path.startswith("messages") else "Error")}
+        for path, body in bodies.items()}
     name = _path_param("name", {"type": "string", "pattern": NAME_PATTERN})
     key_id = _path_param("id", {"type": "string", "pattern": "^[0-9a-f]{16}$"})
     pull_id = _path_param("id", {"type": "string"})
@@ -255,17 +282,24 @@ def openapi_document() -> Schema:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Nebula gateway", "version": __version__,
-                 "description": "OpenAI-compatible inference and Nebula's admin API. Errors use OpenAI's shape."},
+                 "description": "OpenAI- and Anthropic-compatible inference and Nebula's admin API. Errors use "
+                                "OpenAI's shape, Anthropic's on /v1/messages."},
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "An API key; not needed while no key exists"}},
+                                           "description": "An API key; not needed while no key exists"},
+                                "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                              "description": "The same key, as Anthropic's clients send it"}},
             "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type"],
                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}},
+                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+                "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+                    "type": {"const": "error"}, "error": {
+                        "type": "object", "required": ["type", "message"],
+                        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}},
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"x-api-key": []}],
     }
 
 

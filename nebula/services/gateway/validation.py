@@ -13,6 +13,7 @@ from typing import Any
 
 from nebula.core.model import Task, expect_field
 from nebula.errors import ValidationError
+from nebula.services.gateway.messages_validation import check_count_tokens, check_messages
 
 Body = Mapping[str, Any]
 
@@ -175,6 +176,9 @@ ENDPOINTS: Mapping[str, Endpoint] = {e.path: e for e in (
     Endpoint("embeddings", Task.EMBED, check_embeddings),
     Endpoint("rerank", Task.RERANK, check_rerank),
     Endpoint("score", Task.RERANK, check_score),
+    # Anthropic's Messages API, which vLLM serves itself (errors in Anthropic's shape: services/http/errors.py).
+    Endpoint("messages", Task.GENERATE, check_messages),
+    Endpoint("messages/count_tokens", Task.GENERATE, check_count_tokens),
     Endpoint("responses", Task.GENERATE, check_responses),
     Endpoint("tokenize", None, check_tokenize, engine_path="/tokenize"),
     Endpoint("detokenize", None, check_detokenize, engine_path="/detokenize"),

@@ -492,7 +492,7 @@ class FastConnection(asyncio.Protocol):
             return False
         if head.content_length > self._server.max_body:
             self._refuse(413, f"the request body ({head.content_length} bytes) is over the gateway's "
-                              f"limit of {self._server.max_body} bytes (gateway.max_body_bytes)")
+                              f"limit of {self._server.max_body} bytes (gateway.max_body_bytes)", head.path)
             return False
         buf = self._buf = buf[end + 4:]
         request = FastRequest(head.method, head.target, head.path, CIMultiDict(head.headers), b"")
@@ -572,10 +572,11 @@ class FastConnection(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer a request this server will not read, then close: what follows cannot be framed."""
+    def _refuse(self, status: int, message: str, path: str = "") -> None:
+        """Answer a request this server will not read, then close: what follows cannot be framed. `path`:
+        the request's, when its head was read (its clients' error shape)."""
         err = (unavailable(message, code="too_many_connections") if status == 503
-               else ApiError(status, message, code=_REFUSAL_CODES.get(status)))
+               else ApiError(status, message, code=_REFUSAL_CODES.get(status))).for_path(path)
         ConnectionReply(self, False, True, []).error_now(err)
         self._linger()
 

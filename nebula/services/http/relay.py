@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 # Hop-by-hop headers (RFC 9110 7.6.1) and those each hop sets for itself.
 _SKIP_REQUEST = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
                            "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-                           "authorization", "expect"})
+                           "authorization", "x-api-key", "expect"})
 # Content-Length too: the reply frames the body itself. X-Request-ID: the gateway names the request.
 _SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
                             "transfer-encoding", "upgrade", "server", "date", "content-length", "x-request-id"})
 
 
 def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The request headers to send upstream: end-to-end ones only, credentials stripped; `extra` replaces
+    """The request headers to send upstream: end-to-end ones only, credentials (Authorization, and the
+    x-api-key Anthropic's clients send) stripped; `extra` replaces
     any client header of the same name (compared without case).
 
     A header the client repeated is joined into one comma-separated field, which RFC 9110 5.3 makes
