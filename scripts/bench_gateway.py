@@ -72,7 +72,8 @@ HOST = "127.0.0.1"  # loopback only, everywhere
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATH = "/v1/chat/completions"
 MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API (the `messages_*` scenarios)
-PATHS = {"chat": PATH, "messages": MESSAGES_PATH}
+RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (the `responses_*` scenarios)
+PATHS = {"chat": PATH, "messages": MESSAGES_PATH, "responses": RESPONSES_PATH}
 # What a streamed Messages answer ends with (Anthropic's streaming documentation; vLLM writes the same).
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
@@ -171,6 +172,44 @@ async def _engine_messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _engine_responses(request: web.Request) -> web.StreamResponse:
+    """vLLM's /v1/responses as the engine simulator: the response, or its SSE events (created, text deltas,
+    completed); the response's id is the body's request_id, as vLLM's is (the gateway sets it)."""
+    body = json.loads(await request.read())
+    tokens = int(body.get("max_output_tokens") or 16)
+    ttft = float(body.get("bench_ttft_ms", 0)) / 1000
+    tpot = float(body.get("bench_tpot_ms", 0)) / 1000
+    response = {"id": str(body.get("request_id", f"resp_{id(request):x}")), "object": "response",
+                "model": str(body.get("model", MODEL)), "status": "incomplete",
+                "output": [{"type": "message", "role": "assistant", "status": "incomplete",
+                            "content": [{"type": "output_text", "text": " tok" * tokens, "annotations": []}]}],
+                "usage": {"input_tokens": 10, "output_tokens": tokens, "total_tokens": 10 + tokens}}
+    if not body.get("stream"):
+        if ttft + tokens * tpot > 0:
+            await asyncio.sleep(ttft + tokens * tpot)
+        return web.json_response(response)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    if ttft > 0:
+        await asyncio.sleep(ttft)
+    created = json.dumps({"type": "response.created", "response": {**response, "status": "in_progress",
+                                                                  "output": []}})
+    await resp.write(_event("response.created", created))
+    token = _event("response.output_text.delta", '{"type":"response.output_text.delta","item_id":"msg_1",'
+                                                 '"output_index":0,"content_index":0,"delta":" tok"}')
+    for i in range(tokens):
+        if tpot > 0:
+            delay = start + ttft + (i + 1) * tpot - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await resp.write(token)
+    await resp.write(_event("response.completed", json.dumps({"type": "response.completed", "response": response})))
+    await resp.write_eof()
+    return resp
+
+
 async def _ok(_: web.Request) -> web.Response:
     return web.Response(text="")
 
@@ -179,6 +218,7 @@ def engine_app() -> web.Application:
     app = web.Application()
     app.router.add_post(PATH, _engine_chat)
     app.router.add_post(MESSAGES_PATH, _engine_messages)
+    app.router.add_post(RESPONSES_PATH, _engine_responses)
     app.router.add_get("/health", _ok)
     return app
 
@@ -261,6 +301,12 @@ class LoadResult:
 def request_body(args: argparse.Namespace) -> bytes:
     # A chat of realistic size: the gateway parses the whole body, so its length matters.
     words = ("the quick brown fox jumps over the lazy dog " * (args.prompt_bytes // 44 + 1))[:args.prompt_bytes]
+    if args.api == "responses":
+        return json.dumps({
+            "model": MODEL, "stream": args.stream, "max_output_tokens": args.tokens,
+            "bench_ttft_ms": args.ttft_ms, "bench_tpot_ms": args.tpot_ms,
+            "instructions": "You are a helpful assistant.", "input": words,
+        }).encode()
     if args.api == "messages":
         return json.dumps({
             "model": MODEL, "stream": args.stream, "max_tokens": args.tokens,
@@ -298,7 +344,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, hea
             data = b"".join(parts)
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
-            if stream and api == "messages":
+            if stream and api == "responses":
+                if data.rfind(b"event: response.completed\n") < 0 or not data.endswith(b"\n\n"):
+                    raise RuntimeError("stream did not end with response.completed")
+                tokens = data.count(b'"type":"response.output_text.delta"')
+            elif api == "responses":
+                tokens = int(json.loads(data)["usage"]["output_tokens"])
+                first = end
+            elif stream and api == "messages":
                 if not data.endswith(MESSAGE_STOP):
                     raise RuntimeError("stream did not end with message_stop")
                 tokens = data.count(b'"text_delta"')
@@ -624,7 +677,7 @@ class Scenario:
     tpot_ms: float = 0.0
     duration_s: float = 3.0  # the measured window, after warm_up_s (and the workers' start spread)
     warmup_s: float = 1.0
-    api: str = "chat"  # which API the requests speak: "chat" (OpenAI's chat completions) or "messages"
+    api: str = "chat"  # which API the requests speak: "chat" (OpenAI's chat completions), "messages", "responses"
 
 
 SCENARIOS = (
@@ -635,6 +688,7 @@ SCENARIOS = (
     Scenario("realistic_c128", stream=True, concurrency=128, tokens=128, ttft_ms=50, tpot_ms=10,
              duration_s=6.0, warmup_s=1.5),
     Scenario("messages_stream32_c64", stream=True, concurrency=64, api="messages"),
+    Scenario("responses_stream32_c64", stream=True, concurrency=64, api="responses"),
 )
 TARGETS = ("direct", "proxy", "nebula")
 

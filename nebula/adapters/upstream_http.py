@@ -287,8 +287,9 @@ class UpstreamPool:
         return len(self._idle.get(_target(endpoint)[0], ()))
 
     async def post(self, endpoint: str, path: str, headers: Mapping[str, str], body: bytes,
-                   timeout_s: float) -> UpstreamResponse:
-        """POST `body` to `endpoint` + `path` and return once the response head is in.
+                   timeout_s: float, method: str = "POST") -> UpstreamResponse:
+        """POST `body` to `endpoint` + `path` and return once the response head is in; `method`: another
+        method with a body of its own (GET with an empty one, as Content-Length: 0).
 
         `headers` must not carry Host, Content-Length or Transfer-Encoding (this client sets the framing).
         Raises UpstreamUnreachable, UpstreamDisconnected or TimeoutError (after `timeout_s`, which also
@@ -303,7 +304,7 @@ class UpstreamPool:
         lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
         if lines.count("\n") != len(headers):
             raise ValueError("a header name or value holds a line break")
-        data = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
+        data = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
                 .encode("utf-8", "surrogateescape") + body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

@@ -194,6 +194,11 @@ class EngineConfig:
         "cores, where a busy engine's spinning threads starve a starting one (seen: a start stalled for minutes); "
         "'nobind' leaves placement to the kernel. Use 'auto' or explicit lists only with one engine per node.")
     default_max_model_len: int = _f(2048, "max_model_len for models that do not set one (0: the model's own).")
+    responses_store: bool = _f(
+        True, "Generate engines keep the Responses API's stored responses (VLLM_ENABLE_RESPONSES_API_STORE), which "
+        "GET /v1/responses/{id}, cancel and previous_response_id need. vLLM keeps every stored response in the "
+        "engine's memory until it restarts (no expiry): its memory grows with the responses clients store "
+        "(store=true is the API's default). false: nothing is stored, and those requests get 404.")
     extra_args: tuple[str, ...] = _f((), "Arguments added to every `vllm serve` command line (the operator's own: "
                                      "not checked against allowed_engine_args).")
     allowed_engine_args: tuple[str, ...] = _f(

@@ -144,6 +144,9 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         # serves that endpoint only with this set. Whoever reaches an engine can load adapters from the engine's
         # filesystem with it; an engine has no authentication of its own either way ([node] engine_host).
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if cfg.responses_store and spec.task is Task.GENERATE:
+        # A deliberate trade (see EngineConfig.responses_store): the store grows until the engine restarts.
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if otlp_endpoint:
         # vLLM defaults to OTLP over gRPC; Nebula speaks OTLP/HTTP everywhere, one endpoint for all.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"

@@ -20,6 +20,7 @@ from typing import Any
 
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task
+from nebula.core.response_ids import replica_token
 
 # Characters of the system prompt and of the first user message that make the key: enough to tell
 # conversations apart, bounded so the gateway's hashing cost does not grow with the prompt.
@@ -50,11 +51,17 @@ class Replica:
     model: str
     endpoint: str
     task: Task
+    node: str = field(default="", compare=False)
+    restarts: int = field(default=0, compare=False)  # of its engine: a restarted engine lost its memory
     # The endpoint's hash, computed once per table update rather than per request (rendezvous weights).
     endpoint_hash: int = field(init=False, compare=False, repr=False)
+    # Names this incarnation in the response ids it makes (core/response_ids.py); computed once, like the hash.
+    incarnation: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint_hash", _stable_hash(self.endpoint))
+        object.__setattr__(self, "incarnation", replica_token(self.instance, self.node, self.endpoint,
+                                                              self.restarts))
 
 
 def ready_replicas(statuses: Iterable[InstanceStatus]) -> dict[str, tuple[Replica, ...]]:
@@ -72,7 +79,7 @@ def ready_replicas(statuses: Iterable[InstanceStatus]) -> dict[str, tuple[Replic
         seen = replicas.get(endpoint)
         if seen is None or st.instance < seen.instance:
             replicas[endpoint] = Replica(instance=st.instance, model=st.model, endpoint=endpoint,
-                                         task=st.task)
+                                         task=st.task, node=st.node, restarts=st.restarts)
     return {model: tuple(sorted(reps.values(), key=lambda r: (r.endpoint, r.instance)))
             for model, reps in by_model.items()}
 

@@ -78,3 +78,10 @@ def test_replicas_sharing_a_gpu_take_their_declared_share() -> None:
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.37"
     argv, _ = vllm_command(spec(gpu_memory_utilization=0.37), EngineConfig(), cpu=True)
     assert "--gpu-memory-utilization" not in argv  # no such thing on CPU
+
+
+def test_generate_engines_keep_stored_responses_unless_configured_off() -> None:
+    store = "VLLM_ENABLE_RESPONSES_API_STORE"
+    assert vllm_command(spec(), EngineConfig(), cpu=True)[1][store] == "1"
+    assert store not in vllm_command(spec(task=Task.EMBED.value), EngineConfig(), cpu=True)[1]
+    assert store not in vllm_command(spec(), EngineConfig(responses_store=False), cpu=True)[1]

@@ -26,7 +26,16 @@ from nebula.errors import ConfigError
 from nebula.services.catalog_files import load_catalog
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
-from nebula.services.gateway import admin_api, audio_api, catalog_api, discovery, keys_api, openai_api, status_api
+from nebula.services.gateway import (
+    admin_api,
+    audio_api,
+    catalog_api,
+    discovery,
+    keys_api,
+    openai_api,
+    responses_api,
+    status_api,
+)
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
@@ -121,7 +130,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
         app.cleanup_ctx.append(background(
             lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
             "gateway-load-poll"))
-    app.add_routes(openai_api.routes() + audio_api.routes() + admin_api.routes() + status_api.routes()
+    app.add_routes(openai_api.routes() + audio_api.routes() + responses_api.routes() + admin_api.routes()
+                   + status_api.routes()
                    + keys_api.routes() + catalog_api.routes() + discovery.routes() + [openapi_route()])
     app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
     return app

@@ -18,6 +18,7 @@ from nebula.services.gateway.audio_api import AUDIO_PATHS, serve_audio
 from nebula.services.gateway.auth import OPEN_PATHS, Authenticator, scope_of
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, new_request_id
 from nebula.services.gateway.openai_api import Call, model_entry, models_list, serve_inference
+from nebula.services.gateway.responses_api import serve_stored, stored_request
 from nebula.services.gateway.state import GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint
 from nebula.services.http.admission import ConnectionLimits, derived_max_connections
@@ -70,7 +71,8 @@ def admit_by_key(auth: Authenticator) -> Admit:
 
 def dataplane_router(st: GatewayState) -> Router:
     """The router of the gateway's data-plane server: POST to an OpenAI inference path, GET /v1/models and
-    GET /v1/models/{name}; None for anything else, which aiohttp serves."""
+    GET /v1/models/{name}, GET /v1/responses/{id} and its cancel; None for anything else, which aiohttp
+    serves."""
 
     def guarded(answer: Callable[[Call, ConnectionReply], Awaitable[None]]) -> Route:
         async def route(request: FastRequest, reply: ConnectionReply) -> None:
@@ -94,10 +96,16 @@ def dataplane_router(st: GatewayState) -> Router:
     def audio(path: str) -> Route:
         return guarded(lambda call, reply: serve_audio(st, path, call, reply))
 
-    posts = {f"/v1/{e.path}": inference(e) for e in ENDPOINTS.values()} | {f"/v1/{p}": audio(p) for p in AUDIO_PATHS}
+    def stored(rid: str, cancel: bool) -> Route:
+        return guarded(lambda call, reply: serve_stored(st, call, rid, cancel, reply))
+
+    posts = {p: inference(e) for e in ENDPOINTS.values() for p in e.paths} | {
+        f"/v1/{p}": audio(p) for p in AUDIO_PATHS}
     models_route, model_route = guarded(list_models), guarded(get_model)
 
     def route(method: str, path: str) -> Route | None:
+        if path.startswith("/v1/responses/") and (found := stored_request(method, path)) is not None:
+            return stored(*found)  # a stored response's GET or cancel: rare, so its route is made per request
         if method == "POST":
             return posts.get(path)
         if method == "GET":

@@ -38,10 +38,14 @@ Respond = Callable[[Reply, UpstreamResponse, RelayStats], Awaitable[None]]
 class Target:
     """Which replicas may take a request: the READY replicas of `model` for which `eligible` holds (all of
     them when it is None). A LoRA adapter's requests go to its base's replicas that have it loaded; a
-    follow-up of a stored response goes to the one replica that holds it."""
+    follow-up of a stored response goes to the one replica that holds it. `body_for` gives the body each
+    tried replica gets (a new response's id names the replica it is made on); `method` is what the request
+    is to the engine (a stored response is read with GET)."""
 
     model: str
     eligible: Callable[[Replica], bool] | None = None
+    body_for: Callable[[Replica], bytes] | None = None
+    method: str = "POST"
 
 
 def _excluded(st: GatewayState, target: Target, tried: set[str]) -> set[str]:
@@ -64,8 +68,8 @@ async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: str |
 async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
                   headers: dict[str, str], prefix: str | None, respond: Respond = relay,
                   target: Target | None = None) -> None:
-    """POST `body` with `headers` to `path_qs` on a replica of `target` (default: any replica of `ex.model`)
-    and answer with `respond`.
+    """Send `body` (POST unless `target` says otherwise) with `headers` to `path_qs` on a replica of `target`
+    (default: any replica of `ex.model`) and answer with `respond`.
 
     `prefix` is the request's affinity key (routing.prefix_key), None for none; `ex` records the replica
     that answered, the attempts and (through the relay) the body's timing. A replica that refuses the
@@ -85,8 +89,9 @@ async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, bo
         st.routing.picks(model, replica.instance).inc()
         with st.table.track(replica):
             try:
-                upstream = await st.upstream.post(replica.endpoint, path_qs, headers, body,
-                                                  st.cfg.upstream_timeout_s)
+                data = body if target.body_for is None else target.body_for(replica)
+                upstream = await st.upstream.post(replica.endpoint, path_qs, headers, data,
+                                                  st.cfg.upstream_timeout_s, method=target.method)
             except UpstreamUnreachable as e:
                 log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e,
                          extra=ex.log_fields())

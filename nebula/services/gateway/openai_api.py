@@ -15,8 +15,9 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -27,9 +28,10 @@ from nebula.core.routing import prefix_key
 from nebula.errors import ValidationError
 from nebula.services.gateway.auth import check_model_allowed, model_allowed, request_key
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, Exchange, request_id
-from nebula.services.gateway.forward import Respond, forward
+from nebula.services.gateway.forward import Respond, Target, forward
 from nebula.services.gateway.lora_routing import adapter_entries, find_adapter, resolve_model
 from nebula.services.gateway.state import GATEWAY, GatewayState
+from nebula.services.gateway.stored_responses import create_target
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
 from nebula.services.http.errors import ApiError, Handler, unavailable
 from nebula.services.http.relay import RelayStats, forward_headers, relay
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
 # The body is always the client's JSON, whatever Content-Type the client claimed.
 _JSON = {"Content-Type": "application/json"}
+# Endpoints whose requests go to particular replicas, or with a body per replica: (state, parsed body, raw
+# body, the model's target) -> the request's target.
+Aim = Callable[[GatewayState, Mapping[str, Any], bytes, Target], Target]
+_AIMS: Mapping[str, Aim] = {"responses": create_target}
 
 
 @dataclass(slots=True)
@@ -82,7 +88,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
             raise ApiError(404, f"The model '{model}' does not exist or is not loaded", param="model",
                            code="model_not_found")
         ex.model = model
-        if spec.task is not endpoint.task:
+        if endpoint.task is not None and spec.task is not endpoint.task:
             raise ApiError(400, f"model '{model}' serves task '{spec.task.value}'; "
                            f"/v1/{path} needs a '{endpoint.task.value}' model",
                            param="model", code="model_not_supported")
@@ -91,6 +97,10 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         # The key keeps a conversation on one replica's prefix cache.
         prefix = prefix_key(body) if generative and isinstance(body, dict) else None
         respond: Respond = relay
+        # A stored response's follow-up narrows the target (a LoRA adapter's, too) to the replica holding it.
+        aim = _AIMS.get(path)
+        if aim is not None and target is not None and isinstance(body, dict):
+            target = aim(st, body, call.body, target)
         if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
             respond = _rerank_without_documents
         # vLLM takes X-Request-ID as its own request id, so its logs name the same request.
@@ -98,7 +108,11 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         if st.tracer is not None:
             span = st.tracer.start(f"POST /v1/{path}", call.headers, headers,
                                    {"nebula.model": model, "nebula.request_id": ex.request_id})
-        await forward(reply, call.path_qs, st, ex, call.body, headers, prefix, respond, target)
+        # The tokenizer is /tokenize on the engine, whichever spelling the client used.
+        upstream_path = call.path_qs
+        if endpoint.engine_path:
+            upstream_path = endpoint.engine_path + call.path_qs[len(call.path_qs.partition("?")[0]):]
+        await forward(reply, upstream_path, st, ex, call.body, headers, prefix, respond, target)
         status = reply.status
     except ApiError as e:
         status = e.status
@@ -197,7 +211,7 @@ async def _get_model(request: web.Request) -> web.Response:
 
 
 def routes() -> list[web.RouteDef]:
-    return [web.post(f"/v1/{e.path}", _inference_route(e)) for e in ENDPOINTS.values()] + [
+    return [web.post(p, _inference_route(e)) for e in ENDPOINTS.values() for p in e.paths] + [
         web.get("/v1/models", _list_models),
         web.get("/v1/models/{name}", _get_model),
     ]

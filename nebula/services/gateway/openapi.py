@@ -81,7 +81,38 @@ def _inference_bodies() -> dict[str, Schema]:
                          "top_n": _int(0), "return_documents": _opt({"type": "boolean"})},
                         ["model", "query", "documents"]),
         "score": {"oneOf": [score_old, score_new]},
+        "responses": _body({"model": _MODEL, "input": {"anyOf": [{"type": "string"}, {"type": "array"}]},
+                            "instructions": _opt({"type": "string"}), "previous_response_id": _opt({"type": "string"}),
+                            "stream": _opt({"type": "boolean"}), "store": _opt({"type": "boolean"}),
+                            "background": _opt({"type": "boolean"}),
+                            "tools": _opt({"type": "array", "items": {"type": "object"}}),
+                            "tool_choice": _opt({"anyOf": [{"type": "string"}, {"type": "object"}]}),
+                            "max_output_tokens": _int(1), "temperature": _num(minimum=0),
+                            "top_p": _num(exclusiveMinimum=0, maximum=1)}, ["model", "input"]),
+        "tokenize": {"anyOf": [
+            _body({"model": _MODEL, "prompt": {"type": "string"}}, ["model", "prompt"]),
+            _body({"model": _MODEL, "messages": {"type": "array"}}, ["model", "messages"])]},
+        "detokenize": _body({"model": _MODEL, "tokens": {"type": "array", "items": _TOKEN}}, ["model", "tokens"]),
         **_messages_bodies(),
+    }
+
+
+def _stored_response_paths() -> dict[str, Schema]:
+    """The Responses API's reads of a stored response, and the tokenizer's unversioned spellings."""
+    rid = _path_param("id", {"type": "string", "pattern": "^resp_[0-9a-f]{16}_[0-9a-f]{32}$",
+                             "description": "An id this gateway issued (it names the replica holding it)."})
+    errors = ("401", "403", "404", "429", "503")
+    bodies = _inference_bodies()
+    return {
+        "/v1/responses/{id}": {"get": _op(
+            "A stored response, from the replica that holds it", "the response (SSE when stream is true)",
+            params=[rid, _query_param("stream", {"type": "boolean"}),
+                    _query_param("starting_after", {"type": "integer", "minimum": 0})], errors=errors)},
+        "/v1/responses/{id}/cancel": {"post": _op("Cancel a background response", "the response",
+                                                  params=[rid], errors=("400", *errors))},
+        **{f"/{path}": {"post": _op(f"vLLM's /{path} (as /v1/{path})", "the engine's answer", bodies[path],
+                                    errors=("400", "401", "403", "404", "413", "429", "503"))}
+           for path in ("tokenize", "detokenize")},
     }
 
 
@@ -231,6 +262,7 @@ def openapi_document() -> Schema:
     paths: Schema = {
         **inference,
         **{f"/v1/{path}": {"post": _audio_op(path)} for path in AUDIO_PATHS},
+        **_stored_response_paths(),
         "/v1/models": {"get": _op("Models and their ready replicas", "a list", errors=("401", "403", "429"))},
         "/v1/models/{name}": {"get": _op("One model", "the model", params=[
             _path_param("name", {"type": "string"})], errors=("401", "403", "404", "429"))},

@@ -21,8 +21,15 @@ Body = Mapping[str, Any]
 @dataclass(frozen=True)
 class Endpoint:
     path: str  # after /v1/
-    task: Task
+    task: Task | None  # None: a model of any task (the tokenizer's endpoints)
     check: Callable[[Body], None]
+    # The engine's path where it is not /v1/<path>; the gateway serves it under both spellings.
+    engine_path: str = ""
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The gateway's paths for this endpoint."""
+        return (f"/v1/{self.path}", self.engine_path) if self.engine_path else (f"/v1/{self.path}",)
 
 
 def _number(body: Body, key: str, lo: float | None = None, hi: float | None = None,
@@ -131,6 +138,38 @@ def check_score(body: Body) -> None:
     _str_or_str_list(body, second, required=True)
 
 
+def check_responses(body: Body) -> None:
+    """The Responses API (POST /v1/responses): what routing and the common mistakes need; vLLM checks items."""
+    expect_field(body, "input", (str, list))
+    expect_field(body, "instructions", str, None)
+    expect_field(body, "previous_response_id", str, None)
+    for flag in ("stream", "store", "background"):
+        expect_field(body, flag, bool, None)
+    tools = expect_field(body, "tools", list, None)
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise ValidationError("tools", "must be a list of tool objects")
+    expect_field(body, "tool_choice", (str, dict), None)
+    _int(body, "max_output_tokens", 1)
+    _number(body, "temperature", lo=0)
+    _number(body, "top_p", lo=0, hi=1, lo_open=True)
+
+
+def check_tokenize(body: Body) -> None:
+    """vLLM's /tokenize: a `prompt` string or chat `messages`."""
+    if "messages" in body:
+        expect_field(body, "messages", list)
+    else:
+        expect_field(body, "prompt", str)
+    for flag in ("add_special_tokens", "return_token_strs", "add_generation_prompt"):
+        expect_field(body, flag, bool, None)
+
+
+def check_detokenize(body: Body) -> None:
+    tokens = expect_field(body, "tokens", list)
+    if not all(_is_token(t) for t in tokens):
+        raise ValidationError("tokens", "must be a list of token ids (integers >= 0)")
+
+
 ENDPOINTS: Mapping[str, Endpoint] = {e.path: e for e in (
     Endpoint("chat/completions", Task.GENERATE, check_chat),
     Endpoint("completions", Task.GENERATE, check_completions),
@@ -140,6 +179,9 @@ ENDPOINTS: Mapping[str, Endpoint] = {e.path: e for e in (
     # Anthropic's Messages API, which vLLM serves itself (errors in Anthropic's shape: services/http/errors.py).
     Endpoint("messages", Task.GENERATE, check_messages),
     Endpoint("messages/count_tokens", Task.GENERATE, check_count_tokens),
+    Endpoint("responses", Task.GENERATE, check_responses),
+    Endpoint("tokenize", None, check_tokenize, engine_path="/tokenize"),
+    Endpoint("detokenize", None, check_detokenize, engine_path="/detokenize"),
 )}
 
 
