@@ -28,9 +28,7 @@ class Task(enum.StrEnum):
     GENERATE = "generate"
     EMBED = "embed"
     RERANK = "rerank"
-    # Speech to text (/v1/audio/transcriptions and /translations): Whisper-class models, which vLLM serves
-    # with its generate runner but only on the audio paths.
-    TRANSCRIBE = "transcribe"
+    TRANSCRIBE = "transcribe"  # speech to text (/v1/audio/*): Whisper-class, on vLLM's generate runner
 
 
 class Phase(enum.StrEnum):
@@ -46,10 +44,8 @@ class Phase(enum.StrEnum):
 
 def validate_name(value: object, field_name: str = "name") -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: `$` admits a final "\n"
-        raise ValidationError(
-            field_name,
-            "must be 1-63 characters of lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
-        )
+        raise ValidationError(field_name, "must be 1-63 characters of lowercase letters, digits, '.', '_' or '-', "
+                                          "starting with a letter or digit")
     return value
 
 

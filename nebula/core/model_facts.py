@@ -247,12 +247,15 @@ def derive_profile(files: ModelFiles, families: Families, source_name: str) -> M
         derived["weight_bytes"] = weights.source
         if weights.param_count:
             derived["param_count"] = weights.source
+    # decoder_*: an encoder-decoder (Whisper) caches keys and values in its decoder's layers.
+    layer_key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "decoder_layers")
+                      if _first_int(text, (k,))), "")
     layers, hidden, heads = (_first_int(text, keys) for keys in (
-        ("num_hidden_layers", "n_layer", "num_layers"), ("hidden_size", "d_model", "n_embd"),
-        ("num_attention_heads", "n_head", "num_heads")))
+        (layer_key,), ("hidden_size", "d_model", "n_embd"),
+        ("num_attention_heads", "n_head", "num_heads", "decoder_attention_heads")))
     kv_heads, head_dim = _kv_shape(text, hidden, heads, derived)
     if layers:
-        derived["layers"] = "num_hidden_layers in config.json"
+        derived["layers"] = f"{layer_key} in config.json"
     rule = families.match(model_type, arch, source_name)
     if rule is not None:
         derived["family"] = rule.why()

@@ -196,10 +196,11 @@ def prefix_key(body: Mapping[str, Any]) -> str | None:
 
     Chat (`messages`, OpenAI's or Anthropic's): model + the first PREFIX_CHARS characters of the system
     prompt (Anthropic's top-level `system`, else the first system or developer message) and of the first
-    user message, so every turn of a conversation gets the same key. Completions
-    (`prompt`): model + the first PREFIX_CHARS characters of the prompt (of the first prompt of a batch;
-    token-id prompts by their first PREFIX_CHARS ids). Anything else (embeddings, rerank, score) or a body
-    without text: None, and the pick is by load alone. Never raises, whatever the body holds.
+    user message, so every turn of a conversation gets the same key; the Responses API's `instructions` and
+    `input` likewise. Completions (`prompt`): model + the first PREFIX_CHARS characters of the prompt (of the
+    first prompt of a batch; token-id prompts by their first PREFIX_CHARS ids). Anything else (rerank,
+    score) or a body without text: None, and the pick is by load alone. Asked for generate requests only (an
+    embeddings `input` would read as a Responses one). Never raises, whatever the body holds.
     """
     model = body.get("model")
     if not isinstance(model, str):
@@ -210,6 +211,10 @@ def prefix_key(body: Mapping[str, Any]) -> str | None:
     elif "prompt" in body:
         prompt = _completion_prefix(body["prompt"])
         parts = None if prompt is None else (prompt,)
+    elif "input" in body:  # the Responses API: `instructions` and `input`, a string or message items
+        items = body["input"]
+        parts = _chat_prefix(items if isinstance(items, list) else [{"role": "user", "content": items}],
+                             body.get("instructions"))
     else:
         parts = None
     if parts is None:

@@ -71,6 +71,19 @@ def test_compressed_tensors_and_old_compression_config() -> None:
     assert old.quantization == "compressed-tensors"
 
 
+def test_whisper_is_a_transcribe_model_whose_cache_is_its_decoders() -> None:
+    p = mf.derive_profile(fixture_files("whisper-large-v3"), FAMILIES, "openai/whisper-large-v3")
+    assert (p.architecture, p.task, p.max_positions, p.dtype) == ("WhisperForConditionalGeneration", "transcribe",
+                                                                  448, "float16")
+    assert (p.layers, p.kv_heads, p.head_dim) == (32, 20, 64)
+    # The tiny test Whisper's config has no num_hidden_layers: its decoder's layers are read instead.
+    tiny = mf.derive_profile(files_of({"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+                                       "d_model": 64, "decoder_layers": 2, "encoder_layers": 2,
+                                       "decoder_attention_heads": 2, "max_target_positions": 448}), FAMILIES, "x")
+    assert (tiny.layers, tiny.kv_heads, tiny.head_dim) == (2, 2, 32)
+    assert tiny.derived["layers"] == "decoder_layers in config.json"
+
+
 def test_bge_m3_is_an_embedding_model_by_its_sentence_transformers_files() -> None:
     p = mf.derive_profile(fixture_files("bge-m3"), FAMILIES, "BAAI/bge-m3")
     assert (p.architecture, p.task, p.max_positions) == ("XLMRobertaModel", "embed", 8192)

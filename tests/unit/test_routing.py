@@ -295,6 +295,14 @@ def test_prefix_key_of_anthropic_messages_reads_the_top_level_system_prompt() ->
     assert prefix_key(other) != openai_style
 
 
+def test_prefix_key_of_a_responses_request_reads_instructions_and_input() -> None:
+    openai_style = prefix_key(chat(("system", "You are terse."), ("user", "Plan a trip")))
+    assert prefix_key({"model": "m", "instructions": "You are terse.", "input": "Plan a trip"}) == openai_style
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Plan a trip"}]}]
+    assert prefix_key({"model": "m", "instructions": "You are terse.", "input": items}) == openai_style
+    assert prefix_key({"model": "m", "input": 3}) is None
+
+
 def test_prefix_key_looks_at_a_bounded_prefix() -> None:
     head = "x" * PREFIX_CHARS
     assert prefix_key(chat(("user", head + "A"))) == prefix_key(chat(("user", head + "B")))
@@ -311,7 +319,7 @@ def test_prefix_key_of_completions() -> None:
 
 
 @pytest.mark.parametrize("body", [
-    {"model": "m", "input": "embed me"},
+    {"model": "m", "input": ""},
     {"model": "m", "query": "q", "documents": ["a", "b"]},
     {"model": "m", "text_1": "a", "text_2": "b"},
     {"model": "m", "messages": []},
