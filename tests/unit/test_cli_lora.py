@@ -40,6 +40,8 @@ def test_add_list_remove(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
         assert row.split() == ["tone", "pair", "4", "0/0", str(small)]
         code, out, _ = run_cli(capsys, gw.url, "adapter", "ls", "--json")
         assert code == 0 and json.loads(out)[0]["loaded_on"] == []
+        code, _, err = run_cli(capsys, gw.url, "unload", "pair")
+        assert code == 1 and "nebula adapter rm tone" in err and len(err.strip().splitlines()) == 1, err
         code, out, _ = run_cli(capsys, gw.url, "adapter", "rm", "tone")
         assert code == 0 and "adapter tone removed" in out
         code, _, err = run_cli(capsys, gw.url, "adapter", "rm", "tone")

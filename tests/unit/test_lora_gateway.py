@@ -225,3 +225,16 @@ async def test_a_model_cannot_take_an_adapters_name() -> None:
     with pytest.raises(Refused, match="nebula adapter rm tone"):
         await writes.load_model(ModelSpec(name="tone", source="org/tone"))
     assert await store.get(keys.model_key("tone")) is None
+
+
+async def test_a_base_with_adapters_is_not_unloaded_until_they_are_removed(gw: Gw) -> None:
+    await gw.adapter("tone")
+    status, _, body = await gw.call("DELETE", "/v1/admin/models/base")
+    assert status == 409 and body["error"]["code"] == "model_has_adapters", body
+    assert "nebula adapter rm tone" in body["error"]["message"]
+    assert await gw.store.get(keys.model_key("base")) is not None
+    await gw.store.put(keys.adapter_key("junk"), b"{not json")  # a damaged record does not block an unload
+    status, _, _ = await gw.call("DELETE", "/v1/admin/adapters/tone")
+    assert status == 200
+    status, _, body = await gw.call("DELETE", "/v1/admin/models/base")
+    assert status == 200 and body == {"name": "base", "deleted": True}

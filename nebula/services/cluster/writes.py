@@ -23,7 +23,7 @@ from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.pulls import PullIntent, PullStatus
 from nebula.core.status import ModelStatus
-from nebula.core.store import Delete, Guard, Op, Put, Store
+from nebula.core.store import Delete, Guard, KeyValue, Op, Put, Store
 from nebula.errors import PermanentError, TemporaryError, ValidationError
 
 log = logging.getLogger("nebula.cluster")
@@ -98,6 +98,13 @@ class ClusterWrites:
         raise Conflict(f"model '{name}' is changing concurrently; retry")
 
     async def unload_model(self, name: str) -> bool:
+        """False when it is not loaded. Refused while LoRA adapters name it as their base: they would be
+        left serving nothing (an adapter added during the unload can still slip by; it then answers 404)."""
+        listing = await self._store.list_prefix(keys.ADAPTERS)
+        served = sorted(a.name for a in _adapters(listing.items) if a.base == name)
+        if served:
+            raise Refused(f"model '{name}' is the base of LoRA adapter(s) {', '.join(served)}: remove them first "
+                          f"(nebula adapter rm {served[0]}), then unload it")
         return await self._store.delete(keys.model_key(name))
 
     # --- LoRA adapters (admin API) -------------------------------------------------------------------------
@@ -196,6 +203,18 @@ class ClusterWrites:
 
     async def forget_pull(self, node: str, pull_id: str) -> None:
         await self._store.delete(keys.pull_status_key(node, pull_id))
+
+
+def _adapters(items: Sequence[KeyValue]) -> list[AdapterSpec]:
+    """The valid adapter records among `items` (a damaged one is the mirrors' to report, not a reason to
+    refuse an unload)."""
+    out = []
+    for kv in items:
+        try:
+            out.append(records.ADAPTERS.decode(kv.key, kv.value))
+        except ValidationError:
+            continue
+    return out
 
 
 def _is_admin(key: str, value: bytes) -> bool:

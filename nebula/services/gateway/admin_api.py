@@ -100,7 +100,11 @@ async def get_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     name = _name(request)
-    if not await st.writes.unload_model(name):
+    try:
+        unloaded = await st.writes.unload_model(name)
+    except Refused as e:  # LoRA adapters are served on it
+        raise ApiError(409, str(e), param="name", code="model_has_adapters") from None
+    if not unloaded:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
     log.info("model %s unloaded", name)
     return web.json_response({"name": name, "deleted": True})

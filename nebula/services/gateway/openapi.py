@@ -274,7 +274,8 @@ def openapi_document() -> Schema:
                                         errors=(*admin, "409", "413"))},
         "/v1/admin/models/{name}": {
             "get": _op("One model with its instances", "the model", params=[name], errors=(*admin, "404")),
-            "delete": _op("Unload a model", "deleted", params=[name], errors=(*admin, "404")),
+            "delete": _op("Unload a model (refused while LoRA adapters are served on it)", "deleted", params=[name],
+                          errors=(*admin, "404", "409")),
             "patch": _op("Change a model's replica count", "the new spec", params=[name],
                          errors=(*admin, "404", "409"),
                          body={"type": "object", "required": ["replicas"], "additionalProperties": False,
