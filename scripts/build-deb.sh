@@ -6,14 +6,14 @@
 #
 # The control plane goes into its own venv at /opt/nebula/venv (inside a staging root), made by Debian's
 # /usr/bin/python3.11 and filled offline from a wheelhouse that holds exactly the hash-pinned versions of
-# packaging/debian/requirements.lock. The wheelhouse is built once per lock (pip checks every hash; the
-# systemd-python sdist is compiled to a wheel there) and reused: a warm build takes a few seconds.
+# packaging/debian/requirements.lock. The wheelhouse is built once per lock (pip checks every hash) and
+# reused: a warm build takes a few seconds.
 # The vLLM engine runtime is not in this package (scripts/install-engine.sh).
 #
 # Environment: NEBULA_WHEELHOUSE (wheelhouse cache root, default ~/.cache/nebula/deb-wheelhouse),
 # UV (the uv binary; default: the caller's `uv`; without one, Debian's pip does the same, slower),
 # SOURCE_DATE_EPOCH (default: the changelog's date).
-# Needs: python3.11 python3-venv python3-dev python3-pip libsystemd-dev pkg-config gcc dpkg-dev (+ uv).
+# Needs: python3.11 python3-venv python3-pip dpkg-dev (+ uv). Nothing is compiled.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -90,8 +90,7 @@ if [[ ! -f $wh/.complete ]]; then
     if [[ ! -f $wh/.complete ]]; then
         log "building wheelhouse $wh"
         rm -rf "$wh" "$wh.tmp"
-        # pip checks each downloaded file against the lock's hashes, and compiles sdists (systemd-python:
-        # needs libsystemd-dev, pkg-config, gcc, python3-dev) into wheels.
+        # pip checks each downloaded file against the lock's hashes (pure-Python sdists become wheels).
         "$python" -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --require-hashes --no-deps \
             -r "$lock" -w "$wh.tmp" 2>"$wh_root/pip.log" || { cat "$wh_root/pip.log" >&2; die "pip wheel failed"; }
         touch "$wh.tmp/.complete"

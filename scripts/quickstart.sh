@@ -56,14 +56,8 @@ if [[ -z $uv ]]; then
     fi
 fi
 export UV=$uv
-# systemd-python compiles against libsystemd.
-apt_dev=()
-for p in libsystemd-dev pkg-config gcc python3-dev; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || apt_dev+=("$p")
-done
-if ((${#apt_dev[@]})); then
-    apt-get update -q && apt-get install -y -q --no-install-recommends "${apt_dev[@]}"
-fi
+# Nothing is compiled: every dependency is a wheel, and the journal is written through the host's own
+# libsystemd (nebula/adapters/journal.py), so no -dev package (whose install would upgrade systemd) is needed.
 [[ -x $prefix/venv/bin/python ]] || "$uv" venv --quiet --python "$python" "$prefix/venv"
 "$uv" pip install --quiet --python "$prefix/venv/bin/python" "$repo"
 ln -sf "$prefix/venv/bin/nebula" /usr/local/bin/nebula

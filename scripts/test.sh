@@ -47,7 +47,7 @@ else
     engine=${NEBULA_TEST_VLLM_VENV:-$cache/engines/vllm}
 fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
-apt_packages=(etcd-server systemd-container dbus polkitd libsystemd-dev pkg-config gcc python3-dev python3-venv
+apt_packages=(etcd-server systemd-container dbus polkitd gcc python3-dev python3-venv
               python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl)
 
 find_python311() {

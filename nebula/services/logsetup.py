@@ -1,15 +1,20 @@
 """Logging for every Nebula process: the journal under systemd, readable text on stderr elsewhere.
 
 Structured fields travel as `extra={"NEBULA_INSTANCE": ..., "NEBULA_MODEL": ...}`. Journal field names
-must be upper case: systemd-python's JournalHandler forwards every record attribute as a field, and
-journald silently drops names with lower-case letters, so only upper-case extras reach `journalctl -o json`.
+must be upper case: JournalHandler forwards every record attribute named as journald allows (upper case
+letters, digits, '_'), and journald drops any other name, so only upper-case extras reach
+`journalctl -o json`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import syslog
+import threading
 from collections.abc import Mapping
+
+from nebula.adapters.journal import FIELD_NAME, JournalSender
 
 FIELD_PREFIX = "NEBULA_"
 
@@ -35,13 +40,48 @@ def _quote(value: object) -> str:
     return repr(text) if (not text or any(c.isspace() or c in "\"'=" for c in text)) else text
 
 
-def _journal_handler(service: str) -> logging.Handler:
-    # Imported lazily: systemd-python needs libsystemd, and only processes run by systemd use it.
-    from systemd.journal import JournalHandler
+_PRIORITIES = ((logging.CRITICAL, syslog.LOG_CRIT), (logging.ERROR, syslog.LOG_ERR),
+               (logging.WARNING, syslog.LOG_WARNING), (logging.INFO, syslog.LOG_INFO))
 
-    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=f"nebula-{service}",
-                                              NEBULA_SERVICE=service)
-    return handler
+
+def journal_fields(record: logging.LogRecord, message: str, identifier: str, service: str) -> dict[str, str]:
+    """The journal entry of `record` (`message`: its formatted text, traceback included): the fields
+    journalctl shows and filters by, then each record attribute named as journald allows (the NEBULA_* extras)."""
+    priority = next((p for level, p in _PRIORITIES if record.levelno >= level), syslog.LOG_DEBUG)
+    fields = {"MESSAGE": message, "PRIORITY": str(priority), "SYSLOG_IDENTIFIER": identifier,
+              "NEBULA_SERVICE": service, "LOGGER": record.name, "CODE_FILE": record.pathname,
+              "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName,
+              "THREAD_NAME": record.threadName or str(threading.get_ident())}
+    for name, value in record.__dict__.items():
+        if FIELD_NAME.fullmatch(name) and name not in fields:
+            fields[name] = str(value)
+    return fields
+
+
+class JournalHandler(logging.Handler):
+    """Each record as one structured journal entry (nebula/adapters/journal.py)."""
+
+    def __init__(self, service: str, sender: JournalSender) -> None:
+        super().__init__()
+        self._service = service
+        self._identifier = f"nebula-{service}"
+        self._sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._sender.send(journal_fields(record, self.format(record), self._identifier, self._service))
+        except Exception:  # logging's own rule: a failed emit is reported on stderr, never raised
+            self.handleError(record)
+
+
+def _journal_handler(service: str) -> logging.Handler:
+    try:
+        return JournalHandler(service, JournalSender())
+    except OSError as e:  # no libsystemd.so.0: stderr reaches the journal too, as plain lines
+        handler = _stderr_handler()
+        handler.handle(logging.makeLogRecord({"msg": f"logging as text: cannot load libsystemd ({e})",
+                                              "levelno": logging.WARNING, "levelname": "WARNING"}))
+        return handler
 
 
 def setup_logging(service: str, level: str, env: Mapping[str, str]) -> None:

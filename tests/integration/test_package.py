@@ -104,7 +104,7 @@ def test_package_layout(package: Package) -> None:
     for name in shipped:
         assert (t / "etc/nebula" / name).read_text() == (REPO_ROOT / "etc/nebula" / name).read_text(), name
     control = run(["dpkg-deb", "-I", str(package.deb)]).stdout
-    for field in ("Depends: ", "python3.11", "systemd", "polkitd", "Recommends: etcd-server",
+    for field in ("Depends: ", "python3.11", "systemd", "libsystemd0", "polkitd", "Recommends: etcd-server",
                   "Suggests: etcd-client, prometheus"):
         assert field in control, control
     res = run(["sh", "-c", f"dpkg-deb --ctrl-tarfile {package.deb} | tar -xO ./conffiles"])
