@@ -35,6 +35,10 @@ PAIR_REPLICAS = 2
 SPEECH_MODEL = "speech"
 MAX_MODEL_LEN = 512
 READY_TIMEOUT_S = 600
+# Every model the cluster serves, with its replica count, and the engine instances they run as (replica 0 is
+# named after its model, the others `model:N`): what a test that looks at the whole cluster expects.
+REPLICAS = {CHAT_MODEL: 1, EMBED_MODEL: 1, RERANK_MODEL: 1, PAIR_MODEL: PAIR_REPLICAS, SPEECH_MODEL: 1}
+INSTANCES = frozenset(m if n == 0 else f"{m}:{n}" for m, count in REPLICAS.items() for n in range(count))
 
 # The chat model is loaded as a newcomer would, with no engine flags: its profile (the `nebula-tiny` family of
 # etc/nebula/profiles.toml, matched by the gateway from the model's files) turns on tool calling and structured
@@ -46,7 +50,7 @@ CHAT_FAMILY = "nebula-tiny"
 @dataclass(frozen=True)
 class ApiCluster:
     cluster: NebulaCluster
-    ready_s: float  # from the first load to all three models ready
+    ready_s: float  # from the first load to every replica of every model ready
     traces: ThreadedOtlpReceiver  # where the gateway and the engines export their spans
 
     @property
@@ -69,7 +73,9 @@ def _load_commands(models: Path) -> dict[str, list[str]]:
             "--engine-arg=--enable-lora", "--engine-arg=--max-lora-rank=8", "--engine-arg=--max-loras=2"]
     # No --task: that a Whisper is a transcribe model is read from its files (model_facts), which is under test.
     speech = ["load", SPEECH_MODEL, "--source", str(models / "tiny-whisper")]
-    return {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank, PAIR_MODEL: pair, SPEECH_MODEL: speech}
+    commands = {CHAT_MODEL: chat, EMBED_MODEL: embed, RERANK_MODEL: rerank, PAIR_MODEL: pair, SPEECH_MODEL: speech}
+    assert set(commands) == set(REPLICAS)
+    return commands
 
 
 def _admin_models(cluster: NebulaCluster) -> dict[str, dict[str, Any]]:

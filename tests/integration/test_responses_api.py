@@ -75,9 +75,14 @@ def answered(response: Response) -> bool:
 def test_a_conversation_stays_on_the_replica_that_holds_it(api_cluster: ApiCluster, client: openai.OpenAI) -> None:
     replicas = replicas_by_token(api_cluster)
     assert len(replicas) == 2
-    homes = set()
-    for _ in range(4):  # equal replicas take turns: conversations start on both
-        first = client.responses.create(model=PAIR_MODEL, input="Tell me a story.", max_output_tokens=8)
+    homes: set[str] = set()
+    conversations = 0
+    # Each conversation's first input differs: prefix affinity homes each by its own key, so distinct ones
+    # spread over both replicas (all of 12 on one replica: a 1 in 2,048 chance).
+    while conversations < 12 and (conversations < 4 or len(homes) < 2):
+        conversations += 1
+        first = client.responses.create(model=PAIR_MODEL, input=f"Tell me story number {conversations}.",
+                                        max_output_tokens=8)
         assert answered(first)
         home = replicas[token_of(first.id) or ""]
         homes.add(home)

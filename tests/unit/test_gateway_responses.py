@@ -164,13 +164,19 @@ async def gw() -> AsyncIterator[Gw]:
 
 async def test_a_response_is_named_for_its_replica_and_followed_there(gw: Gw) -> None:
     firsts = []
-    for _ in range(4):
-        status, first = await gw.call("POST", "/v1/responses", {"model": "m", "input": "hi"})
+    # Distinct first inputs: prefix affinity homes each conversation by its own key, so they spread over both
+    # replicas (all of 32 on one: a 1 in 2^31 chance), while one input always goes to one replica.
+    for i in range(32):
+        status, first = await gw.call("POST", "/v1/responses", {"model": "m", "input": f"story {i}"})
         assert status == 200, first
         home = gw.holder(first["id"])
         assert token_of(first["id"]) == token(home, gw.engines[home].endpoint)
         firsts.append(first["id"])
-    assert all(e.stored for e in gw.engines.values())  # both replicas hold some: equal ones take turns
+        if i >= 3 and all(e.stored for e in gw.engines.values()):
+            break
+    assert all(e.stored for e in gw.engines.values())
+    again = [await gw.call("POST", "/v1/responses", {"model": "m", "input": "story 0"}) for _ in range(3)]
+    assert {gw.holder(answer["id"]) for _, answer in again} == {gw.holder(firsts[0])}
     for rid in firsts:
         home = gw.holder(rid)
         for _ in range(3):  # a conversation: each turn continues the last, on the replica that holds it
