@@ -12,6 +12,9 @@ MODEL_STATUS = ROOT + "status/models/"
 SERVICES = ROOT + "services/"
 APIKEYS = ROOT + "apikeys/"
 ADAPTERS = ROOT + "adapters/"
+SCALE = ROOT + "scale/"
+LOAD = ROOT + "load/"
+WAKE = ROOT + "wake/"
 
 
 def model_key(name: str) -> str:
@@ -82,3 +85,21 @@ def pull_status_key(node: str, pull: str) -> str:
 def model_status_key(model: str) -> str:
     """Why a model has replicas that fit nowhere, under the leader's lease; written only by the scheduler leader."""
     return MODEL_STATUS + model
+
+
+def scale_key(model: str) -> str:
+    """How many replicas of an elastic model the scheduler wants now (core/elastic.py ScaleState); written only
+    by the scheduler leader, fenced."""
+    return SCALE + model
+
+
+def load_key(reporter: str) -> str:
+    """One gateway worker's view of every model's load (core/elastic.py LoadReport); written by that worker
+    under a lease of its own."""
+    return LOAD + reporter
+
+
+def wake_key(model: str) -> str:
+    """Requests are held for a model with no ready replica (core/elastic.py WakeRequest); created by any gateway
+    worker (put if absent), deleted by the scheduler leader, fenced, once it has acted."""
+    return WAKE + model

@@ -13,11 +13,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nebula.core.elastic import ScalingPolicy
+from nebula.core.fields import NAME_RE as NAME_RE
+from nebula.core.fields import expect_field as expect_field
+from nebula.core.fields import expect_int as expect_int
+from nebula.core.fields import expect_int_list as expect_int_list
+from nebula.core.fields import expect_number as expect_number
+from nebula.core.fields import expect_str_list as expect_str_list
+from nebula.core.fields import expect_str_map as expect_str_map
+from nebula.core.fields import validate_name as validate_name
 from nebula.core.profile import ModelProfile
 from nebula.core.sources import parse_source
 from nebula.errors import ValidationError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REPLICA_SEP = ":"
 
@@ -38,71 +46,9 @@ class Phase(enum.StrEnum):
     DOWNLOADING = "downloading"
     STARTING = "starting"
     READY = "ready"
+    SLEEPING = "sleeping"  # vLLM sleep mode: the engine runs, its weights are off the GPU; not routed to
     DRAINING = "draining"
     FAILED = "failed"
-
-
-def validate_name(value: object, field_name: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: `$` admits a final "\n"
-        raise ValidationError(field_name, "must be 1-63 characters of lowercase letters, digits, '.', '_' or '-', "
-                                          "starting with a letter or digit")
-    return value
-
-
-def expect_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if key not in obj or obj[key] is None:
-        if default is ...:
-            raise ValidationError(key, "is required")
-        return default
-    value = obj[key]
-    # bool is an int in Python; a JSON `true` must not pass as a count.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ValidationError(key, f"must be {_kind_name(kind)}, not a boolean")
-    if not isinstance(value, kind):
-        raise ValidationError(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
-    return value
-
-
-def expect_number(obj: Mapping[str, Any], key: str, default: Any = ...) -> float:
-    """A JSON number as a finite float: an integer too large for a float (`1e400` written out) is refused
-    here, where `float()` would raise OverflowError."""
-    value = expect_field(obj, key, (int, float), default)
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValidationError(key, "is out of range") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValidationError(key, "must be a finite number")
-    return number
-
-
-def expect_int(obj: Mapping[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
-    """An integer field within [low, high]."""
-    value: int = expect_field(obj, key, int, default)
-    if not low <= value <= high:
-        raise ValidationError(key, f"must be between {low} and {high}")
-    return value
-
-
-def expect_int_list(obj: Mapping[str, Any], key: str, low: int, high: int) -> tuple[int, ...]:
-    values = expect_field(obj, key, list, [])
-    if not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values):
-        raise ValidationError(key, f"must be a list of integers between {low} and {high}")
-    return tuple(values)
-
-
-def expect_str_map(obj: Mapping[str, Any], key: str) -> dict[str, str]:
-    value = expect_field(obj, key, dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ValidationError(key, "must map strings to strings")
-    return dict(value)
-
-
-def expect_str_list(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    values = expect_field(obj, key, list, [])
-    if not all(isinstance(v, str) for v in values):
-        raise ValidationError(key, "must be a list of strings")
-    return tuple(values)
 
 
 def validate_instance_name(value: object, model: str | None = None) -> str:
@@ -117,13 +63,6 @@ def validate_instance_name(value: object, model: str | None = None) -> str:
     if model is not None and name != model:
         raise ValidationError("instance", f"'{value}' is not an instance of model '{model}'")
     return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list",
-             dict: "an object"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 @dataclass(frozen=True)
@@ -149,6 +88,8 @@ class ModelSpec:
     """GPUs one replica shards over (--tensor-parallel-size); None: gpus_per_replica."""
     profile: ModelProfile | None = None
     """What the admin API read from the model's files and derived (parsers, memory need); None: not read."""
+    scaling: ScalingPolicy | None = None
+    """Elastic capacity (core/elastic.py): bounds, idle unload, priority; None: exactly `replicas`, always."""
 
     @staticmethod
     def from_dict(obj: object) -> ModelSpec:
@@ -193,10 +134,12 @@ class ModelSpec:
         if tp is not None and gpus and tp > gpus:
             raise ValidationError("tensor_parallel_size", f"must not be more than gpus_per_replica ({gpus})")
         profile = None if obj.get("profile") is None else ModelProfile.from_dict(obj["profile"])
+        scaling = None if obj.get("scaling") is None else ScalingPolicy.from_dict(obj["scaling"], replicas)
         return ModelSpec(name=name, source=source, task=task, replicas=replicas, gpus_per_replica=gpus,
                          gpu_memory_mib=mem, engine=engine, engine_args=tuple(args), max_model_len=max_len,
                          revision=revision, labels=dict(labels), trust_remote_code=trust_remote_code,
-                         engine_runtime=runtime, tensor_parallel_size=tp, profile=profile)
+                         engine_runtime=runtime, tensor_parallel_size=tp, profile=profile,
+                         scaling=scaling)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f: getattr(self, f) for f in ("name", "source", "replicas", "gpus_per_replica", "gpu_memory_mib",
@@ -211,6 +154,8 @@ class ModelSpec:
             d["tensor_parallel_size"] = self.tensor_parallel_size
         if self.profile is not None:
             d["profile"] = self.profile.to_dict()
+        if self.scaling is not None:
+            d["scaling"] = self.scaling.to_dict()
         return d
 
     @property
@@ -316,6 +261,8 @@ class Placement:
     model: ModelSpec
     port: int
     gpu_indices: tuple[int, ...] = ()
+    sleep_level: int = 0
+    """0: the engine runs; 1 or 2: the agent puts it to sleep at that vLLM level (ScaleState.sleep_level)."""
 
     @staticmethod
     def from_dict(obj: object) -> Placement:
@@ -325,11 +272,14 @@ class Placement:
         return Placement(instance=validate_instance_name(obj.get("instance"), model.name),
                          node=validate_name(expect_field(obj, "node", str), "node"), model=model,
                          port=expect_int(obj, "port", 1, 65535),
-                         gpu_indices=expect_int_list(obj, "gpu_indices", 0, 1023))
+                         gpu_indices=expect_int_list(obj, "gpu_indices", 0, 1023),
+                         sleep_level=expect_int(obj, "sleep_level", 0, 2, 0))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"instance": self.instance, "node": self.node, "model": self.model.to_dict(),
-                "port": self.port, "gpu_indices": list(self.gpu_indices)}
+        d = {"instance": self.instance, "node": self.node, "model": self.model.to_dict(),
+             "port": self.port, "gpu_indices": list(self.gpu_indices)}
+        # Only when asleep: a placement written before sleep mode existed reads back equal.
+        return d | {"sleep_level": self.sleep_level} if self.sleep_level else d
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,9 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
 
 
 def _one_replica(model: ModelSpec) -> ModelSpec:
-    # A placement describes one replica: scaling a model must not rewrite its other placements.
-    return replace(model, replicas=1)
+    # A placement describes one replica: scaling a model (by hand, or its scaling policy) must not rewrite its
+    # other placements, so neither the count nor the policy travels in it.
+    return replace(model, replicas=1, scaling=None)
 
 
 def _replica_index(inst: str, model: ModelSpec) -> int | None:

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from nebula.core import keys
 from nebula.core.apikeys import KeyRecord
 from nebula.core.discovery import ServiceRecord
+from nebula.core.elastic import LoadReport, ScaleState, WakeRequest
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, loads
 from nebula.core.pulls import PullIntent, PullStatus
@@ -78,5 +79,12 @@ SERVICES: RecordKind[ServiceRecord] = RecordKind(
 ADAPTERS: RecordKind[AdapterSpec] = RecordKind("LoRA adapter", keys.ADAPTERS, AdapterSpec.from_dict,
                                                lambda a: keys.adapter_key(a.name))
 
+SCALE: RecordKind[ScaleState] = RecordKind("scale state", keys.SCALE, ScaleState.from_dict,
+                                           lambda s: keys.scale_key(s.model))
+LOAD: RecordKind[LoadReport] = RecordKind("load report", keys.LOAD, LoadReport.from_dict,
+                                          lambda r: keys.load_key(r.reporter))
+WAKE: RecordKind[WakeRequest] = RecordKind("wake request", keys.WAKE, WakeRequest.from_dict,
+                                           lambda w: keys.wake_key(w.model))
+
 ALL: tuple[RecordKind[object], ...] = (MODELS, NODES, PLACEMENTS, INSTANCES, APIKEYS, PULLS,  # type: ignore[assignment]
-                                       PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS)
+                                       PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS, SCALE, LOAD, WAKE)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
 from nebula.core.discovery import ServiceKind, ServiceRecord
+from nebula.core.elastic import IdleAction, LoadReport, ModelLoad, ScaleState, ScalingPolicy, WakeRequest
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import Gpu, InstanceStatus, ModelSpec, NodeRecord, Phase, Placement, dumps
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
@@ -37,6 +38,14 @@ VALID: dict[str, tuple[RecordKind[Any], Any]] = {
                                                     phase=PullPhase.DOWNLOADING, progress=0.5)),
     "model-status": (records.MODEL_STATUS, ModelStatus(model="tiny", pending="no GPU", since=3.0)),
     "adapter": (records.ADAPTERS, AdapterSpec(name="sql", base="tiny", source="/adapters/sql", rank=8)),
+    "elastic-model": (records.MODELS, ModelSpec(name="big", source="/models/big", scaling=ScalingPolicy(
+        min_replicas=0, max_replicas=4, idle_unload_s=600.0, idle_action=IdleAction.SLEEP, sleep_level=2, priority=5,
+        target_inflight=8.0))),
+    "asleep": (records.PLACEMENTS, Placement(instance="tiny", node="node-a", model=SPEC, port=18000, sleep_level=1)),
+    "scale": (records.SCALE, ScaleState(model="big", replicas=0, reason="idle for 600 s", since=4.0)),
+    "load": (records.LOAD, LoadReport(reporter="node-a.4242", at=5.0, models={
+        "tiny": ModelLoad(inflight=3, held=1, waiting=2, running=3, kv_cache=0.25, last_request=4.5)})),
+    "wake": (records.WAKE, WakeRequest(model="big", at=6.0, by="node-a.4242")),
     "service": (records.SERVICES, ServiceRecord(service=ServiceKind.GATEWAY, node="node-a", address="127.0.0.1:8000")),
 }
 
