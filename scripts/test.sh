@@ -150,7 +150,7 @@ check ruff ruff check .
 check mypy mypy --strict
 check lint-imports lint-imports
 # `python -m pytest` puts the repo root on sys.path, so tests can import the shared tests.harness package.
-check pytest python -m pytest -q tests/ "$@"
+check pytest python -m pytest -q --durations=25 tests/ "$@"
 phase ""
 if ((${#failed[@]})); then
     printf '==> FAILED: %s\n' "${failed[@]}" >&2
