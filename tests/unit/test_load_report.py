@@ -38,26 +38,26 @@ class FakeClock:
 
 # --- the counters on the request path -----------------------------------------------------------------------
 
-def test_serving_counts_in_flight_and_stamps_arrival_and_end() -> None:
+def test_in_flight_counts_and_stamps_arrival_and_end() -> None:
     wall = FakeClock()
     acct = LoadAccounting(wall)
-    with acct.serving("m"):
-        assert acct.inflight == {"m": 1} and acct.last_request["m"] == 1000.0
-        wall.now = 1030.0  # a long stream: the model stays recently used until it ends
-        with acct.serving("m"):
-            assert acct.inflight["m"] == 2
-        assert acct.inflight["m"] == 1 and acct.last_request["m"] == 1030.0
-        wall.now = 1100.0
+    acct.begin("m")
+    assert acct.inflight == {"m": 1} and acct.last_request["m"] == 1000.0
+    wall.now = 1030.0  # a long stream: the model stays recently used until it ends
+    acct.begin("m")
+    assert acct.inflight["m"] == 2
+    acct.end("m")
+    assert acct.inflight["m"] == 1 and acct.last_request["m"] == 1030.0
+    wall.now = 1100.0
+    acct.end("m")
     assert acct.inflight["m"] == 0 and acct.last_request["m"] == 1100.0
 
 
-def test_a_failed_request_leaves_the_counts_straight() -> None:
+def test_a_cancelled_hold_leaves_the_counts_straight() -> None:
     acct = LoadAccounting(FakeClock())
-    with pytest.raises(ApiError), acct.serving("m"):
-        raise ApiError(503, "no replica")
     with pytest.raises(asyncio.CancelledError), acct.holding("m"):
         raise asyncio.CancelledError
-    assert acct.inflight["m"] == 0 and acct.held["m"] == 0 and acct.held_total() == 0
+    assert acct.held["m"] == 0 and acct.held_total() == 0
 
 
 def test_holding_counts_held_not_in_flight() -> None:
@@ -80,7 +80,8 @@ def test_the_report_sums_the_engines_queues_and_takes_the_fullest_cache() -> Non
     book.record(a.endpoint, EngineLoad(waiting=2, running=5, kv_cache_usage=0.25), 1.0)
     book.record(b.endpoint, EngineLoad(waiting=1, running=3, kv_cache_usage=0.75), 1.0)  # c: no sample yet
     acct = LoadAccounting(FakeClock(42.0))
-    with acct.serving("m"), acct.holding("z"):
+    acct.begin("m")
+    with acct.holding("z"):
         loads = model_loads(acct, {"m": (a, b), "other": (c,)}, book, {"m", "other", "z", "idle"})
     assert loads == {"m": ModelLoad(inflight=1, waiting=3, running=8, kv_cache=0.75, last_request=42.0),
                      "other": ModelLoad(), "z": ModelLoad(held=1, last_request=42.0), "idle": ModelLoad()}
@@ -90,8 +91,9 @@ def test_the_report_sums_the_engines_queues_and_takes_the_fullest_cache() -> Non
 
 def test_an_unloaded_model_leaves_the_report_once_nothing_is_in_flight() -> None:
     acct = LoadAccounting(FakeClock())
-    with acct.serving("gone"):
-        assert "gone" in model_loads(acct, {}, LoadBook(3.0), set())
+    acct.begin("gone")
+    assert "gone" in model_loads(acct, {}, LoadBook(3.0), set())
+    acct.end("gone")
     assert model_loads(acct, {}, LoadBook(3.0), set()) == {}
 
 

@@ -7,7 +7,7 @@ Two halves:
   engine figures the load poll already keeps (load.py's LoadBook), and puts it under a lease of this process's
   own, so the report leaves with the process (at once on a clean stop, within the lease TTL after a crash).
 
-Only inference requests are counted (serve_inference calls `serving`): health checks, /metrics scrapes, status
+Only inference requests are counted (serve_inference calls `begin` and `end`): health checks, /metrics scrapes, status
 and admin calls never touch these counters, so they never keep an idle model awake.
 """
 
@@ -52,17 +52,16 @@ class LoadAccounting:
         self.held: dict[str, int] = {}
         self.last_request: dict[str, float] = {}
 
-    @contextmanager
-    def serving(self, model: str) -> Iterator[None]:
-        """Count one inference request in flight to `model` for the block (a stream: until it ends)."""
+    def begin(self, model: str) -> None:
+        """One inference request to `model` goes in flight (a stream: until it ends); pair with `end`. Plain
+        calls rather than a context manager: this is on every request's path (about 0.4 us the pair)."""
         inflight = self.inflight
         inflight[model] = inflight.get(model, 0) + 1
         self.last_request[model] = self._wall()
-        try:
-            yield
-        finally:
-            inflight[model] -= 1
-            self.last_request[model] = self._wall()
+
+    def end(self, model: str) -> None:
+        self.inflight[model] -= 1
+        self.last_request[model] = self._wall()
 
     @contextmanager
     def holding(self, model: str) -> Iterator[None]:

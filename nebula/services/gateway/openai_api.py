@@ -113,15 +113,16 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         if endpoint.engine_path:
             upstream_path = endpoint.engine_path + call.path_qs[len(call.path_qs.partition("?")[0]):]
         served = target.model if target is not None else model  # a LoRA adapter's load is its base's
-
-        async def send(to: Reply) -> None:
-            with st.load.serving(served):  # the model's in-flight count and last request (load_report.py)
-                await forward(to, upstream_path, st, ex, call.body, headers, prefix, respond, target)
-
+        sent = (upstream_path, st, ex, call.body, headers, prefix, respond, target)
         if spec.scaling is not None and st.waker is not None:  # elastic: held while it wakes (wake.py)
-            await st.waker.serve(served, call.path_qs.partition("?")[0], streaming, call.headers, reply, send)
+            await st.waker.serve(served, call.path_qs.partition("?")[0], streaming, call.headers, reply,
+                                 lambda to: forward(to, *sent))
         else:
-            await send(reply)
+            st.load.begin(served)  # the model's in-flight count and last request (load_report.py)
+            try:
+                await forward(reply, *sent)
+            finally:
+                st.load.end(served)
         status = reply.status
     except ApiError as e:
         status = e.status

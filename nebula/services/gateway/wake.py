@@ -98,7 +98,7 @@ class Waker:
         Raises ApiError 503 model_waking when the hold runs out or too many are held already (unless the held
         stream's answer had started: then the stream ends with that error as its last event)."""
         if self._table.has_candidate(model):
-            await send(reply)
+            await self._send(model, send, reply)
             return
         cfg = self._cfg
         retry_after = max(1, round(min(cfg.wake_wait_s, 30.0)))
@@ -129,12 +129,19 @@ class Waker:
             await stream.fail(error)
             return
         if stream is None:
-            await send(reply)
+            await self._send(model, send, reply)
             return
         try:
-            await send(stream)
+            await self._send(model, send, stream)
         except ApiError as e:  # the status went out with the stream's head: the error is its last event
             await stream.fail(e)
+
+    async def _send(self, model: str, send: Send, reply: Reply) -> None:
+        self._acct.begin(model)
+        try:
+            await send(reply)
+        finally:
+            self._acct.end(model)
 
     async def _wait(self, model: str, path: str, deadline: float, keepalive: Reply | None) -> HeldStream | None:
         """Wait for a ready replica of `model` until `deadline`; with a `keepalive` reply, start its stream after
