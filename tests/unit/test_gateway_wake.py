@@ -21,11 +21,12 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
 from nebula.core.elastic import ScalingPolicy
-from nebula.core.model import ModelSpec, Phase, dumps
+from nebula.core.model import ModelSpec, Phase, Task, dumps
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
+from tests.unit.test_audio_form import WAV, encode
 
 ELASTIC = ModelSpec(name="z", source="org/z", scaling=ScalingPolicy(min_replicas=0, max_replicas=2, idle_unload_s=60))
 FIXED = ModelSpec(name="m", source="org/m")
@@ -251,3 +252,19 @@ async def test_admin_views_show_an_elastic_models_state(make_gateway: MakeGatewa
     assert (await models(g))["z"]["state"] == "sleeping"
     async with g.http.get(g.url + "/v1/admin/models/z") as resp:
         assert (await resp.json())["state"] == "sleeping"
+
+
+async def test_an_upload_for_an_elastic_speech_model_is_held_too(make_gateway: MakeGateway,
+                                                                 engine: FakeEngine) -> None:
+    g = await make_gateway(wake_wait_s=30)
+    speech = ModelSpec(name="w", source="org/w", task=Task.TRANSCRIBE, scaling=ELASTIC.scaling)
+    await g.store.put(keys.model_key("w"), dumps(speech.to_dict()))
+    await until(lambda: "w" in g.st.view.models)
+    ctype, body = await encode([("model", "w", None), ("file", WAV, "clip.wav")])
+    call = asyncio.create_task(g.http.post(g.url + "/v1/audio/transcriptions", data=body,
+                                           headers={"Content-Type": ctype}))
+    await until(lambda: g.st.load.held.get("w") == 1)
+    await put_instance(g.store, "w:1", engine.endpoint, model="w", task=Task.TRANSCRIBE)
+    async with await call as resp:
+        assert resp.status == 200 and (await resp.json())["model"] == "w"
+    assert g.st.load.inflight["w"] == 0 and g.st.load.last_request["w"] > 0
