@@ -81,7 +81,7 @@ class GatewayConfig:
     write_timeout_s: float = _f(60.0, "Longest time an answer may wait for a client that does not read; then the "
                                 "connection is cut and the request's key slot freed.")
     request_timeout_s: float = _f(0.0, "Longest time from a request's head to its answer's last byte; then 504, or "
-                                  "a stream is cut. 0: upstream_timeout_s + 60.")
+                                  "a stream is cut. 0: upstream_timeout_s + wake_wait_s + 60.")
     # Routing: the gateway picks the replica and forwards to its engine itself (one hop).
     connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
     max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
