@@ -109,7 +109,8 @@ class GatewayConfig:
                             "for 7-70B models; this stays below the OpenAI and Anthropic SDKs' 600 s timeout so "
                             "the client reads the gateway's advice, not its own timeout.")
     max_held_requests: int = _f(1024, "Most requests one gateway process holds for waking models at once; more "
-                                "get 503 model_waking at once (each held request keeps its connection and body).")
+                                "get 503 model_waking at once, yet still ask for the wake (each held request "
+                                "keeps its connection and body; 0: hold none).")
     wake_keepalive_s: float = _f(5.0, "A held `stream: true` request still waiting after this long gets its SSE "
                                  "response started and a comment line (': waking MODEL') this often, so proxies "
                                  "and clients see a live connection; a failed wake then ends the stream with an "

@@ -20,13 +20,18 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
-from nebula.core.elastic import ScalingPolicy
-from nebula.core.model import ModelSpec, Phase, Task, dumps
+from nebula.core.elastic import ScalingPolicy, WakeRequest
+from nebula.core.model import InstanceStatus, ModelSpec, Phase, Task, dumps
+from nebula.services.cluster.mirror import MirrorState
 from nebula.services.gateway.app import build_gateway_app
+from nebula.services.gateway.load_report import LoadAccounting
+from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.state import GATEWAY, GatewayState
+from nebula.services.gateway.wake import WakeMetrics, Waker
 from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
 from tests.unit.test_audio_form import WAV, encode
+from tests.unit.test_load_report import Recorder
 
 ELASTIC = ModelSpec(name="z", source="org/z", scaling=ScalingPolicy(min_replicas=0, max_replicas=2, idle_unload_s=60))
 FIXED = ModelSpec(name="m", source="org/m")
@@ -268,3 +273,33 @@ async def test_an_upload_for_an_elastic_speech_model_is_held_too(make_gateway: M
     async with await call as resp:
         assert resp.status == 200 and (await resp.json())["model"] == "w"
     assert g.st.load.inflight["w"] == 0 and g.st.load.last_request["w"] > 0
+
+
+async def test_no_wake_is_asked_for_before_the_replica_table_knows_the_replicas() -> None:
+    table, acct, asked, sent = ReplicaTable(), LoadAccounting(), [], []
+
+    async def ask(wake: WakeRequest) -> bool:
+        asked.append(wake)
+        return True
+
+    async def send(to: Any) -> None:
+        sent.append(to)
+
+    waker = Waker(GatewayConfig(wake_wait_s=5), table, acct, ask, WakeMetrics(CollectorRegistry()), "n1.1")
+    held = asyncio.create_task(waker.serve("z", "/v1/chat/completions", False, {}, Recorder(), send))
+    await until(lambda: acct.held.get("z") == 1)
+    await asyncio.sleep(0.3)
+    assert asked == [] and not held.done()
+    ready = InstanceStatus(instance="z:1", model="z", node="n1", phase=Phase.READY, endpoint="http://127.0.0.1:1")
+    table.update(MirrorState(records={keys.instance_key("z:1"): ready}))  # the first listing: it was awake
+    await held
+    assert asked == [] and len(sent) == 1 and acct.inflight["z"] == 0
+
+
+async def test_with_no_room_to_hold_the_first_request_still_asks_for_the_wake(make_gateway: MakeGateway) -> None:
+    g = await make_gateway(max_held_requests=0)
+    for _ in range(3):
+        status, body, _ = await status_of(g, chat())
+        assert status == 503 and body["error"]["code"] == "model_waking"
+    await until(lambda: g.metric("nebula_gateway_wakes_requested_total", {"model": "z"}) == 1)
+    assert await g.wake_versions() == 1

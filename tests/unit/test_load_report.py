@@ -14,11 +14,13 @@ import pytest
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys, records
+from nebula.core.config import parse_config_text
 from nebula.core.elastic import REPORTER_RE, LoadReport, ModelLoad, WakeRequest
 from nebula.core.elastic_state import ModelState, model_state
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import Phase, Task
 from nebula.core.routing import Replica
+from nebula.errors import ConfigError
 from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway.load import LoadBook
 from nebula.services.gateway.load_report import LoadAccounting, model_loads, publish_loads, reporter_name
@@ -240,3 +242,23 @@ async def test_an_engines_error_after_the_head_becomes_an_error_event(whole: boo
     await stream.send(502, "", [], b"Bad Gateway")
     (event,) = _events(plain.body)
     assert json.loads(event[0].removeprefix("data: "))["error"]["message"] == "Bad Gateway"
+
+
+# --- the configuration's bounds ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("wake_wait_s = 0", "gateway.wake_wait_s: must be more than 0 seconds"),
+    ("wake_wait_s = -5", "gateway.wake_wait_s: must be more than 0 seconds"),
+    ("load_report_s = -1", "gateway.load_report_s: must be 0 or more"),
+    ("wake_keepalive_s = -0.5", "gateway.wake_keepalive_s: must be 0 or more"),
+    ("max_held_requests = -1", "gateway.max_held_requests: must be 0 or more"),
+])
+def test_bad_wake_settings_are_one_line_naming_the_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config_text(f"[gateway]\n{text}\n", {}, "nebula.toml")
+    assert str(e.value).startswith(f"nebula.toml: {expected}") and "\n" not in str(e.value)
+
+
+def test_the_defaults_hold_a_cold_gpu_start_and_keep_streams_alive() -> None:
+    gw = parse_config_text("", {}, "nebula.toml").gateway
+    assert (gw.load_report_s, gw.wake_wait_s, gw.max_held_requests, gw.wake_keepalive_s) == (2.0, 300.0, 1024, 5.0)

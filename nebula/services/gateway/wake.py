@@ -39,6 +39,7 @@ KEEPALIVE_HEADER = "X-Nebula-Wake-Keepalive"
 _OFF = frozenset({"0", "off", "false", "no"})
 # Seconds between tries of a wake request that etcd did not take (unreachable): the hold goes on meanwhile.
 ASK_RETRY_S = 1.0
+SYNC_POLL_S = 0.2  # how often an ask made before the replica table's first listing looks again
 HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 
 Send = Callable[[Reply], Awaitable[None]]
@@ -98,11 +99,14 @@ class Waker:
         Raises ApiError 503 model_waking when the hold runs out or too many are held already (unless the held
         stream's answer had started: then the stream ends with that error as its last event)."""
         if self._table.has_candidate(model):
+            if self._asking:
+                self._asking.pop(model, None)  # awake: the next time it has no replica is another wake
             await self._send(model, send, reply)
             return
         cfg = self._cfg
         retry_after = max(1, round(min(cfg.wake_wait_s, 30.0)))
         if self._acct.held_total() >= cfg.max_held_requests:
+            self._ask_once(model)  # refused, but the model still wakes for the next requests
             raise ApiError(503, f"model '{model}' is waking up and this gateway holds as many requests as it may "
                            f"(gateway.max_held_requests = {cfg.max_held_requests}); retry in {retry_after}s",
                            code="model_waking", headers={"Retry-After": str(retry_after)})
@@ -176,6 +180,10 @@ class Waker:
                 task.cancel()
 
     async def _ask(self, model: str) -> None:
+        # Just started, the table may not know the replicas yet: no wake for a model that is awake.
+        while not self._table.synced:
+            if await self._table.wait_for_replica(model, SYNC_POLL_S):
+                return
         while True:
             try:
                 created = await self._ask_wake(WakeRequest(model=model, at=self._wall(), by=self._reporter))
