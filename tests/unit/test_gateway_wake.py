@@ -196,16 +196,19 @@ async def test_beyond_max_held_requests_the_answer_is_503_at_once(make_gateway: 
     assert g.metric("nebula_gateway_wake_hold_seconds_count", {"model": "z", "outcome": "gone"}) == 2
 
 
-async def test_a_held_stream_gets_keepalive_comments_and_the_openai_sdk_parses_it(make_gateway: MakeGateway,
-                                                                                   engine: FakeEngine) -> None:
+@pytest.mark.parametrize("aiohttp_stack", [False, True], ids=["data-plane", "aiohttp"])
+async def test_a_held_stream_gets_keepalive_comments_and_the_openai_sdk_parses_it(
+        make_gateway: MakeGateway, engine: FakeEngine, aiohttp_stack: bool) -> None:
     g = await make_gateway(wake_wait_s=30, wake_keepalive_s=0.05)
-    async with g.post(chat(stream=True)) as resp:
+    async with g.post(chat(stream=True), aiohttp_stack=aiohttp_stack) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
         first = await resp.content.readuntil(b"\n\n")
         assert first == b": waking z\n\n"
         await put_instance(g.store, "z:1", engine.endpoint, model="z")
         rest = await resp.read()
     assert rest.endswith(b"data: [DONE]\n\n") and b"hello" not in first
+    assert "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in rest.split(b"\n")
+                   if line.startswith(b"data: {")) == "hello from a"
     await g.store.delete(keys.instance_key("z:1"))
     await until(lambda: not g.st.table.has_candidate("z"))
 
