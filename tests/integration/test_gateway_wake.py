@@ -110,13 +110,15 @@ async def test_many_first_requests_cause_one_wake_and_complete_when_a_replica_is
             assert not any(c.done() for c in calls)
 
             # What the scheduler leader and the node agent would write once the replica is up.
+            ready_at = time.monotonic()
             etcd_put(etcd.endpoint, keys.instance_key("z:1"), dumps({
                 "instance": "z:1", "model": "z", "node": "n1", "phase": "ready", "endpoint": engine.endpoint}))
             answers = await asyncio.gather(*calls)
-            wake_s = time.monotonic() - started
+            wake_s, release_s = time.monotonic() - started, time.monotonic() - ready_at
             assert [s for s, _ in answers] == [200] * N, [a for s, a in answers if s != 200][:3]
             assert all(a["choices"][0]["message"]["content"] == "hello from e1" for _, a in answers)
-            print(f"{N} held requests answered {wake_s:.2f}s after the first arrived")
+            print(f"{N} held requests answered {wake_s:.2f}s after the first arrived, {release_s:.2f}s after the "
+                  "replica was reported ready")
             # The reports catch up: nothing held or in flight any more, and both workers saw requests (the
             # kernel spread the connections over them).
             await until(lambda: all(r.models["z"].held == r.models["z"].inflight == 0 < r.models["z"].last_request
