@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -231,9 +232,20 @@ async def test_a_held_stream_whose_wake_fails_ends_with_an_error_the_sdk_raises(
         async for _ in stream:
             pass
     await client.close()
+    # Anthropic's SDK reads the same stream, comments and its error event, in Messages' shape.
+    claude = anthropic.AsyncAnthropic(base_url=g.url, api_key="none", max_retries=0)
+    events = await claude.messages.create(model="z", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+                                          stream=True)
+    with pytest.raises(anthropic.APIStatusError, match=r"overloaded_error.*waking up") as raised:
+        async for _ in events:
+            pass
+    body: Any = raised.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+    assert "waking up" in body["error"]["message"]
+    await claude.close()
     # Opted out: a plain 503 the client may retry on.
-    status, body, headers = await status_of(g, chat(stream=True), headers={"X-Nebula-Wake-Keepalive": "0"})
-    assert status == 503 and body["error"]["code"] == "model_waking" and headers["Retry-After"] == "1"
+    status, plain, headers = await status_of(g, chat(stream=True), headers={"X-Nebula-Wake-Keepalive": "0"})
+    assert status == 503 and plain["error"]["code"] == "model_waking" and headers["Retry-After"] == "1"
 
 
 async def test_health_checks_scrapes_and_listings_do_not_count_as_requests(make_gateway: MakeGateway,
