@@ -2,8 +2,9 @@
 etcd, forwarding to a fake engine (no model needed: the gateway relays bytes). 200 concurrent first requests for
 an elastic model at zero are all held and cause exactly one wake request; they complete once the test reports a
 ready replica the way the scheduler and a node agent would (the end-to-end test with the real scheduler is the
-integrator's); each worker publishes its load under /nebula/load/ and takes it away when it exits; a hold that
-runs out is 503 model_waking; a held stream gets keep-alive comments and the openai SDK still parses it."""
+integrator's); each worker publishes its load under /nebula/load/, which leaves with it (a clean exit or a
+kill); a hold that runs out is 503 model_waking; a held stream gets keep-alive comments and the openai SDK
+still parses it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from nebula.core import keys
 from nebula.core.elastic import LoadReport, ScalingPolicy
 from nebula.core.model import ModelSpec, dumps
 from tests.harness.etcd import EtcdServer, etcd_get, etcd_list, free_port
-from tests.integration.test_gateway_workers import etcd_put, until
+from tests.integration.test_gateway_workers import children, etcd_put, until
 from tests.unit.fake_engine import FakeEngine
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
@@ -140,6 +141,15 @@ async def test_many_first_requests_cause_one_wake_and_complete_when_a_replica_is
                 "instance": "y:1", "model": "y", "node": "n1", "phase": "ready", "endpoint": engine.endpoint}))
             assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "hello from e1"
             await client.close()
+
+        # A worker that dies leaves no report behind: its lease expires (TTL 5 s) and its successor reports.
+        workers = children(proc.pid)
+        victim = min(workers)
+        assert any(r.reporter.endswith(f".{victim}") for r in load_reports(etcd))
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: not any(r.reporter.endswith(f".{victim}") for r in load_reports(etcd)), 20,
+                    "the killed worker's report gone with its lease")
+        await until(lambda: len(load_reports(etcd)) == 2, 30, "the new worker's report")
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 40) == 0
