@@ -46,6 +46,11 @@ def _instance_message(i: Mapping[str, Any], step: int = 1, *, phase: bool = True
     return f"{done}: {msg}" if msg else done
 
 
+# An elastic model's state (core/elastic_state.py) where it has no replica at all.
+_AT_ZERO = {"idle": "scaled to zero: its next request wakes it",
+            "waking": "waking: requests are held until a replica is ready"}
+
+
 def model_rows(models: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for m in models:
@@ -53,7 +58,9 @@ def model_rows(models: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         ready = f"{m.get('ready', 0)}/{spec['replicas'] if spec else '-'}"
         task = str(spec.get("task", "-"))
         instances = m.get("instances") or []
-        if not instances:
+        if not instances and m.get("state") in _AT_ZERO:  # an elastic model with no replica, on purpose
+            rows.append([m["name"], task, ready, m["state"], "-", "-", _AT_ZERO[m["state"]]])
+        elif not instances:
             rows.append([m["name"], task, ready, "pending", "-", "-", _unplaced(m)])
         for i in instances:
             msg = _instance_message(i, phase=False) or ("unloading: draining" if not spec else "")

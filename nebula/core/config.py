@@ -81,7 +81,7 @@ class GatewayConfig:
     write_timeout_s: float = _f(60.0, "Longest time an answer may wait for a client that does not read; then the "
                                 "connection is cut and the request's key slot freed.")
     request_timeout_s: float = _f(0.0, "Longest time from a request's head to its answer's last byte; then 504, or "
-                                  "a stream is cut. 0: upstream_timeout_s + 60.")
+                                  "a stream is cut. 0: upstream_timeout_s + wake_wait_s + 60.")
     # Routing: the gateway picks the replica and forwards to its engine itself (one hop).
     connect_timeout_s: float = _f(2.0, "Timeout to connect to an engine; a refused replica is retried on another.")
     max_attempts: int = _f(3, "Replicas tried per request before the first byte is sent.")
@@ -99,6 +99,23 @@ class GatewayConfig:
                                  "threshold (in units of in-flight requests).")
     affinity_slack: float = _f(4.0, "Requests that share a prompt prefix stay on their replica while its "
                                "score is at most this much above the least loaded one's.")
+    # Elastic models (scale to zero, wake on request): services/gateway/wake.py and load_report.py.
+    load_report_s: float = _f(2.0, "How often each gateway process publishes its load per model (in-flight and held "
+                              "requests, the engines' queues, its last inference request) to /nebula/load/ for the "
+                              "scheduler's autoscaling and idle unload (0: never; then no model is ever idle).")
+    wake_wait_s: float = _f(300.0, "How long a request for an elastic model with no ready replica is held while "
+                            "the model wakes, before 503 model_waking. A cold vLLM start on a GPU (unit start, "
+                            "weights from local disk, compile and CUDA graph capture) takes about 1-4 minutes "
+                            "for 7-70B models; this stays below the OpenAI and Anthropic SDKs' 600 s timeout so "
+                            "the client reads the gateway's advice, not its own timeout.")
+    max_held_requests: int = _f(1024, "Most requests one gateway process holds for waking models at once; more "
+                                "get 503 model_waking at once, yet still ask for the wake (each held request "
+                                "keeps its connection and body; 0: hold none).")
+    wake_keepalive_s: float = _f(5.0, "A held `stream: true` request still waiting after this long gets its SSE "
+                                 "response started and a comment line (': waking MODEL') this often, so proxies "
+                                 "and clients see a live connection; a failed wake then ends the stream with an "
+                                 "error event. A client opts out with the header X-Nebula-Wake-Keepalive: 0 (a "
+                                 "plain 503 instead). 0: never (streams are held silently, like other requests).")
     access_log: str = _f("errors", "Journal lines per inference request: 'all' (one line each, with model, "
                          "replica, status, duration and request id), 'errors' (only those ending 5xx) or 'off'. "
                          "At thousands of requests per second 'all' costs more CPU than the rest of the path; "

@@ -71,6 +71,13 @@ def validate(cfg: NebulaConfig) -> None:
             raise ValidationError(f"{section}.{name}", "must be 0 or more")
     if cfg.node.download_workers < 1:
         raise ValidationError("node.download_workers", "must be at least 1")
+    for name in ("load_report_s", "wake_keepalive_s"):
+        if getattr(cfg.gateway, name) < 0:
+            raise ValidationError(f"gateway.{name}", "must be 0 or more (0: see its doc)")
+    if cfg.gateway.wake_wait_s <= 0:
+        raise ValidationError("gateway.wake_wait_s", "must be more than 0 seconds")
+    if cfg.gateway.max_held_requests < 0:
+        raise ValidationError("gateway.max_held_requests", "must be 0 or more (0: never hold a request)")
     if cfg.gateway.access_log not in ("all", "errors", "off"):
         raise ValidationError("gateway.access_log", "must be 'all', 'errors' or 'off'")
     if cfg.gateway.event_loop not in ("uvloop", "asyncio"):

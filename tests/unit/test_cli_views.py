@@ -66,6 +66,14 @@ def test_model_rows() -> None:
                     ["c", "generate", "0/1", "downloading", "c", "gpu1", "50%: x.bin"]]
 
 
+def test_an_elastic_model_with_no_replica_says_why_rather_than_pending() -> None:
+    idle, waking = model("z", 1), model("w", 1)
+    idle["state"], waking["state"] = "idle", "waking"
+    assert model_rows([idle, waking]) == [
+        ["z", "generate", "0/1", "idle", "-", "-", "scaled to zero: its next request wakes it"],
+        ["w", "generate", "0/1", "waking", "-", "-", "waking: requests are held until a replica is ready"]]
+
+
 def test_healthy_frame() -> None:
     frame = status_frame(HEALTHY, url="http://gw:8000", title="T")
     lines = frame.splitlines()

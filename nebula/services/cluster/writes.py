@@ -7,7 +7,8 @@ that makes them safe:
 - the scheduler leader's (placements, pending reasons) are fenced by its leader key held under its own
   lease: once that lease has expired, nothing it writes lands, even before it notices (Nomad's plan
   applier re-checks a plan where it lands; this is the same idea in one etcd transaction);
-- a node agent's (its node record, its instances' phases, its pulls' progress) are under its lease.
+- a node agent's (its node record, its instances' phases, its pulls' progress) are under its lease;
+- a gateway worker's load report is under its own lease; its wake requests are created only where none is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
+from nebula.core.elastic import LoadReport, WakeRequest
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.pulls import PullIntent, PullStatus
@@ -203,6 +205,16 @@ class ClusterWrites:
 
     async def forget_pull(self, node: str, pull_id: str) -> None:
         await self._store.delete(keys.pull_status_key(node, pull_id))
+
+
+    # --- a gateway worker's: its load under its own lease, and wake requests (put if absent) -------------
+    async def publish_load(self, report: LoadReport, lease: int) -> None:
+        await self._store.put(keys.load_key(report.reporter), dumps(report.to_dict()), lease=lease)
+
+    async def request_wake(self, wake: WakeRequest) -> bool:
+        """Create the model's wake request unless one is there already (the scheduler leader deletes it once it
+        acted): True when this call created it. No lease: the request outlives the worker that made it."""
+        return await self._store.create(keys.wake_key(wake.model), dumps(wake.to_dict()))
 
 
 def _adapters(items: Sequence[KeyValue]) -> list[AdapterSpec]:

@@ -81,8 +81,8 @@ async def list_models(request: web.Request) -> web.Response:
                                  (await st.store.list_prefix(keys.NODES)).items)
     names = sorted(set(specs) | {i.model for i in instances})
     pending = await pending_reasons(st.store)
-    return web.json_response({"object": "list",
-                              "data": [model_json(n, specs.get(n), instances, pending) for n in names]})
+    return web.json_response({"object": "list", "data": [model_json(n, specs.get(n), instances, pending,
+                                                                    st.view.wakes) for n in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -94,7 +94,8 @@ async def get_model(request: web.Request) -> web.Response:
                                              (await st.store.list_prefix(keys.NODES)).items) if i.model == name]
     if spec is None and not instances:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
-    return web.json_response(model_json(name, spec, instances, await pending_reasons(st.store, name)))
+    return web.json_response(model_json(name, spec, instances, await pending_reasons(st.store, name),
+                                        st.view.wakes))
 
 
 async def unload_model(request: web.Request) -> web.Response:

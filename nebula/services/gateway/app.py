@@ -4,6 +4,7 @@ plane's only hop: it picks a READY replica itself and forwards to its engine (fo
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
 from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NebulaConfig, NodeConfig, TracingConfig
+from nebula.core.elastic import LoadReport
 from nebula.core.families import Families
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
@@ -40,6 +42,7 @@ from nebula.services.gateway.auth import Authenticator, auth_middleware, read_di
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
+from nebula.services.gateway.load_report import model_loads, publish_loads, reporter_name
 from nebula.services.gateway.metrics import GatewayMetrics
 from nebula.services.gateway.model_metrics import ModelCollector
 from nebula.services.gateway.openapi import openapi_route
@@ -50,10 +53,11 @@ from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.unknown_paths import unknown_path_middleware
 from nebula.services.gateway.view import ClusterView
+from nebula.services.gateway.wake import WakeMetrics, Waker
 from nebula.services.http.admission import open_file_limit, raise_open_file_limit
 from nebula.services.http.errors import error_middleware
 from nebula.services.http.site import FastSite
-from nebula.services.runtime import background, metrics_route, serve_until_cancelled
+from nebula.services.runtime import background, metrics_route, node_name, serve_until_cancelled
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -77,10 +81,12 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                       clock: Clock = time.monotonic, tracing: TracingConfig | None = None,
                       engine: EngineConfig | None = None, catalog: Catalog | None = None,
                       node: NodeConfig | None = None, models: ModelsConfig | None = None,
-                      families: Families | None = None, gpu_headroom_mib: int = 1024) -> web.Application:
+                      families: Families | None = None, gpu_headroom_mib: int = 1024, reporter: str = "",
+                      lease_ttl_s: int = 10) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
-    `http_session` is used as is and left open."""
+    `http_session` is used as is and left open. `reporter`: this process's name in /nebula/load/ (its load
+    report, under a lease of `lease_ttl_s`; empty: no report) and in the wake requests it makes."""
     view = ClusterView()
     # A sample outlives a few failed polls (see load.py), not more: past that it describes another moment.
     loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
@@ -90,7 +96,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     mirrors = MirrorSet([Mirror(store, records.MODELS, mirror_metrics, on_change=view.update_models),
                          Mirror(store, records.INSTANCES, mirror_metrics, on_change=table.update),
                          Mirror(store, records.APIKEYS, mirror_metrics, on_change=auth.update_keys),
-                         Mirror(store, records.ADAPTERS, mirror_metrics, on_change=view.update_adapters)])
+                         Mirror(store, records.ADAPTERS, mirror_metrics, on_change=view.update_adapters),
+                         Mirror(store, records.WAKE, mirror_metrics, on_change=view.update_wakes)])
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
@@ -102,6 +109,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     app[GATEWAY] = state
     app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()
     registry.register(ModelCollector(view, table))
+    state.waker = Waker(cfg, table, state.load, state.writes.request_wake, WakeMetrics(registry), reporter)
+    view.holding = state.waker.waking
     app.on_response_prepare.append(add_request_id_header)
 
     async def tracer_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -130,6 +139,11 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
         app.cleanup_ctx.append(background(
             lambda: poll_loads(table.ready_endpoints, loads, state.fetch_load, cfg.load_poll_s, clock),
             "gateway-load-poll"))
+    if reporter and cfg.load_report_s > 0:
+        app.cleanup_ctx.append(background(lambda: publish_loads(
+            store, state.writes, lambda: LoadReport(reporter, time.time(), model_loads(
+                state.load, table.ready(), loads, view.models)), cfg.load_report_s, lease_ttl_s),
+            "gateway-load-report"))
     app.add_routes(openai_api.routes() + audio_api.routes() + responses_api.routes() + admin_api.routes()
                    + status_api.routes()
                    + keys_api.routes() + catalog_api.routes() + discovery.routes() + [openapi_route()])
@@ -186,7 +200,8 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
                             catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models,
                             families=read_families(cfg.models.profiles_files),
-                            gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib)
+                            gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib,
+                            reporter=reporter_name(node_name(cfg), os.getpid()), lease_ttl_s=cfg.cluster.lease_ttl_s)
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

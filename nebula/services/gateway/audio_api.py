@@ -71,7 +71,7 @@ async def serve_audio(st: GatewayState, path: str, call: Call, reply: Reply) -> 
         form = await read_form(content_type, call.body)
         # Before the lookup: a key restricted to other models learns nothing about which exist.
         check_model_allowed(call.key, form.model)
-        transcribe_spec(st, form.model, path)
+        spec = transcribe_spec(st, form.model, path)
         ex.model = form.model
         # The client's Content-Type as parsed (one value, with its boundary), whatever else it repeated.
         headers = forward_headers(call.headers, {"Content-Type": content_type or "",
@@ -80,7 +80,15 @@ async def serve_audio(st: GatewayState, path: str, call: Call, reply: Reply) -> 
             span = st.tracer.start(f"POST /v1/{path}", call.headers, headers,
                                    {"nebula.model": form.model, "nebula.request_id": ex.request_id})
         # No prefix affinity: an upload shares no prompt prefix with another.
-        await forward(reply, call.path_qs, st, ex, call.body, headers, None)
+        if spec.scaling is not None and st.waker is not None:  # elastic: held while it wakes (wake.py)
+            await st.waker.serve(spec.name, f"/v1/{path}", False, call.headers, reply,
+                                 lambda to: forward(to, call.path_qs, st, ex, call.body, headers, None))
+        else:
+            st.load.begin(spec.name)  # the model's in-flight count and last request (load_report.py)
+            try:
+                await forward(reply, call.path_qs, st, ex, call.body, headers, None)
+            finally:
+                st.load.end(spec.name)
         status = reply.status
     except ApiError as e:
         status = e.status

@@ -29,7 +29,7 @@ from nebula.services.http.reply import send_json
 _MODELS = "/v1/models"
 # Served on the connections kept over the cap (admission.py): the operator's health check and metrics.
 RESERVE_PATHS = OPEN_PATHS
-# request_timeout_s = 0: the engine's own limit and this much more, for the answer to get out.
+# request_timeout_s = 0: the engine's own limit (and a wake's hold) and this much more, for the answer to get out.
 REQUEST_MARGIN_S = 60.0
 
 
@@ -40,7 +40,9 @@ def connection_limits(cfg: GatewayConfig, open_files: int) -> ConnectionLimits:
     return ConnectionLimits(max_connections=max_connections, max_per_ip=cfg.max_connections_per_ip,
                             header_timeout_s=cfg.header_timeout_s, body_timeout_s=cfg.body_timeout_s,
                             write_timeout_s=cfg.write_timeout_s,
-                            request_timeout_s=cfg.request_timeout_s or cfg.upstream_timeout_s + REQUEST_MARGIN_S)
+                            # A request for an elastic model may be held for wake_wait_s before its engine's time.
+                            request_timeout_s=cfg.request_timeout_s or cfg.upstream_timeout_s + cfg.wake_wait_s
+                            + REQUEST_MARGIN_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,17 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         upstream_path = call.path_qs
         if endpoint.engine_path:
             upstream_path = endpoint.engine_path + call.path_qs[len(call.path_qs.partition("?")[0]):]
-        await forward(reply, upstream_path, st, ex, call.body, headers, prefix, respond, target)
+        served = target.model if target is not None else model  # a LoRA adapter's load is its base's
+        sent = (upstream_path, st, ex, call.body, headers, prefix, respond, target)
+        if spec.scaling is not None and st.waker is not None:  # elastic: held while it wakes (wake.py)
+            await st.waker.serve(served, call.path_qs.partition("?")[0], streaming, call.headers, reply,
+                                 lambda to: forward(to, *sent))
+        else:
+            st.load.begin(served)  # the model's in-flight count and last request (load_report.py)
+            try:
+                await forward(reply, *sent)
+            finally:
+                st.load.end(served)
         status = reply.status
     except ApiError as e:
         status = e.status

@@ -223,7 +223,8 @@ _ERRORS = {"400": "invalid request (`param` names the field)", "401": "missing o
            "403": "the key's scope or models do not allow this", "404": "no such model, key or path",
            "409": "conflicts with the current state", "413": "body larger than gateway.max_body_bytes",
            "429": "the key's rate or concurrency limit (see Retry-After)",
-           "503": "no ready replica, or etcd unreachable (see Retry-After)"}
+           "503": "no ready replica, an elastic model still waking after gateway.wake_wait_s (model_waking), "
+                  "or etcd unreachable (see Retry-After)"}
 
 
 def _op(summary: str, ok: str, body: Schema | None = None, params: list[Schema] | None = None,

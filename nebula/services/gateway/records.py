@@ -7,11 +7,13 @@ take an endpoint down.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from nebula.core import keys, records
+from nebula.core.elastic_state import model_state
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase
 from nebula.core.records import RecordKind
 from nebula.core.store import KeyValue, Store
@@ -62,9 +64,10 @@ def instance_records(items: Iterable[KeyValue], nodes: Iterable[KeyValue] = ()) 
 
 
 def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],
-                pending: Mapping[str, str] | None = None) -> dict[str, Any]:
+                pending: Mapping[str, str] | None = None, wakes: Collection[str] = ()) -> dict[str, Any]:
+    """`wakes`: the models with a wake request (/nebula/wake/), for an elastic model's `state`."""
     mine = sorted((i for i in instances if i.model == name), key=lambda i: i.instance)
-    return {
+    out = {
         "name": name,
         # None: the model was unloaded and some of its instances are still draining.
         "spec": spec.to_dict() if spec else None,
@@ -75,6 +78,10 @@ def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus
                        "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress}
                       for i in mine],
     }
+    if spec is not None and spec.scaling is not None:
+        # An elastic model's: idle, waking, sleeping or ready (core/elastic_state.py).
+        out["state"] = model_state(Counter(i.phase for i in mine), name in wakes).value
+    return out
 
 
 async def pending_reasons(store: Store, name: str | None = None) -> dict[str, str]:

@@ -17,11 +17,13 @@ from nebula.services.cluster.mirror import MirrorSet
 from nebula.services.cluster.writes import ClusterWrites
 from nebula.services.gateway.auth import Authenticator
 from nebula.services.gateway.load import Clock
+from nebula.services.gateway.load_report import LoadAccounting
 from nebula.services.gateway.metrics import GatewayMetrics
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.tracing import RequestTracer
 from nebula.services.gateway.view import ClusterView
+from nebula.services.gateway.wake import Waker
 
 
 @dataclass
@@ -55,6 +57,10 @@ class GatewayState:
     families: Families | None = None
     # [scheduler] gpu_headroom_mib: the per-GPU reserve a load's sizing keeps, as placement does.
     gpu_headroom_mib: int = 1024
+    # This process's load per model (load_report.py), counted on the request path; published to /nebula/load/.
+    load: LoadAccounting = field(default_factory=LoadAccounting)
+    # Holds requests for elastic models with no ready replica while they wake (wake.py); set by the app.
+    waker: Waker | None = None
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:

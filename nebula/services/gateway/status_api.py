@@ -64,7 +64,7 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
             "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
             "scheduler": {"ok": leader_id is not None, "leader": leader_id},
             "nodes": _nodes_json(records, placed),
-            "models": [model_json(n, specs.get(n), instances, pending) for n in names]}
+            "models": [model_json(n, specs.get(n), instances, pending, st.view.wakes) for n in names]}
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -8,8 +8,11 @@ its own writes at once.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from nebula.core.elastic import WakeRequest
+from nebula.core.elastic_state import model_state
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import ModelSpec, Phase
 from nebula.services.cluster.mirror import MirrorState
@@ -20,6 +23,12 @@ class ClusterView:
         self.models: dict[str, ModelSpec] = {}
         self.models_synced = False
         self.adapters: dict[str, AdapterSpec] = {}  # LoRA adapters by name (lora_routing.py)
+        self.wakes: frozenset[str] = frozenset()  # models with a wake request in /nebula/wake/ (any gateway's)
+        self.holding: Callable[[str], bool] = lambda _: False  # this process holds requests for the model (wake.py)
+
+    def update_wakes(self, state: MirrorState[WakeRequest]) -> None:
+        """The wake requests mirror's callback."""
+        self.wakes = frozenset(w.model for w in state.records.values())
 
     def update_adapters(self, state: MirrorState[AdapterSpec]) -> None:
         """The adapters mirror's callback: every valid adapter record."""
@@ -30,9 +39,14 @@ class ClusterView:
         self.models = {spec.name: spec for spec in state.records.values()}
         self.models_synced = True
 
-    @staticmethod
-    def model_entry(spec: ModelSpec, phases: Counter[Phase]) -> dict[str, Any]:
-        """One entry of GET /v1/models: OpenAI's fields plus Nebula's (`phases`: of its instances)."""
-        return {"id": spec.name, "object": "model", "created": 0, "owned_by": "nebula",
-                "task": spec.task.value, "replicas": spec.replicas, "ready": phases.get(Phase.READY, 0),
-                "phases": {p.value: n for p, n in sorted(phases.items())}}
+    def model_entry(self, spec: ModelSpec, phases: Counter[Phase]) -> dict[str, Any]:
+        """One entry of GET /v1/models: OpenAI's fields plus Nebula's (`phases`: of its instances); an elastic
+        model's also has its `state` (idle, waking, sleeping, ready) and `scaling` policy."""
+        entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "nebula",
+                 "task": spec.task.value, "replicas": spec.replicas, "ready": phases.get(Phase.READY, 0),
+                 "phases": {p.value: n for p, n in sorted(phases.items())}}
+        if spec.scaling is not None:
+            waking = spec.name in self.wakes or self.holding(spec.name)
+            entry["state"] = model_state(phases, waking).value
+            entry["scaling"] = spec.scaling.to_dict()
+        return entry
