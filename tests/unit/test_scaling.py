@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hypothesis import given, settings
@@ -9,8 +10,19 @@ from hypothesis import strategies as st
 
 from nebula.core.elastic import IdleAction, LoadReport, ModelLoad, ScaleState
 from nebula.core.model import ModelSpec
-from nebula.core.scaling import (Action, Decision, Fleet, Load, ScalingDefaults, Step, Tracker, aggregate, clamp,
-                                 effective_spec, step)
+from nebula.core.scaling import (
+    Action,
+    Decision,
+    Fleet,
+    Load,
+    ScalingDefaults,
+    Step,
+    Tracker,
+    aggregate,
+    clamp,
+    effective_spec,
+    step,
+)
 
 D = ScalingDefaults(up_window_s=30, down_window_s=120, cooldown_s=60, target_inflight=4, report_stale_s=15)
 T0 = 1_000_000.0
@@ -26,8 +38,8 @@ def fleet(**load: Any) -> Fleet:
 
 
 def run(s: ModelSpec, stored: ScaleState | None, f: Fleet, now: float, *, wake: bool = False,
-        tracker: Tracker = Tracker(), started: float = T0) -> Step:
-    return step(s, stored, f, wake=wake, tracker=tracker, now=now, started=started, defaults=D)
+        tracker: Tracker | None = None, started: float = T0) -> Step:
+    return step(s, stored, f, wake=wake, tracker=tracker or Tracker(), now=now, started=started, defaults=D)
 
 
 def state(replicas: int, since: float = T0, sleep: int = 0) -> ScaleState:
@@ -207,5 +219,5 @@ def test_no_two_changes_within_the_cool_down(loads: list[int]) -> None:
     s = spec(min_replicas=1, max_replicas=6)
     decisions, counts = simulate(s, lambda t, n: loads[(t // 30) % len(loads)], 3600)
     times = [d.state.since for d in decisions]
-    assert all(b - a >= D.cooldown_s for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= D.cooldown_s for a, b in itertools.pairwise(times))
     assert all(1 <= c <= 6 for c in counts)
