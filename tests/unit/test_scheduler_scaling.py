@@ -161,7 +161,7 @@ async def test_sleep_on_gpu_marks_the_placements_and_level_2_frees_the_gpu() -> 
     await c.run_for(70)
     st = await c.scale("m")
     assert st is not None and (st.replicas, st.sleep_level) == (1, 2)
-    assert (await c.placements())["m"].sleep_level == 2
+    assert (await c.placements())["m"].sleep_level == 2 and (await c.placements())["m"].sleep_mode
     assert c.decisions("m", "sleep") == 1
     # Its 20 GB are free for another model now.
     await c.store.put(keys.model_key("other"), model("other", gpus=1, mem=20_000))
@@ -204,3 +204,16 @@ async def test_an_eviction_that_frees_nothing_useful_is_not_made() -> None:
     await c.run_for(200)
     assert set(await c.placements()) == {"low"} and "big" in c.sched.pending
     assert c.decisions("low", "evict") == 0
+
+
+async def test_a_cpu_model_whose_action_is_sleep_stops_instead_and_its_engine_has_no_sleep_mode() -> None:
+    c = Cluster()
+    await c.store.put(keys.node_key("n1"), node("n1"))
+    await c.store.put(keys.model_key("m"), model("m", idle_unload_s=60, idle_action="sleep"))
+    await c.report()
+    await c.step()
+    assert not (await c.placements())["m"].sleep_mode
+    await c.run_for(70)
+    st = await c.scale("m")
+    assert st is not None and st.replicas == 0 and "CUDA-only" in st.reason
+    assert c.decisions("m", "unload") == 1 and c.decisions("m", "sleep") == 0

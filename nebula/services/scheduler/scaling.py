@@ -21,7 +21,7 @@ from nebula.core.config import SchedulerConfig
 from nebula.core.elastic import IdleAction, LoadReport, ScaleState, WakeRequest
 from nebula.core.model import ModelSpec, Placement
 from nebula.core.placement import PlacementResult
-from nebula.core.scaling import Decision, Fleet, ScalingDefaults, Tracker, aggregate, effective_spec, step
+from nebula.core.scaling import Decision, Fleet, ScalingDefaults, Tracker, aggregate, effective_spec, idle_action, step
 from nebula.core.scaling_evict import candidates, priority
 from nebula.services.cluster.mirror import MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
@@ -63,13 +63,19 @@ def effective(models: Mapping[str, ModelSpec], states: Mapping[str, ScaleState])
     return out
 
 
-def with_sleep(placements: Mapping[str, Placement], states: Mapping[str, ScaleState]) -> dict[str, Placement]:
-    """Each placement with its model's sleep level (0 for a model that is not elastic)."""
+def with_sleep(placements: Mapping[str, Placement], states: Mapping[str, ScaleState],
+               models: Mapping[str, ModelSpec], defaults: ScalingDefaults) -> dict[str, Placement]:
+    """Each placement with its model's sleep level (0 for a model that is not elastic), and sleep mode on for
+    the engines of a model whose idle action is sleep (on a GPU: idle_action() says stop for a CPU model)."""
     out = {}
     for inst, p in placements.items():
         st = states.get(p.model.name)
+        spec = models.get(p.model.name)
         level = st.sleep_level if st is not None else 0
-        out[inst] = p if p.sleep_level == level else replace(p, sleep_level=level)
+        mode = spec is not None and spec.scaling is not None and spec.scaling.idle_unload_s is not None \
+            and idle_action(spec, defaults)[0] is IdleAction.SLEEP
+        out[inst] = p if (p.sleep_level, p.sleep_mode) == (level, mode) else replace(p, sleep_level=level,
+                                                                                        sleep_mode=mode)
     return out
 
 

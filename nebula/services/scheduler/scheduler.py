@@ -113,7 +113,8 @@ class Scheduler:
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
                             extra={"NEBULA_MODEL": model})
         self.pending = dict(result.pending)
-        return diff_placements(self.placements, with_sleep(result.placements, plan.states))
+        wanted = with_sleep(result.placements, plan.states, self.models, self.scaler.defaults)
+        return diff_placements(self.placements, wanted)
 
     async def schedule_once(self) -> None:
         if not self.ready:
