@@ -86,13 +86,18 @@ class ClusterWrites:
         raise Conflict(f"model '{spec.name}' is changing concurrently; retry")
 
     async def scale_model(self, name: str, replicas: object) -> ModelSpec | None:
-        """The model with its new replica count (validated like a load), or None when it is not loaded."""
+        """The model with its new replica count (validated like a load), or None when it is not loaded.
+        Refused for an elastic model: the scheduler sets its count within its policy's bounds."""
         key = keys.model_key(name)
         for _ in range(CAS_ATTEMPTS):
             kv = await self._store.get(key)
             if kv is None:
                 return None
             current = records.MODELS.decode(key, kv.value)
+            if (policy := current.scaling) is not None:
+                raise Refused(f"model '{name}' scales itself: the scheduler keeps it between {policy.min_replicas} "
+                              f"and {policy.max_replicas} replicas by load and idleness (its scaling policy); to "
+                              "change the bounds, unload it and load it again with --min-replicas/--max-replicas")
             wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": replicas})
             if wanted == current or await self._store.commit([Guard(key, mod_revision=kv.mod_revision)],
                                                              [Put(key, dumps(wanted.to_dict()))]):
