@@ -8,10 +8,9 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from nebula.core import records
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
-from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
+from nebula.services.cluster.mirror import MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 from nebula.services.scheduler.scaling import defaults_from
@@ -29,12 +28,7 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         app = web.Application()
         app.add_routes([metrics_route(svc.registry)])
         metrics = MirrorMetrics(svc.registry)
-        mirrors = MirrorSet([Mirror(svc.store, records.MODELS, metrics, on_change=sched.on_models),
-                             Mirror(svc.store, records.NODES, metrics, on_change=sched.on_nodes),
-                             Mirror(svc.store, records.PLACEMENTS, metrics, on_change=sched.on_placements),
-                             Mirror(svc.store, records.SCALE, metrics, on_change=sched.scaler.on_scale),
-                             Mirror(svc.store, records.LOAD, metrics, on_change=sched.scaler.on_load),
-                             Mirror(svc.store, records.WAKE, metrics, on_change=sched.scaler.on_wake)])
+        mirrors = MirrorSet(sched.mirrors(svc.store, metrics))
         tasks = [
             *mirrors.tasks(),
             asyncio.create_task(sched.run(), name="leadership"),

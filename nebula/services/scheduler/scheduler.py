@@ -11,16 +11,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.model import ModelSpec, NodeRecord, Placement
 from nebula.core.placement import PlacementResult, diff_placements, place
 from nebula.core.scaling import ScalingDefaults
 from nebula.core.store import EventType, LeaseLostError, Store
 from nebula.errors import TemporaryError
-from nebula.services.cluster.mirror import MirrorState
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
@@ -80,6 +81,15 @@ class Scheduler:
     def on_placements(self, state: MirrorState[Placement]) -> None:
         self.placements = {p.instance: p for p in state.records.values()}
         self._seen("placements")
+
+    def mirrors(self, store: Store, metrics: MirrorMetrics) -> list[Mirror[Any]]:
+        """Every mirror the scheduler reads (a pass waits until each has delivered its first listing)."""
+        return [Mirror(store, records.MODELS, metrics, on_change=self.on_models),
+                Mirror(store, records.NODES, metrics, on_change=self.on_nodes),
+                Mirror(store, records.PLACEMENTS, metrics, on_change=self.on_placements),
+                Mirror(store, records.SCALE, metrics, on_change=self.scaler.on_scale),
+                Mirror(store, records.LOAD, metrics, on_change=self.scaler.on_load),
+                Mirror(store, records.WAKE, metrics, on_change=self.scaler.on_wake)]
 
     def _seen(self, what: str) -> None:
         self.seen.add(what)
