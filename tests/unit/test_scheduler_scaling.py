@@ -113,6 +113,10 @@ async def test_load_scales_1_to_2_and_back_then_idle_unloads_and_a_wake_brings_i
     assert set(await c.placements()) == {"m"}
     assert await c.store.get(keys.wake_key("m")) is None
     assert [c.decisions("m", a) for a in ("up", "down", "unload", "wake")] == [1, 1, 1, 1]
+    assert c.registry.get_sample_value("nebula_scheduler_scale_replicas", {"model": "m"}) is None  # a standby's
+    c.sched.is_leader = True
+    assert c.registry.get_sample_value("nebula_scheduler_scale_replicas", {"model": "m"}) == 1
+    assert c.registry.get_sample_value("nebula_scheduler_scale_sleep_level", {"model": "m"}) == 0
 
 
 async def test_a_running_stream_keeps_an_idle_model_loaded() -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from nebula.core import keys
 from nebula.core.config import SchedulerConfig
@@ -82,7 +84,7 @@ def with_sleep(placements: Mapping[str, Placement], states: Mapping[str, ScaleSt
 class Scaler:
     def __init__(self, writes: ClusterWrites, registry: CollectorRegistry, defaults: ScalingDefaults, *,
                  notify: Callable[[], None], wall: Callable[[], float] = time.time, evict_quiet_s: float = 60.0,
-                 pass_s: float = 5.0) -> None:
+                 pass_s: float = 5.0, leading: Callable[[], bool] = lambda: True) -> None:
         self.writes = writes
         self.defaults = defaults
         self.notify = notify
@@ -98,6 +100,7 @@ class Scaler:
         self.decisions = Counter("nebula_scheduler_scaling_decisions", "Elastic capacity decisions this scheduler "
                                  "made (and wrote) as leader, by model and action", ["model", "action"],
                                  registry=registry)
+        registry.register(_ScaleCollector(self, leading))
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_scale(self, state: MirrorState[ScaleState]) -> None:
@@ -194,6 +197,26 @@ class Scaler:
                 log.info("scale state of %s: %d replicas (%s)", name, st.replicas, st.reason,
                          extra={"NEBULA_MODEL": name})
         return True
+
+
+class _ScaleCollector(Collector):
+    """Each elastic model's wanted replicas and sleep level, read from the scale states at scrape time (leader
+    only, as the other state gauges: a standby's copy would count twice in a sum over schedulers)."""
+
+    def __init__(self, scaler: Scaler, leading: Callable[[], bool]) -> None:
+        self._scaler = scaler
+        self._leading = leading
+
+    def collect(self) -> Iterator[Metric]:
+        wanted = GaugeMetricFamily("nebula_scheduler_scale_replicas", "Replicas the scheduler wants of each "
+                                   "elastic model now (0: idle, unloaded; leader only)", labels=["model"])
+        asleep = GaugeMetricFamily("nebula_scheduler_scale_sleep_level", "Each elastic model's sleep level "
+                                   "(0 awake, 1 or 2 asleep; leader only)", labels=["model"])
+        if self._leading():
+            for name, st in sorted(self._scaler.scale.items()):
+                wanted.add_metric([name], st.replicas)
+                asleep.add_metric([name], st.sleep_level)
+        yield from (wanted, asleep)
 
 
 def _placed(result: PlacementResult, model: str) -> int:

@@ -59,7 +59,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics.create(registry, self, clock)
         # Elastic capacity (services/scheduler/scaling.py): its mirrors feed it through on_scale/on_load/on_wake.
         self.scaler = Scaler(self.writes, registry, scaling or ScalingDefaults(), notify=self.wake.set, wall=wall,
-                             evict_quiet_s=evict_quiet_s, pass_s=scaling_pass_s)
+                             evict_quiet_s=evict_quiet_s, pass_s=scaling_pass_s, leading=lambda: self.is_leader)
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_models(self, state: MirrorState[ModelSpec]) -> None:
