@@ -185,7 +185,13 @@ class Scaler:
             return True
         if not await self.writes.apply_scaling(fence, list(plan.writes.values()), plan.deletes):
             return False
-        self.scale.update(plan.writes)  # our own view at once, before the mirror brings it back
+        # Our own view at once, before the mirrors bring it back (the next pass must not act on it again).
+        self.scale.update(plan.writes)
+        for key in plan.deletes:
+            if key.startswith(keys.SCALE):
+                self.scale.pop(key.removeprefix(keys.SCALE), None)
+            else:
+                self.wakes.pop(key.removeprefix(keys.WAKE), None)
         for d in plan.decisions:
             self.decisions.labels(d.model, d.action.value).inc()
             log.info("scaling %s: %s: %s", d.model, d.action.value, d.reason,
