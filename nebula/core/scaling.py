@@ -196,10 +196,10 @@ def _idle(spec: ModelSpec, state: ScaleState, fleet: Fleet, load: Load, *, now: 
     if quiet < policy.idle_unload_s:
         return None
     action, path = idle_action(spec, defaults)
-    since = "since the scheduler started" if last == started and last > max(load.last_request, state.since) else (
-        "since the last change" if last == state.since and last > load.last_request else "")
-    heard = f"no inference request for {_duration(quiet)}{' ' + since if since else ''} " \
-            f"(idle_unload_s {_duration(policy.idle_unload_s)})"
+    # Which clock ran out, for people: a request's, or (no request since) the last change's or the leader's start.
+    counted = "" if last == load.last_request else (
+        " since the last change" if last == state.since else " since this scheduler took the lead")
+    heard = f"no inference request for {_duration(quiet)}{counted} (idle_unload_s {_duration(policy.idle_unload_s)})"
     if action is IdleAction.SLEEP:
         reason = f"idle: {heard}; replicas sleep at level {policy.sleep_level}"
         new = replace(state, sleep_level=policy.sleep_level, reason=reason, since=now)

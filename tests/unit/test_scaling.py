@@ -86,7 +86,9 @@ def test_a_scheduler_restart_or_a_fresh_load_never_unloads_at_once() -> None:
     assert first.decision is None and first.state.replicas == 1 and first.state.since == T0 + 10_000
     assert run(s, first.state, fleet(), T0 + 10_059).decision is None
     d = run(s, first.state, fleet(), T0 + 10_060).decision
-    assert d is not None and d.action is Action.UNLOAD
+    assert d is not None and d.action is Action.UNLOAD and "for 60s since the last change" in d.reason
+    d = run(s, state(1, since=T0 - 10_000), fleet(), T0 + 60, started=T0).decision
+    assert d is not None and "since this scheduler took the lead" in d.reason
 
 
 def test_without_a_fresh_load_report_nothing_is_judged_idle() -> None:
