@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nebula import __version__
+from nebula.cli import elastic
 from nebula.cli.catalog import add_catalog_parser, catalog_command
 from nebula.cli.client import EXIT_CODES_HELP, EXIT_USAGE, AdminClient, CliError, admin_key, gateway_url
 from nebula.cli.keys import add_keys_parser, keys_command
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--quant", help="with a catalog name: the variant's quantization (e.g. awq, fp8)")
     ld.add_argument("--task", choices=["generate", "embed", "rerank", "transcribe"],
                     help="default: the catalog entry's, else generate")
-    ld.add_argument("--replicas", type=int, default=1)
+    ld.add_argument("--replicas", type=int, help="replicas to start with (default 1; an elastic model's "
+                    "--min-replicas when above 1)")
     ld.add_argument("--max-model-len", type=int)
     ld.add_argument("--engine-arg", action="append", default=[], dest="engine_args",
                     help="extra `vllm serve` argument (repeatable), e.g. --engine-arg=--dtype=float32")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPUs per replica (default: the fewest that hold the model's memory estimate)")
     ld.add_argument("--allow-pending", action="store_true",
                     help="load even when no GPU holds the model's estimate now: it waits pending for one")
+    elastic.add_flags(ld)
     ld.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until a replica is ready")
     ld.add_argument("--json", action="store_true")
     sc = sub.add_parser("scale", help="change a model's replica count (removed replicas drain)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nebula.cli.client import EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, AdminClient, CliError
+from nebula.cli.elastic import default_replicas, scaling_request
 from nebula.cli.views import MODEL_HEADER, model_rows, table, wait_line
 from nebula.core.sources import SourceForm, source_form
 
@@ -32,8 +33,12 @@ def load_spec(args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
     """The load request of `nebula load`: with no --source, NAME is a catalog name (the gateway resolves it);
     --size and --quant choose the catalog entry's variant; --task only when given (the catalog's otherwise)."""
     source = local_source(args.source, cwd) if args.source else args.name
-    spec: dict[str, Any] = {"name": args.name, "source": source, "replicas": args.replicas,
+    scaling = scaling_request(args)
+    replicas = args.replicas if getattr(args, "replicas", None) is not None else default_replicas(scaling)
+    spec: dict[str, Any] = {"name": args.name, "source": source, "replicas": replicas,
                             "engine_args": args.engine_args}
+    if scaling is not None:
+        spec["scaling"] = scaling
     for key in ("task", "size", "quant", "max_model_len", "engine_runtime", "gpus_per_replica"):
         if getattr(args, key, None):
             spec[key] = getattr(args, key)

@@ -55,11 +55,14 @@ def model_rows(models: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     rows = []
     for m in models:
         spec = m.get("spec") or {}
-        ready = f"{m.get('ready', 0)}/{spec['replicas'] if spec else '-'}"
+        scale = m.get("scale") or {}
+        wanted = scale.get("replicas", spec.get("replicas")) if spec else None
+        ready = f"{m.get('ready', 0)}/{'-' if wanted is None else wanted}"
         task = str(spec.get("task", "-"))
         instances = m.get("instances") or []
         if not instances and m.get("state") in _AT_ZERO:  # an elastic model with no replica, on purpose
-            rows.append([m["name"], task, ready, m["state"], "-", "-", _AT_ZERO[m["state"]]])
+            message = _scale_message(scale) if m["state"] == "idle" and scale else _AT_ZERO[m["state"]]
+            rows.append([m["name"], task, ready, m["state"], "-", "-", message])
         elif not instances:
             rows.append([m["name"], task, ready, "pending", "-", "-", _unplaced(m)])
         for i in instances:
@@ -68,6 +71,11 @@ def model_rows(models: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         if instances and m.get("pending_reason"):  # some replicas placed, the others fit nowhere
             rows.append([m["name"], task, ready, "pending", "-", "-", _unplaced(m)])
     return rows
+
+
+def _scale_message(scale: Mapping[str, Any]) -> str:
+    reason = str(scale.get("reason") or "")
+    return f"wakes on its next request ({reason})" if reason else "wakes on its next request"
 
 
 def _unplaced(model: Mapping[str, Any]) -> str:

@@ -142,6 +142,23 @@ class SchedulerConfig:
     gpu_headroom_mib: int = _f(1024, "Memory of every GPU that placement never hands out, on top of what NVML "
                                "reports used outside Nebula (CUDA contexts, fragmentation, a GPU's total "
                                "rounded up by its board).")
+    idle_action: str = _f("stop", "What an elastic model's replicas do once idle for its idle_unload_s, when its "
+                          "policy does not say: 'stop' (the unit stops; a wake is a cold start) or 'sleep' "
+                          "(vLLM's sleep mode, CUDA only: a CPU model stops instead).")
+    target_inflight: float = _f(4.0, "Requests in flight or queued per replica that autoscaling aims at, when a "
+                                "model's policy does not say.")
+    scale_up_window_s: float = _f(30.0, "Load must stay above the target this long before a replica is added.")
+    scale_down_window_s: float = _f(120.0, "Load must stay below target x scale_low_ratio this long before a "
+                                    "replica is removed.")
+    scale_low_ratio: float = _f(0.3, "Hysteresis: a model counts as underloaded below target x this ratio, so a "
+                                "load near the target moves nothing.")
+    scale_cooldown_s: float = _f(60.0, "No autoscaling change to a model within this long of its previous change.")
+    load_report_stale_s: float = _f(15.0, "Gateway load reports older than this are ignored (their worker stopped "
+                                    "publishing); with no fresh report at all nothing is judged idle.")
+    scaling_pass_s: float = _f(5.0, "How often the leader re-checks elastic models' load and idleness, on top of "
+                               "the passes every change and wake request starts.")
+    evict_quiet_s: float = _f(60.0, "An elastic model of lower priority gives way to one that fits nowhere only "
+                              "after this long without an inference request (never a busy one).")
 
 
 @dataclass(frozen=True)

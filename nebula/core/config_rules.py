@@ -30,6 +30,14 @@ def validate(cfg: NebulaConfig) -> None:
         raise ValidationError("engine.vllm_device", "must be 'auto', 'cpu' or 'gpu'")
     if not RUNTIME_RE.fullmatch(cfg.engine.default_runtime):
         raise ValidationError("engine.default_runtime", "must be a runtime name such as vllm or vllm-0.32-cu13")
+    if cfg.scheduler.idle_action not in ("stop", "sleep"):
+        raise ValidationError("scheduler.idle_action", "must be 'stop' or 'sleep'")
+    for name in ("target_inflight", "scale_up_window_s", "scale_down_window_s", "scale_cooldown_s",
+                 "load_report_stale_s", "scaling_pass_s", "evict_quiet_s"):
+        if getattr(cfg.scheduler, name) <= 0:
+            raise ValidationError(f"scheduler.{name}", "must be more than 0")
+    if not 0 < cfg.scheduler.scale_low_ratio < 1:
+        raise ValidationError("scheduler.scale_low_ratio", "must be between 0 and 1 (exclusive)")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         raise ValidationError("log.level", "must be one of debug, info, warning, error")
     for i, label in enumerate(cfg.node.labels):

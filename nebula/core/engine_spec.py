@@ -41,6 +41,8 @@ class EngineSpec:
     """The runtime (venv) to run: <runtimes_dir>/<engine_runtime> (core/engine_runtime.py); None: the default."""
     tensor_parallel_size: int | None = None
     """GPUs the model is sharded over (--tensor-parallel-size); None: every pinned GPU when more than one."""
+    sleep_mode: bool = False
+    """Start with vLLM's sleep mode (GPU only): the agent can then put the engine to sleep and wake it."""
 
     @staticmethod
     def from_dict(obj: Mapping[str, Any], source_name: str = "<spec>") -> EngineSpec:
@@ -71,6 +73,7 @@ class EngineSpec:
                 engine_runtime=_runtime(expect_field(obj, "engine_runtime", str, None)),
                 tensor_parallel_size=(None if obj.get("tensor_parallel_size") is None
                                       else expect_int(obj, "tensor_parallel_size", 1, 16)),
+                sleep_mode=expect_field(obj, "sleep_mode", bool, False),
             )
         except ValidationError as e:
             raise ValidationError(e.field, f"{source_name}: {e}") from None
@@ -95,6 +98,8 @@ class EngineSpec:
             d["engine_runtime"] = self.engine_runtime
         if self.tensor_parallel_size is not None:
             d["tensor_parallel_size"] = self.tensor_parallel_size
+        if self.sleep_mode:
+            d["sleep_mode"] = True
         return d
 
     @property
@@ -137,6 +142,8 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
         argv += ["--otlp-traces-endpoint", otlp_endpoint]
     if spec.trust_remote_code:
         argv += ["--trust-remote-code"]
+    if spec.sleep_mode and not cpu:  # CUDA only: vLLM's CPU platform has no sleep mode
+        argv += ["--enable-sleep-mode"]
     argv += list(cfg.extra_args) + list(spec.engine_args)
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     if lora_limits(spec.engine_args) is not None:
@@ -147,6 +154,11 @@ def vllm_command(spec: EngineSpec, cfg: EngineConfig, *, cpu: bool, otlp_endpoin
     if cfg.responses_store and spec.task is Task.GENERATE:
         # A deliberate trade (see EngineConfig.responses_store): the store grows until the engine restarts.
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
+    if spec.sleep_mode and not cpu:
+        # vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode, which also serves other dev routes
+        # (cache resets, collective_rpc): an engine has no authentication of its own either way, so it must
+        # listen where only the gateway and the agent reach it ([node] engine_host).
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if otlp_endpoint:
         # vLLM defaults to OTLP over gRPC; Nebula speaks OTLP/HTTP everywhere, one endpoint for all.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"

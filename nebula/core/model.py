@@ -263,6 +263,9 @@ class Placement:
     gpu_indices: tuple[int, ...] = ()
     sleep_level: int = 0
     """0: the engine runs; 1 or 2: the agent puts it to sleep at that vLLM level (ScaleState.sleep_level)."""
+    sleep_mode: bool = False
+    """Start the engine able to sleep (--enable-sleep-mode): set by the scheduler for a GPU replica of a model
+    whose idle action is sleep, so only such engines pay for sleep mode; changing it restarts the engine."""
 
     @staticmethod
     def from_dict(obj: object) -> Placement:
@@ -273,12 +276,15 @@ class Placement:
                          node=validate_name(expect_field(obj, "node", str), "node"), model=model,
                          port=expect_int(obj, "port", 1, 65535),
                          gpu_indices=expect_int_list(obj, "gpu_indices", 0, 1023),
-                         sleep_level=expect_int(obj, "sleep_level", 0, 2, 0))
+                         sleep_level=expect_int(obj, "sleep_level", 0, 2, 0),
+                         sleep_mode=expect_field(obj, "sleep_mode", bool, False))
 
     def to_dict(self) -> dict[str, Any]:
         d = {"instance": self.instance, "node": self.node, "model": self.model.to_dict(),
              "port": self.port, "gpu_indices": list(self.gpu_indices)}
         # Only when asleep: a placement written before sleep mode existed reads back equal.
+        if self.sleep_mode:
+            d["sleep_mode"] = True
         return d | {"sleep_level": self.sleep_level} if self.sleep_level else d
 
 

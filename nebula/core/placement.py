@@ -65,9 +65,13 @@ class _NodeCapacity:
         return port if port <= self.node.port_max else None
 
     def take(self, p: Placement) -> None:
+        # An engine asleep at level 2 has discarded its weights and KV cache: its GPU memory is free for others
+        # (level 1 keeps the weights in host memory but the engine's CUDA context and allocator hold on: it counts
+        # as placed). Waking a level-2 sleeper takes its memory back, wherever something else took it meanwhile.
+        mem = 0 if p.sleep_level == 2 else p.model.gpu_memory_mib
         for i in p.gpu_indices:
-            self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - p.model.gpu_memory_mib
-            self.total_free_mib -= p.model.gpu_memory_mib
+            self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - mem
+            self.total_free_mib -= mem
         self.used_ports.add(p.port)
         self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
 

@@ -65,7 +65,10 @@ async def listing(store: Store, prefix: str) -> dict[str, KeyValue]:
 
 
 async def feed_scheduler(store: Store, sched: Scheduler) -> None:
-    """Hand a scheduler the store's models, nodes and placements, as its three mirrors would."""
+    """Hand a scheduler the store's models, nodes, placements and elastic records, as its mirrors would."""
     sched.on_models(mirrored(records.MODELS, await listing(store, keys.MODELS)))
     sched.on_nodes(mirrored(records.NODES, await listing(store, keys.NODES)))
     sched.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.PLACEMENTS)))
+    sched.scaler.on_scale(mirrored(records.SCALE, await listing(store, keys.SCALE)))
+    sched.scaler.on_load(mirrored(records.LOAD, await listing(store, keys.LOAD)))
+    sched.scaler.on_wake(mirrored(records.WAKE, await listing(store, keys.WAKE)))

@@ -20,11 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nebula.adapters.etcd import EtcdStore
-from nebula.core import keys, records
+from nebula.core import keys
 from nebula.core.config import GatewayConfig
 from nebula.core.model import Gpu, NodeRecord, dumps
 from nebula.core.pulls import PullPhase, PullStatus
-from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
+from nebula.services.cluster.mirror import MirrorMetrics, MirrorSet
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.scheduler.scheduler import Scheduler
 from tests.harness.etcd import EtcdServer
@@ -71,9 +71,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await store.put(keys.node_key("node-b"), gpu_node("node-b", 1, 22), lease=lease)
     sched = Scheduler(store, "sched-1", lease_ttl_s=5, node_grace_s=30, resync_s=1, registry=CollectorRegistry())
     metrics = MirrorMetrics(CollectorRegistry())
-    mirrors = MirrorSet([Mirror(store, records.MODELS, metrics, on_change=sched.on_models),
-                         Mirror(store, records.NODES, metrics, on_change=sched.on_nodes),
-                         Mirror(store, records.PLACEMENTS, metrics, on_change=sched.on_placements)])
+    mirrors = MirrorSet(sched.mirrors(store, metrics))
     tasks: list[asyncio.Task[None]] = mirrors.tasks()
     tasks.append(asyncio.create_task(sched.run()))
     gateway = GatewayServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))

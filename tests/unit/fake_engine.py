@@ -104,11 +104,17 @@ class FakeEngine:
         self.cancelled = asyncio.Event()  # a held request was cancelled (its client went away)
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
+        self.sleep_mode = False  # serve vLLM's dev-mode sleep routes (a GPU engine with --enable-sleep-mode)
+        self.sleep_level = 0
+        self.sleep_calls: list[str] = []
 
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/{tail:.*}", self._handle)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/sleep", self._sleep)
+        app.router.add_post("/wake_up", self._sleep)
+        app.router.add_get("/is_sleeping", self._sleep)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -120,6 +126,19 @@ class FakeEngine:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _sleep(self, request: web.Request) -> web.Response:
+        """As vLLM 0.32's dev-mode routes (entrypoints/serve/dev/sleep): absent (404) without sleep mode."""
+        self.sleep_calls.append(request.path_qs)
+        if not self.sleep_mode:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        if request.path == "/sleep":
+            self.sleep_level = int(request.query.get("level", "1"))
+            return web.json_response({"status": "sleeping", "level": self.sleep_level})
+        if request.path == "/wake_up":
+            self.sleep_level = 0
+            return web.json_response({"status": "awake", "tags": None})
+        return web.json_response({"is_sleeping": self.sleep_level > 0})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics_polls += 1

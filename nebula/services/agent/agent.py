@@ -33,6 +33,7 @@ from nebula.services.agent.gpus import GpuSampler, engine_view, gpu_records
 from nebula.services.agent.lora import LoraSync
 from nebula.services.agent.metrics import AgentMetrics
 from nebula.services.agent.pulls import PullWorker
+from nebula.services.agent.sleep import EngineSleep, SleepSync
 from nebula.services.agent.sources import Broken, Fetching, ModelSources, build_sources
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.cluster.mirror import MirrorState
@@ -49,7 +50,7 @@ class NodeAgent:
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
                  clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
                  runtimes: Callable[[], tuple[str, ...]] | None = None, gpus: GpuSampler | None = None,
-                 lora: EngineAdapters | None = None) -> None:
+                 lora: EngineAdapters | None = None, sleep: EngineSleep | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -77,6 +78,7 @@ class NodeAgent:
         self._restart_due: frozenset[str] = frozenset()
         self.gpus = gpus
         self.lora = LoraSync(lora, self.sources, clock, node.name)  # LoRA adapters on the engines (lora.py)
+        self.sleep = SleepSync(sleep, node.name)  # vLLM sleep mode on the engines (sleep.py)
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -142,6 +144,7 @@ class NodeAgent:
                                      gpu_indices=p.gpu_indices, trust_remote_code=p.model.trust_remote_code,
                                      engine_runtime=p.model.engine_runtime,
                                      tensor_parallel_size=p.model.tensor_parallel_size,
+                                     sleep_mode=p.sleep_mode and bool(p.gpu_indices),
                                      gpu_memory_utilization=gpu_memory_share(p.model.gpu_memory_mib,
                                                                              self.node.gpus, p.gpu_indices))
         return specs, blocked
@@ -196,6 +199,7 @@ class NodeAgent:
             files = self.specs.read_all()
         await self.check_health(units, files)
         await self.lora.sync(files, self._healthy)
+        await self.sleep.sync(self.placements, files, self._healthy)
         await self.advertise_gpus(units)
         await self.report(desired, blocked, units)
         self.metrics.passes.inc()
@@ -303,6 +307,7 @@ class NodeAgent:
 
     def _status(self, inst: str, model: str, phase: Phase, message: str, endpoint: str, p: Placement,
                 unit: UnitStatus | None, now: float) -> InstanceStatus:
+        phase, message = self.sleep.phase(inst, phase, message)
         prev = self._reported.get(inst)
         since = prev.since if prev is not None and prev.phase is phase else now
         adapters = self.lora.report(inst)

@@ -15,6 +15,7 @@ from aiohttp import web
 from nebula import __version__
 from nebula.adapters.engine_lora import EngineLoraClient
 from nebula.adapters.engine_runtimes import installed_runtimes
+from nebula.adapters.engine_sleep import EngineSleepClient
 from nebula.adapters.nvml import GpuReading, NvmlReader
 from nebula.adapters.processes import ProcessEngineUnits
 from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, systemd_is_pid1
@@ -36,6 +37,8 @@ from nebula.services.runtime import metrics_route, node_name, run_tasks_until, s
 log = logging.getLogger("nebula.agent")
 # One runtime-LoRA call to an engine (a load reads the adapter's weights from disk).
 LORA_TIMEOUT_S = 30.0
+# Sleep at level 1 copies the weights to host memory, and a wake copies them back: seconds to a minute.
+SLEEP_TIMEOUT_S = 120.0
 
 
 def make_units(cfg: NebulaConfig, env: Mapping[str, str]) -> EngineUnits:
@@ -79,7 +82,8 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         agent = NodeAgent(cfg, node, svc.store, units, SpecFiles(cfg.node.run_dir),
                           EngineHealth(session, cfg.node.health_timeout_s), svc.registry,
                           runtimes=lambda: installed_runtimes(cfg.engine), gpus=gpus,
-                          lora=EngineLoraClient(session, LORA_TIMEOUT_S))
+                          lora=EngineLoraClient(session, LORA_TIMEOUT_S),
+                          sleep=EngineSleepClient(session, SLEEP_TIMEOUT_S))
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()

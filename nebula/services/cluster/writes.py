@@ -4,9 +4,10 @@ Each key has one writer (core/keys.py names it), and each writer's writes are he
 that makes them safe:
 - the admin API's (models, keys, pulls) compare what they read, so two admins racing cannot overwrite
   each other, and the key set can never lose its last admin key;
-- the scheduler leader's (placements, pending reasons) are fenced by its leader key held under its own
-  lease: once that lease has expired, nothing it writes lands, even before it notices (Nomad's plan
-  applier re-checks a plan where it lands; this is the same idea in one etcd transaction);
+- the scheduler leader's (placements, pending reasons, scale states, wake deletes) are fenced by its leader
+  key held under its own lease: once that lease has expired, nothing it writes lands, even before it
+  notices (Nomad's plan applier re-checks a plan where it lands; this is the same idea in one etcd
+  transaction);
 - a node agent's (its node record, its instances' phases, its pulls' progress) are under its lease;
 - a gateway worker's load report is under its own lease; its wake requests are created only where none is.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
-from nebula.core.elastic import LoadReport, WakeRequest
+from nebula.core.elastic import LoadReport, ScaleState, WakeRequest
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, dumps
 from nebula.core.pulls import PullIntent, PullStatus
@@ -86,13 +87,18 @@ class ClusterWrites:
         raise Conflict(f"model '{spec.name}' is changing concurrently; retry")
 
     async def scale_model(self, name: str, replicas: object) -> ModelSpec | None:
-        """The model with its new replica count (validated like a load), or None when it is not loaded."""
+        """The model with its new replica count (validated like a load), or None when it is not loaded.
+        Refused for an elastic model: the scheduler sets its count within its policy's bounds."""
         key = keys.model_key(name)
         for _ in range(CAS_ATTEMPTS):
             kv = await self._store.get(key)
             if kv is None:
                 return None
             current = records.MODELS.decode(key, kv.value)
+            if (policy := current.scaling) is not None:
+                raise Refused(f"model '{name}' scales itself: the scheduler keeps it between {policy.min_replicas} "
+                              f"and {policy.max_replicas} replicas by load and idleness (its scaling policy); to "
+                              "change the bounds, unload it and load it again with --min-replicas/--max-replicas")
             wanted = ModelSpec.from_dict(current.to_dict() | {"replicas": replicas})
             if wanted == current or await self._store.commit([Guard(key, mod_revision=kv.mod_revision)],
                                                              [Put(key, dumps(wanted.to_dict()))]):
@@ -178,6 +184,16 @@ class ClusterWrites:
         takes it; a batch larger than etcd takes goes in several transactions, each fenced."""
         ops: list[Op] = [Delete(keys.placement_key(p.node, p.instance)) for p in deletes]
         ops += [Put(keys.placement_key(p.node, p.instance), dumps(p.to_dict())) for p in writes]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            if not await self._store.commit([fence.guard], ops[start:start + MAX_TXN_OPS]):
+                return False
+        return True
+
+    async def apply_scaling(self, fence: Fence, states: Sequence[ScaleState], deletes: Sequence[str]) -> bool:
+        """Write elastic models' scale states and delete `deletes` (scale states of models gone, wake requests
+        acted on) under the leader's fence; False (nothing more written) once it is gone."""
+        ops: list[Op] = [Delete(k) for k in deletes]
+        ops += [Put(keys.scale_key(s.model), dumps(s.to_dict())) for s in states]
         for start in range(0, len(ops), MAX_TXN_OPS):
             if not await self._store.commit([fence.guard], ops[start:start + MAX_TXN_OPS]):
                 return False

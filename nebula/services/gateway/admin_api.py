@@ -18,7 +18,14 @@ from nebula.services.cluster.writes import Conflict, LoadOutcome, Refused
 from nebula.services.gateway import lora_api, pulls_api
 from nebula.services.gateway.catalog_api import catalog_of
 from nebula.services.gateway.load_request import plan_load
-from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
+from nebula.services.gateway.records import (
+    instance_records,
+    model_json,
+    model_spec,
+    node_records,
+    pending_reasons,
+    scale_states,
+)
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.http.errors import ApiError
 
@@ -81,7 +88,8 @@ async def list_models(request: web.Request) -> web.Response:
                                  (await st.store.list_prefix(keys.NODES)).items)
     names = sorted(set(specs) | {i.model for i in instances})
     pending = await pending_reasons(st.store)
-    return web.json_response({"object": "list", "data": [model_json(n, specs.get(n), instances, pending,
+    scale = await scale_states(st.store)
+    return web.json_response({"object": "list", "data": [model_json(n, specs.get(n), instances, pending, scale,
                                                                     st.view.wakes) for n in names]})
 
 
@@ -95,7 +103,7 @@ async def get_model(request: web.Request) -> web.Response:
     if spec is None and not instances:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
     return web.json_response(model_json(name, spec, instances, await pending_reasons(st.store, name),
-                                        st.view.wakes))
+                                        await scale_states(st.store, name), st.view.wakes))
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -122,6 +130,8 @@ async def scale_model(request: web.Request) -> web.Response:
         wanted = await st.writes.scale_model(name, body["replicas"])
     except Conflict as e:
         raise ApiError(409, str(e), code="conflict") from None
+    except Refused as e:  # an elastic model: its count is the scheduler's
+        raise ApiError(409, str(e), param="replicas", code="model_is_elastic") from None
     if wanted is None:
         raise ApiError(404, f"model '{name}' is not loaded", param="name", code="model_not_found")
     return web.json_response({"model": wanted.to_dict()})

@@ -175,6 +175,16 @@ def _model_spec() -> Schema:
         "trust_remote_code": _opt({"type": "boolean", "description": "Needs [engine] allow_trust_remote_code."}),
         "revision": _opt({"type": "string"}),
         "labels": _opt({"type": "object", "additionalProperties": {"type": "string"}}),
+        "scaling": _opt({"type": "object", "additionalProperties": True, "description": "Elastic capacity: "
+                         "the scheduler keeps the model between min_replicas and max_replicas by load, and "
+                         "unloads (or puts to sleep) an idle one after idle_unload_s.", "properties": {
+                             "min_replicas": _opt({"type": "integer", "minimum": 0, "maximum": 64}),
+                             "max_replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
+                             "idle_unload_s": _opt({"type": "number", "exclusiveMinimum": 0, "maximum": 2592000}),
+                             "idle_action": _opt({"enum": ["stop", "sleep"]}),
+                             "sleep_level": _opt({"type": "integer", "minimum": 1, "maximum": 2}),
+                             "priority": _opt({"type": "integer", "minimum": -1000, "maximum": 1000}),
+                             "target_inflight": _opt({"type": "number", "exclusiveMinimum": 0})}}),
     }}
 
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from nebula.core import keys, records
+from nebula.core.elastic import ScaleState
 from nebula.core.elastic_state import model_state
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase
 from nebula.core.records import RecordKind
@@ -64,8 +65,10 @@ def instance_records(items: Iterable[KeyValue], nodes: Iterable[KeyValue] = ()) 
 
 
 def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus],
-                pending: Mapping[str, str] | None = None, wakes: Collection[str] = ()) -> dict[str, Any]:
-    """`wakes`: the models with a wake request (/nebula/wake/), for an elastic model's `state`."""
+                pending: Mapping[str, str] | None = None, scale: Mapping[str, ScaleState] | None = None,
+                wakes: Collection[str] = ()) -> dict[str, Any]:
+    """`scale`: elastic models' scale states (/nebula/scale/); `wakes`: the models with a wake request
+    (/nebula/wake/), for an elastic model's `state`."""
     mine = sorted((i for i in instances if i.model == name), key=lambda i: i.instance)
     out = {
         "name": name,
@@ -77,11 +80,32 @@ def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus
         "instances": [{"instance": i.instance, "phase": i.phase.value, "node": i.node, "endpoint": i.endpoint,
                        "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress}
                       for i in mine],
+        # An elastic model's count now (the scheduler's words), or None for a fixed count.
+        "scale": scale_json(spec, (scale or {}).get(name)),
     }
     if spec is not None and spec.scaling is not None:
         # An elastic model's: idle, waking, sleeping or ready (core/elastic_state.py).
         out["state"] = model_state(Counter(i.phase for i in mine), name in wakes).value
     return out
+
+
+def scale_json(spec: ModelSpec | None, state: ScaleState | None) -> dict[str, Any] | None:
+    """What the scheduler wants of an elastic model now: `idle` at 0 replicas (it wakes on its next request),
+    `asleep` while its replicas sleep, else `active`; before the scheduler's first word, the spec's count."""
+    if spec is None or spec.scaling is None:
+        return None
+    if state is None:
+        state = ScaleState(model=spec.name, replicas=spec.replicas, reason="not yet seen by the scheduler")
+    mode = "idle" if state.replicas == 0 else "asleep" if state.sleep_level else "active"
+    return state.to_dict() | {"state": mode, "min_replicas": spec.scaling.min_replicas,
+                              "max_replicas": spec.scaling.max_replicas}
+
+
+async def scale_states(store: Store, name: str | None = None) -> dict[str, ScaleState]:
+    """Elastic models' scale states, as the scheduler leader wrote them (all, or the one of `name`)."""
+    items = ((await store.list_prefix(keys.SCALE)).items if name is None
+             else [kv for kv in [await store.get(keys.scale_key(name))] if kv is not None])
+    return {s.model: s for s in decoded(records.SCALE, items)}
 
 
 async def pending_reasons(store: Store, name: str | None = None) -> dict[str, str]:

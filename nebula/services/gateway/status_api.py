@@ -18,7 +18,14 @@ from nebula import __version__
 from nebula.core import keys
 from nebula.core.model import NodeRecord
 from nebula.errors import TemporaryError
-from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
+from nebula.services.gateway.records import (
+    instance_records,
+    model_json,
+    model_spec,
+    node_records,
+    pending_reasons,
+    scale_states,
+)
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
         model_kvs = (await st.store.list_prefix(keys.MODELS)).items
         instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items, node_kvs)
         pending = await pending_reasons(st.store)
+        scale = await scale_states(st.store)
     except TemporaryError as e:
         log.warning("status: etcd unreachable: %r", e)
         return {"gateway": _gateway_json(st),
@@ -64,7 +72,7 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
             "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
             "scheduler": {"ok": leader_id is not None, "leader": leader_id},
             "nodes": _nodes_json(records, placed),
-            "models": [model_json(n, specs.get(n), instances, pending, st.view.wakes) for n in names]}
+            "models": [model_json(n, specs.get(n), instances, pending, scale, st.view.wakes) for n in names]}
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.model import ModelSpec, NodeRecord, Placement
-from nebula.core.placement import diff_placements, place
+from nebula.core.placement import PlacementResult, diff_placements, place
+from nebula.core.scaling import ScalingDefaults
 from nebula.core.store import EventType, LeaseLostError, Store
 from nebula.errors import TemporaryError
-from nebula.services.cluster.mirror import MirrorState
+from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
+from nebula.services.scheduler.scaling import ScalePlan, Scaler, effective, with_sleep
 
 log = logging.getLogger("nebula.scheduler")
 
@@ -30,7 +33,9 @@ log = logging.getLogger("nebula.scheduler")
 class Scheduler:
     def __init__(self, store: Store, identity: str, *, lease_ttl_s: int, node_grace_s: float,
                  resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic,
-                 gpu_headroom_mib: int = 0) -> None:
+                 gpu_headroom_mib: int = 0, scaling: ScalingDefaults | None = None,
+                 wall: Callable[[], float] = time.time, scaling_pass_s: float = 5.0,
+                 evict_quiet_s: float = 60.0) -> None:
         self.store = store
         self.identity = identity
         self.lease_ttl_s = lease_ttl_s
@@ -52,6 +57,9 @@ class Scheduler:
         self._fence = Fence(0)
         self.fenced_writes = 0  # passes whose writes the fence refused: we had lost the lead
         self.metrics = SchedulerMetrics.create(registry, self, clock)
+        # Elastic capacity (services/scheduler/scaling.py): its mirrors feed it through on_scale/on_load/on_wake.
+        self.scaler = Scaler(self.writes, registry, scaling or ScalingDefaults(), notify=self.wake.set, wall=wall,
+                             evict_quiet_s=evict_quiet_s, pass_s=scaling_pass_s, leading=lambda: self.is_leader)
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_models(self, state: MirrorState[ModelSpec]) -> None:
@@ -74,13 +82,22 @@ class Scheduler:
         self.placements = {p.instance: p for p in state.records.values()}
         self._seen("placements")
 
+    def mirrors(self, store: Store, metrics: MirrorMetrics) -> list[Mirror[Any]]:
+        """Every mirror the scheduler reads (a pass waits until each has delivered its first listing)."""
+        return [Mirror(store, records.MODELS, metrics, on_change=self.on_models),
+                Mirror(store, records.NODES, metrics, on_change=self.on_nodes),
+                Mirror(store, records.PLACEMENTS, metrics, on_change=self.on_placements),
+                Mirror(store, records.SCALE, metrics, on_change=self.scaler.on_scale),
+                Mirror(store, records.LOAD, metrics, on_change=self.scaler.on_load),
+                Mirror(store, records.WAKE, metrics, on_change=self.scaler.on_wake)]
+
     def _seen(self, what: str) -> None:
         self.seen.add(what)
         self.wake.set()
 
     @property
     def ready(self) -> bool:
-        return self.seen >= {"models", "nodes", "placements"}
+        return self.seen >= {"models", "nodes", "placements"} and self.scaler.ready
 
     # --- one pass -----------------------------------------------------------------------------------
     def retained_nodes(self) -> set[str]:
@@ -90,21 +107,35 @@ class Scheduler:
                 self.gone_since.setdefault(p.node, now)  # unseen since our start: grace starts now
         return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
 
-    def compute(self) -> tuple[list[Placement], list[Placement]]:
-        result = place(self.models, self.nodes, self.placements, retained_nodes=self.retained_nodes(),
-                       gpu_reserve_mib=self.gpu_headroom_mib)
+    def compute(self, plan: ScalePlan | None = None) -> tuple[list[Placement], list[Placement]]:
+        plan = plan if plan is not None else self.scaler.plan(self.models)
+        retained = self.retained_nodes()
+
+        def place_with(models: Mapping[str, ModelSpec]) -> PlacementResult:
+            return place(models, self.nodes, self.placements, retained_nodes=retained,
+                         gpu_reserve_mib=self.gpu_headroom_mib)
+
+        result = place_with(effective(self.models, plan.states))
+        if result.pending:
+            result = self.scaler.evict(plan, self.models, result, place_with)
         if result.pending != self.pending:
             for model, reason in result.pending.items():
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
                             extra={"NEBULA_MODEL": model})
         self.pending = dict(result.pending)
-        return diff_placements(self.placements, result.placements)
+        wanted = with_sleep(result.placements, plan.states, self.models, self.scaler.defaults)
+        return diff_placements(self.placements, wanted)
 
     async def schedule_once(self) -> None:
         if not self.ready:
             return
         with self.metrics.pass_seconds.time():
-            to_write, to_delete = self.compute()
+            plan = self.scaler.plan(self.models)
+            to_write, to_delete = self.compute(plan)
+            # Scale states first: the placements below follow from them.
+            if not await self.scaler.apply(self._fence, plan):
+                self._deposed()
+                return
             if (to_write or to_delete) and not await self.writes.apply_placements(self._fence, to_write, to_delete):
                 self._deposed()
                 return
@@ -166,6 +197,7 @@ class Scheduler:
         self._fence = Fence(lease)
         self.lost_lead.clear()
         self.pending_report.reset()
+        self.scaler.reset()
         keepalive = asyncio.create_task(self._keep_lease(lease))
         try:
             while not keepalive.done() and not self.lost_lead.is_set():
@@ -173,7 +205,8 @@ class Scheduler:
                 self.wake.clear()
                 waiter = asyncio.create_task(self.wake.wait())
                 try:
-                    await asyncio.wait({waiter, keepalive}, timeout=min(self.resync_s, self._grace_tick()),
+                    tick = min(self.resync_s, self._grace_tick(), self.scaler.tick_s(self.models) or self.resync_s)
+                    await asyncio.wait({waiter, keepalive}, timeout=tick,
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()  # also when we are cancelled: no task left pending
