@@ -6,17 +6,17 @@ let who = null;
 let signingIn = null;
 
 export class ApiError extends Error {
-  constructor(status, message, param) { super(message); this.status = status; this.param = param; }
+  constructor(status, message, param, code) { super(message); this.status = status; this.param = param; this.code = code; }
 }
 
 async function errorOf(res) {
   let message = `${res.status} ${res.statusText}`;
-  let param = null;
+  let param = null, code = null;
   try {
     const body = await res.json();
-    if (body && body.error) { message = body.error.message || message; param = body.error.param; }
+    if (body && body.error) { message = body.error.message || message; param = body.error.param; code = body.error.code; }
   } catch { /* not JSON: the status line says it */ }
-  return new ApiError(res.status, message, param);
+  return new ApiError(res.status, message, param, code);
 }
 
 export async function request(method, path, body, { raw = false, signal } = {}) {
@@ -32,7 +32,9 @@ export async function request(method, path, body, { raw = false, signal } = {}) 
       throw new ApiError(0, "cannot reach the gateway; check the connection and retry");
     }
     if (res.status === 401 && attempt === 0 && !path.startsWith("/ui/login")) {
-      await signIn((await errorOf(res)).message);
+      const err = await errorOf(res);
+      // An expired or revoked session says why; a first visit just asks for a key.
+      await signIn(["session_expired", "session_revoked"].includes(err.code) ? err.message : "");
       continue;
     }
     if (!res.ok) throw await errorOf(res);
@@ -59,8 +61,7 @@ export function signIn(why) {
   const form = document.getElementById("login-form");
   const input = document.getElementById("login-key");
   const error = document.getElementById("login-error");
-  document.getElementById("login-why").textContent =
-    why && !/sign in with an admin key/i.test(why) ? why : "Sign in with an admin API key.";
+  document.getElementById("login-why").textContent = why || "Sign in with an admin API key.";
   error.textContent = "";
   overlay.hidden = false;
   document.querySelector("main").inert = true;

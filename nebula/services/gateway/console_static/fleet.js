@@ -1,6 +1,6 @@
 // Fleet at a glance, and one model's page (spec, replicas, live charts, scale and unload).
 import { del, patch } from "./api.js";
-import { ago, field, h, mib, phaseClass, showError, sparkline } from "./ui.js";
+import { ago, field, fill, h, mib, phaseClass, showError, sparkline, table } from "./ui.js";
 
 const replicasWanted = (m) => (m.spec ? m.spec.replicas : 0);
 
@@ -10,14 +10,13 @@ function stat(label, value, detail) {
 }
 
 function gpuCell(gpu) {
-  const total = gpu.memory_mib || gpu.total_mib || 0;
-  const used = gpu.used_mib ?? null;
-  const bar = total && used !== null
-    ? h("meter", { min: 0, max: total, value: used, title: `${mib(used)} of ${mib(total)} used` }) : null;
-  const extra = [gpu.utilization_pct !== undefined ? `${gpu.utilization_pct}%` : null,
-                 gpu.temperature_c !== undefined ? `${gpu.temperature_c} °C` : null].filter(Boolean).join(" · ");
+  const total = gpu.memory_total_mib || 0;
+  const used = gpu.memory_used_mib || 0;
+  const others = gpu.memory_outside_mib || 0;
   return h("div", { class: "gpu" }, h("span", {}, `GPU ${gpu.index}`, gpu.name ? ` · ${gpu.name}` : ""),
-           h("span", { class: "muted" }, total ? mib(total) : ""), bar, extra ? h("small", { class: "muted" }, extra) : null);
+    h("span", { class: "muted" }, total ? mib(total) : ""),
+    total ? h("meter", { min: 0, max: total, value: used, "aria-label": `GPU ${gpu.index} memory used` }) : null,
+    h("small", { class: "muted" }, `${mib(Math.max(0, used - others))} Nebula · ${mib(others)} others · ${mib(Math.max(0, total - used))} free`));
 }
 
 export function fleetPage() {
@@ -33,35 +32,30 @@ export function fleetPage() {
     const gpus = fleet.nodes.reduce((n, node) => n + node.gpus.length, 0);
     const ready = fleet.models.reduce((n, m) => n + m.ready, 0);
     const wanted = fleet.models.reduce((n, m) => n + replicasWanted(m), 0);
-    stats.replaceChildren(stat("Nodes", fleet.nodes.length, "alive"), stat("GPUs", gpus),
+    fill(stats, stat("Nodes", fleet.nodes.length, "alive"), stat("GPUs", gpus),
                           stat("Models", fleet.models.length), stat("Replicas ready", `${ready} / ${wanted}`));
-    models.replaceChildren(fleet.models.length ? h("table", { class: "models" },
-      h("thead", {}, h("tr", {}, ["Model", "Task", "Ready", "Replicas", "Restarts", "Nodes"].map((t) => h("th", { scope: "col" }, t)))),
-      h("tbody", {}, fleet.models.map((m) => {
+    fill(models, fleet.models.length ? table(["Model", "Task", "Ready", "Replicas", "Restarts", "Nodes"],
+      fleet.models.map((m) => {
         const restarts = m.instances.reduce((n, i) => n + (i.restarts || 0), 0);
         const nodeNames = [...new Set(m.instances.map((i) => i.node))].join(", ");
         const full = m.spec && m.ready >= replicasWanted(m);
-        return h("tr", { "data-model": m.name },
-          h("td", {}, h("a", { href: `#/model/${encodeURIComponent(m.name)}` }, m.name),
+        return { attrs: { "data-model": m.name }, cells: [
+          [h("a", { href: `#/model/${encodeURIComponent(m.name)}` }, m.name),
             m.pending_reason ? h("div", { class: "pending" }, `Pending: ${m.pending_reason}`) : null,
-            !m.spec ? h("div", { class: "muted" }, "unloading") : null),
-          h("td", {}, m.spec ? m.spec.task : "–"),
-          h("td", {}, h("span", { class: `badge ${full ? "ok" : "warn"}`, "data-ready": `${m.ready}/${replicasWanted(m)}` },
-            `${m.ready} / ${replicasWanted(m)}`)),
-          h("td", {}, m.instances.map((i) => h("span", { class: phaseClass(i.phase), title: `${i.instance} on ${i.node}${i.message ? `: ${i.message}` : ""}` },
-            i.phase, i.progress != null && i.phase === "downloading" ? ` ${Math.round(i.progress * 100)}%` : ""))),
-          h("td", {}, restarts),
-          h("td", {}, nodeNames || "–"));
-      })))
+            !m.spec ? h("div", { class: "muted" }, "unloading") : null],
+          m.spec ? m.spec.task : "–",
+          h("span", { class: `badge ${full ? "ok" : "warn"}`, "data-ready": `${m.ready}/${replicasWanted(m)}` },
+            `${m.ready} / ${replicasWanted(m)}`),
+          m.instances.length ? m.instances.map((i) => h("span", { class: phaseClass(i.phase), title: `${i.instance} on ${i.node}${i.message ? `: ${i.message}` : ""}` },
+            i.phase, i.progress != null && i.phase === "downloading" ? ` ${Math.round(i.progress * 100)}%` : "")) : "–",
+          restarts, nodeNames || "–"] };
+      }), { class: "models" })
       : h("p", { class: "empty" }, "No model is loaded. ", h("a", { href: "#/load" }, "Load one.")));
-    nodes.replaceChildren(fleet.nodes.length ? h("table", {},
-      h("thead", {}, h("tr", {}, ["Node", "Address", "GPUs", "Agent", "Runtimes"].map((t) => h("th", { scope: "col" }, t)))),
-      h("tbody", {}, fleet.nodes.map((n) => h("tr", {},
-        h("td", {}, h("span", { class: "dot ok", "aria-hidden": "true" }), n.name),
-        h("td", {}, `${n.address}`),
-        h("td", {}, n.gpus.length ? n.gpus.map(gpuCell) : h("span", { class: "muted" }, "CPU only")),
-        h("td", {}, n.agent_version || "–"),
-        h("td", {}, (n.runtimes || []).join(", ") || "–")))))
+    fill(nodes, fleet.nodes.length ? table(["Node", "Address", "GPUs", "Agent", "Runtimes"],
+      fleet.nodes.map((n) => ({ cells: [
+        [h("span", { class: "dot ok", "aria-hidden": "true" }), n.name], n.address,
+        n.gpus.length ? n.gpus.map(gpuCell) : h("span", { class: "muted" }, "CPU only"),
+        n.agent_version || "–", (n.runtimes || []).join(", ") || "–"] })))
       : h("p", { class: "empty" }, "No node has joined."));
   };
   return { el, title: "Fleet", update };
@@ -91,7 +85,7 @@ function series(figures, name) {
     const a = figures[Math.max(0, i - WINDOW)], b = figures[i];
     const ma = a.models[name], mb = b.models[name];
     const dt = Math.max(b.at - a.at, 1e-3);
-    if (!mb) continue;
+    if (!mb) { for (const k of Object.keys(out)) out[k].push(k.startsWith("p") ? NaN : 0); continue; }
     out.rps.push(ma ? (mb.requests - ma.requests) / dt : 0);
     out.tps.push(ma ? (mb.tokens - ma.tokens) / dt : 0);
     out.p50.push(quantile(0.5, mb.ttft_buckets, ma && ma.ttft_buckets) * 1000);
@@ -147,32 +141,29 @@ export function modelPage(name, live) {
     const ready = head.querySelector("#model-ready");
     if (!m) {
       ready.textContent = "not loaded"; ready.className = "badge";
-      replicas.replaceChildren(h("p", { class: "empty" }, "This model is not loaded."));
+      fill(replicas, h("p", { class: "empty" }, "This model is not loaded."));
       return;
     }
     ready.textContent = `${m.ready} / ${replicasWanted(m)} ready`;
     ready.className = `badge ${m.spec && m.ready >= replicasWanted(m) ? "ok" : "warn"}`;
     ready.dataset.ready = `${m.ready}/${replicasWanted(m)}`;
     if (!seededReplicas && m.spec) { replicasInput.value = m.spec.replicas; seededReplicas = true; }
-    replicas.replaceChildren(
+    fill(replicas, 
       m.pending_reason ? h("p", { class: "pending" }, `Pending: ${m.pending_reason}`) : null,
-      m.instances.length ? h("table", {},
-        h("thead", {}, h("tr", {}, ["Replica", "Phase", "Node", "Restarts", "Since"].map((t) => h("th", { scope: "col" }, t)))),
-        h("tbody", {}, m.instances.map((i) => h("tr", {},
-          h("td", {}, i.instance, i.message ? h("div", { class: "muted small" }, i.message) : null),
-          h("td", {}, h("span", { class: phaseClass(i.phase) }, i.phase)),
-          h("td", {}, i.node), h("td", {}, i.restarts || 0), h("td", {}, ago(i.since))))))
+      m.instances.length ? table(["Replica", "Phase", "Node", "Restarts", "Since"], m.instances.map((i) => ({ cells: [
+          [i.instance, i.message ? h("div", { class: "muted small" }, i.message) : null],
+          h("span", { class: phaseClass(i.phase) }, i.phase), i.node, i.restarts || 0, ago(i.since)] })))
         : h("p", { class: "empty" }, "No replica yet."));
     const s = series(figures, name);
     const fmt = (d, u) => (v) => `${v.toFixed(d)}${u}`;
-    charts.replaceChildren(sparkline("Requests/s", s.rps, fmt(2, "")), sparkline("TTFT p50", s.p50, fmt(0, " ms")),
+    fill(charts, sparkline("Requests/s", s.rps, fmt(2, "")), sparkline("TTFT p50", s.p50, fmt(0, " ms")),
       sparkline("TTFT p99", s.p99, fmt(0, " ms")), sparkline("Tokens/s", s.tps, fmt(1, "")),
       sparkline("Waiting", s.waiting, fmt(0, "")), sparkline("KV cache", s.kv, fmt(0, " %")));
     if (m.spec) {
       const rows = Object.entries(m.spec).filter(([k, v]) => k !== "profile" && v !== "" && v !== null
         && !(Array.isArray(v) && !v.length) && !(typeof v === "object" && !Array.isArray(v) && !Object.keys(v).length));
       if (m.spec.profile) rows.push(["profile", m.spec.profile]);
-      spec.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k.replaceAll("_", " ")),
+      fill(spec, ...rows.flatMap(([k, v]) => [h("dt", {}, k.replaceAll("_", " ")),
         h("dd", {}, typeof v === "object" ? h("code", { class: "json" }, JSON.stringify(v, null, 1)) : String(v))]));
     }
   };

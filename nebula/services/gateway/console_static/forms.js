@@ -1,6 +1,6 @@
 // Load a model; API keys (create with the secret shown once, list, revoke).
 import { del, get, post } from "./api.js";
-import { ago, field, h, showError } from "./ui.js";
+import { ago, field, fill, h, showError, table } from "./ui.js";
 
 const NAME_RE = /^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$/i;
 
@@ -25,33 +25,38 @@ export function loadPage() {
   let catalog = [];
   get("/v1/admin/catalog").then((c) => {
     catalog = c.data || [];
-    datalist.replaceChildren(...catalog.map((m) => h("option", { value: m.name }, m.description || m.source || "")));
+    fill(datalist, ...catalog.map((m) => h("option", { value: m.name }, m.description || m.source || "")));
   }).catch(() => {});
   const body = () => {
-    const b = { name: name.value.trim(), source: source.value.trim(), replicas: Number(replicas.value || 1) };
+    const b = { name: nameValue(), source: source.value.trim(), replicas: Number(replicas.value || 1) };
     if (maxLen.value) b.max_model_len = Number(maxLen.value);
     if (task.value) b.task = task.value;
     return b;
   };
   const check = () => {
     if (!source.value.trim()) return { param: "source", message: "Enter a source." };
-    if (!NAME_RE.test(name.value.trim())) return { param: "name", message: "Letters, digits, '.', '_' and '-', up to 64." };
+    if (!NAME_RE.test(nameValue())) return { param: "name", message: "Letters, digits, '.', '_' and '-', up to 64." };
     const r = Number(replicas.value);
     if (!Number.isInteger(r) || r < 1 || r > 64) return { param: "replicas", message: "From 1 to 64." };
     if (maxLen.value && (!Number.isInteger(Number(maxLen.value)) || Number(maxLen.value) < 16)) return { param: "max_model_len", message: "A whole number, 16 or more." };
     return null;
   };
-  source.addEventListener("change", () => {
-    if (!name.value && source.value) name.value = source.value.split(/[/:]/).filter(Boolean).pop().toLowerCase().replace(/[^a-z0-9._-]/g, "-").slice(0, 64);
+  // The name defaults to the source's last part, offered as the placeholder until one is typed.
+  let suggested = "";
+  source.addEventListener("input", () => {
+    const last = source.value.split(/[/:]/).filter(Boolean).pop() || "";
+    suggested = last.toLowerCase().replace(/[^a-z0-9._-]/g, "-").replace(/^[^a-z0-9]+|[^a-z0-9]+$/g, "").slice(0, 64);
+    name.placeholder = suggested || "my-model";
   });
+  const nameValue = () => name.value.trim() || suggested;
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const bad = check();
     showError(form, bad, msg);
     confirm.hidden = !!bad;
-    if (bad) { review.replaceChildren(); return; }
+    if (bad) { fill(review); return; }
     const entry = catalog.find((m) => m.name === source.value.trim());
-    review.replaceChildren(h("h3", {}, "About to load"), h("pre", {}, JSON.stringify(body(), null, 2)),
+    fill(review, h("h3", {}, "About to load"), h("pre", {}, JSON.stringify(body(), null, 2)),
       entry ? h("pre", { class: "muted" }, JSON.stringify(entry, null, 2)) : null,
       h("p", { class: "muted" }, "Nebula reads the model's files, sizes its GPU memory and picks its node when it is loaded; the result shows here and on the model's page."));
     confirm.focus();
@@ -63,7 +68,7 @@ export function loadPage() {
     try {
       const r = await post("/v1/admin/models", body());
       const spec = r.model;
-      review.replaceChildren(h("p", { class: "ok-text" }, r.created ? `Loading ${spec.name}.` : `${spec.name} was already loaded.`),
+      fill(review, h("p", { class: "ok-text" }, r.created ? `Loading ${spec.name}.` : `${spec.name} was already loaded.`),
         r.note ? h("p", { class: "muted" }, r.note) : null,
         h("p", {}, h("a", { href: `#/model/${encodeURIComponent(spec.name)}` }, `Watch ${spec.name} start →`)));
       confirm.hidden = true;
@@ -87,27 +92,25 @@ export function keysPage() {
   const refresh = async () => {
     try {
       const keys = (await get("/v1/admin/keys")).data;
-      list.replaceChildren(h("table", {},
-        h("thead", {}, h("tr", {}, ["Name", "Id", "Scopes", "Created", ""].map((t) => h("th", { scope: "col" }, t)))),
-        h("tbody", {}, keys.map((k) => {
-          const out = h("td", {});
-          if (k.source === "etcd") {
-            const yes = h("button", { type: "button", class: "danger", hidden: true }, "Confirm revoke");
-            const ask = h("button", { type: "button", class: "ghost danger", "aria-label": `Revoke ${k.name}` }, "Revoke");
-            ask.addEventListener("click", () => { yes.hidden = false; yes.focus(); });
-            yes.addEventListener("click", async () => {
-              try { await del(`/v1/admin/keys/${encodeURIComponent(k.id)}`); refresh(); } catch (e) { out.append(h("p", { class: "error" }, e.message)); }
-            });
-            out.append(ask, yes);
-          } else out.append(h("span", { class: "muted" }, "from the config"));
-          return h("tr", { "data-key": k.id }, h("td", {}, k.name), h("td", {}, h("code", {}, k.id)),
-            h("td", {}, (k.scopes || []).join(", ")), h("td", {}, ago(k.created)), out);
-        }))));
-    } catch (e) { list.replaceChildren(h("p", { class: "error" }, e.message)); }
+      fill(list, table(["Name", "Id", "Scopes", "Created", "Actions"], keys.map((k) => {
+        const out = [];
+        if (k.source === "etcd") {
+          const yes = h("button", { type: "button", class: "danger", hidden: true }, "Confirm revoke");
+          const ask = h("button", { type: "button", class: "ghost danger", "aria-label": `Revoke ${k.name}` }, "Revoke");
+          const err = h("p", { class: "error", role: "alert" });
+          ask.addEventListener("click", () => { yes.hidden = false; yes.focus(); });
+          yes.addEventListener("click", async () => {
+            try { await del(`/v1/admin/keys/${encodeURIComponent(k.id)}`); refresh(); } catch (e) { err.textContent = e.message; }
+          });
+          out.push(ask, " ", yes, err);
+        } else out.push(h("span", { class: "muted" }, "from the config"));
+        return { attrs: { "data-key": k.id }, cells: [k.name, h("code", {}, k.id), (k.scopes || []).join(", "), ago(k.created), out] };
+      })));
+    } catch (e) { fill(list, h("p", { class: "error" }, e.message)); }
   };
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    secret.replaceChildren();
+    fill(secret);
     const scopes = [inference.checked && "inference", admin.checked && "admin"].filter(Boolean);
     if (!name.value.trim()) { showError(form, { param: "name", message: "Name the key." }, msg); return; }
     if (!scopes.length) { showError(form, { message: "Pick at least one scope." }, msg); return; }
@@ -117,7 +120,7 @@ export function keysPage() {
       const value = h("input", { readonly: true, value: k.key, id: "new-key", class: "secret", spellcheck: "false" });
       const copy = h("button", { type: "button" }, "Copy");
       copy.addEventListener("click", () => { value.select(); navigator.clipboard?.writeText(k.key); copy.textContent = "Copied"; });
-      secret.replaceChildren(h("div", { class: "secret-box" }, h("label", { for: "new-key" }, `Key for ${k.name} — shown once, copy it now`),
+      fill(secret, h("div", { class: "secret-box" }, h("label", { for: "new-key" }, `Key for ${k.name} — shown once, copy it now`),
         h("div", { class: "row" }, value, copy)));
       name.value = "";
       refresh();

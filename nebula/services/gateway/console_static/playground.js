@@ -1,6 +1,6 @@
 // Chat with a ready model, streamed, and the same request as curl and Python to copy.
 import { request } from "./api.js";
-import { field, h, showError } from "./ui.js";
+import { field, fill, h, showError } from "./ui.js";
 
 export function playgroundPage(_arg, live) {
   const model = h("select", { name: "model", required: true });
@@ -41,7 +41,7 @@ export function playgroundPage(_arg, live) {
     const base = `${location.origin}/v1`;
     const curl = `curl ${base}/chat/completions \\\n  -H "Authorization: Bearer $NEBULA_API_KEY" \\\n  -H "Content-Type: application/json" \\\n  -d '${json.replaceAll("'", "'\\''")}'`;
     const py = `from openai import OpenAI\n\nclient = OpenAI(base_url="${base}", api_key=os.environ["NEBULA_API_KEY"])\nstream = client.chat.completions.create(**${JSON.stringify(b, null, 4).replaceAll("true", "True").replaceAll("false", "False").replaceAll("null", "None")})\nfor chunk in stream:\n    print(chunk.choices[0].delta.content or "", end="")`;
-    snippets.replaceChildren(...[["curl", curl], ["Python", `import os\n${py}`]].map(([t, code]) => {
+    fill(snippets, ...[["curl", curl], ["Python", `import os\n${py}`]].map(([t, code]) => {
       const copy = h("button", { type: "button", class: "ghost small" }, "Copy");
       copy.addEventListener("click", () => { navigator.clipboard?.writeText(code); copy.textContent = "Copied"; });
       return h("div", { class: "card snippet" }, h("div", { class: "row between" }, h("h3", {}, t), copy), h("pre", {}, h("code", {}, code)));
@@ -113,7 +113,7 @@ export function playgroundPage(_arg, live) {
     const have = [...model.options].map((o) => o.value);
     if (ready.join() === have.join()) return;
     const keep = model.value;
-    model.replaceChildren(...ready.map((n) => h("option", { value: n }, n)));
+    fill(model, ...ready.map((n) => h("option", { value: n }, n)));
     if (ready.includes(keep)) model.value = keep;
     renderSnippets();
   };

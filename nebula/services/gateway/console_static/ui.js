@@ -62,3 +62,16 @@ export function sparkline(title, values, format) {
       h("polyline", { points: pts.join(" "), fill: "none", stroke: "currentColor", "stroke-width": "2",
                       "vector-effect": "non-scaling-stroke" })));
 }
+
+// el's children become `kids` (null and false left out).
+export function fill(el, ...kids) {
+  el.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+  return el;
+}
+
+// A table whose cells carry their column's name, which the narrow layout shows beside each value.
+export function table(headers, rows, attrs = {}) {
+  return h("table", attrs, h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, rows.map(({ attrs: rowAttrs = {}, cells }) => h("tr", rowAttrs,
+      cells.map((c, i) => h("td", { "data-label": headers[i] }, c))))));
+}
