@@ -66,8 +66,7 @@ async def console() -> AsyncIterator[Console]:
         await server.start_server()
         # unsafe: the test server is 127.0.0.1, which aiohttp's default jar keeps no cookies for
         http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-        st = app[GATEWAY]
-        await until(lambda: st.auth.synced and len(st.table.ready()) == 1)
+        await until(lambda: app[GATEWAY].auth.synced and len(app[GATEWAY].table.ready()) == 1)  # noqa: B023
         try:
             yield Console(server, http, engine)
         finally:
@@ -115,7 +114,7 @@ async def test_a_state_change_without_the_csrf_token_is_refused(console: Console
     status, body = await console.call("PATCH", "/v1/admin/models/m", {"replicas": 2},
                                       headers={cs.CSRF_HEADER: "forged"}, csrf=False)
     assert status == 403
-    status, key = await console.call("POST", "/v1/admin/keys", {"name": "ops", "scopes": ["admin"]})
+    status, _ = await console.call("POST", "/v1/admin/keys", {"name": "ops", "scopes": ["admin"]})
     assert status == 201
 
 

@@ -94,14 +94,18 @@ def test_the_secret_leaves_the_environment_and_a_missing_or_short_one_is_replace
     env = {cs.SECRET_ENV: cs.new_console_secret()}
     cs.console_secret(env)
     assert cs.SECRET_ENV not in env
-    alone = [cs.console_secret({}), cs.console_secret({cs.SECRET_ENV: "abcd"}), cs.console_secret({cs.SECRET_ENV: "zz"})]
+    alone = [cs.console_secret(given) for given in ({}, {cs.SECRET_ENV: "abcd"}, {cs.SECRET_ENV: "zz"})]
     assert len({*alone}) == 3 and all(len(s) == 32 for s in alone)
 
 
-def test_renewal_past_half_life() -> None:
-    session = cs.parse(SECRET, cs.issue(SECRET, ADMIN, T0, lifetime_s=100), T0)
+def test_renewal_past_half_life_keeps_the_csrf_token() -> None:
+    token = cs.issue(SECRET, ADMIN, T0, lifetime_s=100)
+    session = cs.parse(SECRET, token, T0)
     assert not cs.should_renew(session, T0 + 49, lifetime_s=100)
     assert cs.should_renew(session, T0 + 51, lifetime_s=100)
+    renewed = cs.issue(SECRET, ADMIN, T0 + 51, lifetime_s=100, nonce=session.nonce)
+    assert renewed != token and cs.csrf_token(SECRET, renewed) == cs.csrf_token(SECRET, token)
+    assert check(renewed, now=T0 + 120, method="POST", csrf=cs.csrf_token(SECRET, token)) == ADMIN
 
 
 def test_the_cookie_is_out_of_scripts_and_other_sites_reach() -> None:

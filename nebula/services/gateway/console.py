@@ -138,9 +138,10 @@ async def _session(request: web.Request) -> web.Response:
     if not token:  # an admin key in a header reached here: it has no session to describe
         raise ApiError(401, "sign in to the console with an admin key", code="session_invalid")
     record = request_key(request)
-    renew = cs.should_renew(cs.parse(con.secret, token, con.wall()), con.wall())
-    if renew:
-        token = cs.issue(con.secret, record, con.wall())
+    session = cs.parse(con.secret, token, con.wall())
+    renew = cs.should_renew(session, con.wall())
+    if renew:  # same nonce: the page's CSRF token stays good
+        token = cs.issue(con.secret, record, con.wall(), nonce=session.nonce)
     return _session_response(con, token, record, renewed=renew)
 
 

@@ -63,6 +63,7 @@ class Session:
     key_id: str
     digest_prefix: str
     expires: float
+    nonce: str  # kept when the session is renewed, so its CSRF token stays the same
 
 
 def _b64(data: bytes) -> str:
@@ -77,17 +78,26 @@ def _mac(secret: bytes, label: bytes, payload: str) -> bytes:
     return hmac.new(secret, label + payload.encode(), hashlib.sha256).digest()
 
 
-def issue(secret: bytes, record: KeyRecord | None, now: float, lifetime_s: float = SESSION_S) -> str:
-    """A session token for `record` (None: the gateway is open, no key exists) valid until now + lifetime."""
+def issue(secret: bytes, record: KeyRecord | None, now: float, lifetime_s: float = SESSION_S,
+          nonce: str | None = None) -> str:
+    """A session token for `record` (None: the gateway is open, no key exists) valid until now + lifetime;
+    `nonce`: the session's it renews."""
     body = {"k": record.id if record else OPEN_GATEWAY, "d": record.digest[:_DIGEST_PREFIX] if record else "",
-            "e": round(now + lifetime_s, 3), "n": secrets.token_hex(8)}
+            "e": round(now + lifetime_s, 3), "n": nonce or secrets.token_hex(16)}
     payload = _b64(json.dumps(body, separators=(",", ":")).encode())
     return f"{payload}.{_b64(_mac(secret, b'session:', payload))}"
 
 
 def csrf_token(secret: bytes, token: str) -> str:
-    """The session's CSRF token: derived, so no worker needs to remember it."""
-    return _b64(_mac(secret, b"csrf:", token))[:32]
+    """The session's CSRF token: derived (from its key and nonce, so a renewed cookie keeps it), so no
+    worker needs to remember it."""
+    payload = token.partition(".")[0]
+    try:
+        body = json.loads(_unb64(payload))
+        ident = f"{body['k']}:{body['n']}" if isinstance(body, dict) else payload
+    except (binascii.Error, ValueError, UnicodeDecodeError, KeyError):
+        ident = payload
+    return _b64(_mac(secret, b"csrf:", str(ident)))[:32]
 
 
 def parse(secret: bytes, token: str, now: float) -> Session:
@@ -98,12 +108,12 @@ def parse(secret: bytes, token: str, now: float) -> Session:
         body = json.loads(_unb64(payload)) if good else None
     except (binascii.Error, ValueError, UnicodeDecodeError):
         body = None
-    if not isinstance(body, dict) or not isinstance(body.get("k"), str) or not isinstance(body.get("d"), str) \
+    if not isinstance(body, dict) or not all(isinstance(body.get(f), str) for f in "kdn") \
             or not isinstance(body.get("e"), (int, float)):
         raise SessionError(401, "not signed in: your console session is not valid; sign in again", "session_invalid")
     if body["e"] <= now:
         raise SessionError(401, "your console session expired; sign in again", "session_expired")
-    return Session(body["k"], body["d"], float(body["e"]))
+    return Session(body["k"], body["d"], float(body["e"]), body["n"])
 
 
 def check(secret: bytes, token: str, now: float, method: str, csrf: str | None,

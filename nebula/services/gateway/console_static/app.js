@@ -1,5 +1,5 @@
 // The console: a hash router over five pages, all drawn from the live feed and the admin API.
-import { get, openFeed, signOut, startSession } from "./api.js";
+import { openFeed, signOut, startSession } from "./api.js";
 import { fleetPage, modelPage } from "./fleet.js";
 import { loadPage, keysPage } from "./forms.js";
 import { playgroundPage } from "./playground.js";
@@ -35,14 +35,23 @@ async function main() {
   window.addEventListener("hashchange", route);
   route();
   openFeed({
-    fleet: (data) => { live.fleet = data; document.body.dataset.fleet = "live"; news(); },
+    fleet: (data) => {
+      live.fleet = data;
+      news();
+      if (!document.body.dataset.fleet) performance.mark("nebula-first-fleet"); // time to first render
+      document.body.dataset.fleet = "live";
+    },
     figures: (data) => {
       live.figures.push(data);
       if (live.figures.length > HISTORY) live.figures.shift();
       news();
     },
   });
-  window.nebulaConsole = { get }; // for a curious operator's devtools
+  // An operator at work stays signed in: the session API renews the cookie past half its life. An idle
+  // tab does not call it, so its session lapses.
+  let active = false;
+  for (const ev of ["keydown", "pointerdown"]) document.addEventListener(ev, () => { active = true; }, { passive: true });
+  setInterval(() => { if (active) { active = false; startSession().catch(() => {}); } }, 5 * 60 * 1000);
 }
 
 main();
