@@ -48,7 +48,7 @@ def _http(gateway: str, method: str, path: str, key: str | None, body: object = 
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _until(what: str, cond: Callable[[], object], timeout_s: float, every_s: float = 0.5) -> Any:
+def _until(what: str, cond: Callable[[], object], timeout_s: float, every_s: float = 0.5, fail: bool = True) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -58,6 +58,8 @@ def _until(what: str, cond: Callable[[], object], timeout_s: float, every_s: flo
         if got:
             return got
         if time.monotonic() > deadline:
+            if not fail:
+                return None
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every_s)
 
@@ -99,8 +101,15 @@ def admin_key(api_cluster: ApiCluster) -> Iterator[str]:
             finally:
                 await store.close()
         asyncio.run(drop_keys())
-        _until("the gateway to be open again",
-               lambda: _http(api_cluster.gateway_url, "GET", "/v1/admin/models", None)[0] == 200, 30)
+        last: list[object] = []
+
+        def open_again() -> bool:
+            last[:] = [_http(api_cluster.gateway_url, "GET", "/v1/admin/models", None),
+                       _http(api_cluster.gateway_url, "GET", "/healthz", None)]
+            return bool(last[0][0] == 200)  # type: ignore[index]
+
+        if not _until("the gateway to be open again", open_again, 60, 1.0, fail=False):
+            pytest.fail(f"the gateway stayed closed after its keys were deleted: {last}")
 
 
 class Page:
@@ -114,12 +123,14 @@ class Page:
     def el(self, css: str) -> WebElement:
         found: WebElement = _until(css, lambda: next(
             (e for e in self.d.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()), None), 20, 0.2)
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", found)
         return found
 
     def button(self, text: str) -> WebElement:
         found: WebElement = _until(f"button {text!r}", lambda: next(
             (b for b in self.d.find_elements(By.TAG_NAME, "button") if b.is_displayed() and b.text.strip() == text),
             None), 20, 0.2)
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", found)
         return found
 
     def type(self, css: str, text: str) -> None:
@@ -140,8 +151,17 @@ class Page:
 
 def test_the_console_runs_the_fleet(api_cluster: ApiCluster, admin_key: str, browser: WebDriver, artefacts: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    gw = api_cluster.gateway_url
-    page = Page(browser, gw, artefacts)
+    try:
+        _drive(api_cluster.gateway_url, admin_key, Page(browser, api_cluster.gateway_url, artefacts), capsys)
+    finally:  # leave the cluster as found: the second model unloaded and its engines gone
+        gw = api_cluster.gateway_url
+        assert _http(gw, "DELETE", f"/v1/admin/models/{MODEL}", admin_key)[0] in (200, 404)
+        _until(f"{MODEL}'s instances gone", lambda: not any(
+            m["name"] == MODEL for m in _http(gw, "GET", "/v1/admin/models", admin_key)[1]["data"]), 180, 1.0)
+
+
+def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[str]) -> None:
+    browser, artefacts = page.d, page.shots
     browser.get(gw + "/ui/")
 
     # --- sign in: a wrong key is refused, the admin key opens the fleet ---------------------------------
@@ -278,11 +298,3 @@ def test_the_console_runs_the_fleet(api_cluster: ApiCluster, admin_key: str, bro
               f"({figures['body_bytes']} uncompressed), DOM ready {figures['dom_ms']:.0f} ms, "
               f"fleet drawn {figures['fleet_ms']:.0f} ms after navigation, "
               f"phases seen {seen}; screenshots in {artefacts}")
-
-
-def test_the_console_leaves_no_model_behind(api_cluster: ApiCluster) -> None:
-    """After the browser test (or its failure): the second model is unloaded, its engines gone."""
-    status, _ = _http(api_cluster.gateway_url, "DELETE", f"/v1/admin/models/{MODEL}", None)
-    assert status in (200, 404)
-    _until(f"{MODEL}'s instances gone", lambda: not any(
-        m["name"] == MODEL for m in _http(api_cluster.gateway_url, "GET", "/v1/admin/models", None)[1]["data"]), 180)
