@@ -93,6 +93,9 @@ class Authenticator:
         # revoked one stops at once here (other gateways follow within their watch's delay).
         self._created: dict[str, KeyRecord] = {}
         self._revoked: set[str] = set()
+        # Ids the mirror has listed at some time: a write it has already seen (the watch can beat the handler
+        # that made it) must not be applied again, or a key deleted since would live on here.
+        self._seen: set[str] = set()
         self._by_digest: dict[str, KeyRecord] = dict(self._config)
         self._any_stored = False  # a record exists, valid or not: a damaged key record must not open the gateway
         self.synced = False  # the mirror delivered its first listing: "no such key" is then the truth
@@ -104,6 +107,7 @@ class Authenticator:
         """The API keys mirror's callback: every valid key record (refused ones are in `state.bad`)."""
         stored = {record.id: record for record in state.records.values()}
         self._stored = stored
+        self._seen |= set(stored)
         self._any_stored = bool(state.records or state.bad)
         self._created = {i: r for i, r in self._created.items() if i not in stored}
         self._revoked &= set(stored)
@@ -111,6 +115,8 @@ class Authenticator:
         self._rebuild()
 
     def created(self, record: KeyRecord) -> None:
+        if record.id in self._seen:
+            return
         self._created[record.id] = record
         self._rebuild()
 
