@@ -48,7 +48,8 @@ else
 fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
 apt_packages=(etcd-server systemd-container dbus polkitd gcc python3-dev python3-venv
-              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl)
+              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl
+              chromium chromium-driver)
 
 find_python311() {
     # Debian's own 3.11 first (what production nodes have), else the first python3.11 the caller has.

@@ -532,6 +532,7 @@ async def test_serve_gateway_notifies_and_cancels_upstream_when_the_client_leave
 
 def test_forwarded_headers_are_end_to_end_only_and_json() -> None:
     sent = CIMultiDict([("Host", "gw"), ("Authorization", "Bearer k"), ("content-type", "text/plain"),
+                        ("Cookie", "nebula_console=t"), ("X-Nebula-CSRF", "c"),
                         ("X-Tag", "a"), ("X-Tag", "b"), ("Connection", "keep-alive"), ("Content-Length", "2")])
     assert forward_headers(sent, {"Content-Type": "application/json"}) == {
         "X-Tag": "a, b", "Accept-Encoding": "identity", "Content-Type": "application/json"}

@@ -32,6 +32,7 @@ from nebula.services.gateway import (
     admin_api,
     audio_api,
     catalog_api,
+    console,
     discovery,
     keys_api,
     openai_api,
@@ -39,6 +40,7 @@ from nebula.services.gateway import (
     status_api,
 )
 from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
+from nebula.services.gateway.console_session import console_secret
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
@@ -82,7 +84,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                       engine: EngineConfig | None = None, catalog: Catalog | None = None,
                       node: NodeConfig | None = None, models: ModelsConfig | None = None,
                       families: Families | None = None, gpu_headroom_mib: int = 1024, reporter: str = "",
-                      lease_ttl_s: int = 10) -> web.Application:
+                      lease_ttl_s: int = 10, console_secret: bytes | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open. `reporter`: this process's name in /nebula/load/ (its load
@@ -104,9 +106,14 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
                          models=models or ModelsConfig(), families=families, gpu_headroom_mib=gpu_headroom_mib)
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
-    app = web.Application(middlewares=[error_middleware, unknown_path_middleware(), auth_middleware(auth)],
+    app = web.Application(middlewares=[error_middleware, unknown_path_middleware(),
+                                       auth_middleware(auth, console.session_auth())],
                           client_max_size=cfg.max_body_bytes)
     app[GATEWAY] = state
+    # The web console (/ui/): its sessions are signed with a secret the gateway's workers share.
+    app[console.CONSOLE] = console.ConsoleState(secret=console_secret or os.urandom(32), registry=registry,
+                                                secure=bool(cfg.tls_cert_file), files=console.read_static())
+    app.on_response_prepare.append(console.add_security_headers)
     app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()
     registry.register(ModelCollector(view, table))
     state.waker = Waker(cfg, table, state.load, state.writes.request_wake, WakeMetrics(registry), reporter)
@@ -146,7 +153,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
             "gateway-load-report"))
     app.add_routes(openai_api.routes() + audio_api.routes() + responses_api.routes() + admin_api.routes()
                    + status_api.routes()
-                   + keys_api.routes() + catalog_api.routes() + discovery.routes() + [openapi_route()])
+                   + keys_api.routes() + catalog_api.routes() + discovery.routes() + [openapi_route()]
+                   + console.routes())
     app.add_routes([web.get("/healthz", _healthz), metrics_route(registry)])
     return app
 
@@ -201,7 +209,8 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
                             catalog=load_catalog(cfg.catalog), node=cfg.node, models=cfg.models,
                             families=read_families(cfg.models.profiles_files),
                             gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib,
-                            reporter=reporter_name(node_name(cfg), os.getpid()), lease_ttl_s=cfg.cluster.lease_ttl_s)
+                            reporter=reporter_name(node_name(cfg), os.getpid()), lease_ttl_s=cfg.cluster.lease_ttl_s,
+                            console_secret=console_secret(os.environ))
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",

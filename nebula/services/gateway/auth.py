@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +37,10 @@ ADMIN_PREFIX = "/v1/admin/"
 ADMIN_PATHS = frozenset({"/v1/admin", "/v1/models/load"})
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 ANY_KEY_PATHS = frozenset({"/openapi.json"})
+# The web console (console.py): its page, script and login are open (they hold nothing secret; the login
+# checks the key itself), its API is the admin's, with the session cookie as the credential.
+CONSOLE_PREFIX = "/ui"
+CONSOLE_API_PREFIX = "/ui/api/"
 
 # The key a request was authenticated with (absent while the gateway is open).
 API_KEY = web.RequestKey("nebula_api_key", KeyRecord)
@@ -51,6 +55,10 @@ class Scope(enum.Enum):
 
 def scope_of(path: str) -> Scope:
     if path in OPEN_PATHS:
+        return Scope.OPEN
+    if path.startswith(CONSOLE_API_PREFIX):
+        return Scope.ADMIN
+    if path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/"):
         return Scope.OPEN
     if path.startswith(ADMIN_PREFIX) or path in ADMIN_PATHS:
         return Scope.ADMIN
@@ -85,6 +93,9 @@ class Authenticator:
         # revoked one stops at once here (other gateways follow within their watch's delay).
         self._created: dict[str, KeyRecord] = {}
         self._revoked: set[str] = set()
+        # Ids the mirror has listed at some time: a write it has already seen (the watch can beat the handler
+        # that made it) must not be applied again, or a key deleted since would live on here.
+        self._seen: set[str] = set()
         self._by_digest: dict[str, KeyRecord] = dict(self._config)
         self._any_stored = False  # a record exists, valid or not: a damaged key record must not open the gateway
         self.synced = False  # the mirror delivered its first listing: "no such key" is then the truth
@@ -96,6 +107,7 @@ class Authenticator:
         """The API keys mirror's callback: every valid key record (refused ones are in `state.bad`)."""
         stored = {record.id: record for record in state.records.values()}
         self._stored = stored
+        self._seen |= set(stored)
         self._any_stored = bool(state.records or state.bad)
         self._created = {i: r for i, r in self._created.items() if i not in stored}
         self._revoked &= set(stored)
@@ -103,6 +115,8 @@ class Authenticator:
         self._rebuild()
 
     def created(self, record: KeyRecord) -> None:
+        if record.id in self._seen:
+            return
         self._created[record.id] = record
         self._rebuild()
 
@@ -122,6 +136,15 @@ class Authenticator:
     def has_config_admin(self) -> bool:
         """An admin key from the config or the bootstrap digest file: the admin API can never be locked."""
         return any(KeyScope.ADMIN in r.scopes for r in self._config.values())
+
+    @property
+    def is_open(self) -> bool:
+        """No key anywhere (and the stored ones are known): every request is let in."""
+        return self.synced and not self._by_digest and not self._any_stored
+
+    def by_id(self, key_id: str) -> KeyRecord | None:
+        """The live key with this id (a console session's key, checked on each of its requests)."""
+        return next((r for r in self._by_digest.values() if r.id == key_id), None)
 
     def config_keys(self) -> list[KeyRecord]:
         return sorted(self._config.values(), key=lambda r: r.id)
@@ -178,15 +201,26 @@ def _bearer(authorization: str | None) -> str | None:
     return token if kind.lower() == "bearer" and token else None
 
 
-def auth_middleware(auth: Authenticator) -> Middleware:
+# The web console's credential: (cookie name, check) where check(request, cookie value) returns the session's
+# admin key (None while the gateway is open) or raises ApiError; see console.py.
+SessionAuth = tuple[str, Callable[[web.Request, str], "KeyRecord | None"]]
+
+
+def auth_middleware(auth: Authenticator, session: SessionAuth | None = None) -> Middleware:
     """Checks the key and its limits before any handler runs; sits inside error_middleware, which shapes
     its errors. A limited key's slot is held until the handler returns, which for a streamed answer is
-    when its last byte went out, and also when the client goes away (the handler is cancelled)."""
+    when its last byte went out, and also when the client goes away (the handler is cancelled). With
+    `session`, an admin path called with the console's cookie and no key header is the console's."""
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"),
-                                   request.headers.get("x-api-key"))
+        scope = scope_of(request.path)
+        authorization, x_api_key = request.headers.get("Authorization"), request.headers.get("x-api-key")
+        cookie = request.cookies.get(session[0]) if session is not None and scope is Scope.ADMIN else None
+        if session is not None and cookie and not authorization and not x_api_key:
+            record = session[1](request, cookie)
+        else:
+            record = auth.authenticate(scope, authorization, x_api_key)
         if record is None:
             return await handler(request)
         request[API_KEY] = record

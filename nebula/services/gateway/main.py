@@ -12,6 +12,7 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind, advertised_address
 from nebula.services.gateway.app import serve_gateway, with_bootstrap_key
+from nebula.services.gateway.console_session import SECRET_ENV, new_console_secret
 from nebula.services.gateway.workers import supervise_workers, worker_command
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import node_name, run_tasks_until, serve_metrics, service_context, stop_on_signals
@@ -40,7 +41,9 @@ async def run_supervisor(cfg: NebulaConfig, env: Mapping[str, str], config_file:
     """gateway.workers > 1: this process only keeps the workers (workers.py); they serve."""
     notifier = Notifier(env)
     try:
-        return await supervise_workers(cfg.gateway.workers, worker_command(config_file), env, notifier,
+        # One console secret for all workers, so a session one worker opened is good at the others.
+        shared = {**env, SECRET_ENV: new_console_secret()}
+        return await supervise_workers(cfg.gateway.workers, worker_command(config_file), shared, notifier,
                                        stop_on_signals())
     finally:
         notifier.close()

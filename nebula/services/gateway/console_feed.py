@@ -1,0 +1,87 @@
+"""The console's live feed: one server-sent-events stream per open console.
+
+Change detection costs nothing: the gateway's own etcd mirrors (models, instances) are in memory, and
+the stream looks at them every second; only when they changed (or every FLEET_REFRESH_S, for the node
+records and pending reasons, which this gateway does not mirror) does it read the fleet from etcd, the
+same reads as GET /v1/admin/models and /v1/admin/nodes, and push it. The gateway's figures (its own
+metrics) go out every FIGURES_S. A browser never polls; it reconnects when the stream breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from nebula.core import keys
+from nebula.services.gateway import console_session as cs
+from nebula.services.gateway.console import CONSOLE
+from nebula.services.gateway.console_figures import model_figures
+from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
+from nebula.services.gateway.state import GATEWAY, GatewayState
+
+TICK_S = 1.0
+FIGURES_S = 2.0
+FLEET_REFRESH_S = 10.0
+KEEPALIVE_S = 15.0
+
+
+async def fleet(st: GatewayState) -> dict[str, Any]:
+    """Models (as GET /v1/admin/models shows them) and nodes (as GET /v1/admin/nodes)."""
+    node_items = (await st.store.list_prefix(keys.NODES)).items
+    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
+    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items, node_items)
+    pending = await pending_reasons(st.store)
+    names = sorted(set(specs) | {i.model for i in instances})
+    return {"models": [model_json(n, specs.get(n), instances, pending) for n in names],
+            "nodes": [n.to_dict() for n in node_records(node_items)]}
+
+
+def _mirror_mark(st: GatewayState) -> object:
+    """Something that differs whenever the mirrors saw a change that shows on the fleet page."""
+    return (id(st.view.models), {m: sorted((p.value, n) for p, n in c.items()) for m, c in st.table.phases().items()},
+            {m: len(r) for m, r in st.table.ready().items()})
+
+
+def _event(kind: str, data: object) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /ui/api/events: `fleet`, `figures` and `session` events until the client goes away or its
+    session ends (an `expired` event tells the page to sign in again)."""
+    st, con = request.app[GATEWAY], request.app[CONSOLE]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    mark: object = None
+    clock = asyncio.get_running_loop().time
+    last_fleet = last_figures = last_write = -1e9
+    token = request.cookies.get(cs.COOKIE)
+    while True:
+        now = clock()
+        if token:
+            try:  # the session may expire, or its key be revoked, while the stream is open
+                cs.check(con.secret, token, con.wall(), "GET", None, st.auth.by_id, st.auth.is_open)
+            except cs.SessionError as e:
+                await response.write(_event("expired", {"message": str(e)}))
+                return response
+        new_mark = _mirror_mark(st)
+        if new_mark != mark or now - last_fleet >= FLEET_REFRESH_S:
+            mark, last_fleet = new_mark, now
+            try:
+                await response.write(_event("fleet", await fleet(st)))
+            except Exception as e:  # etcd unreachable: say so, keep the stream (the page shows a banner)
+                await response.write(_event("trouble", {"message": f"cannot read the cluster: {e}"}))
+            last_write = now
+        if now - last_figures >= FIGURES_S:
+            last_figures = last_write = now
+            await response.write(_event("figures", {"at": con.wall(),
+                                                    "models": model_figures(con.registry.collect())}))
+        if now - last_write >= KEEPALIVE_S:
+            last_write = now
+            await response.write(b": keep-alive\n\n")
+        await asyncio.sleep(TICK_S)
