@@ -125,6 +125,12 @@ class SchedulerConfig:
     gpu_headroom_mib: int = _f(1024, "Memory of every GPU that placement never hands out, on top of what NVML "
                                "reports used outside Nebula (CUDA contexts, fragmentation, a GPU's total "
                                "rounded up by its board).")
+    rollout_settle_s: float = _f(5.0, "How long a new replica of a rolling replace or a drain must have been ready "
+                                 "(every gateway routes to it) before an old one is retired.")
+    rollout_ready_timeout_s: float = _f(900.0, "How long a new replica of a rolling replace may take to become "
+                                        "ready before the update rolls back (a weights download counts).")
+    rollout_retry_s: float = _f(600.0, "After a drain's new replica failed (nothing to roll back to), how long "
+                                "before the scheduler tries again.")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     metrics = MirrorMetrics(CollectorRegistry())
     mirrors = MirrorSet([Mirror(store, records.MODELS, metrics, on_change=sched.on_models),
                          Mirror(store, records.NODES, metrics, on_change=sched.on_nodes),
-                         Mirror(store, records.PLACEMENTS, metrics, on_change=sched.on_placements)])
+                         Mirror(store, records.PLACEMENTS, metrics, on_change=sched.on_placements),
+                         *sched.rollouts.mirrors(store, metrics)])
     tasks: list[asyncio.Task[None]] = mirrors.tasks()
     tasks.append(asyncio.create_task(sched.run()))
     gateway = GatewayServer(build_gateway_app(GatewayConfig(), store, CollectorRegistry()))

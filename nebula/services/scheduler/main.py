@@ -11,9 +11,11 @@ from aiohttp import web
 from nebula.core import records
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
+from nebula.core.rollout import RolloutTiming
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
+from nebula.services.scheduler.rollout import Rollouts
 from nebula.services.scheduler.scheduler import Scheduler
 
 
@@ -22,13 +24,18 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         identity = f"{node_name(cfg)}:{os.getpid()}"
         sched = Scheduler(svc.store, identity, lease_ttl_s=cfg.cluster.lease_ttl_s,
                           node_grace_s=cfg.scheduler.node_grace_s, resync_s=cfg.scheduler.resync_s,
-                          registry=svc.registry, gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib)
+                          registry=svc.registry, gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib,
+                          rollouts=Rollouts(svc.store, RolloutTiming(
+                              settle_s=cfg.scheduler.rollout_settle_s,
+                              ready_timeout_s=cfg.scheduler.rollout_ready_timeout_s,
+                              retry_after_s=cfg.scheduler.rollout_retry_s)))
         app = web.Application()
         app.add_routes([metrics_route(svc.registry)])
         metrics = MirrorMetrics(svc.registry)
         mirrors = MirrorSet([Mirror(svc.store, records.MODELS, metrics, on_change=sched.on_models),
                              Mirror(svc.store, records.NODES, metrics, on_change=sched.on_nodes),
-                             Mirror(svc.store, records.PLACEMENTS, metrics, on_change=sched.on_placements)])
+                             Mirror(svc.store, records.PLACEMENTS, metrics, on_change=sched.on_placements),
+                             *sched.rollouts.mirrors(svc.store, metrics)])
         tasks = [
             *mirrors.tasks(),
             asyncio.create_task(sched.run(), name="leadership"),

@@ -23,6 +23,7 @@ from nebula.services.cluster.mirror import MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
+from nebula.services.scheduler.rollout import PassPlan, Rollouts
 
 log = logging.getLogger("nebula.scheduler")
 
@@ -30,7 +31,7 @@ log = logging.getLogger("nebula.scheduler")
 class Scheduler:
     def __init__(self, store: Store, identity: str, *, lease_ttl_s: int, node_grace_s: float,
                  resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic,
-                 gpu_headroom_mib: int = 0) -> None:
+                 gpu_headroom_mib: int = 0, rollouts: Rollouts | None = None) -> None:
         self.store = store
         self.identity = identity
         self.lease_ttl_s = lease_ttl_s
@@ -52,6 +53,9 @@ class Scheduler:
         self._fence = Fence(0)
         self.fenced_writes = 0  # passes whose writes the fence refused: we had lost the lead
         self.metrics = SchedulerMetrics.create(registry, self, clock)
+        self.rollouts = rollouts or Rollouts(store)  # rolling replaces and node drains (services/scheduler/rollout.py)
+        self.rollouts.changed = self.wake.set
+        self._decided = PassPlan(plans={}, retire=frozenset(), surge={})
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_models(self, state: MirrorState[ModelSpec]) -> None:
@@ -80,7 +84,7 @@ class Scheduler:
 
     @property
     def ready(self) -> bool:
-        return self.seen >= {"models", "nodes", "placements"}
+        return self.seen >= {"models", "nodes", "placements"} and self.rollouts.ready
 
     # --- one pass -----------------------------------------------------------------------------------
     def retained_nodes(self) -> set[str]:
@@ -91,8 +95,11 @@ class Scheduler:
         return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
 
     def compute(self) -> tuple[list[Placement], list[Placement]]:
-        result = place(self.models, self.nodes, self.placements, retained_nodes=self.retained_nodes(),
-                       gpu_reserve_mib=self.gpu_headroom_mib)
+        self._decided = decided = self.rollouts.plan(self.models, self.placements)
+        current = {i: p for i, p in self.placements.items() if i not in decided.retire}
+        result = place(self.models, self.nodes, current, retained_nodes=self.retained_nodes(),
+                       gpu_reserve_mib=self.gpu_headroom_mib, surge=decided.surge, drained=self.rollouts.drained,
+                       taken=self.rollouts.taken() - decided.retire)
         if result.pending != self.pending:
             for model, reason in result.pending.items():
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
@@ -116,7 +123,8 @@ class Scheduler:
                 log.info("placed %s on %s port %d", p.instance, p.node, p.port,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node, "NEBULA_MODEL": p.model.name})
                 self.metrics.changes.labels("write").inc()
-            if not await self.pending_report.sync(self.pending, self._fence):
+            if (not await self.pending_report.sync(self.pending, self._fence)
+                    or not await self.rollouts.apply(self._fence, self.models, self._decided)):
                 self._deposed()
 
     def _deposed(self) -> None:
@@ -166,6 +174,7 @@ class Scheduler:
         self._fence = Fence(lease)
         self.lost_lead.clear()
         self.pending_report.reset()
+        self.rollouts.reset()
         keepalive = asyncio.create_task(self._keep_lease(lease))
         try:
             while not keepalive.done() and not self.lost_lead.is_set():
