@@ -165,3 +165,16 @@ async def test_a_drained_node_hands_its_replicas_over_with_surge() -> None:
     st = await c.status()
     assert st is not None and st.state is RolloutState.DONE
     assert await c.writes.undrain("n1") and not await c.writes.undrain("n1")
+
+
+async def test_a_forced_drain_of_the_only_node_stops_its_replicas_and_the_model_waits() -> None:
+    c = Cluster(nodes=("n1",))
+    await c.start()
+    await c.writes.drain(DrainRecord(node="n1", since=c.clock.now, by="ops", force=True))
+    await c.step()
+    assert await c.placed() == {}
+    assert c.sched.pending == {"m": "every live node is drained (nebula node undrain NODE)"}
+    await c.report({})  # their engines stopped: the agent forgets their instances
+    await c.writes.undrain("n1")
+    await c.step()
+    assert set(await c.placed()) == {"m", "m:1"}

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from nebula.core import records as kinds
-from nebula.core.model import InstanceStatus, ModelSpec, Placement
+from nebula.core.drain import stranded
+from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement
 from nebula.core.rollout import RolloutPlan, RolloutTiming, RolloutView, plan_rollout
 from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutStatus
 from nebula.core.store import Store
@@ -94,8 +95,14 @@ class Rollouts:
         self._written.clear()
 
     # --- one pass -----------------------------------------------------------------------------------------
-    def plan(self, models: Mapping[str, ModelSpec], placements: Mapping[str, Placement]) -> PassPlan:
+    def plan(self, models: Mapping[str, ModelSpec], placements: Mapping[str, Placement],
+             nodes: Mapping[str, NodeRecord]) -> PassPlan:
         now = self.clock()
+        forced = frozenset(n for n, d in self.drains.items() if d.force)
+        stop_now = stranded(models, nodes, placements.values(), forced, self.drained)
+        if stop_now:
+            log.warning("force-drained: stopping %s (no other node can hold them)", ", ".join(sorted(stop_now)))
+            placements = {i: p for i, p in placements.items() if i not in stop_now}
         by_model: dict[str, dict[str, Placement]] = {}
         for p in placements.values():
             by_model.setdefault(p.model.name, {})[p.instance] = p
@@ -106,7 +113,7 @@ class Rollouts:
             plan = plan_rollout(view, self.timing)
             if plan != RolloutPlan():
                 plans[name] = plan
-        retire = frozenset(i for p in plans.values() for i in p.retire)
+        retire = frozenset(i for p in plans.values() for i in p.retire) | stop_now
         surge = {m: p.extra for m, p in plans.items() if p.extra}
         orphans = tuple(sorted(set(self.records) - set(models)))
         return PassPlan(plans=plans, retire=retire, surge=surge, orphans=orphans)

@@ -95,7 +95,7 @@ class Scheduler:
         return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
 
     def compute(self) -> tuple[list[Placement], list[Placement]]:
-        self._decided = decided = self.rollouts.plan(self.models, self.placements)
+        self._decided = decided = self.rollouts.plan(self.models, self.placements, self.nodes)
         current = {i: p for i, p in self.placements.items() if i not in decided.retire}
         result = place(self.models, self.nodes, current, retained_nodes=self.retained_nodes(),
                        gpu_reserve_mib=self.gpu_headroom_mib, surge=decided.surge, drained=self.rollouts.drained,
