@@ -171,6 +171,11 @@ class NodeConfig:
                                  "hung engine takes connections and never answers, and leaves ready (and the "
                                  "gateway's choice) within about resync_s + this; engine.health_timeout_s is the "
                                  "supervisor's (watchdog) check.")
+    drain_notice_s: float = _f(2.0, "A replica whose placement was removed (unload, scale down, rolling update, "
+                               "node drain) is reported draining at once and keeps serving at least this long, so "
+                               "a request a gateway picked just before it saw the change still lands.")
+    drain_timeout_s: float = _f(300.0, "How long a removed replica may go on finishing its running requests and "
+                                "streams (the gateways send it no new ones) before its engine is stopped anyway.")
     labels: tuple[str, ...] = _f((), "This node's labels as 'key=value' strings (e.g. 'zone=a'), published with its "
                                  "record; a model's `labels` place it only on nodes that carry them all.")
 
