@@ -126,3 +126,17 @@ async def test_draining_the_last_node_is_refused_unless_forced_and_undrain_takes
     assert (await api.call("DELETE", "/v1/admin/nodes/n1/drain"))[0] == 404
     assert (await api.call("POST", "/v1/admin/nodes/n9/drain"))[0] == 404
     assert (await api.call("POST", "/v1/admin/nodes/n2/drain", {"force": "yes"}))[0] == 400
+
+
+async def test_status_shows_drains_and_rollouts(api: Api) -> None:
+    p = Placement(instance="t", node="n1", model=ModelSpec(name="t", source="/srv/models/tiny"), port=18000)
+    await api.store.put(keys.placement_key("n1", "t"), dumps(p.to_dict()))
+    await api.store.put(keys.node_key("n2"), node("n2"))
+    assert (await api.call("POST", "/v1/admin/nodes/n1/drain"))[0] == 200
+    assert (await api.call("POST", "/v1/admin/nodes/n2/drain", {"force": True}))[0] == 200
+    st = RolloutStatus(model="t", state=RolloutState.ROLLING, target="x", replaced=1, total=2, surge="t:2")
+    await api.store.put(keys.rollout_status_key("t"), dumps(st.to_dict()))
+    status, body = await api.call("GET", "/v1/admin/status")
+    assert status == 200
+    assert {n["name"]: n.get("drain") for n in body["nodes"]} == {"n1": "draining", "n2": "drained"}
+    assert [m.get("rollout") for m in body["models"]] == ["rolling 1/2 (waiting for t:2)"]
