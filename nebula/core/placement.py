@@ -96,7 +96,7 @@ def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
 def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
           current: Mapping[str, Placement], *, retained_nodes: Iterable[str] = (),
           gpu_reserve_mib: int = 0, surge: Mapping[str, int] | None = None, drained: Collection[str] = (),
-          taken: Collection[str] = ()) -> PlacementResult:
+          taken: Collection[str] = (), held_ports: Mapping[str, Collection[int]] | None = None) -> PlacementResult:
     """Compute the placements that should exist.
 
     - A model has `replicas` placements, plus `surge[model]` during a rolling replace (core/rollout.py).
@@ -107,6 +107,7 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
     - A new replica takes the lowest free instance name: not a kept placement's, nor in `taken` (instances
       still reported, e.g. draining elsewhere: one name, one instance record). Names may so become sparse.
     - Nothing new goes to a `drained` node; what runs there stays until the rollout planner moves it.
+    - `held_ports` (node -> ports) are engines still running without a placement (draining): not handed out.
     - A desired replica with no placement goes to the matching node with the fewest replicas of the same
       model (spread), then one that already holds the model's weights (no download), then the most free GPU
       memory, then by name (deterministic); the port is the node's lowest free one.
@@ -120,6 +121,9 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
     """
     keep_on = set(nodes) | set(retained_nodes)
     caps = _capacities(nodes.values(), gpu_reserve_mib)
+    for node_name, ports in (held_ports or {}).items():
+        if node_name in caps:
+            caps[node_name].used_ports.update(ports)
     surge = surge or {}
     result: dict[str, Placement] = {}
     # Existing placements first, so capacity and ports they hold are not handed out again.

@@ -56,6 +56,11 @@ def test_beyond_the_count_outdated_replicas_go_first_then_the_highest_numbered()
     assert set(down) == {"a", "a:1"}
 
 
+def test_ports_of_engines_still_draining_are_not_handed_out() -> None:
+    r = place({"a": model("a", 1)}, {"n1": node("n1")}, {}, held_ports={"n1": {18000, 18001}, "gone": {1}})
+    assert r.placements["a"].port == 18002
+
+
 def test_nothing_new_goes_to_a_drained_node_and_its_replicas_stay_until_moved() -> None:
     nodes = {"n1": node("n1"), "n2": node("n2")}
     first = place({"a": model("a", 1)}, {"n1": node("n1")}, {}).placements

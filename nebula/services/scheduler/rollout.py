@@ -118,6 +118,15 @@ class Rollouts:
         orphans = tuple(sorted(set(self.records) - set(models)))
         return PassPlan(plans=plans, retire=retire, surge=surge, orphans=orphans)
 
+    def held_ports(self, placements: Mapping[str, Placement]) -> dict[str, set[int]]:
+        """Ports of engines still reported without a placement (draining): a new replica must not take them."""
+        out: dict[str, set[int]] = {}
+        for s in self.instances.values():
+            port = s.endpoint.rpartition(":")[2]
+            if s.instance not in placements and port.isdigit():
+                out.setdefault(s.node, set()).add(int(port))
+        return out
+
     def taken(self) -> frozenset[str]:
         """Instance names still reported by an agent: place() must not give them to a new replica."""
         return frozenset(self.instances)

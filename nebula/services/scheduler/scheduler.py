@@ -99,7 +99,7 @@ class Scheduler:
         current = {i: p for i, p in self.placements.items() if i not in decided.retire}
         result = place(self.models, self.nodes, current, retained_nodes=self.retained_nodes(),
                        gpu_reserve_mib=self.gpu_headroom_mib, surge=decided.surge, drained=self.rollouts.drained,
-                       taken=self.rollouts.taken() - decided.retire)
+                       taken=self.rollouts.taken() - decided.retire, held_ports=self.rollouts.held_ports(current))
         if result.pending != self.pending:
             for model, reason in result.pending.items():
                 log.warning("model %s has replicas that fit nowhere: %s", model, reason,
