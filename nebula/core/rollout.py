@@ -130,9 +130,11 @@ def plan_rollout(view: RolloutView, timing: RolloutTiming = RolloutTiming()) -> 
     ready = [p for p in fresh if _settled(view.instances.get(p.instance), now, timing.settle_s)]
     ongoing = prev is not None and prev.target == target and prev.state is RolloutState.ROLLING
     since = prev.since if ongoing and prev is not None else (view.record.started if view.record else now)
-    # Replicas already replaced when a rollback began roll back the same way; the status keeps saying why.
-    why = prev.reason if prev is not None and (prev.state is RolloutState.ROLLED_BACK or (
-        ongoing and prev.reason)) else ""
+    # Replicas already replaced when a rollback began (they run the spec that failed) roll back the same way;
+    # the status keeps saying why. A later update or drain is a rollout of its own.
+    back = prev is not None and prev.state is RolloutState.ROLLED_BACK and view.record is None and any(
+        engine_fingerprint(p.model) == prev.target for p in stale)
+    why = prev.reason if prev is not None and (back or (ongoing and prev.reason)) else ""
 
     def status(state: RolloutState, **kw: Any) -> RolloutStatus:
         base = RolloutStatus(model=model.name, state=state, target=target, replaced=len(ready),

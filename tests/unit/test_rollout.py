@@ -227,3 +227,16 @@ def test_simulated_rollout_keeps_capacity_and_ends(replicas: int, start_passes: 
         assert status.state is RolloutState.DONE
         assert all(same_engine(p.model, new) and p.node not in drained for p in placements.values())
         assert len(placements) == replicas
+
+
+def test_an_old_rollback_reason_does_not_leak_into_a_later_update_or_drain() -> None:
+    old = RolloutStatus(model="m", state=RolloutState.ROLLED_BACK, target=engine_fingerprint(
+        replace(OLD, revision="bad")), reason="long ago")
+    update = plan_rollout(view(TWO_OLD, [ready("m"), ready("m:1")], record=RECORD, status=old), T)
+    assert update.status is not None and update.status.reason == ""
+    drain = plan_rollout(view(TWO_OLD, [ready("m"), ready("m:1")], model=OLD, status=old,
+                              drained=frozenset({"n1"})), T)
+    assert drain.status is not None and drain.status.reason == ""
+    done = plan_rollout(view([placement("m", NEW), placement("m:1", NEW)], [ready("m"), ready("m:1")],
+                             record=RECORD, status=update.status), T)
+    assert done.status is not None and done.status.state is RolloutState.DONE
