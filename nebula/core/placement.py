@@ -65,12 +65,15 @@ class _NodeCapacity:
         self.next_port = port
         return port if port <= self.node.port_max else None
 
-    def take(self, p: Placement) -> None:
+    def take(self, p: Placement, *, counts: bool = True) -> None:
+        """Hold `p`'s GPU memory and port; `counts`: it counts toward its model's spread (an outdated replica a
+        rolling replace is about to retire does not, so its successor may go where it is)."""
         for i in p.gpu_indices:
             self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - p.model.gpu_memory_mib
             self.total_free_mib -= p.model.gpu_memory_mib
         self.used_ports.add(p.port)
-        self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
+        if counts:
+            self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
 
 
 def gpu_capacity_mib(gpu: Gpu, reserve_mib: int) -> int:
@@ -140,7 +143,7 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
             kept = p if p.model == one or not same_engine(p.model, one) else replace(p, model=one)
             result[p.instance] = kept
             if p.node in caps:
-                caps[p.node].take(kept)
+                caps[p.node].take(kept, counts=same_engine(p.model, one) and p.node not in drained)
 
     pending: dict[str, str] = {}
     blocked = frozenset(drained)

@@ -28,6 +28,17 @@ def test_a_surge_adds_one_replica_at_the_lowest_free_name_with_the_new_spec() ->
     assert diff_placements(old, r) == ([r["a:2"]], [])
 
 
+def test_a_surge_goes_where_the_outdated_replicas_are_so_the_spread_survives_the_rollout() -> None:
+    nodes = {"n1": node("n1"), "n2": node("n2")}
+    old = place({"a": model("a", 2)}, nodes, {}).placements
+    new = model("a", 2, revision="v2")
+    first = place({"a": new}, nodes, old, surge={"a": 1}).placements
+    retired = {i: p for i, p in first.items() if i != "a"}  # "a" (n1) retired once its successor was ready
+    second = place({"a": new}, nodes, retired, surge={"a": 1}).placements
+    surge = next(p for i, p in second.items() if i not in retired)
+    assert surge.node != first["a:2"].node, "the second new replica goes beside the remaining old one"
+
+
 def test_sparse_names_are_kept_and_holes_are_filled_first() -> None:
     nodes = {"n1": node("n1")}
     m = model("a", 2)
