@@ -145,7 +145,7 @@ def plan_rollout(view: RolloutView, timing: RolloutTiming = RolloutTiming()) -> 
         if view.record is not None or ongoing:
             end = RolloutState.ROLLED_BACK if why else RolloutState.DONE
             return RolloutPlan(finish=view.record is not None, status=status(end),
-                               notes=(f"all {len(fresh)} replicas run the new spec",))
+                               notes=(f"all {len(fresh)} replicas run the spec, on undrained nodes",))
         return RolloutPlan()
     if (prev is not None and prev.state is RolloutState.FAILED and prev.target == target
             and now - prev.updated < timing.retry_after_s):
@@ -166,7 +166,8 @@ def plan_rollout(view: RolloutView, timing: RolloutTiming = RolloutTiming()) -> 
     if not names:
         return RolloutPlan(status=status(RolloutState.FAILED, reason="no free instance name for a new replica"))
     return RolloutPlan(extra=1, status=status(RolloutState.ROLLING, surge=names[0], surge_since=now),
-                       notes=(f"placing {names[0]} with the new spec before retiring {stale[0].instance}",))
+                       notes=(f"placing {names[0]} (the model's spec, an undrained node) before retiring "
+                                                f"{stale[0].instance}",))
 
 
 def _judge(view: RolloutView, timing: RolloutTiming, stale: list[Placement], waiting: list[Placement],
