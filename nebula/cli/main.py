@@ -13,6 +13,7 @@ from typing import Any
 
 from nebula import __version__
 from nebula.cli import elastic
+from nebula.cli import rollout as rollout_cli
 from nebula.cli.catalog import add_catalog_parser, catalog_command
 from nebula.cli.client import EXIT_CODES_HELP, EXIT_USAGE, AdminClient, CliError, admin_key, gateway_url
 from nebula.cli.keys import add_keys_parser, keys_command
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-w", "--watch", action="store_true", help="redraw until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch refresh (default 2)")
     add_show_parser(sub)
+    rollout_cli.add_update_parser(sub)
     add_catalog_parser(sub)
     add_logs_parser(sub)
     add_pull_parser(sub)
@@ -105,6 +107,7 @@ def add_node_parser(sub: Any) -> None:
     n = sub.add_parser("node", help="the node agent: run it, or join this machine to a cluster")
     nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
     nsub.add_parser("run", help="run the node agent (what nebula-node.service runs)")
+    rollout_cli.add_drain_parsers(nsub)
     j = nsub.add_parser("join", help="write this node's config (nebula.d/50-node.toml), check etcd, start the agent")
     j.add_argument("--etcd", required=True, metavar="URL[,URL...]", help="etcd client URL(s) of the cluster")
     j.add_argument("--name", default="", help="node name (default: the host name)")
@@ -191,6 +194,11 @@ def dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
     cfg = load_config(env, args.config, skip_unreadable=cmd == "engine")
     if args.config:
         env["NEBULA_CONFIG"] = args.config  # children (supervise, engines) read the same file
+    if cmd == "update" or (cmd == "node" and args.action in rollout_cli.NODE_ACTIONS):
+        client = AdminClient(gateway_url(cfg, env), admin_key(env, cfg.gateway.admin_key_file))
+        if cmd == "update":
+            return rollout_cli.update(client, args, sys.stdout)
+        return rollout_cli.node_command(client, args, sys.stdout)
     if cmd in SERVICES or cmd == "engine":
         return run_service(cmd, args, cfg, env)
     if cmd in ("up", "down", "supervise"):

@@ -70,6 +70,8 @@ def model_rows(models: Sequence[Mapping[str, Any]]) -> list[list[str]]:
             rows.append([m["name"], task, ready, i["phase"], i["instance"], i["node"], msg])
         if instances and m.get("pending_reason"):  # some replicas placed, the others fit nowhere
             rows.append([m["name"], task, ready, "pending", "-", "-", _unplaced(m)])
+        if m.get("rollout") and not str(m["rollout"]).startswith("done"):  # nebula update / node drain
+            rows.append([m["name"], task, ready, "update", "-", "-", str(m["rollout"])])
     return rows
 
 
@@ -140,7 +142,7 @@ def _node_row(n: Mapping[str, Any]) -> list[str]:
     utils = [float(g["utilization"]) for g in gpus if g.get("utilization") is not None]
     util = percent(sum(utils) / len(utils)) if utils else "-"
     labels = ",".join(f"{k}={v}" for k, v in sorted((n.get("labels") or {}).items())) or "-"
-    return [n["name"], "alive", str(n.get("address", "-")), str(len(gpus)), mem, util, labels,
+    return [n["name"], n.get("drain") or "alive", str(n.get("address", "-")), str(len(gpus)), mem, util, labels,
             str(n.get("placements", 0))]
 
 

@@ -159,6 +159,12 @@ class SchedulerConfig:
                                "the passes every change and wake request starts.")
     evict_quiet_s: float = _f(60.0, "An elastic model of lower priority gives way to one that fits nowhere only "
                               "after this long without an inference request (never a busy one).")
+    rollout_settle_s: float = _f(5.0, "How long a new replica of a rolling replace or a drain must have been ready "
+                                 "(every gateway routes to it) before an old one is retired.")
+    rollout_ready_timeout_s: float = _f(900.0, "How long a new replica of a rolling replace may take to become "
+                                        "ready before the update rolls back (a weights download counts).")
+    rollout_retry_s: float = _f(600.0, "After a drain's new replica failed (nothing to roll back to), how long "
+                                "before the scheduler tries again.")
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,11 @@ class NodeConfig:
                                  "hung engine takes connections and never answers, and leaves ready (and the "
                                  "gateway's choice) within about resync_s + this; engine.health_timeout_s is the "
                                  "supervisor's (watchdog) check.")
+    drain_notice_s: float = _f(2.0, "A replica whose placement was removed (unload, scale down, rolling update, "
+                               "node drain) is reported draining at once and keeps serving at least this long, so "
+                               "a request a gateway picked just before it saw the change still lands.")
+    drain_timeout_s: float = _f(300.0, "How long a removed replica may go on finishing its running requests and "
+                                "streams (the gateways send it no new ones) before its engine is stopped anyway.")
     labels: tuple[str, ...] = _f((), "This node's labels as 'key=value' strings (e.g. 'zone=a'), published with its "
                                  "record; a model's `labels` place it only on nodes that carry them all.")
 

@@ -15,10 +15,15 @@ ADAPTERS = ROOT + "adapters/"
 SCALE = ROOT + "scale/"
 LOAD = ROOT + "load/"
 WAKE = ROOT + "wake/"
+ROLLOUTS = ROOT + "rollouts/"
+ROLLOUT_STATUS = ROOT + "status/rollouts/"
+DRAINS = ROOT + "drains/"
 
 
 def model_key(name: str) -> str:
-    """Desired model; written by the gateway's admin API."""
+    """Desired model; written by the gateway's admin API. The one exception: a rolling replace whose new replica
+    fails is rolled back by the scheduler leader, which writes the rollout record's previous spec back here,
+    fenced and guarded by this key's mod revision (an admin's later write always wins)."""
     return MODELS + name
 
 
@@ -103,3 +108,21 @@ def wake_key(model: str) -> str:
     """Requests are held for a model with no ready replica (core/elastic.py WakeRequest); created by any gateway
     worker (put if absent), deleted by the scheduler leader, fenced, once it has acted."""
     return WAKE + model
+
+
+def rollout_key(model: str) -> str:
+    """A rolling replace in progress (core/rollout_records.py RolloutRecord); created by the gateway's admin API in
+    the transaction that writes the model's new spec (only while absent: one update at a time), deleted by the
+    scheduler leader, fenced, once the rollout is done or rolled back."""
+    return ROLLOUTS + model
+
+
+def rollout_status_key(model: str) -> str:
+    """How a model's rolling replace stands or ended (RolloutStatus); written only by the scheduler leader, fenced."""
+    return ROLLOUT_STATUS + model
+
+
+def drain_key(node: str) -> str:
+    """A node being drained (DrainRecord): nothing new is placed there and its replicas move away; written and
+    deleted by the gateway's admin API."""
+    return DRAINS + node

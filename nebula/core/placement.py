@@ -3,11 +3,12 @@ current placements, so it can be tested exhaustively and never churns when nothi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from nebula.core.engine_runtime import node_has_runtime
-from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement, instance_name
+from nebula.core.model import Gpu, ModelSpec, NodeRecord, Placement
+from nebula.core.rollout import free_instances, one_replica, replica_order, same_engine
 from nebula.core.sources import source_id
 
 
@@ -64,7 +65,9 @@ class _NodeCapacity:
         self.next_port = port
         return port if port <= self.node.port_max else None
 
-    def take(self, p: Placement) -> None:
+    def take(self, p: Placement, *, counts: bool = True) -> None:
+        """Hold `p`'s GPU memory and port; `counts`: it counts toward its model's spread (an outdated replica a
+        rolling replace is about to retire does not, so its successor may go where it is)."""
         # An engine asleep at level 2 has discarded its weights and KV cache: its GPU memory is free for others
         # (level 1 keeps the weights in host memory but the engine's CUDA context and allocator hold on: it counts
         # as placed). Waking a level-2 sleeper takes its memory back, wherever something else took it meanwhile.
@@ -73,7 +76,8 @@ class _NodeCapacity:
             self.gpu_free_mib[i] = self.gpu_free_mib.get(i, 0) - mem
             self.total_free_mib -= mem
         self.used_ports.add(p.port)
-        self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
+        if counts:
+            self.replicas_by_model[p.model.name] = self.replicas_by_model.get(p.model.name, 0) + 1
 
 
 def gpu_capacity_mib(gpu: Gpu, reserve_mib: int) -> int:
@@ -98,11 +102,19 @@ def _matches_labels(model: ModelSpec, node: NodeRecord) -> bool:
 
 def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
           current: Mapping[str, Placement], *, retained_nodes: Iterable[str] = (),
-          gpu_reserve_mib: int = 0) -> PlacementResult:
+          gpu_reserve_mib: int = 0, surge: Mapping[str, int] | None = None, drained: Collection[str] = (),
+          taken: Collection[str] = (), held_ports: Mapping[str, Collection[int]] | None = None) -> PlacementResult:
     """Compute the placements that should exist.
 
+    - A model has `replicas` placements, plus `surge[model]` during a rolling replace (core/rollout.py).
     - A current placement stays where it is while its node is live (or in `retained_nodes`: gone for less
-      than the grace period) and its replica is still desired; its spec follows the model's spec.
+      than the grace period) and its replica is still desired (beyond the count, the highest-numbered go,
+      those running an outdated engine first). Its spec follows the model's only where that restarts nothing
+      (node labels); an engine change is the rollout planner's to roll, one replica at a time.
+    - A new replica takes the lowest free instance name: not a kept placement's, nor in `taken` (instances
+      still reported, e.g. draining elsewhere: one name, one instance record). Names may so become sparse.
+    - Nothing new goes to a `drained` node; what runs there stays until the rollout planner moves it.
+    - `held_ports` (node -> ports) are engines still running without a placement (draining): not handed out.
     - A desired replica with no placement goes to the matching node with the fewest replicas of the same
       model (spread), then one that already holds the model's weights (no download), then the most free GPU
       memory, then by name (deterministic); the port is the node's lowest free one.
@@ -116,29 +128,39 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
     """
     keep_on = set(nodes) | set(retained_nodes)
     caps = _capacities(nodes.values(), gpu_reserve_mib)
+    for node_name, ports in (held_ports or {}).items():
+        if node_name in caps:
+            caps[node_name].used_ports.update(ports)
+    surge = surge or {}
     result: dict[str, Placement] = {}
     # Existing placements first, so capacity and ports they hold are not handed out again.
-    for inst, p in sorted(current.items()):
-        model = models.get(p.model.name)
-        if model is None or p.node not in keep_on or _replica_index(inst, model) is None:
-            continue
-        one = _one_replica(model)
-        kept = p if p.model == one else replace(p, model=one)
-        result[inst] = kept
-        if p.node in caps:
-            caps[p.node].take(kept)
+    by_model: dict[str, list[Placement]] = {}
+    for p in current.values():
+        if p.model.name in models and p.node in keep_on:
+            by_model.setdefault(p.model.name, []).append(p)
+    for name, held in sorted(by_model.items()):
+        model = models[name]
+        one = one_replica(model)
+        held.sort(key=lambda p: (not same_engine(p.model, one), replica_order(p.instance)))
+        for p in held[:model.replicas + surge.get(name, 0)]:
+            # Labels only (the engine is the same): rewrite in place; else the rollout planner rolls it.
+            kept = p if p.model == one or not same_engine(p.model, one) else replace(p, model=one)
+            result[p.instance] = kept
+            if p.node in caps:
+                caps[p.node].take(kept, counts=same_engine(p.model, one) and p.node not in drained)
 
     pending: dict[str, str] = {}
+    blocked = frozenset(drained)
     for name in sorted(models):
         model = models[name]
         sid = source_id(model.source, model.revision)
-        unplaced = 0
-        reason = ""
-        for r in range(model.replicas):
-            inst = instance_name(name, r)
-            if inst in result:
-                continue
-            placed = _place_one(inst, model, caps, sid, gpu_reserve_mib)
+        have = sum(1 for p in result.values() if p.model.name == name)
+        wanted = model.replicas + surge.get(name, 0)
+        names = free_instances(name, set(result) | set(taken), wanted - have) if wanted > have else []
+        unplaced = wanted - have - len(names)
+        reason = "no free instance name" if unplaced else ""
+        for inst in names:
+            placed = _place_one(inst, model, caps, sid, gpu_reserve_mib, blocked)
             if isinstance(placed, str):
                 unplaced += 1
                 reason = placed
@@ -146,26 +168,13 @@ def place(models: Mapping[str, ModelSpec], nodes: Mapping[str, NodeRecord],
             result[inst] = placed
             caps[placed.node].take(placed)
         if unplaced:
-            pending[name] = reason if unplaced == model.replicas else (
-                f"{model.replicas - unplaced} of {model.replicas} replicas placed; the others: {reason}")
+            pending[name] = reason if unplaced == wanted else (
+                f"{wanted - unplaced} of {wanted} replicas placed; the others: {reason}")
     return PlacementResult(placements=result, pending=pending)
 
 
-def _one_replica(model: ModelSpec) -> ModelSpec:
-    # A placement describes one replica: scaling a model (by hand, or its scaling policy) must not rewrite its
-    # other placements, so neither the count nor the policy travels in it.
-    return replace(model, replicas=1, scaling=None)
-
-
-def _replica_index(inst: str, model: ModelSpec) -> int | None:
-    for r in range(model.replicas):
-        if instance_name(model.name, r) == inst:
-            return r
-    return None
-
-
-def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], sid: str | None, reserve_mib: int
-               ) -> Placement | str:
+def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], sid: str | None, reserve_mib: int,
+               drained: frozenset[str] = frozenset()) -> Placement | str:
     # Rank every fitting node by a cheap key first; build the placement for the winner only (this loop runs
     # replicas x nodes times on a first placement of a fleet).
     best: tuple[tuple[int, int, int, str], _NodeCapacity, list[int], int] | None = None
@@ -173,6 +182,9 @@ def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], s
     need, mem = model.gpus_per_replica, model.gpu_memory_mib
     for cap in caps.values():
         if model.labels and not _matches_labels(model, cap.node):
+            continue
+        if cap.node.name in drained:
+            why.drained += 1
             continue
         if not node_has_runtime(cap.node, model.engine_runtime):
             why.without_runtime += 1
@@ -195,7 +207,7 @@ def _place_one(inst: str, model: ModelSpec, caps: Mapping[str, _NodeCapacity], s
         best = (key, cap, gpus, port)
     if best is not None:
         _, cap, gpus, port = best
-        return Placement(instance=inst, node=cap.node.name, model=_one_replica(model), port=port,
+        return Placement(instance=inst, node=cap.node.name, model=one_replica(model), port=port,
                          gpu_indices=tuple(sorted(gpus)))
     return why.reason(model, has_nodes=bool(caps))
 
@@ -205,6 +217,8 @@ class _Shortfall:
     """What the nodes lacked, gathered while ranking them, to say why a replica fits nowhere."""
 
     matching: int = 0
+    drained: int = 0
+    """Nodes (with the model's labels) that are drained (`nebula node drain`)."""
     without_runtime: int = 0
     """Nodes (with the model's labels) that lack the engine runtime it is pinned to."""
     gpu_short: int = 0
@@ -241,6 +255,8 @@ class _Shortfall:
     def reason(self, model: ModelSpec, *, has_nodes: bool) -> str:
         if not has_nodes:
             return "no live nodes"
+        if not self.matching and self.drained and not self.without_runtime:
+            return f"every live node{' with its labels' if model.labels else ''} is drained (nebula node undrain NODE)"
         if not self.matching and self.without_runtime:
             return (f"no live node{' with its labels' if model.labels else ''} has engine runtime "
                     f"{model.engine_runtime} installed (scripts/install-engine.sh on a node; nodes advertise theirs)")

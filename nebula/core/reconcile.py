@@ -48,10 +48,11 @@ Action = Stop | Start | ResetFailed | RemoveSpec
 
 
 def plan(desired: Mapping[str, EngineSpec], actual: Mapping[str, Actual],
-         restart: frozenset[str] = frozenset()) -> list[Action]:
+         restart: frozenset[str] = frozenset(), hold: frozenset[str] = frozenset()) -> list[Action]:
     """Actions that move the node from `actual` to `desired`, stops first.
 
-    - running but not desired: stop (an orphan holds GPU memory);
+    - running but not desired: stop (an orphan holds GPU memory), unless in `hold` (a removed replica still
+      finishing its in-flight requests: core/engine_drain.py);
     - running with another spec: stop now, start on a later pass once it is down;
     - failed and not desired: reset, so the unit is forgotten;
     - failed with the desired spec: left alone (systemd's restarts are spent; the agent reports it failed),
@@ -69,7 +70,8 @@ def plan(desired: Mapping[str, EngineSpec], actual: Mapping[str, Actual],
         state = have.unit.state if have.unit else UnitState.INACTIVE
         if state in RUNNING_STATES:
             if want is None:
-                stops.append(Stop(inst, "not placed on this node"))
+                if inst not in hold:
+                    stops.append(Stop(inst, "not placed on this node"))
             elif have.spec != want:
                 stops.append(Stop(inst, "spec changed"))
             continue

@@ -21,6 +21,7 @@ from nebula.core.elastic import LoadReport, ScaleState, WakeRequest
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, loads
 from nebula.core.pulls import PullIntent, PullStatus
+from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutStatus
 from nebula.core.status import ModelStatus
 from nebula.errors import ValidationError
 
@@ -86,5 +87,13 @@ LOAD: RecordKind[LoadReport] = RecordKind("load report", keys.LOAD, LoadReport.f
 WAKE: RecordKind[WakeRequest] = RecordKind("wake request", keys.WAKE, WakeRequest.from_dict,
                                            lambda w: keys.wake_key(w.model))
 
+ROLLOUTS: RecordKind[RolloutRecord] = RecordKind("rollout record", keys.ROLLOUTS, RolloutRecord.from_dict,
+                                                 lambda r: keys.rollout_key(r.model))
+ROLLOUT_STATUS: RecordKind[RolloutStatus] = RecordKind("rollout status", keys.ROLLOUT_STATUS, RolloutStatus.from_dict,
+                                                       lambda s: keys.rollout_status_key(s.model))
+DRAINS: RecordKind[DrainRecord] = RecordKind("drain record", keys.DRAINS, DrainRecord.from_dict,
+                                             lambda d: keys.drain_key(d.node))
+
 ALL: tuple[RecordKind[object], ...] = (MODELS, NODES, PLACEMENTS, INSTANCES, APIKEYS, PULLS,  # type: ignore[assignment]
-                                       PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS, SCALE, LOAD, WAKE)
+                                       PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS, SCALE, LOAD, WAKE, ROLLOUTS,
+                                       ROLLOUT_STATUS, DRAINS)

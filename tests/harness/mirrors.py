@@ -65,7 +65,13 @@ async def listing(store: Store, prefix: str) -> dict[str, KeyValue]:
 
 
 async def feed_scheduler(store: Store, sched: Scheduler) -> None:
-    """Hand a scheduler the store's models, nodes, placements and elastic records, as its mirrors would."""
+    """Hand a scheduler what its mirrors would: models, nodes, placements, the elastic records, and its rollouts'
+    instances, rollout records and statuses, and drains."""
+    ro = sched.rollouts
+    ro.on_instances(mirrored(records.INSTANCES, await listing(store, keys.INSTANCES)))
+    ro.on_rollouts(mirrored(records.ROLLOUTS, await listing(store, keys.ROLLOUTS)))
+    ro.on_statuses(mirrored(records.ROLLOUT_STATUS, await listing(store, keys.ROLLOUT_STATUS)))
+    ro.on_drains(mirrored(records.DRAINS, await listing(store, keys.DRAINS)))
     sched.on_models(mirrored(records.MODELS, await listing(store, keys.MODELS)))
     sched.on_nodes(mirrored(records.NODES, await listing(store, keys.NODES)))
     sched.on_placements(mirrored(records.PLACEMENTS, await listing(store, keys.PLACEMENTS)))

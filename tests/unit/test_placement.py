@@ -85,11 +85,19 @@ def test_scale_down_and_unload_remove_placements() -> None:
     assert place({}, nodes, first).placements == {}
 
 
-def test_spec_change_follows_model_in_place() -> None:
-    nodes = {"n1": node("n1")}
+def test_a_label_change_follows_the_model_in_place() -> None:
+    nodes = {"n1": node("n1", labels={"zone": "b"})}
     first = place({"a": model("a")}, nodes, {}).placements
-    changed = place({"a": model("a", max_model_len=512)}, nodes, first).placements
-    assert changed["a"].port == first["a"].port and changed["a"].model.max_model_len == 512
+    changed = place({"a": model("a", labels={"zone": "b"})}, nodes, first).placements
+    assert changed["a"].port == first["a"].port and changed["a"].model.labels == {"zone": "b"}
+
+
+def test_an_engine_change_is_left_to_the_rollout_planner() -> None:
+    # Rewriting every placement at once would restart every engine at once: core/rollout.py rolls them.
+    nodes = {"n1": node("n1")}
+    first = place({"a": model("a", 2)}, nodes, {}).placements
+    for change in ({"max_model_len": 512}, {"engine_args": ["--enforce-eager"]}, {"revision": "v2"}):
+        assert place({"a": model("a", 2, **change)}, nodes, first).placements == first
 
 
 def test_no_nodes_is_pending() -> None:

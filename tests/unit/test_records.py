@@ -17,6 +17,7 @@ from nebula.core.lora import AdapterSpec
 from nebula.core.model import Gpu, InstanceStatus, ModelSpec, NodeRecord, Phase, Placement, dumps
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
 from nebula.core.records import RecordKind
+from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutState, RolloutStatus
 from nebula.core.status import ModelStatus
 from nebula.errors import ValidationError
 
@@ -46,6 +47,13 @@ VALID: dict[str, tuple[RecordKind[Any], Any]] = {
     "load": (records.LOAD, LoadReport(reporter="node-a.4242", at=5.0, models={
         "tiny": ModelLoad(inflight=3, held=1, waiting=2, running=3, kv_cache=0.25, last_request=4.5)})),
     "wake": (records.WAKE, WakeRequest(model="big", at=6.0, by="node-a.4242")),
+    "rollout": (records.ROLLOUTS, RolloutRecord(model="tiny", previous=SPEC, target=ModelSpec(
+        name="tiny", source="/models/tiny", revision="v2", engine_args=("--enforce-eager",)), started=7.0, by="ops")),
+    "rollout-status": (records.ROLLOUT_STATUS, RolloutStatus(model="tiny", state=RolloutState.ROLLED_BACK,
+                                                             target="0123456789abcdef", replaced=1, total=2,
+                                                             reason="new replica tiny:2 failed", surge="tiny:2",
+                                                             surge_since=8.0, since=7.0, updated=9.0)),
+    "drain": (records.DRAINS, DrainRecord(node="node-a", since=10.0, by="ops", force=True)),
     "service": (records.SERVICES, ServiceRecord(service=ServiceKind.GATEWAY, node="node-a", address="127.0.0.1:8000")),
 }
 
@@ -142,3 +150,12 @@ def test_a_record_under_another_records_key_is_refused() -> None:
     not_utf8 = keys.MODELS + b"\xfftiny".decode("utf-8", "surrogateescape")
     with pytest.raises(ValidationError):
         kind.decode(not_utf8, dumps(spec.to_dict()))
+
+
+def test_a_rollout_record_names_its_own_model_in_both_specs() -> None:
+    _, record = VALID["rollout"]
+    other = record.to_dict() | {"previous": ModelSpec(name="other", source="/m").to_dict()}
+    with pytest.raises(ValidationError, match="must name 'tiny'"):
+        RolloutRecord.from_dict(other)
+    with pytest.raises(ValidationError, match="state"):
+        RolloutStatus.from_dict(VALID["rollout-status"][1].to_dict() | {"state": "exploded"})

@@ -24,11 +24,12 @@ from nebula.core.lora import AdapterSpec, EngineAdapters
 from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
 from nebula.core.phase import Failures, between_restarts, error_line, observe_phase, repeated, restart_verdict
 from nebula.core.pulls import PullIntent
-from nebula.core.reconcile import Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
+from nebula.core.reconcile import RUNNING_STATES, Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
 from nebula.core.restarts import RestartBook
 from nebula.core.store import Store
 from nebula.core.units import EngineUnits, UnitState, UnitStatus
 from nebula.errors import TemporaryError, ValidationError
+from nebula.services.agent.drain import EngineDrain
 from nebula.services.agent.gpus import GpuSampler, engine_view, gpu_records
 from nebula.services.agent.lora import LoraSync
 from nebula.services.agent.metrics import AgentMetrics
@@ -50,7 +51,8 @@ class NodeAgent:
                  specs: SpecFiles, health: HealthCheck, registry: CollectorRegistry,
                  clock: Callable[[], float] = time.time, sources: ModelSources | None = None,
                  runtimes: Callable[[], tuple[str, ...]] | None = None, gpus: GpuSampler | None = None,
-                 lora: EngineAdapters | None = None, sleep: EngineSleep | None = None) -> None:
+                 lora: EngineAdapters | None = None, sleep: EngineSleep | None = None,
+                 drain: EngineDrain | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
@@ -79,6 +81,7 @@ class NodeAgent:
         self.gpus = gpus
         self.lora = LoraSync(lora, self.sources, clock, node.name)  # LoRA adapters on the engines (lora.py)
         self.sleep = SleepSync(sleep, node.name)  # vLLM sleep mode on the engines (sleep.py)
+        self.drain = drain  # removed replicas finish their requests before they stop (drain.py); None: stop at once
 
     # --- inputs -------------------------------------------------------------------------------------
     def on_placements(self, state: MirrorState[Placement]) -> None:
@@ -191,7 +194,9 @@ class NodeAgent:
         restart = await self.note_failures(desired, units)
         # An engine stopped for failing the same way twice stays down until its spec changes.
         self._stopped = {i: spec for i, spec in self._stopped.items() if desired.get(i) == spec}
-        actions = plan({i: spec for i, spec in desired.items() if i not in self._stopped}, actual, restart)
+        hold = await self.drain.hold({i: files[i].endpoint for i, u in units.items() if i in files and i not in
+                                      self.placements and u.state in RUNNING_STATES}) if self.drain else frozenset()
+        actions = plan({i: spec for i, spec in desired.items() if i not in self._stopped}, actual, restart, hold)
         for action in actions:
             await self.apply(action)
         if actions:  # re-read only what the actions changed; most passes have none

@@ -27,6 +27,7 @@ from nebula.core.gpu_release import ReleaseTracker
 from nebula.core.model import NodeRecord
 from nebula.core.units import EngineUnits
 from nebula.services.agent.agent import NodeAgent
+from nebula.services.agent.drain import EngineDrain, engine_busy
 from nebula.services.agent.gpus import GpuCollector, GpuSampler, engine_view, gpu_record
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
@@ -83,7 +84,9 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                           EngineHealth(session, cfg.node.health_timeout_s), svc.registry,
                           runtimes=lambda: installed_runtimes(cfg.engine), gpus=gpus,
                           lora=EngineLoraClient(session, LORA_TIMEOUT_S),
-                          sleep=EngineSleepClient(session, SLEEP_TIMEOUT_S))
+                          sleep=EngineSleepClient(session, SLEEP_TIMEOUT_S),
+                          drain=EngineDrain(engine_busy(session, cfg.node.health_timeout_s),
+                                            notice_s=cfg.node.drain_notice_s, timeout_s=cfg.node.drain_timeout_s))
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()

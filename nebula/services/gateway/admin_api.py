@@ -15,7 +15,7 @@ from aiohttp import web
 from nebula.core import keys
 from nebula.core.model import ModelSpec, NodeRecord, loads, validate_name
 from nebula.services.cluster.writes import Conflict, LoadOutcome, Refused
-from nebula.services.gateway import lora_api, pulls_api
+from nebula.services.gateway import drain_api, lora_api, pulls_api, update_api
 from nebula.services.gateway.catalog_api import catalog_of
 from nebula.services.gateway.load_request import plan_load
 from nebula.services.gateway.records import (
@@ -123,6 +123,8 @@ async def scale_model(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
     name = _name(request)
     body = await _read_json(request)
+    if isinstance(body, dict) and update_api.is_update(body):  # engine fields: a rolling replace (nebula update)
+        return await update_api.update_model(request, name, body)
     if not isinstance(body, dict) or set(body) != {"replicas"}:
         raise ApiError(400, "body must be {\"replicas\": N}; other fields cannot be changed in place",
                        param="replicas", code="invalid_value")
@@ -160,5 +162,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/admin/nodes", list_nodes),
         web.get("/v1/admin/replicas", list_replicas),
         *pulls_api.routes(),
+        *update_api.routes(),
+        *drain_api.routes(),
         *lora_api.routes(),
     ]

@@ -258,6 +258,33 @@ def _query_param(name: str, schema: Schema) -> Schema:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
+def _patch_body() -> Schema:
+    scale = {"type": "object", "required": ["replicas"], "additionalProperties": False,
+             "properties": {"replicas": {"type": "integer", "minimum": 1, "maximum": 64}}}
+    update = {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
+        "revision": {"type": ["string", "null"]}, "engine_args": {"type": "array", "items": {"type": "string"}},
+        "engine_runtime": {"type": ["string", "null"]}, "max_model_len": {"type": ["integer", "null"], "minimum": 1},
+        "trust_remote_code": {"type": "boolean"}}}
+    return {"oneOf": [scale, update]}
+
+
+def _rollout_paths(name: Schema, admin: tuple[str, ...]) -> Schema:
+    """update_api.py and drain_api.py."""
+    node = _path_param("node", {"type": "string", "pattern": NAME_PATTERN})
+    return {
+        "/v1/admin/models/{name}/rollout": {"get": _op("A model's rolling replace: in progress, and how the last "
+                                                       "one stands or ended", "the rollout", params=[name],
+                                                       errors=(*admin, "404"))},
+        "/v1/admin/nodes/{node}/drain": {
+            "post": _op("Drain a node: nothing new placed there, its replicas move away with surge (refused when a "
+                        "model could run nowhere else, unless force)", "the drain", params=[node],
+                        errors=(*admin, "404", "409"), body={"type": "object", "additionalProperties": False,
+                                                             "properties": {"force": {"type": "boolean"}}}),
+            "delete": _op("Undrain a node", "undrained", params=[node], errors=(*admin, "404"))},
+        "/v1/admin/drains": {"get": _op("Drained nodes and the replicas each still holds", "a list", errors=admin)},
+    }
+
+
 def openapi_document() -> Schema:
     bodies = _inference_bodies()
     inference = {f"/v1/{path}": {"post": _op(
@@ -287,10 +314,10 @@ def openapi_document() -> Schema:
             "get": _op("One model with its instances", "the model", params=[name], errors=(*admin, "404")),
             "delete": _op("Unload a model (refused while LoRA adapters are served on it)", "deleted", params=[name],
                           errors=(*admin, "404", "409")),
-            "patch": _op("Change a model's replica count", "the new spec", params=[name],
-                         errors=(*admin, "404", "409"),
-                         body={"type": "object", "required": ["replicas"], "additionalProperties": False,
-                               "properties": {"replicas": {"type": "integer", "minimum": 1, "maximum": 64}}})},
+            "patch": _op("Change a model's replica count ({replicas} alone), or update its engine with a rolling "
+                         "replace (nebula update: update_api.py)", "the new spec", params=[name],
+                         errors=(*admin, "404", "409"), body=_patch_body())},
+        **_rollout_paths(name, admin),
         "/v1/admin/nodes": {"get": _op("Live nodes", "a list", errors=admin)},
         "/v1/admin/catalog": {"get": _op("Catalog entries matching every word of q (all without q), best first",
                                          "a list", params=[_query_param("q", {"type": "string", "maxLength": 200})],

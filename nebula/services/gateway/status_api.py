@@ -18,6 +18,7 @@ from nebula import __version__
 from nebula.core import keys
 from nebula.core.model import NodeRecord
 from nebula.errors import TemporaryError
+from nebula.services.gateway import rollout_status
 from nebula.services.gateway.records import (
     instance_records,
     model_json,
@@ -68,11 +69,16 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
     specs = {s.name: s for kv in model_kvs if (s := model_spec(kv))}
     names = sorted(set(specs) | {i.model for i in instances})
     leader_id = leader.value.decode(errors="replace") if leader else None
-    return {"gateway": _gateway_json(st),
-            "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
-            "scheduler": {"ok": leader_id is not None, "leader": leader_id},
-            "nodes": _nodes_json(records, placed),
-            "models": [model_json(n, specs.get(n), instances, pending, scale, st.view.wakes) for n in names]}
+    out = {"gateway": _gateway_json(st),
+           "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
+           "scheduler": {"ok": leader_id is not None, "leader": leader_id},
+           "nodes": _nodes_json(records, placed),
+           "models": [model_json(n, specs.get(n), instances, pending, scale, st.view.wakes) for n in names]}
+    try:
+        await rollout_status.annotate(st.store, out)  # drains and rolling replaces
+    except TemporaryError as e:
+        log.warning("status: drains and rollouts unreadable: %r", e)
+    return out
 
 
 async def get_status(request: web.Request) -> web.Response:

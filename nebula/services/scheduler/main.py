@@ -10,9 +10,11 @@ from aiohttp import web
 
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind
+from nebula.core.rollout import RolloutTiming
 from nebula.services.cluster.mirror import MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
+from nebula.services.scheduler.rollout import Rollouts
 from nebula.services.scheduler.scaling import defaults_from
 from nebula.services.scheduler.scheduler import Scheduler
 
@@ -24,7 +26,11 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                           node_grace_s=cfg.scheduler.node_grace_s, resync_s=cfg.scheduler.resync_s,
                           registry=svc.registry, gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib,
                           scaling=defaults_from(cfg.scheduler), scaling_pass_s=cfg.scheduler.scaling_pass_s,
-                          evict_quiet_s=cfg.scheduler.evict_quiet_s)
+                          evict_quiet_s=cfg.scheduler.evict_quiet_s,
+                          rollouts=Rollouts(svc.store, RolloutTiming(
+                              settle_s=cfg.scheduler.rollout_settle_s,
+                              ready_timeout_s=cfg.scheduler.rollout_ready_timeout_s,
+                              retry_after_s=cfg.scheduler.rollout_retry_s)))
         app = web.Application()
         app.add_routes([metrics_route(svc.registry)])
         metrics = MirrorMetrics(svc.registry)

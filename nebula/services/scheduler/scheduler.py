@@ -25,6 +25,7 @@ from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
 from nebula.services.scheduler.metrics import SchedulerMetrics
 from nebula.services.scheduler.pending import PendingReporter
+from nebula.services.scheduler.rollout import PassPlan, Rollouts
 from nebula.services.scheduler.scaling import ScalePlan, Scaler, effective, with_sleep
 
 log = logging.getLogger("nebula.scheduler")
@@ -35,7 +36,7 @@ class Scheduler:
                  resync_s: float, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic,
                  gpu_headroom_mib: int = 0, scaling: ScalingDefaults | None = None,
                  wall: Callable[[], float] = time.time, scaling_pass_s: float = 5.0,
-                 evict_quiet_s: float = 60.0) -> None:
+                 evict_quiet_s: float = 60.0, rollouts: Rollouts | None = None) -> None:
         self.store = store
         self.identity = identity
         self.lease_ttl_s = lease_ttl_s
@@ -60,6 +61,9 @@ class Scheduler:
         # Elastic capacity (services/scheduler/scaling.py): its mirrors feed it through on_scale/on_load/on_wake.
         self.scaler = Scaler(self.writes, registry, scaling or ScalingDefaults(), notify=self.wake.set, wall=wall,
                              evict_quiet_s=evict_quiet_s, pass_s=scaling_pass_s, leading=lambda: self.is_leader)
+        self.rollouts = rollouts or Rollouts(store)  # rolling replaces and node drains (services/scheduler/rollout.py)
+        self.rollouts.changed = self.wake.set
+        self._decided = PassPlan(plans={}, retire=frozenset(), surge={})
 
     # --- mirrored inputs ----------------------------------------------------------------------------
     def on_models(self, state: MirrorState[ModelSpec]) -> None:
@@ -89,7 +93,8 @@ class Scheduler:
                 Mirror(store, records.PLACEMENTS, metrics, on_change=self.on_placements),
                 Mirror(store, records.SCALE, metrics, on_change=self.scaler.on_scale),
                 Mirror(store, records.LOAD, metrics, on_change=self.scaler.on_load),
-                Mirror(store, records.WAKE, metrics, on_change=self.scaler.on_wake)]
+                Mirror(store, records.WAKE, metrics, on_change=self.scaler.on_wake),
+                *self.rollouts.mirrors(store, metrics)]
 
     def _seen(self, what: str) -> None:
         self.seen.add(what)
@@ -97,7 +102,7 @@ class Scheduler:
 
     @property
     def ready(self) -> bool:
-        return self.seen >= {"models", "nodes", "placements"} and self.scaler.ready
+        return self.seen >= {"models", "nodes", "placements"} and self.scaler.ready and self.rollouts.ready
 
     # --- one pass -----------------------------------------------------------------------------------
     def retained_nodes(self) -> set[str]:
@@ -109,13 +114,19 @@ class Scheduler:
 
     def compute(self, plan: ScalePlan | None = None) -> tuple[list[Placement], list[Placement]]:
         plan = plan if plan is not None else self.scaler.plan(self.models)
+        # Rolling replaces and drains plan over the counts elastic models have now (their scale states).
+        models = effective(self.models, plan.states)
+        self._decided = decided = self.rollouts.plan(models, self.placements, self.nodes)
+        current = {i: p for i, p in self.placements.items() if i not in decided.retire}
         retained = self.retained_nodes()
+        taken = self.rollouts.taken() - decided.retire
+        held_ports = self.rollouts.held_ports(current)
 
-        def place_with(models: Mapping[str, ModelSpec]) -> PlacementResult:
-            return place(models, self.nodes, self.placements, retained_nodes=retained,
-                         gpu_reserve_mib=self.gpu_headroom_mib)
+        def place_with(wanted: Mapping[str, ModelSpec]) -> PlacementResult:
+            return place(wanted, self.nodes, current, retained_nodes=retained, gpu_reserve_mib=self.gpu_headroom_mib,
+                         surge=decided.surge, drained=self.rollouts.drained, taken=taken, held_ports=held_ports)
 
-        result = place_with(effective(self.models, plan.states))
+        result = place_with(models)
         if result.pending:
             result = self.scaler.evict(plan, self.models, result, place_with)
         if result.pending != self.pending:
@@ -147,7 +158,8 @@ class Scheduler:
                 log.info("placed %s on %s port %d", p.instance, p.node, p.port,
                          extra={"NEBULA_INSTANCE": p.instance, "NEBULA_NODE": p.node, "NEBULA_MODEL": p.model.name})
                 self.metrics.changes.labels("write").inc()
-            if not await self.pending_report.sync(self.pending, self._fence):
+            if (not await self.pending_report.sync(self.pending, self._fence)
+                    or not await self.rollouts.apply(self._fence, self.models, self._decided)):
                 self._deposed()
 
     def _deposed(self) -> None:
@@ -198,6 +210,7 @@ class Scheduler:
         self.lost_lead.clear()
         self.pending_report.reset()
         self.scaler.reset()
+        self.rollouts.reset()
         keepalive = asyncio.create_task(self._keep_lease(lease))
         try:
             while not keepalive.done() and not self.lost_lead.is_set():
