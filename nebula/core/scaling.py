@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from nebula.core.elastic import IdleAction, LoadReport, ScaleState, ScalingPolicy
-from nebula.core.model import ModelSpec
+from nebula.core.model import InstanceStatus, ModelSpec, Phase
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,18 @@ class Tracker:
 
 
 @dataclass(frozen=True)
+class Readiness:
+    """What the model's replicas are doing, from their agents' reports: idleness counts from the latest replica
+    to become ready, and a replica still on its way makes a model never idle (a start longer than
+    idle_unload_s would otherwise be unloaded before it could answer the request it was started for)."""
+
+    ready_since: float = 0.0
+    """Wall-clock time the latest READY replica became ready; 0: none."""
+    coming: bool = False
+    """Some replica is pending, downloading or starting."""
+
+
+@dataclass(frozen=True)
 class Step:
     """What one pass decided for one model: the scale state to hold (written when it differs from the stored
     one), the decision behind a change (None: no decision, perhaps a first or corrected state), whether the
@@ -154,7 +166,7 @@ def clamp(spec: ModelSpec, stored: ScaleState | None, now: float) -> ScaleState:
 
 
 def step(spec: ModelSpec, stored: ScaleState | None, fleet: Fleet, *, wake: bool, tracker: Tracker, now: float,
-         started: float, defaults: ScalingDefaults) -> Step:
+         started: float, defaults: ScalingDefaults, readiness: Readiness = Readiness()) -> Step:
     """One pass's decision for the elastic model `spec` (spec.scaling is set).
 
     Order: a wake (a wake request, or requests held) beats everything; then idleness (no inference request for
@@ -166,7 +178,8 @@ def step(spec: ModelSpec, stored: ScaleState | None, fleet: Fleet, *, wake: bool
         return _wake(spec, state, load, wake=wake, now=now)
     if asleep:
         return Step(state, None, Tracker(), wake_done=wake)
-    idle = _idle(spec, state, fleet, load, now=now, started=started, defaults=defaults)
+    idle = None if readiness.coming else _idle(spec, state, fleet, load, now=now, started=started,
+                                               ready_since=readiness.ready_since, defaults=defaults)
     if idle is not None:
         return Step(idle.state, idle, Tracker(), wake_done=wake)
     return _autoscale(spec, state, fleet, load, tracker, now=now, defaults=defaults, wake=wake)
@@ -187,18 +200,19 @@ def _wake(spec: ModelSpec, state: ScaleState, load: Load, *, wake: bool, now: fl
 
 
 def _idle(spec: ModelSpec, state: ScaleState, fleet: Fleet, load: Load, *, now: float, started: float,
-          defaults: ScalingDefaults) -> Decision | None:
+          ready_since: float, defaults: ScalingDefaults) -> Decision | None:
     policy = spec.scaling or ScalingPolicy()
     if policy.idle_unload_s is None or load.busy or not fleet.reporters:
         return None  # no fresh report: no view of the traffic, so no reason to believe it idle
-    last = max(load.last_request, state.since, started)
+    last = max(load.last_request, state.since, started, ready_since)
     quiet = now - last
     if quiet < policy.idle_unload_s:
         return None
     action, path = idle_action(spec, defaults)
     # Which clock ran out, for people: a request's, or (no request since) the last change's or the leader's start.
     counted = "" if last == load.last_request else (
-        " since the last change" if last == state.since else " since this scheduler took the lead")
+        " since the last change" if last == state.since else
+        " since its replica became ready" if last == ready_since else " since this scheduler took the lead")
     heard = f"no inference request for {_duration(quiet)}{counted} (idle_unload_s {_duration(policy.idle_unload_s)})"
     if action is IdleAction.SLEEP:
         reason = f"idle: {heard}; replicas sleep at level {policy.sleep_level}"
@@ -257,3 +271,15 @@ def _duration(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60}m{s % 60:02d}s" if s % 60 else f"{s // 60}m"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+def readiness_by_model(instances: Iterable[InstanceStatus]) -> dict[str, Readiness]:
+    """Each model's Readiness from its instances' reported phases."""
+    ready: dict[str, float] = {}
+    coming: set[str] = set()
+    for i in instances:
+        if i.phase is Phase.READY:
+            ready[i.model] = max(ready.get(i.model, 0.0), i.since)
+        elif i.phase in (Phase.PENDING, Phase.DOWNLOADING, Phase.STARTING):
+            coming.add(i.model)
+    return {m: Readiness(ready_since=ready.get(m, 0.0), coming=m in coming) for m in set(ready) | coming}
+

@@ -9,18 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nebula.core.elastic import IdleAction, LoadReport, ModelLoad, ScaleState
-from nebula.core.model import ModelSpec
+from nebula.core.model import InstanceStatus, ModelSpec, Phase
 from nebula.core.scaling import (
     Action,
     Decision,
     Fleet,
     Load,
+    Readiness,
     ScalingDefaults,
     Step,
     Tracker,
     aggregate,
     clamp,
     effective_spec,
+    readiness_by_model,
     step,
 )
 
@@ -89,6 +91,33 @@ def test_a_scheduler_restart_or_a_fresh_load_never_unloads_at_once() -> None:
     assert d is not None and d.action is Action.UNLOAD and "for 60s since the last change" in d.reason
     d = run(s, state(1, since=T0 - 10_000), fleet(), T0 + 60, started=T0).decision
     assert d is not None and "since this scheduler took the lead" in d.reason
+
+
+def test_a_replica_on_its_way_is_never_idle_and_idleness_counts_from_its_readiness() -> None:
+    s = spec(idle_unload_s=60)
+    # Loaded long ago, no request ever: still starting (a CPU start outlasting idle_unload_s) -> kept.
+    starting = step(s, state(1), fleet(), wake=False, tracker=Tracker(), now=T0 + 600, started=T0, defaults=D,
+                    readiness=Readiness(coming=True))
+    assert starting.decision is None and starting.state.replicas == 1
+    # Ready at T0 + 600: its idle clock starts there.
+    ready = Readiness(ready_since=T0 + 600)
+    kept = step(s, state(1), fleet(), wake=False, tracker=Tracker(), now=T0 + 659, started=T0, defaults=D,
+                readiness=ready)
+    assert kept.decision is None
+    d = step(s, state(1), fleet(), wake=False, tracker=Tracker(), now=T0 + 660, started=T0, defaults=D,
+             readiness=ready).decision
+    assert d is not None and d.action is Action.UNLOAD and "since its replica became ready" in d.reason
+
+
+def test_readiness_comes_from_the_instances_phases() -> None:
+    def inst(name: str, model: str, phase: Phase, since: float) -> InstanceStatus:
+        return InstanceStatus(instance=name, model=model, node="a", phase=phase, endpoint="http://a", since=since)
+
+    got = readiness_by_model([inst("m", "m", Phase.READY, 5.0), inst("m:1", "m", Phase.READY, 9.0),
+                              inst("n", "n", Phase.STARTING, 3.0), inst("o", "o", Phase.FAILED, 4.0),
+                              inst("p", "p", Phase.READY, 2.0), inst("p:1", "p", Phase.DOWNLOADING, 1.0)])
+    assert got == {"m": Readiness(ready_since=9.0), "n": Readiness(coming=True),
+                   "p": Readiness(ready_since=2.0, coming=True)}
 
 
 def test_without_a_fresh_load_report_nothing_is_judged_idle() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter
@@ -21,9 +21,20 @@ from prometheus_client.registry import Collector
 from nebula.core import keys
 from nebula.core.config import SchedulerConfig
 from nebula.core.elastic import IdleAction, LoadReport, ScaleState, WakeRequest
-from nebula.core.model import ModelSpec, Placement
+from nebula.core.model import InstanceStatus, ModelSpec, Placement
 from nebula.core.placement import PlacementResult
-from nebula.core.scaling import Decision, Fleet, ScalingDefaults, Tracker, aggregate, effective_spec, idle_action, step
+from nebula.core.scaling import (
+    Decision,
+    Fleet,
+    Readiness,
+    ScalingDefaults,
+    Tracker,
+    aggregate,
+    effective_spec,
+    idle_action,
+    readiness_by_model,
+    step,
+)
 from nebula.core.scaling_evict import candidates, priority
 from nebula.services.cluster.mirror import MirrorState
 from nebula.services.cluster.writes import ClusterWrites, Fence
@@ -137,16 +148,19 @@ class Scaler:
         return self.pass_s if any(m.scaling is not None for m in models.values()) else None
 
     # --- one pass -----------------------------------------------------------------------------------
-    def plan(self, models: Mapping[str, ModelSpec]) -> ScalePlan:
+    def plan(self, models: Mapping[str, ModelSpec], instances: Iterable[InstanceStatus] = ()) -> ScalePlan:
+        """`instances`: every instance's reported status (idleness counts from a model's latest ready replica)."""
         now = self.wall()
         fleet = aggregate(self.reports.values(), now, self.defaults.report_stale_s)
         plan = ScalePlan(now=now, fleet=fleet, states={})
+        readiness = readiness_by_model(instances)
         for name, spec in sorted(models.items()):
             if spec.scaling is None:
                 continue
             stored = self.scale.get(name)
             out = step(spec, stored, fleet, wake=name in self.wakes, tracker=self.trackers.get(name, Tracker()),
-                       now=now, started=self.started, defaults=self.defaults)
+                       now=now, started=self.started, defaults=self.defaults,
+                       readiness=readiness.get(name, Readiness()))
             self.trackers[name] = out.tracker
             plan.states[name] = out.state
             if out.state != stored:
@@ -227,4 +241,5 @@ class _ScaleCollector(Collector):
 
 def _placed(result: PlacementResult, model: str) -> int:
     return sum(1 for p in result.placements.values() if p.model.name == model)
+
 

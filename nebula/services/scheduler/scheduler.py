@@ -113,7 +113,7 @@ class Scheduler:
         return {n for n, t in self.gone_since.items() if now - t < self.node_grace_s}
 
     def compute(self, plan: ScalePlan | None = None) -> tuple[list[Placement], list[Placement]]:
-        plan = plan if plan is not None else self.scaler.plan(self.models)
+        plan = plan if plan is not None else self.scaler.plan(self.models, self.rollouts.instances.values())
         # Rolling replaces and drains plan over the counts elastic models have now (their scale states).
         models = effective(self.models, plan.states)
         self._decided = decided = self.rollouts.plan(models, self.placements, self.nodes)
@@ -141,7 +141,7 @@ class Scheduler:
         if not self.ready:
             return
         with self.metrics.pass_seconds.time():
-            plan = self.scaler.plan(self.models)
+            plan = self.scaler.plan(self.models, self.rollouts.instances.values())
             to_write, to_delete = self.compute(plan)
             # Scale states first: the placements below follow from them.
             if not await self.scaler.apply(self._fence, plan):
