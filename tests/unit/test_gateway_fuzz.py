@@ -121,7 +121,12 @@ def test_fuzzing_finds_no_server_error(gateway_url: str) -> None:
 
 
 def _error_code(response: Response) -> str | None:
+    """The OpenAI shape's error code; Anthropic's shape (/v1/messages*) has none, so its 503 for a model with no
+    ready replica is known by its message (the one forward.py answers with model_not_ready)."""
     try:
-        return str(response.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
+        error = response.json()["error"]
+        if response.json().get("type") == "error":
+            return "model_not_ready" if "has no ready replica yet" in str(error["message"]) else None
+        return str(error["code"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
