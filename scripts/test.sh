@@ -47,8 +47,9 @@ else
     engine=${NEBULA_TEST_VLLM_VENV:-$cache/engines/vllm}
 fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
+# debootstrap: the Debian 13 root the trixie package is built and tested in (scripts/debian-root.sh).
 apt_packages=(etcd-server systemd-container dbus polkitd gcc python3-dev python3-venv
-              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl)
+              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl debootstrap)
 
 find_python311() {
     # Debian's own 3.11 first (what production nodes have), else the first python3.11 the caller has.
