@@ -4,6 +4,7 @@
 # and tested in a real systemd booted from an overlay of it).
 #
 #   scripts/debian-root.sh trixie      print the root's path, making it first when there is none fresh enough
+#                                      (bookworm too, for a Debian 13 host building the Debian 12 package)
 #
 # The root is made once and reused by every build and test until it is NEBULA_ROOT_MAX_AGE_DAYS old
 # (default 7: a week-old root still has the release's current packages but for a few point updates); a new
@@ -21,8 +22,8 @@ die() { log "$*"; exit 1; }
 
 suite=${1:-}
 case $suite in
-    trixie) ;;
-    *) die "usage: $0 trixie (the only release built in a debootstrapped root; bookworm is the host's own)" ;;
+    bookworm|trixie) ;;
+    *) die "usage: $0 bookworm|trixie (a supported release other than the host's)" ;;
 esac
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap)"
 command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install debootstrap"

@@ -70,7 +70,7 @@ class Package:
 
 def debian_root(release: str) -> Path | None:
     """The root a release's sandbox boots: None for the host's own release, else its debootstrapped root."""
-    if release == "bookworm":
+    if f"VERSION_CODENAME={release}\n" in Path("/etc/os-release").read_text():
         return None
     res = run([str(REPO_ROOT / "scripts/debian-root.sh"), release], timeout=900)
     assert res.returncode == 0, res.stderr
@@ -97,8 +97,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Package]:
         res = run(["dpkg-deb", "-x", str(debs[0]), str(tree)])
         assert res.returncode == 0, res.stderr
         built[release] = Package(release, debs[0], version, tree, proc.stderr)
-        # systemd-analyze --root= resolves dependencies (sysinit.target, ...) inside the tree only.
-        for base in Path("/lib/systemd/system").iterdir():
+        for base in Path("/lib/systemd/system").iterdir():  # systemd-analyze --root= resolves inside the tree
             if not (built[release].unit_dir / base.name).exists() and not base.is_dir():
                 shutil.copy2(base, built[release].unit_dir / base.name, follow_symlinks=False)
     print(f"built {', '.join(f'{p.deb.name} ({p.deb.stat().st_size / 1e6:.1f} MB)' for p in built.values())} "
