@@ -52,7 +52,7 @@ while (($#)); do
         --release) release=$2; shift 2 ;;
         --release=*) release=${1#*=}; shift ;;
         --relock) relock=1; shift ;;
-        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done

