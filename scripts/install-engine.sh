@@ -203,7 +203,15 @@ if [[ -n $cpu_version ]]; then
 fi
 
 # Check the runtime really starts (imports torch, vLLM and its version lookup) before declaring it good.
-# Offline and without usage stats, as the engines run.
+# Offline and without usage stats, as the engines run. `vllm --version` only warns when vLLM's compiled
+# extension cannot load (a system library missing: libnuma1 on a minimal Debian), and every engine would then
+# fail to start: import it first (the CPU build; the CUDA build's needs the GPU driver, absent on CI).
+if [[ -n $cpu_version ]] && ! out=$("$venv/bin/python" -c 'import vllm._C' 2>&1); then
+    printf '%s\n' "$out" | tail -n 5 >&2
+    echo "install-engine: vLLM's compiled extension does not load in $venv; a missing system library is named" \
+         "above (libnuma.so.1: apt-get install libnuma1), install it and rerun" >&2
+    exit 1
+fi
 if ! out=$(HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 "$venv/bin/vllm" --version 2>&1); then
     printf '%s\n' "$out" | tail -n 20 >&2
     echo "install-engine: $venv/bin/vllm --version failed" >&2

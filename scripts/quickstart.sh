@@ -85,6 +85,8 @@ if ((engine)); then
     step "vLLM engine runtime -> $prefix/engines (${NEBULA_ENGINE_DEVICE:-auto})"
     # auto: the GPU lock where NVML sees a GPU, else the CPU one (the local +cpu torch wheel where
     # /opt/wheels has it, else the public index's); NEBULA_ENGINE_DEVICE overrides (install-engine.sh).
+    # vLLM's compiled extension links libnuma (not part of a minimal Debian; the wheels do not bundle it).
+    apt_install libnuma1
     "$repo/scripts/install-engine.sh" --runtime auto "$prefix/engines/vllm"
 
     step "model"
