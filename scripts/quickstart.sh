@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A whole Nebula on this one machine, serving a small model, from a fresh Debian 12 (run as root):
+# A whole Nebula on this one machine, serving a small model, from a fresh Debian 12 or 13 (run as root):
 #
 #   scripts/quickstart.sh
 #
@@ -15,9 +15,13 @@
 # each model's files and turns on what its family needs (etc/nebula/profiles.toml).
 # Rerunning it is safe and quick; an existing key is kept.
 #
+# It installs Debian packages only where missing, and never upgrades, downgrades or removes one the machine
+# has: where apt would, it stops and says which (upgrade them yourself, then rerun).
+#
 # Environment: NEBULA_MODEL_NAME (default tiny), NEBULA_MODEL_SOURCE (a model directory to serve instead
 # of the tiny one), NEBULA_PREFIX (default /opt/nebula), NEBULA_ENGINE_DEVICE (cpu or gpu: which engine
-# runtime, instead of the choice by GPU).
+# runtime, instead of the choice by GPU), NEBULA_QUICKSTART_ENGINE=0 (the control plane only: no engine
+# runtime, no model; `scripts/install-engine.sh` and `nebula load` later).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,15 +35,27 @@ step() { printf '\n==> [%4d s] %s\n' $((SECONDS - t0)) "$*"; }
 
 ((EUID == 0)) || { echo "quickstart: run as root (it installs packages and services)" >&2; exit 1; }
 
-step "system packages"
-need=()
-for p in etcd-server ca-certificates; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
-done
-if ((${#need[@]})); then
-    apt-get update -q
+engine=${NEBULA_QUICKSTART_ENGINE:-1}
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+apt_updated=0
+apt_install() {  # apt_install PKG...: install what is missing, refusing to change any installed package
+    local need=() p changes
+    for p in "$@"; do installed "$p" || need+=("$p"); done
+    ((${#need[@]})) || return 0
+    ((apt_updated)) || { apt-get update -q; apt_updated=1; }
+    # apt's plan first: "Inst P [version]" upgrades (or downgrades) an installed P, "Remv P" removes one.
+    changes=$(apt-get install -s -q --no-install-recommends "${need[@]}" \
+              | sed -n 's/^Inst \([^ ]*\) \[\([^]]*\)\].*/\1 (\2)/p; s/^Remv \([^ ]*\).*/\1 (removed)/p')
+    if [[ -n $changes ]]; then
+        echo "quickstart: installing ${need[*]} would change packages this machine has: $(echo $changes);" \
+             "the quickstart changes none: update them yourself (apt-get upgrade), then rerun" >&2
+        exit 1
+    fi
     apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
+}
+
+step "system packages"
+apt_install etcd-server ca-certificates
 if [[ -d /run/systemd/system ]]; then
     # The package starts its own etcd on 127.0.0.1:2379, which is what Nebula's defaults expect.
     systemctl enable --now etcd.service
@@ -51,7 +67,8 @@ uv=$(PATH=$caller_path command -v uv || true)
 if [[ -z $uv ]]; then
     uv=/opt/nebula/uv/bin/uv
     if [[ ! -x $uv ]]; then
-        "$python" -m pip --version >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends python3-pip
+        "$python" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+        # --target: a directory of its own, beside (not in) Debian's externally managed site-packages.
         "$python" -m pip install -q --disable-pip-version-check --target /opt/nebula/uv uv
     fi
 fi
@@ -64,16 +81,21 @@ ln -sf "$prefix/venv/bin/nebula" /usr/local/bin/nebula
 # The units run /usr/bin/nebula (where the Debian package puts it).
 [[ -e /usr/bin/nebula ]] || ln -s "$prefix/venv/bin/nebula" /usr/bin/nebula
 
-step "vLLM engine runtime -> $prefix/engines (${NEBULA_ENGINE_DEVICE:-auto})"
-# auto: the GPU lock where NVML sees a GPU, else the CPU one; NEBULA_ENGINE_DEVICE overrides (install-engine.sh).
-"$repo/scripts/install-engine.sh" --runtime auto "$prefix/engines/vllm"
+if ((engine)); then
+    step "vLLM engine runtime -> $prefix/engines (${NEBULA_ENGINE_DEVICE:-auto})"
+    # auto: the GPU lock where NVML sees a GPU, else the CPU one (the local +cpu torch wheel where
+    # /opt/wheels has it, else the public index's); NEBULA_ENGINE_DEVICE overrides (install-engine.sh).
+    # vLLM's compiled extension links libnuma (not part of a minimal Debian; the wheels do not bundle it).
+    apt_install libnuma1
+    "$repo/scripts/install-engine.sh" --runtime auto "$prefix/engines/vllm"
 
-step "model"
-if [[ -n ${NEBULA_MODEL_SOURCE:-} ]]; then
-    source_dir=$NEBULA_MODEL_SOURCE
-else
-    "$prefix/engines/vllm/bin/python" "$repo/scripts/make_tiny_models.py" /var/lib/nebula/models
-    source_dir=/var/lib/nebula/models/tiny-llama
+    step "model"
+    if [[ -n ${NEBULA_MODEL_SOURCE:-} ]]; then
+        source_dir=$NEBULA_MODEL_SOURCE
+    else
+        "$prefix/engines/vllm/bin/python" "$repo/scripts/make_tiny_models.py" /var/lib/nebula/models
+        source_dir=/var/lib/nebula/models/tiny-llama
+    fi
 fi
 
 step "config /etc/nebula (nebula.toml, catalog, model families)"
@@ -99,6 +121,7 @@ if [[ -d /run/systemd/system ]]; then
     install -m 0644 "$repo"/units/*.service "$repo"/units/*.target /etc/systemd/system/
     # The agent (User=nebula) starts and stops engine units over D-Bus: allow exactly that.
     install -D -m 0644 "$repo/packaging/polkit/50-nebula.rules" /etc/polkit-1/rules.d/50-nebula.rules
+    mkdir -p /var/lib/nebula  # (no tiny models made there when NEBULA_MODEL_SOURCE or ..._ENGINE=0)
     chown -R nebula:nebula /var/lib/nebula
     systemctl daemon-reload
     systemctl enable nebula.target nebula-gateway nebula-scheduler nebula-node
@@ -107,6 +130,12 @@ fi
 step "nebula up (and the bootstrap admin key)"
 nebula up
 [[ -s /etc/nebula/admin.key ]] || { echo "quickstart: no /etc/nebula/admin.key after nebula up" >&2; exit 1; }
+if ((!engine)); then
+    echo "
+The control plane is up ($((SECONDS - t0)) s; NEBULA_QUICKSTART_ENGINE=0: no engine runtime, no model).
+Next: $repo/scripts/install-engine.sh, then nebula load NAME --source DIR; nebula status shows the state."
+    exit 0
+fi
 
 step "load $name from $source_dir"
 nebula load "$name" --source "$source_dir" --max-model-len 512 --wait 900

@@ -15,7 +15,8 @@
 # SDCI_ROOT (/proc/PID/root: the container's files), SDCI_DBUS (system bus address usable from the host),
 # SDCI_EXEC (a wrapper that runs a command inside).
 #
-# Knobs: SDCI_BOOT_TIMEOUT (s, default 45), SDCI_DOWN_TIMEOUT (s, default 20).
+# Knobs: SDCI_BOOT_TIMEOUT (s, default 45), SDCI_DOWN_TIMEOUT (s, default 20), SDCI_LOWER (the tree the
+# overlay shows, default the host's /: e.g. a debootstrapped root of another release, scripts/debian-root.sh).
 # Facts this relies on (systemd 252, cgroup v1 hybrid host): see the project's testing docs. Resource
 # limits (MemoryMax=, CPUQuota=) are not enforced inside: tests must not assert them.
 set -euo pipefail
@@ -32,13 +33,14 @@ MACHINE=nebula-$NAME
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
 up() {
-    local boot_timeout=${SDCI_BOOT_TIMEOUT:-45}
+    local boot_timeout=${SDCI_BOOT_TIMEOUT:-45} lower=${SDCI_LOWER:-/}
     [ "$(id -u)" = 0 ] || die "must run as root (nspawn, overlay, cgroups)"
     command -v systemd-nspawn >/dev/null || die "systemd-nspawn missing: apt-get install systemd-container dbus"
     if [ -f "$STATE/nspawn.pid" ] && alive "$(cat "$STATE/nspawn.pid")"; then
         die "sandbox $NAME already running; run '$0 down $NAME' first"
     fi
     for p in "$@"; do [ -d "$p" ] || die "bind path $p is not a directory"; done
+    [ -x "$lower/lib/systemd/systemd" ] || die "SDCI_LOWER=$lower has no systemd"
     rm -rf "$STATE"; mkdir -p "$STATE/mnt"
 
     # A cgroup of our own per sandbox: nspawn --keep-unit puts "supervisor" and "payload" under the caller's
@@ -67,7 +69,7 @@ for d in $cg_dirs; do echo \$\$ > "\$d/cgroup.procs"; done
 M=$STATE/mnt
 mount -t tmpfs -o mode=755 nebula-sdci-$NAME "\$M"
 mkdir -p "\$M/upper" "\$M/work" "\$M/root"
-mount -t overlay overlay -o "lowerdir=/,upperdir=\$M/upper,workdir=\$M/work" "\$M/root"
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=\$M/upper,workdir=\$M/work" "\$M/root"
 R=\$M/root
 systemd-id128 new > "\$R/etc/machine-id"
 echo "$MACHINE" > "\$R/etc/hostname"
@@ -79,7 +81,9 @@ ln -sf /dev/null "\$R/etc/systemd/system/timers.target"
 echo 'd /tmp 1777 root root -' > "\$R/etc/tmpfiles.d/tmp.conf"
 # nspawn keeps scratch state under /run/systemd/nspawn*: keep it off the host's /run.
 mount -t tmpfs -o mode=755 nebula-sdci-run /run
-exec systemd-nspawn -D "\$R" ${nspawn_args[*]@Q} -- systemd.unit=nebula-sdci.target
+# systemd 256+ (Debian 13) boots on this cgroup v1 (hybrid) host only when told to; in a container it reads
+# such options from its own command line. Older systemd ignores the word.
+exec systemd-nspawn -D "\$R" ${nspawn_args[*]@Q} -- systemd.unit=nebula-sdci.target SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1
 EOF
     chmod +x "$STATE/launch.sh"
 

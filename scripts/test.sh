@@ -47,8 +47,9 @@ else
     engine=${NEBULA_TEST_VLLM_VENV:-$cache/engines/vllm}
 fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
+# debootstrap: the Debian 13 root the trixie package is built and tested in (scripts/debian-root.sh).
 apt_packages=(etcd-server systemd-container dbus polkitd gcc python3-dev python3-venv
-              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl
+              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl debootstrap
               chromium chromium-driver)
 
 find_python311() {
@@ -74,6 +75,15 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
             exit 1
         fi
         apt-get update -q
+        # Nothing the machine has may change: apt's plan first ("Inst P [version]" upgrades an installed P,
+        # "Remv P" removes one); upgrading the host is its admin's decision, not a test run's.
+        changes=$(apt-get install -s -q --no-install-recommends "${missing[@]}" \
+                  | sed -n 's/^Inst \([^ ]*\) \[\([^]]*\)\].*/\1 (\2)/p; s/^Remv \([^ ]*\).*/\1 (removed)/p')
+        if [[ -n $changes ]]; then
+            echo "test.sh: installing ${missing[*]} would change installed packages: $(echo $changes);" \
+                 "update them first (apt-get upgrade)" >&2
+            exit 1
+        fi
         # Recommends would pull dozens of packages (prometheus alone ~48) that no test needs.
         apt-get install -y -q --no-install-recommends \
             -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"
@@ -123,6 +133,18 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
     else
         # The suite runs CPU engines, whatever the machine has (a GPU dev box would pick the CUDA runtime).
         scripts/install-engine.sh --runtime cpu "$engine"
+    fi
+
+    # --- the other release's root ------------------------------------------------------------------
+    # The package of the supported release that is not the host's (Debian 13 on a Debian 12 host) is built and
+    # tested in it (scripts/debian-root.sh: debootstrap, ~3 minutes, then cached by date under $cache/roots;
+    # a CI cache of $cache keeps it between runs).
+    if ((EUID == 0)); then
+        phase "debian root"
+        case $(. /etc/os-release && echo "${VERSION_CODENAME:-}") in
+            trixie) NEBULA_CACHE=$cache scripts/debian-root.sh bookworm ;;
+            *) NEBULA_CACHE=$cache scripts/debian-root.sh trixie ;;
+        esac
     fi
 
     # --- tiny models -------------------------------------------------------------------------------

