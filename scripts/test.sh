@@ -75,14 +75,14 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
             exit 1
         fi
         apt-get update -q
-        # Nothing the machine has may change: apt's plan first ("Inst P [version]" upgrades an installed P,
-        # "Remv P" removes one); upgrading the host is its admin's decision, not a test run's.
+        # apt's plan first, said out loud: on a machine whose packages lag the mirror, the test tools need some
+        # upgraded (systemd-container needs the mirror's libsystemd0, lintian its perl). This is the test
+        # machine's set-up, so it goes ahead; the operators' set-up paths (quickstart.sh, the .deb) refuse
+        # to change an installed package instead (tests/integration/test_quickstart_releases.py).
         changes=$(apt-get install -s -q --no-install-recommends "${missing[@]}" \
                   | sed -n 's/^Inst \([^ ]*\) \[\([^]]*\)\].*/\1 (\2)/p; s/^Remv \([^ ]*\).*/\1 (removed)/p')
         if [[ -n $changes ]]; then
-            echo "test.sh: installing ${missing[*]} would change installed packages: $(echo $changes);" \
-                 "update them first (apt-get upgrade)" >&2
-            exit 1
+            echo "test.sh: installing ${missing[*]} also changes installed packages (from version):" $changes
         fi
         # Recommends would pull dozens of packages (prometheus alone ~48) that no test needs.
         apt-get install -y -q --no-install-recommends \
