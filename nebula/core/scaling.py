@@ -232,7 +232,9 @@ def _autoscale(spec: ModelSpec, state: ScaleState, fleet: Fleet, load: Load, tra
     if floor >= ceiling or not fleet.reporters:
         return Step(state, None, Tracker(), wake_done=wake)
     target = policy.target_inflight or defaults.target_inflight
-    per = (load.inflight + load.waiting) / state.replicas
+    # Held requests are demand too (clients waiting for a replica): leaving them out would read a model whose
+    # requests all wait at the gateway as unloaded.
+    per = (load.inflight + load.held + load.waiting) / state.replicas
     high = per > target or load.kv_cache > defaults.kv_cache_high
     low = per < target * defaults.low_ratio and load.kv_cache < defaults.kv_cache_high * defaults.low_ratio
     tracker = Tracker(high_since=(tracker.high_since if tracker.high_since is not None else now) if high else None,
