@@ -129,6 +129,8 @@ def test_an_elastic_model_scales_with_load_unloads_when_idle_and_wakes_once(tmp_
         # Idle for IDLE_S: the engine stops (the stop path), the model is listed as idle.
         wait_until(lambda: not c.engine_pids(), IDLE_S + 60, "the idle engine stopped", c)
         stop_s = time.monotonic() - ended
+        wait_until(lambda: not any(m["instances"] for m in c.models() if m["name"] == "el"), 30,
+                   "its instance record gone", c)
         st = scale(c, "el")
         assert st is not None and st.replicas == 0 and "CUDA-only" in st.reason
         listed = openai.OpenAI(base_url=base_url, api_key="none").models.list()
