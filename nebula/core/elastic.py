@@ -142,7 +142,12 @@ class ModelLoad:
     """The fullest replica's KV-cache use (0-1)."""
     last_request: float = 0.0
     """Wall-clock time of this worker's last inference request for the model (health checks and scrapes do
-    not count); 0: none since the worker started."""
+    not count); 0: none since the worker started. Summed over reports: the latest any worker saw."""
+
+    @property
+    def busy(self) -> bool:
+        """A request in flight, held, queued or running: the model must stay (a running stream keeps it)."""
+        return bool(self.inflight or self.held or self.waiting or self.running)
 
     @staticmethod
     def from_dict(obj: object) -> ModelLoad:

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from nebula.core.elastic import IdleAction, LoadReport, ScaleState, ScalingPolicy
+from nebula.core.elastic import IdleAction, LoadReport, ModelLoad, ScaleState, ScalingPolicy
 from nebula.core.model import InstanceStatus, ModelSpec, Phase
 
 
@@ -38,23 +38,8 @@ class ScalingDefaults:
     """Load reports older than this are ignored (their gateway worker stopped publishing)."""
 
 
-@dataclass(frozen=True)
-class Load:
-    """One model's load, summed over the fresh reports of every gateway worker."""
-
-    inflight: int = 0
-    held: int = 0
-    waiting: int = 0
-    running: int = 0
-    kv_cache: float = 0.0
-    """The fullest replica's, as the fullest report has it."""
-    last_request: float = 0.0
-    """The latest inference request any worker saw; 0: none."""
-
-    @property
-    def busy(self) -> bool:
-        """A request in flight, held, queued or running: the model must stay (a running stream keeps it)."""
-        return bool(self.inflight or self.held or self.waiting or self.running)
+# One model's load summed over every fresh report has the shape of one report's: the same type.
+Load = ModelLoad
 
 
 @dataclass(frozen=True)
