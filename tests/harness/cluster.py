@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.etcd import EtcdCluster, EtcdServer, free_port, port_is_free
+from tests.harness.etcd import EtcdCluster, EtcdServer
+from tests.harness.ports import free_port, free_port_range
 
 SERVICES = ("gateway", "scheduler", "node")
 RESTART_SEC = 2.0  # the units' RestartSec=
@@ -293,17 +293,6 @@ def post_json(url: str, body: bytes | Mapping[str, Any], timeout_s: float = 120,
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def free_port_range(size: int) -> int:
-    """The first of `size` free consecutive ports below the ephemeral range (clients cannot take them meanwhile),
-    at a random place so that clusters of one test session do not collide."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000 - size)
-        if all(port_is_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError(f"no {size} free consecutive ports in 20000-32000")
 
 
 def required_path(name: str) -> str:

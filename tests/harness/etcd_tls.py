@@ -9,7 +9,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.etcd import EtcdServer
+from tests.harness.ports import free_port
 from tests.harness.tls import Pki
 
 _START_ATTEMPTS = 3

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 
 REVISION = "main"
 MS_REVISION = "master"

@@ -18,8 +18,9 @@ import pytest
 from nebula.adapters.etcd import EtcdStore
 from nebula.core.store import EventType, KeyValue, StoreUnavailableError, WatchEvent
 from nebula.errors import TemporaryError
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.etcd import EtcdServer
 from tests.harness.mirrors import follow_raw
+from tests.harness.ports import free_port
 from tests.store_contract import WAIT_S, StoreContract, stop, values, wait_until
 
 pytestmark = pytest.mark.etcd

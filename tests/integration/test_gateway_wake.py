@@ -25,7 +25,8 @@ import pytest
 from nebula.core import keys
 from nebula.core.elastic import LoadReport, ScalingPolicy
 from nebula.core.model import ModelSpec, dumps
-from tests.harness.etcd import EtcdServer, etcd_get, etcd_list, free_port
+from tests.harness.etcd import EtcdServer, etcd_get, etcd_list
+from tests.harness.ports import free_port
 from tests.integration.test_gateway_workers import children, etcd_put, until
 from tests.unit.fake_engine import FakeEngine
 

@@ -20,7 +20,8 @@ import pytest
 from nebula.core import keys
 from nebula.core.model import ModelSpec, dumps
 from nebula.services.gateway.workers import parse_notification
-from tests.harness.etcd import EtcdServer, etcd_call, etcd_list, free_port
+from tests.harness.etcd import EtcdServer, etcd_call, etcd_list
+from tests.harness.ports import free_port
 from tests.unit.fake_engine import FakeEngine
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(180)]

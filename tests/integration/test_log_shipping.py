@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
 pytestmark = pytest.mark.systemd

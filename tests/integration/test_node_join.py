@@ -17,7 +17,8 @@ import pytest
 from nebula.adapters.etcd import EtcdStore
 from nebula.core import keys
 from nebula.core.model import NodeRecord, dumps, loads
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.etcd import EtcdServer
+from tests.harness.ports import free_port
 from tests.harness.systemd import REPO_ROOT, up
 
 pytestmark = pytest.mark.etcd

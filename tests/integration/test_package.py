@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.cluster import free_port_range, post_json, required_path
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.cluster import post_json, required_path
+from tests.harness.etcd import EtcdServer
+from tests.harness.ports import free_port, free_port_range
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
 # Each supported release: (codename, Debian major, the Python it ships).

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.harness.cluster import post_json
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 from tests.integration.api_fixtures import CHAT_MODEL, INSTANCES, REPLICAS, ApiCluster
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]

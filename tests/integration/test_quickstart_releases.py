@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.cluster import free_port_range
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port, free_port_range
 from tests.harness.systemd import REPO_ROOT
 from tests.integration.test_package import CONTROL_PLANE, RELEASES, boot
 

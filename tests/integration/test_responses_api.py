@@ -24,7 +24,7 @@ from openai.types.responses import FunctionTool, FunctionToolParam, Response, Re
 
 from nebula.core.response_ids import replica_token, token_of
 from tests.harness.cluster import wait_until
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 from tests.integration.api_fixtures import CHAT_MODEL, PAIR_MODEL, ApiCluster
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]

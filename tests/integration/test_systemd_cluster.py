@@ -19,8 +19,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.cluster import free_port_range, required_path, wait_until
-from tests.harness.etcd import EtcdServer, free_port
+from tests.harness.cluster import required_path, wait_until
+from tests.harness.etcd import EtcdServer
+from tests.harness.ports import free_port, free_port_range
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox, up
 
 pytestmark = [pytest.mark.systemd, pytest.mark.engine, pytest.mark.etcd]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +23,7 @@ import pytest
 from nebula.adapters.systemd import SystemdEngineUnits, systemd_is_pid1
 from nebula.core.units import UnitState, UnitStatus, engine_unit_name
 from nebula.errors import TemporaryError
+from tests.harness.ports import free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox
 
 UNITS = REPO_ROOT / "units"
@@ -69,12 +69,6 @@ class Handler(BaseHTTPRequestHandler):
 
 HTTPServer((host, port), Handler).serve_forever()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def health_status(port: int) -> int | None:

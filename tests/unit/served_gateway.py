@@ -20,7 +20,7 @@ from nebula.cli.main import main
 from nebula.core.catalog import Catalog
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.app import build_gateway_app, gateway_site
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 
 ADMIN_KEY = "admin-secret"
 T = TypeVar("T")

@@ -20,8 +20,8 @@ from nebula.core.model import ModelSpec, NodeRecord, Placement, dumps
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.gateway.app import serve_gateway
-from tests.harness.etcd import free_port
 from tests.harness.mirrors import listing, mirrored
+from tests.harness.ports import free_port
 from tests.unit.fake_engine import until
 from tests.unit.test_agent import TableUnits, model_dir
 

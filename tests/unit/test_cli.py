@@ -16,7 +16,7 @@ import pytest
 from nebula.cli.client import AdminClient, CliError
 from nebula.cli.main import build_parser, main
 from nebula.cli.models import load
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, run_cli, served_gateway
 
 

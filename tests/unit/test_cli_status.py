@@ -12,7 +12,7 @@ import pytest
 from nebula.cli.client import AdminClient
 from nebula.cli.main import main
 from nebula.cli.status import CLEAR, watch
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 from tests.unit.served_gateway import ADMIN_KEY, ServedGateway, served_gateway
 
 NODE_A = {"name": "node-a", "address": "10.0.0.1", "port_min": 18000, "port_max": 18999,

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.http.errors import ApiError, error_middleware
 from tests.harness.gateway_server import GatewayServer
 from tests.harness.mirrors import mirrored
+from tests.harness.ports import free_port
 from tests.harness.tls import make_pki
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
 
@@ -331,12 +331,6 @@ def test_digest_file_formats_and_errors(tmp_path: Path) -> None:
     f.write_text("nbk_oops-this-is-the-token-itself\n")
     with pytest.raises(ConfigError, match=r"^gateway.admin_key_digest_file: .*:1: not a SHA-256 hex digest"):
         read_digest_file(str(f))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

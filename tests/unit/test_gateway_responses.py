@@ -28,8 +28,8 @@ from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.auth import Scope, scope_of
 from nebula.services.gateway.responses_api import stored_request
 from nebula.services.gateway.state import GATEWAY
-from tests.harness.etcd import free_port
 from tests.harness.gateway_server import GatewayServer
+from tests.harness.ports import free_port
 from tests.unit.fake_engine import until
 
 ADMIN = "admin-secret"

@@ -16,8 +16,8 @@ from nebula.core.model import ModelSpec
 from nebula.errors import ValidationError
 from nebula.services.gateway.model_profiles import read_profile
 from tests.harness import safetensors
-from tests.harness.etcd import free_port
 from tests.harness.hub_mirror import running_mirror, tiny_repos
+from tests.harness.ports import free_port
 
 MODELS = Path(os.environ.get("NEBULA_TEST_MODELS", "/var/cache/nebula-dev/tiny-models"))
 TINY = MODELS / "tiny-llama"

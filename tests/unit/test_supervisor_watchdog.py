@@ -19,7 +19,7 @@ from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import EngineConfig
 from nebula.core.engine_spec import EngineSpec
 from nebula.services.engine.supervisor import EngineSupervisor, ExitCode
-from tests.harness.etcd import free_port
+from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
