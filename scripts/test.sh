@@ -112,7 +112,7 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
     export UV=$uv  # install-engine.sh uses the same uv
     # The venv is current when it was made from this pyproject.toml; skipping the resolver keeps a
     # developer's rerun offline and instant.
-    want=$( { sha256sum pyproject.toml; echo "$python"; } | sha256sum | cut -c1-64)
+    want=$( { sha256sum pyproject.toml; echo "$python"; echo bytecode; } | sha256sum | cut -c1-64)
     if [[ -x .venv/bin/python && $(cat .venv/.nebula-dev-stamp 2>/dev/null) == "$want" ]]; then
         echo "up to date"
     else
@@ -120,7 +120,10 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
             || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
             "$uv" venv --quiet --clear --python "$python" .venv
         fi
-        "$uv" pip install --quiet --python .venv/bin/python -e '.[test]'
+        # --compile-bytecode: the suite starts hundreds of service processes, and where PYTHONDONTWRITEBYTECODE is
+        # set (CI images) each would compile aiohttp & co. again (0.96 s of CPU per start from source, 0.54 s
+        # from bytecode, measured on 2 cores).
+        "$uv" pip install --quiet --compile-bytecode --python .venv/bin/python -e '.[test]'
         echo "$want" >.venv/.nebula-dev-stamp
     fi
 

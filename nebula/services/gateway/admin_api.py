@@ -21,6 +21,7 @@ from nebula.services.gateway.load_request import plan_load
 from nebula.services.gateway.records import (
     instance_records,
     model_json,
+    model_listing,
     model_spec,
     node_records,
     pending_reasons,
@@ -83,14 +84,8 @@ def _check_fleet_has_gpus(nodes: list[NodeRecord], spec: ModelSpec) -> None:
 
 async def list_models(request: web.Request) -> web.Response:
     st = request.app[GATEWAY]
-    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
-    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items,
-                                 (await st.store.list_prefix(keys.NODES)).items)
-    names = sorted(set(specs) | {i.model for i in instances})
-    pending = await pending_reasons(st.store)
-    scale = await scale_states(st.store)
-    return web.json_response({"object": "list", "data": [model_json(n, specs.get(n), instances, pending, scale,
-                                                                    st.view.wakes) for n in names]})
+    _, models = await model_listing(st.store, st.view.wakes)
+    return web.json_response({"object": "list", "data": models})
 
 
 async def get_model(request: web.Request) -> web.Response:

@@ -15,11 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.core import keys
 from nebula.services.gateway import console_session as cs
 from nebula.services.gateway.console import CONSOLE
 from nebula.services.gateway.console_figures import model_figures
-from nebula.services.gateway.records import instance_records, model_json, model_spec, node_records, pending_reasons
+from nebula.services.gateway.records import model_listing, node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
 TICK_S = 1.0
@@ -30,13 +29,8 @@ KEEPALIVE_S = 15.0
 
 async def fleet(st: GatewayState) -> dict[str, Any]:
     """Models (as GET /v1/admin/models shows them) and nodes (as GET /v1/admin/nodes)."""
-    node_items = (await st.store.list_prefix(keys.NODES)).items
-    specs = {s.name: s for kv in (await st.store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
-    instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items, node_items)
-    pending = await pending_reasons(st.store)
-    names = sorted(set(specs) | {i.model for i in instances})
-    return {"models": [model_json(n, specs.get(n), instances, pending) for n in names],
-            "nodes": [n.to_dict() for n in node_records(node_items)]}
+    node_items, models = await model_listing(st.store, st.view.wakes)
+    return {"models": models, "nodes": [n.to_dict() for n in node_records(node_items)]}
 
 
 def _mirror_mark(st: GatewayState) -> object:

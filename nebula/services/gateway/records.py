@@ -113,3 +113,15 @@ async def pending_reasons(store: Store, name: str | None = None) -> dict[str, st
     items = ((await store.list_prefix(keys.MODEL_STATUS)).items if name is None
              else [kv for kv in [await store.get(keys.model_status_key(name))] if kv is not None])
     return {status.model: status.pending for status in decoded(records.MODEL_STATUS, items)}
+
+
+async def model_listing(store: Store, wakes: Collection[str] = ()) -> tuple[list[KeyValue], list[dict[str, Any]]]:
+    """(the node records' items, every model as `model_json` shows it): the one read of etcd behind GET
+    /v1/admin/models, /v1/admin/status and the console's fleet page, so the three never disagree."""
+    node_items = (await store.list_prefix(keys.NODES)).items
+    specs = {s.name: s for kv in (await store.list_prefix(keys.MODELS)).items if (s := model_spec(kv))}
+    instances = instance_records((await store.list_prefix(keys.INSTANCES)).items, node_items)
+    pending = await pending_reasons(store)
+    scale = await scale_states(store)
+    names = sorted(set(specs) | {i.model for i in instances})
+    return list(node_items), [model_json(n, specs.get(n), instances, pending, scale, wakes) for n in names]

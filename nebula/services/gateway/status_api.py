@@ -20,12 +20,8 @@ from nebula.core.model import NodeRecord
 from nebula.errors import TemporaryError
 from nebula.services.gateway import rollout_status
 from nebula.services.gateway.records import (
-    instance_records,
-    model_json,
-    model_spec,
+    model_listing,
     node_records,
-    pending_reasons,
-    scale_states,
 )
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
@@ -50,12 +46,8 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
     try:
         leader = await st.store.get(keys.SCHEDULER_LEADER)
         latency_ms = (st.clock() - t0) * 1000
-        node_kvs = (await st.store.list_prefix(keys.NODES)).items
         placement_kvs = (await st.store.list_prefix(keys.PLACEMENTS)).items
-        model_kvs = (await st.store.list_prefix(keys.MODELS)).items
-        instances = instance_records((await st.store.list_prefix(keys.INSTANCES)).items, node_kvs)
-        pending = await pending_reasons(st.store)
-        scale = await scale_states(st.store)
+        node_kvs, models = await model_listing(st.store, st.view.wakes)
     except TemporaryError as e:
         log.warning("status: etcd unreachable: %r", e)
         return {"gateway": _gateway_json(st),
@@ -66,14 +58,12 @@ async def cluster_status(st: GatewayState) -> dict[str, Any]:
     for kv in placement_kvs:
         if (split := keys.split_placement_key(kv.key)) is not None:
             placed[split[0]] = placed.get(split[0], 0) + 1
-    specs = {s.name: s for kv in model_kvs if (s := model_spec(kv))}
-    names = sorted(set(specs) | {i.model for i in instances})
     leader_id = leader.value.decode(errors="replace") if leader else None
     out = {"gateway": _gateway_json(st),
            "etcd": {"ok": True, "latency_ms": round(latency_ms, 1)},
            "scheduler": {"ok": leader_id is not None, "leader": leader_id},
            "nodes": _nodes_json(records, placed),
-           "models": [model_json(n, specs.get(n), instances, pending, scale, st.view.wakes) for n in names]}
+           "models": models}
     try:
         await rollout_status.annotate(st.store, out)  # drains and rolling replaces
     except TemporaryError as e:
