@@ -3,11 +3,14 @@ to models, the per-model gauges on /metrics). The poll itself is test_engine_met
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nebula.adapters.engine_metrics import parse_engine_load
 from nebula.core import keys, records
+from nebula.core.elastic import ScaleState, ScalingPolicy
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps
 from nebula.core.store import KeyValue
@@ -153,3 +156,24 @@ def test_gateway_metrics_show_tokens_and_replicas_per_model() -> None:
     got = samples(registry)
     assert got[("nebula_gateway_prompt_tokens_total", (("model", "chat"),))] == 46.0
     assert got[("nebula_gateway_generation_tokens_total", (("model", "chat"),))] == 19.0
+
+
+def test_an_elastic_models_desired_replicas_are_the_schedulers_count() -> None:
+    """At zero (idle) an elastic model wants 0 replicas, not its spec's count: the gauge and GET /v1/models say
+    what the scheduler set; before its first word, the spec's count."""
+    table, view = ReplicaTable(loads=LoadBook(max_age_s=3.0)), ClusterView()
+    specs = {"lazy": ModelSpec(name="lazy", source="/m", replicas=1,
+                               scaling=ScalingPolicy(min_replicas=0, max_replicas=3, idle_unload_s=60)),
+             "fresh": ModelSpec(name="fresh", source="/m", replicas=2,
+                                scaling=ScalingPolicy(min_replicas=1, max_replicas=3))}
+    view.update_models(mirrored(records.MODELS, {
+        keys.model_key(n): KeyValue(keys.model_key(n), dumps(s.to_dict()), 1, 1) for n, s in specs.items()}))
+    idle = ScaleState(model="lazy", replicas=0, reason="idle for 60 s")
+    view.update_scale(mirrored(records.SCALE, {keys.scale_key("lazy"): KeyValue(
+        keys.scale_key("lazy"), dumps(idle.to_dict()), 1, 1)}))
+    registry = CollectorRegistry()
+    registry.register(ModelCollector(view, table))
+    got = samples(registry)
+    assert got[("nebula_gateway_model_replicas_desired", (("model", "lazy"),))] == 0
+    assert got[("nebula_gateway_model_replicas_desired", (("model", "fresh"),))] == 2
+    assert view.model_entry(specs["lazy"], Counter())["replicas"] == 0

@@ -99,7 +99,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          Mirror(store, records.INSTANCES, mirror_metrics, on_change=table.update),
                          Mirror(store, records.APIKEYS, mirror_metrics, on_change=auth.update_keys),
                          Mirror(store, records.ADAPTERS, mirror_metrics, on_change=view.update_adapters),
-                         Mirror(store, records.WAKE, mirror_metrics, on_change=view.update_wakes)])
+                         Mirror(store, records.WAKE, mirror_metrics, on_change=view.update_wakes),
+                         Mirror(store, records.SCALE, mirror_metrics, on_change=view.update_scale)])
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),

@@ -23,14 +23,15 @@ class ModelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         desired = GaugeMetricFamily("nebula_gateway_model_replicas_desired",
-                                    "Replicas each loaded model should have (its spec).", labels=["model"])
+                                    "Replicas each loaded model should have now (its spec; an elastic "
+                                    "model's: the scheduler's count).", labels=["model"])
         ready = GaugeMetricFamily("nebula_gateway_model_replicas_ready",
                                   "Ready replicas of each model, as this gateway routes to them.", labels=["model"])
         models = dict(self._view.models)
         routable = self._table.ready()
         for model in sorted(set(models) | set(routable)):
             if model in models:
-                desired.add_metric([model], models[model].replicas)
+                desired.add_metric([model], self._view.desired_replicas(models[model]))
             ready.add_metric([model], len(routable.get(model, ())))
         yield desired
         yield ready

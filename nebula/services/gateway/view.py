@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from nebula.core.elastic import WakeRequest
+from nebula.core.elastic import ScaleState, WakeRequest
 from nebula.core.elastic_state import model_state
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import ModelSpec, Phase
@@ -24,11 +24,22 @@ class ClusterView:
         self.models_synced = False
         self.adapters: dict[str, AdapterSpec] = {}  # LoRA adapters by name (lora_routing.py)
         self.wakes: frozenset[str] = frozenset()  # models with a wake request in /nebula/wake/ (any gateway's)
+        self.scale: dict[str, ScaleState] = {}  # elastic models' counts now, as the scheduler wrote them
         self.holding: Callable[[str], bool] = lambda _: False  # this process holds requests for the model (wake.py)
 
     def update_wakes(self, state: MirrorState[WakeRequest]) -> None:
         """The wake requests mirror's callback."""
         self.wakes = frozenset(w.model for w in state.records.values())
+
+    def update_scale(self, state: MirrorState[ScaleState]) -> None:
+        """The scale states mirror's callback."""
+        self.scale = {s.model: s for s in state.records.values()}
+
+    def desired_replicas(self, spec: ModelSpec) -> int:
+        """Replicas `spec` should have now: an elastic model's count as the scheduler set it (its spec's until
+        the scheduler's first word), else its spec's."""
+        scale = self.scale.get(spec.name) if spec.scaling is not None else None
+        return scale.replicas if scale is not None else spec.replicas
 
     def update_adapters(self, state: MirrorState[AdapterSpec]) -> None:
         """The adapters mirror's callback: every valid adapter record."""
@@ -43,7 +54,7 @@ class ClusterView:
         """One entry of GET /v1/models: OpenAI's fields plus Nebula's (`phases`: of its instances); an elastic
         model's also has its `state` (idle, waking, sleeping, ready) and `scaling` policy."""
         entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "nebula",
-                 "task": spec.task.value, "replicas": spec.replicas, "ready": phases.get(Phase.READY, 0),
+                 "task": spec.task.value, "replicas": self.desired_replicas(spec), "ready": phases.get(Phase.READY, 0),
                  "phases": {p.value: n for p, n in sorted(phases.items())}}
         if spec.scaling is not None:
             waking = spec.name in self.wakes or self.holding(spec.name)
