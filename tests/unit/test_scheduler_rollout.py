@@ -31,9 +31,9 @@ class Clock:
 
 class Cluster:
     def __init__(self, nodes: tuple[str, ...] = ("n1",)) -> None:
-        self.store, self.clock = MemoryStore(), Clock()
+        self.store, self.clock, self.registry = MemoryStore(), Clock(), CollectorRegistry()
         self.sched = Scheduler(self.store, "s1", lease_ttl_s=10, node_grace_s=30, resync_s=5,
-                               registry=CollectorRegistry(),
+                               registry=self.registry,
                                rollouts=Rollouts(self.store, RolloutTiming(settle_s=5, ready_timeout_s=100),
                                                  clock=self.clock))
         self.writes = RolloutWrites(self.store)
@@ -79,6 +79,11 @@ class Cluster:
     async def status(self) -> RolloutStatus | None:
         return await self.writes.read_status("m")
 
+    def finished(self, outcome: RolloutState) -> float:
+        """nebula_scheduler_rollouts_finished for model m with this outcome."""
+        return self.registry.get_sample_value("nebula_scheduler_rollouts_finished_total",
+                                              {"model": "m", "outcome": outcome.value}) or 0.0
+
 
 async def test_a_rolling_update_replaces_one_replica_at_a_time_then_finishes() -> None:
     c = Cluster()
@@ -110,6 +115,9 @@ async def test_a_rolling_update_replaces_one_replica_at_a_time_then_finishes() -
     st = await c.status()
     assert st is not None and st.state is RolloutState.DONE and st.text() == "done 2/2"
     assert await c.store.get(keys.rollout_key("m")) is None
+    await c.step()
+    assert c.finished(RolloutState.DONE) == 1.0, "counted once, however many passes see the end"
+    assert c.finished(RolloutState.ROLLED_BACK) == 0.0
 
 
 async def test_a_failing_new_replica_rolls_the_model_back_and_says_why() -> None:
@@ -130,6 +138,7 @@ async def test_a_failing_new_replica_rolls_the_model_back_and_says_why() -> None
     await c.report({"m": Phase.READY, "m:1": Phase.READY}, since=0.0)
     await c.step()
     assert set(await c.placed()) == {"m", "m:1"} and await c.status() == st, "nothing more happens"
+    assert c.finished(RolloutState.ROLLED_BACK) == 1.0 and c.finished(RolloutState.DONE) == 0.0
     await c.update(NEW)  # the record is gone: a new update may start
 
 

@@ -48,6 +48,7 @@ class SchedulerMetrics:
     pass_seconds: Histogram
     changes: Counter
     fenced: Counter
+    rollouts: Counter
 
     @staticmethod
     def create(registry: CollectorRegistry, state: SchedulerState, clock: Callable[[], float]) -> SchedulerMetrics:
@@ -62,6 +63,9 @@ class SchedulerMetrics:
                                    "Duration of one placement pass (place, then write the difference)",
                                    buckets=PASS_BUCKETS, registry=registry),
             changes=changes,
+            rollouts=Counter("nebula_scheduler_rollouts_finished", "Rolling replaces and drain moves this scheduler "
+                             "finished, by outcome (done, rolled_back, failed)", ["model", "outcome"],
+                             registry=registry),
             fenced=Counter("nebula_scheduler_fenced_passes", "Placement passes refused by the leader fence: this "
                            "scheduler had lost the lead (its lease expired) before it noticed", registry=registry),
         )

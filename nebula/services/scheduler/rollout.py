@@ -17,7 +17,7 @@ from nebula.core import records as kinds
 from nebula.core.drain import stranded
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement
 from nebula.core.rollout import RolloutPlan, RolloutTiming, RolloutView, plan_rollout
-from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutStatus
+from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutState, RolloutStatus
 from nebula.core.store import Store
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorState
 from nebula.services.cluster.rollout_writes import RolloutWrites
@@ -50,8 +50,11 @@ class Rollouts:
         self.drains: dict[str, DrainRecord] = {}
         self.seen: set[str] = set()
         self._written: dict[str, RolloutStatus] = {}  # ours, fresher than the mirror until it catches up
+        self._ended: dict[str, tuple[str, float, RolloutState]] = {}  # the last end counted, per model
         self.changed: Callable[[], None] = lambda: None
         """Called after each mirrored change (the scheduler sets it to wake its pass)."""
+        self.finished: Callable[[str, RolloutState], None] = lambda model, outcome: None
+        """Called once per rollout that ended, with its outcome, after its record was written (for a metric)."""
 
     # --- mirrored inputs (the scheduler's wake follows each) ------------------------------------------------
     def on_instances(self, state: MirrorState[InstanceStatus]) -> None:
@@ -144,16 +147,26 @@ class Rollouts:
                     log.warning("model %s rolled back to its previous spec: %s", name, plan.status.reason,
                                 extra={"NEBULA_MODEL": name})
                     self._written[name] = plan.status
+                    self._count_end(name, replace(plan.status, state=RolloutState.ROLLED_BACK))
                 continue
             if plan.status is None or (not plan.finish and self._same(plan.status, self._status(name))):
                 continue
             if not await self.writes.report(fence, plan.status, finish=plan.finish):
                 return False
             self._written[name] = plan.status
+            if plan.finish:
+                self._count_end(name, plan.status)
         for name in decided.orphans:
             if not await self.writes.forget(fence, name):
                 return False
         return True
+
+    def _count_end(self, model: str, status: RolloutStatus) -> None:
+        # A pass before the mirror shows the record gone plans the same end again: count each rollout once.
+        end = (status.target, status.since, status.state)
+        if self._ended.get(model) != end:
+            self._ended[model] = end
+            self.finished(model, status.state)
 
     def _status(self, model: str) -> RolloutStatus | None:
         return self._written.get(model) or self.statuses.get(model)

@@ -63,6 +63,7 @@ class Scheduler:
                              evict_quiet_s=evict_quiet_s, pass_s=scaling_pass_s, leading=lambda: self.is_leader)
         self.rollouts = rollouts or Rollouts(store)  # rolling replaces and node drains (services/scheduler/rollout.py)
         self.rollouts.changed = self.wake.set
+        self.rollouts.finished = lambda model, outcome: self.metrics.rollouts.labels(model, outcome.value).inc()
         self._decided = PassPlan(plans={}, retire=frozenset(), surge={})
 
     # --- mirrored inputs ----------------------------------------------------------------------------
