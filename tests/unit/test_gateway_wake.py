@@ -236,7 +236,7 @@ async def test_a_held_stream_whose_wake_fails_ends_with_an_error_the_sdk_raises(
     claude = anthropic.AsyncAnthropic(base_url=g.url, api_key="none", max_retries=0)
     events = await claude.messages.create(model="z", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
                                           stream=True)
-    with pytest.raises(anthropic.APIStatusError, match=r"overloaded_error.*waking up") as raised:
+    with pytest.raises(anthropic.APIStatusError, match="waking up") as raised:  # the body says its type
         async for _ in events:
             pass
     body: Any = raised.value.body
