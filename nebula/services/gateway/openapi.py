@@ -1,100 +1,34 @@
 """GET /openapi.json: an OpenAPI 3.1 description of the gateway's OpenAI endpoints and admin API.
 
-Hand-written to say what the gateway itself checks (validation.py, ModelSpec, KeyRequest), no more: the
-inference bodies allow other fields, which reach the engine unchanged and are the engine's to judge.
+It says what the gateway itself checks, no more. The inference bodies are rendered from the very tables
+their checks read (validation.py, messages_validation.py), so the two cannot drift; the admin bodies are
+written here after ModelSpec and KeyRequest. The inference bodies allow other fields, which reach the engine
+unchanged and are the engine's to judge.
 tests/unit/test_gateway_fuzz.py fuzzes the gateway from this document.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from aiohttp import web
 
 from nebula import __version__
 from nebula.core.apikeys import MAX_CONCURRENT, MAX_MODELS, MAX_NAME, MAX_RPM
 from nebula.services.gateway.audio_api import AUDIO_PATHS
-
-Schema = dict[str, Any]
+from nebula.services.gateway.request_rules import MODEL_SCHEMA, Schema, body_schema, opt
+from nebula.services.gateway.validation import ENDPOINTS
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
-def _opt(schema: Schema) -> Schema:
-    """An optional field: JSON null counts as absent (validation.expect_field)."""
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
 def _int(minimum: int) -> Schema:
-    return _opt({"type": "integer", "minimum": minimum})
-
-
-def _num(**bounds: float) -> Schema:
-    return _opt({"type": "number", **bounds})
-
-
-_STR_OR_STRS: Schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-_TOKEN: Schema = {"type": "integer", "minimum": 0}
-_PROMPT: Schema = {"anyOf": [
-    {"type": "string"},
-    {"type": "array", "minItems": 1, "items": {"type": "string"}},
-    {"type": "array", "minItems": 1, "items": _TOKEN},
-    {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _TOKEN}},
-]}
-_MODEL: Schema = {"type": "string", "pattern": "\\S", "description": "A loaded model's name (GET /v1/models)."}
-
-_SAMPLING: Schema = {
-    "stream": _opt({"type": "boolean"}), "stream_options": _opt({"type": "object"}),
-    "max_tokens": _int(1), "max_completion_tokens": _int(1), "n": _int(1), "seed": _int(-(2**63)),
-    "temperature": _num(minimum=0), "top_p": _num(exclusiveMinimum=0, maximum=1),
-    "presence_penalty": _num(minimum=-2, maximum=2), "frequency_penalty": _num(minimum=-2, maximum=2),
-    "stop": _opt(_STR_OR_STRS),
-}
-
-
-def _body(properties: Schema, required: list[str]) -> Schema:
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": True}
+    return opt({"type": "integer", "minimum": minimum})
 
 
 def _inference_bodies() -> dict[str, Schema]:
-    message = {"type": "object", "required": ["role"], "additionalProperties": True,
-               "properties": {"role": {"type": "string"},
-                              "content": _opt({"anyOf": [{"type": "string"}, {"type": "array"}]})}}
-    score_old = _body({"model": _MODEL, "text_1": _STR_OR_STRS, "text_2": _STR_OR_STRS},
-                      ["model", "text_1", "text_2"])
-    score_new = _body({"model": _MODEL, "queries": _STR_OR_STRS, "documents": _STR_OR_STRS},
-                      ["model", "queries", "documents"])
-    score_new["not"] = {"required": ["text_1"]}
-    return {
-        "chat/completions": _body({"model": _MODEL, "messages": {"type": "array", "minItems": 1, "items": message},
-                                   "logprobs": _opt({"type": "boolean"}), "top_logprobs": _int(0), **_SAMPLING},
-                                  ["model", "messages"]),
-        "completions": _body({"model": _MODEL, "prompt": _PROMPT, "logprobs": _int(0),
-                              "echo": _opt({"type": "boolean"}), **_SAMPLING}, ["model", "prompt"]),
-        "embeddings": _body({"model": _MODEL, "input": _PROMPT,
-                             "encoding_format": _opt({"enum": ["float", "base64"]}), "dimensions": _int(1)},
-                            ["model", "input"]),
-        "rerank": _body({"model": _MODEL,
-                         "query": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "object"}]},
-                         "documents": {"anyOf": [{"type": "array", "minItems": 1}, {"type": "object"}]},
-                         "top_n": _int(0), "return_documents": _opt({"type": "boolean"})},
-                        ["model", "query", "documents"]),
-        "score": {"oneOf": [score_old, score_new]},
-        "responses": _body({"model": _MODEL, "input": {"anyOf": [{"type": "string"}, {"type": "array"}]},
-                            "instructions": _opt({"type": "string"}), "previous_response_id": _opt({"type": "string"}),
-                            "stream": _opt({"type": "boolean"}), "store": _opt({"type": "boolean"}),
-                            "background": _opt({"type": "boolean"}),
-                            "tools": _opt({"type": "array", "items": {"type": "object"}}),
-                            "tool_choice": _opt({"anyOf": [{"type": "string"}, {"type": "object"}]}),
-                            "max_output_tokens": _int(1), "temperature": _num(minimum=0),
-                            "top_p": _num(exclusiveMinimum=0, maximum=1)}, ["model", "input"]),
-        "tokenize": {"anyOf": [
-            _body({"model": _MODEL, "prompt": {"type": "string"}}, ["model", "prompt"]),
-            _body({"model": _MODEL, "messages": {"type": "array"}}, ["model", "messages"])]},
-        "detokenize": _body({"model": _MODEL, "tokens": {"type": "array", "items": _TOKEN}}, ["model", "tokens"]),
-        **_messages_bodies(),
-    }
+    """The request bodies of the inference endpoints, rendered from the tables their checks read."""
+    return {path: body_schema(endpoint.rules) for path, endpoint in ENDPOINTS.items()}
 
 
 def _stored_response_paths() -> dict[str, Schema]:
@@ -116,35 +50,11 @@ def _stored_response_paths() -> dict[str, Schema]:
     }
 
 
-def _messages_bodies() -> dict[str, Schema]:
-    """Anthropic's Messages API as messages_validation.py checks it."""
-    blocks: Schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
-        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}]}
-    message = {"type": "object", "required": ["role", "content"], "additionalProperties": True,
-               "properties": {"role": {"enum": ["user", "assistant"]}, "content": blocks}}
-    tool = {"type": "object", "required": ["name", "input_schema"], "additionalProperties": True,
-            "properties": {"name": {"type": "string", "minLength": 1}, "description": _opt({"type": "string"}),
-                           "input_schema": {"type": "object"}}}
-    common = {"model": _MODEL, "messages": {"type": "array", "minItems": 1, "items": message},
-              "system": _opt(blocks), "tools": _opt({"type": "array", "items": tool}),
-              "tool_choice": _opt({"type": "object", "required": ["type"], "properties": {
-                  "type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"}}})}
-    return {
-        "messages": _body({**common, "max_tokens": {"type": "integer", "minimum": 1},
-                           "stream": _opt({"type": "boolean"}), "temperature": _num(minimum=0, maximum=2),
-                           "top_p": _num(minimum=0, maximum=1), "top_k": _int(-1),
-                           "stop_sequences": _opt({"type": "array", "items": {"type": "string"}}),
-                           "metadata": _opt({"type": "object"})},
-                          ["model", "messages", "max_tokens"]),
-        "messages/count_tokens": _body(common, ["model", "messages"]),
-    }
-
-
 def _audio_op(path: str) -> Schema:
     """An audio upload (audio_api.py): a multipart form whose `model` routes it; the rest is the engine's."""
-    form = _body({"model": _MODEL, "file": {"type": "string", "format": "binary",
-                                            "description": "The audio (wav, flac, mp3, ogg, webm...)."}},
-                 ["model", "file"])
+    form = {"type": "object", "required": ["model", "file"], "additionalProperties": True, "properties": {
+        "model": MODEL_SCHEMA,
+        "file": {"type": "string", "format": "binary", "description": "The audio (wav, flac, mp3, ogg, webm...)."}}}
     op = _op(f"OpenAI-compatible /v1/{path}, forwarded unchanged to a ready replica of a transcribe model",
              "the engine's answer (json, text, srt, vtt; SSE when stream is true)",
              errors=("400", "401", "403", "404", "413", "429", "503"))
@@ -159,32 +69,32 @@ def _model_spec() -> Schema:
         "source": {"type": "string", "pattern": "\\S",
                    "description": "An absolute model directory on the nodes, a hub reference, or a catalog name "
                                   "(GET /v1/admin/catalog)."},
-        "size": _opt({"type": "string", "description": "With a catalog name: the entry's size (7b)."}),
-        "quant": _opt({"type": "string", "description": "With a catalog name: the variant's quant (awq, fp8)."}),
-        "engine_runtime": _opt({"type": "string", "pattern": NAME_PATTERN,
+        "size": opt({"type": "string", "description": "With a catalog name: the entry's size (7b)."}),
+        "quant": opt({"type": "string", "description": "With a catalog name: the variant's quant (awq, fp8)."}),
+        "engine_runtime": opt({"type": "string", "pattern": NAME_PATTERN,
                                 "description": "An engine runtime installed on the nodes (vllm-0.32-cu13)."}),
-        "tensor_parallel_size": _opt({"type": "integer", "minimum": 1, "maximum": 16}),
-        "allow_pending": _opt({"type": "boolean", "description": "Store it even when no GPU holds its estimate."}),
-        "task": _opt({"enum": ["generate", "embed", "rerank", "transcribe"]}),
-        "replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
-        "gpus_per_replica": _opt({"type": "integer", "minimum": 0, "maximum": 16}),
-        "gpu_memory_mib": _int(0), "engine": _opt({"enum": ["vllm"]}),
-        "engine_args": _opt({"type": "array", "items": {"type": "string"},
+        "tensor_parallel_size": opt({"type": "integer", "minimum": 1, "maximum": 16}),
+        "allow_pending": opt({"type": "boolean", "description": "Store it even when no GPU holds its estimate."}),
+        "task": opt({"enum": ["generate", "embed", "rerank", "transcribe"]}),
+        "replicas": opt({"type": "integer", "minimum": 1, "maximum": 64}),
+        "gpus_per_replica": opt({"type": "integer", "minimum": 0, "maximum": 16}),
+        "gpu_memory_mib": _int(0), "engine": opt({"enum": ["vllm"]}),
+        "engine_args": opt({"type": "array", "items": {"type": "string"},
                              "description": "`vllm serve` flags among [engine] allowed_engine_args."}),
         "max_model_len": _int(1),
-        "trust_remote_code": _opt({"type": "boolean", "description": "Needs [engine] allow_trust_remote_code."}),
-        "revision": _opt({"type": "string"}),
-        "labels": _opt({"type": "object", "additionalProperties": {"type": "string"}}),
-        "scaling": _opt({"type": "object", "additionalProperties": True, "description": "Elastic capacity: "
+        "trust_remote_code": opt({"type": "boolean", "description": "Needs [engine] allow_trust_remote_code."}),
+        "revision": opt({"type": "string"}),
+        "labels": opt({"type": "object", "additionalProperties": {"type": "string"}}),
+        "scaling": opt({"type": "object", "additionalProperties": True, "description": "Elastic capacity: "
                          "the scheduler keeps the model between min_replicas and max_replicas by load, and "
                          "unloads (or puts to sleep) an idle one after idle_unload_s.", "properties": {
-                             "min_replicas": _opt({"type": "integer", "minimum": 0, "maximum": 64}),
-                             "max_replicas": _opt({"type": "integer", "minimum": 1, "maximum": 64}),
-                             "idle_unload_s": _opt({"type": "number", "exclusiveMinimum": 0, "maximum": 2592000}),
-                             "idle_action": _opt({"enum": ["stop", "sleep"]}),
-                             "sleep_level": _opt({"type": "integer", "minimum": 1, "maximum": 2}),
-                             "priority": _opt({"type": "integer", "minimum": -1000, "maximum": 1000}),
-                             "target_inflight": _opt({"type": "number", "exclusiveMinimum": 0})}}),
+                             "min_replicas": opt({"type": "integer", "minimum": 0, "maximum": 64}),
+                             "max_replicas": opt({"type": "integer", "minimum": 1, "maximum": 64}),
+                             "idle_unload_s": opt({"type": "number", "exclusiveMinimum": 0, "maximum": 2592000}),
+                             "idle_action": opt({"enum": ["stop", "sleep"]}),
+                             "sleep_level": opt({"type": "integer", "minimum": 1, "maximum": 2}),
+                             "priority": opt({"type": "integer", "minimum": -1000, "maximum": 1000}),
+                             "target_inflight": opt({"type": "number", "exclusiveMinimum": 0})}}),
     }}
 
 
@@ -192,13 +102,13 @@ def _key_request() -> Schema:
     return {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": "^[^\\x00-\\x1f\\x7f]*\\S"
                  "[^\\x00-\\x1f\\x7f]*$"},
-        "scopes": _opt({"type": "array", "minItems": 1, "items": {"enum": ["inference", "admin"]}}),
-        "models": _opt({"type": "array", "minItems": 1, "maxItems": MAX_MODELS,
+        "scopes": opt({"type": "array", "minItems": 1, "items": {"enum": ["inference", "admin"]}}),
+        "models": opt({"type": "array", "minItems": 1, "maxItems": MAX_MODELS,
                         "items": {"type": "string", "pattern": NAME_PATTERN},
                         "description": "Only these models (others get 403). Absent: every model."}),
-        "limits": _opt({"type": "object", "additionalProperties": False, "properties": {
-            "requests_per_minute": _opt({"type": "integer", "minimum": 1, "maximum": MAX_RPM}),
-            "max_concurrent": _opt({"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENT})}}),
+        "limits": opt({"type": "object", "additionalProperties": False, "properties": {
+            "requests_per_minute": opt({"type": "integer", "minimum": 1, "maximum": MAX_RPM}),
+            "max_concurrent": opt({"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENT})}}),
     }}
 
 
@@ -207,7 +117,7 @@ def _pull_request() -> Schema:
             "anyOf": [{"required": ["source"]}, {"required": ["model"]}], "properties": {
                 "source": {"type": "string", "description": "org/name, hf://org/name, modelscope://org/name"},
                 "model": {"type": "string", "pattern": NAME_PATTERN, "description": "a loaded model's source"},
-                "revision": _opt({"type": "string"}), "nodes": _opt({"type": "array", "items": {"type": "string"}})}}
+                "revision": opt({"type": "string"}), "nodes": opt({"type": "array", "items": {"type": "string"}})}}
 
 
 def _adapters() -> Schema:
@@ -216,7 +126,7 @@ def _adapters() -> Schema:
         "name": {"type": "string", "pattern": NAME_PATTERN, "description": "what requests give as `model`"},
         "base": {"type": "string", "pattern": NAME_PATTERN, "description": "a model loaded with --enable-lora"},
         "source": {"type": "string", "description": "an absolute adapter directory, or a hub repo id"},
-        "rank": _opt({"type": "integer", "minimum": 1, "maximum": 1024})}}
+        "rank": opt({"type": "integer", "minimum": 1, "maximum": 1024})}}
     add = _op("Serve a LoRA adapter on every replica of its base", "created", body,
               errors=("400", "401", "403", "404", "409", "413", "503"), ok_status="201")
     add["responses"]["200"] = {"description": "unchanged: the same adapter exists already",
