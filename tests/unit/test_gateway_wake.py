@@ -22,6 +22,7 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
 from nebula.core.elastic import ScalingPolicy, WakeRequest
+from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, Task, dumps
 from nebula.services.cluster.mirror import MirrorState
 from nebula.services.gateway.app import build_gateway_app
@@ -158,6 +159,31 @@ async def test_a_wake_the_scheduler_took_is_not_asked_again_by_the_same_hold(mak
     assert await g.wake_versions() == 0 and g.metric("nebula_gateway_wakes_requested_total", {"model": "z"}) == 1
     await put_instance(g.store, "z:1", engine.endpoint, model="z")
     assert [s for s, _, _ in await asyncio.gather(first, *more)] == [200] * 6
+
+
+async def test_a_request_for_an_adapter_of_an_elastic_base_at_zero_wakes_the_base_and_waits_for_the_adapter(
+        make_gateway: MakeGateway, engine: FakeEngine) -> None:
+    g = await make_gateway(wake_wait_s=30)
+    await g.store.put(keys.adapter_key("tone"), dumps(AdapterSpec("tone", "z", "/adapters/tone").to_dict()))
+    await until(lambda: "tone" in g.st.view.adapters)
+    call = asyncio.create_task(status_of(g, chat(model="tone")))
+    await until(lambda: g.st.load.held.get("z") == 1)
+    await until(lambda: g.metric("nebula_gateway_wakes_requested_total", {"model": "z"}) == 1)
+
+    async def replica(adapters: tuple[str, ...]) -> None:
+        st = InstanceStatus(instance="z", model="z", node="n1", phase=Phase.READY, endpoint=engine.endpoint,
+                            adapters=adapters)
+        await g.store.put(keys.instance_key("z"), dumps(st.to_dict()))
+
+    await replica(())  # the base is awake; its agent has not loaded the adapter yet
+    await until(lambda: g.st.table.has_candidate("z"))
+    await asyncio.sleep(0.1)
+    assert not call.done(), "held on until a replica has the adapter"
+    await replica(("tone",))
+    status, answer, _ = await call
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "hello from a"
+    assert json.loads(engine.received[-1].body)["model"] == "tone"  # vLLM serves the adapter by its own name
+    assert g.metric("nebula_gateway_wake_hold_seconds_count", {"model": "z", "outcome": "ready"}) == 1
 
 
 async def test_a_model_that_is_not_elastic_is_answered_as_before(make_gateway: MakeGateway) -> None:

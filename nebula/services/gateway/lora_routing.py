@@ -2,9 +2,11 @@
 
 A request whose `model` is an adapter goes, body unchanged (vLLM takes the adapter's name as `model`), to the
 READY replicas of its base that report it loaded (their instance status records). Known but loaded nowhere
-yet: 503 model_not_ready with Retry-After, as for a model still starting. Keys: an adapter is a model of its
-own name, so a key limited to models sees and uses an adapter only when it lists the adapter's name; a key
-allowed the base does not get its adapters with it (an adapter may be a customer's fine-tune).
+yet: 503 model_not_ready with Retry-After, as for a model still starting; but when the base is elastic and at
+zero, the request is held like one for the base (wake.py) until a woken replica has the adapter loaded.
+Keys: an adapter is a model of its own name, so a key limited to models sees and uses an adapter only when it
+lists the adapter's name; a key allowed the base does not get its adapters with it (an adapter may be a
+customer's fine-tune).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from nebula.core.apikeys import KeyRecord
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import ModelSpec
+from nebula.core.routing import Replica
 from nebula.services.gateway.auth import model_allowed
 from nebula.services.gateway.forward import Target
 from nebula.services.gateway.state import GatewayState
@@ -30,11 +33,15 @@ def resolve_model(st: GatewayState, model: str) -> tuple[ModelSpec, Target] | No
     base = st.view.models.get(adapter.base) if adapter is not None else None
     if adapter is None or base is None:
         return None
-    holders = st.table.with_adapter(model)
-    if not any(r.instance in holders for r in st.table.ready().get(base.name, ())):
+    def holds_it(r: Replica) -> bool:  # read when asked: a held request waits for the set to change
+        return r.instance in st.table.with_adapter(model)
+
+    awake = st.table.ready().get(base.name, ())
+    if not any(holds_it(r) for r in awake) and not (base.scaling is not None and not awake):
         raise unavailable(f"adapter '{model}' is not loaded on a ready replica of '{base.name}' yet; retry shortly",
                           code="model_not_ready")
-    return base, Target(base.name, eligible=lambda r: r.instance in holders)
+    # An elastic base at zero: the request is held while the base wakes and its agent loads the adapter (wake.py).
+    return base, Target(base.name, eligible=holds_it)
 
 
 def adapter_entry(st: GatewayState, adapter: AdapterSpec) -> dict[str, Any]:

@@ -116,7 +116,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         sent = (upstream_path, st, ex, call.body, headers, prefix, respond, target)
         if spec.scaling is not None and st.waker is not None:  # elastic: held while it wakes (wake.py)
             await st.waker.serve(served, call.path_qs.partition("?")[0], streaming, call.headers, reply,
-                                 lambda to: forward(to, *sent))
+                                 lambda to: forward(to, *sent), target.eligible if target is not None else None)
         else:
             st.load.begin(served)  # the model's in-flight count and last request (load_report.py)
             try:

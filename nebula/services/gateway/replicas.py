@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,14 +67,18 @@ class ReplicaTable:
             self._turns[model] = turn + 1
         return replica
 
-    def has_candidate(self, model: str, exclude: Collection[str] = ()) -> bool:
-        return any(r.endpoint not in exclude for r in self._ready.get(model, ()))
+    def has_candidate(self, model: str, exclude: Collection[str] = (),
+                      eligible: Callable[[Replica], bool] | None = None) -> bool:
+        """Whether `model` has a READY replica outside `exclude` (and for which `eligible` holds, if given)."""
+        return any(r.endpoint not in exclude and (eligible is None or eligible(r)) for r in self._ready.get(model, ()))
 
-    async def wait_for_replica(self, model: str, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for `model` to have a READY replica; True when it has one."""
+    async def wait_for_replica(self, model: str, timeout_s: float,
+                               eligible: Callable[[Replica], bool] | None = None) -> bool:
+        """Wait up to `timeout_s` for `model` to have a READY replica (one for which `eligible` holds, if given:
+        a woken base that has loaded the adapter asked for); True when it has one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not self._ready.get(model):
+        while not self.has_candidate(model, eligible=eligible):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False

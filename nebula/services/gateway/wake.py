@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nebula.core.config import GatewayConfig
 from nebula.core.elastic import WakeRequest
+from nebula.core.routing import Replica
 from nebula.errors import TemporaryError
 from nebula.services.gateway.load import Clock
 from nebula.services.gateway.load_report import LoadAccounting
@@ -43,6 +44,7 @@ SYNC_POLL_S = 0.2  # how often an ask made before the replica table's first list
 HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 
 Send = Callable[[Reply], Awaitable[None]]
+Eligible = Callable[[Replica], bool]
 AskWake = Callable[[WakeRequest], Awaitable[bool]]
 
 
@@ -93,12 +95,13 @@ class Waker:
         return self._acct.held.get(model, 0) > 0
 
     async def serve(self, model: str, path: str, streaming: bool, headers: Mapping[str, str], reply: Reply,
-                    send: Send) -> None:
-        """`send(reply)` once `model` has a ready replica: at once when it has one, else after holding.
+                    send: Send, eligible: Eligible | None = None) -> None:
+        """`send(reply)` once `model` has a ready replica (for which `eligible` holds, if given: one that has
+        loaded the LoRA adapter asked for): at once when it has one, else after holding.
 
         Raises ApiError 503 model_waking when the hold runs out or too many are held already (unless the held
         stream's answer had started: then the stream ends with that error as its last event)."""
-        if self._table.has_candidate(model):
+        if self._table.has_candidate(model, eligible=eligible):
             if self._asking:
                 self._asking.pop(model, None)  # awake: the next time it has no replica is another wake
             await self._send(model, send, reply)
@@ -119,8 +122,9 @@ class Waker:
                 self._metrics.held(model).inc()
                 try:
                     self._ask_once(model)
-                    stream = await self._wait(model, path, started + cfg.wake_wait_s, reply if keepalive else None)
-                    outcome = "ready" if self._table.has_candidate(model) else "timeout"
+                    stream = await self._wait(model, path, started + cfg.wake_wait_s, reply if keepalive else None,
+                                              eligible)
+                    outcome = "ready" if self._table.has_candidate(model, eligible=eligible) else "timeout"
                 finally:
                     self._metrics.held(model).dec()
                     self._metrics.hold_time(model, outcome).observe(max(0.0, self._clock() - started))
@@ -147,16 +151,17 @@ class Waker:
         finally:
             self._acct.end(model)
 
-    async def _wait(self, model: str, path: str, deadline: float, keepalive: Reply | None) -> HeldStream | None:
-        """Wait for a ready replica of `model` until `deadline`; with a `keepalive` reply, start its stream after
-        the first keep-alive interval and send a comment each one after. The started stream, if any."""
+    async def _wait(self, model: str, path: str, deadline: float, keepalive: Reply | None,
+                    eligible: Eligible | None) -> HeldStream | None:
+        """Wait for a ready (and eligible) replica of `model` until `deadline`; with a `keepalive` reply, start its
+        stream after the first keep-alive interval and send a comment each one after. The started stream, if any."""
         stream: HeldStream | None = None
-        while not self._table.has_candidate(model):
+        while not self._table.has_candidate(model, eligible=eligible):
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
             wait = min(remaining, self._cfg.wake_keepalive_s) if keepalive is not None else remaining
-            if await self._table.wait_for_replica(model, wait):
+            if await self._table.wait_for_replica(model, wait, eligible):
                 break
             if keepalive is not None and deadline - self._clock() > 0:
                 if stream is None:
