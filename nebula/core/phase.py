@@ -25,6 +25,8 @@ _VLLM_LOG_HEAD = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \
 _NEBULA_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \w+ nebula[.\w]*: (?P<message>.*?)(?: NEBULA_\w+=.*)?$")
 # The last line of a Python traceback: "ValueError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt".
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s*(?P<text>.*))?$")
+# argparse's refusal of a command line ("vllm serve: error: argument --dtype: invalid choice: ..."), exit status 2.
+_USAGE_ERROR = re.compile(r"^[\w.-]+(?: [\w.-]+)*: error: (?P<text>.+)$")
 # pydantic (vLLM's config classes) puts the real message on the line after "ValidationError: 1 validation error".
 _PYDANTIC_DETAIL = re.compile(r"^\s*Value error, (?P<text>.*?)(?: \[type=.*)?$")
 # Wrappers that point elsewhere ("Engine core initialization failed. See root cause above."): the root cause
@@ -36,8 +38,9 @@ def error_line(lines: Sequence[str]) -> str:
     """The one line that best says why an engine failed, from the last lines of its output (oldest first).
 
     The last exception line of a traceback wins (pydantic's detail line when vLLM's config refused a value),
-    skipping wrappers that only point at an earlier root cause; else Nebula's own last error line; else the
-    last line. Run-specific prefixes (pids, timestamps) are stripped, so the same failure gives the same line.
+    skipping wrappers that only point at an earlier root cause, as does argparse's refusal of the command line;
+    else Nebula's own last error line; else the last line. Run-specific prefixes (pids, timestamps) are
+    stripped, so the same failure gives the same line.
     """
     cleaned = [_strip(line) for line in lines if line.strip()]
     fallback = ""
@@ -47,6 +50,8 @@ def error_line(lines: Sequence[str]) -> str:
         if own is not None:
             fallback = fallback or own["message"]
             continue
+        if _USAGE_ERROR.match(line) is not None:
+            return _shorten(line)
         m = _EXCEPTION.match(line)
         if m is None or _POINTS_ELSEWHERE.search(line):
             continue

@@ -53,6 +53,18 @@ def test_error_line_without_a_traceback_falls_back_to_nebulas_own_error() -> Non
     assert error_line(lines) == "engine not healthy after 600 s (engine.startup_timeout_s)"
 
 
+def test_error_line_of_a_refused_command_line_is_argparses_own() -> None:
+    # What vLLM 0.32 prints for `vllm serve MODEL --dtype float13` (exit status 2), then the supervisor's epilogue.
+    lines = ["usage: vllm serve [model_tag] [options]",
+             "vllm serve: error: argument --dtype: invalid choice: 'float13' (choose from 'auto', 'bfloat16', "
+             "'float', 'float16', 'float32', 'half')",
+             "2026-12-04 18:40:01,123 ERROR nebula.engine: engine exited unexpectedly with status 2 NEBULA_INSTANCE=a"]
+    assert error_line(lines) == ("vllm serve: error: argument --dtype: invalid choice: 'float13' (choose from "
+                                 "'auto', 'bfloat16', 'float', 'float16', 'float32', 'half')")
+    assert error_line(["INFO 12-04 18:40:00 [api_server.py:1] vLLM API server version 0.32.0"]) == (
+        "vLLM API server version 0.32.0"), "an ordinary log line is no usage error"
+
+
 def test_error_line_is_one_bounded_line() -> None:
     line = error_line(["ValueError: " + "x" * 1000])
     assert len(line) <= 300 and "\n" not in line and line.endswith("...")
