@@ -112,7 +112,8 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
     export UV=$uv  # install-engine.sh uses the same uv
     # The venv is current when it was made from this pyproject.toml; skipping the resolver keeps a
     # developer's rerun offline and instant.
-    want=$( { sha256sum pyproject.toml tests/requirements.lock; echo "$python"; echo bytecode; } | sha256sum | cut -c1-64)
+    locks=(packaging/debian/requirements.lock tests/requirements.lock)
+    want=$( { sha256sum pyproject.toml "${locks[@]}"; echo "$python"; echo bytecode; } | sha256sum | cut -c1-64)
     if [[ -x .venv/bin/python && $(cat .venv/.nebula-dev-stamp 2>/dev/null) == "$want" ]]; then
         echo "up to date"
     else
@@ -123,8 +124,10 @@ if [[ ${NEBULA_SKIP_SETUP:-0} != 1 ]]; then
         # --compile-bytecode: the suite starts hundreds of service processes, and where PYTHONDONTWRITEBYTECODE is
         # set (CI images) each would compile aiohttp & co. again (0.96 s of CPU per start from source, 0.54 s
         # from bytecode, measured on 2 cores).
-        # -c: the versions the suite last passed with (tests/requirements.lock), not whatever is newest today.
-        "$uv" pip install --quiet --compile-bytecode --python .venv/bin/python -c tests/requirements.lock -e '.[test]'
+        # -c: the runtime dependencies as the .deb ships them, the test tools as the suite last passed with them,
+        # not whatever is newest today.
+        "$uv" pip install --quiet --compile-bytecode --python .venv/bin/python -c "${locks[0]}" -c "${locks[1]}" \
+            -e '.[test]'
         echo "$want" >.venv/.nebula-dev-stamp
     fi
 

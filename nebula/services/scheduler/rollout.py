@@ -147,7 +147,7 @@ class Rollouts:
                     log.warning("model %s rolled back to its previous spec: %s", name, plan.status.reason,
                                 extra={"NEBULA_MODEL": name})
                     self._written[name] = plan.status
-                    self._count_end(name, replace(plan.status, state=RolloutState.ROLLED_BACK))
+                    self._count_end(name, plan.status)  # planned as ROLLED_BACK (core/rollout.py)
                 continue
             if plan.status is None or (not plan.finish and self._same(plan.status, self._status(name))):
                 continue
