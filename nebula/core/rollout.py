@@ -81,6 +81,25 @@ class RolloutTiming:
 
 
 @dataclass(frozen=True)
+class RolledBack:
+    """A rollback the scheduler wrote, kept until its mirrors show it. The rollback is one transaction (the
+    model's previous spec, the record deleted, the status), but the models, rollouts and statuses mirrors each
+    follow their own prefix: a pass that sees the status but still the failed spec would start the failed
+    update again, without a record, and end it as "done" under the old spec."""
+
+    left: str
+    """The engine fingerprint of the spec rolled back from."""
+    started: float
+    """The deleted rollout record's start."""
+
+    def mirrored(self, model: ModelSpec, record: RolloutRecord | None) -> bool:
+        """True once the model and its rollout record, as mirrored, are the ones the rollback wrote (or later)."""
+        if record is not None:
+            return record.started != self.started  # a later update's record: written after the rollback
+        return engine_fingerprint(model) != self.left
+
+
+@dataclass(frozen=True)
 class RolloutView:
     """What the scheduler knows about one model, for one pass."""
 
@@ -95,6 +114,8 @@ class RolloutView:
     record: RolloutRecord | None = None
     status: RolloutStatus | None = None
     drained: frozenset[str] = frozenset()
+    rolled_back: RolledBack | None = None
+    """This scheduler's last rollback of the model, while its mirrors may not show it yet."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,8 @@ def plan_rollout(view: RolloutView, timing: RolloutTiming = RolloutTiming()) -> 
         # The record names another spec than the models mirror shows: one of the two mirrors lags (they are
         # written in one transaction). Decide nothing until they agree.
         return RolloutPlan(notes=("rollout record and model spec disagree; waiting for the mirrors",))
+    if view.rolled_back is not None and not view.rolled_back.mirrored(model, view.record):
+        return RolloutPlan(notes=("rolled back; waiting for the mirrors to show the previous spec",))
     ordered = sorted(view.placements.values(), key=lambda p: replica_order(p.instance))
     stale = [p for p in ordered if is_stale(p, model, view.drained)]
     fresh = [p for p in ordered if not is_stale(p, model, view.drained)]

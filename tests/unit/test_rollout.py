@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, Placement
 from nebula.core.placement import place
 from nebula.core.rollout import (
+    RolledBack,
     RolloutPlan,
     RolloutTiming,
     RolloutView,
@@ -153,6 +154,24 @@ def test_mirrors_that_disagree_decide_nothing() -> None:
     other = replace(RECORD, target=replace(NEW, revision="v3"))
     plan = plan_rollout(view(TWO_OLD, [], record=other), T)
     assert plan.extra == 0 and plan.status is None and not plan.finish
+
+
+def test_after_a_rollback_lagging_mirrors_decide_nothing() -> None:
+    # The rollback wrote OLD, deleted RECORD and wrote this status in one transaction; each mirror shows it later.
+    back = RolloutStatus(model="m", state=RolloutState.ROLLED_BACK, target=engine_fingerprint(NEW), reason="boom",
+                         since=RECORD.started)
+    rb = RolledBack(left=engine_fingerprint(NEW), started=RECORD.started)
+    up = [ready("m"), ready("m:1")]
+    for model, record in ((NEW, RECORD), (NEW, None), (OLD, RECORD)):
+        assert not rb.mirrored(model, record)
+        plan = plan_rollout(replace(view(TWO_OLD, up, model=model, record=record, status=back), rolled_back=rb), T)
+        assert plan.extra == 0 and plan.status is None and plan.rollback is None and not plan.finish, (model, record)
+    # Without the guard, the models mirror still showing NEW starts the failed update again, with no record:
+    again = plan_rollout(view(TWO_OLD, up, model=NEW, status=back), T)
+    assert again.extra == 1 and again.status is not None and again.status.reason == ""
+    assert rb.mirrored(OLD, None), "both mirrors caught up"
+    assert rb.mirrored(NEW, replace(RECORD, started=950.0)), "an admin's later update of the same spec"
+    assert plan_rollout(replace(view(TWO_OLD, up, model=OLD, status=back), rolled_back=rb), T) == RolloutPlan()
 
 
 def test_a_replica_place_adds_for_a_lost_one_is_waited_for_not_judged() -> None:

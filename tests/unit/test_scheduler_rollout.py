@@ -15,7 +15,7 @@ from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutState
 from nebula.services.cluster.rollout_writes import RolloutWrites, UpdateInProgress
 from nebula.services.scheduler.rollout import Rollouts
 from nebula.services.scheduler.scheduler import Scheduler
-from tests.harness.mirrors import feed_scheduler
+from tests.harness.mirrors import feed_scheduler, listing, mirrored
 
 OLD = ModelSpec.from_dict({"name": "m", "source": "/m", "replicas": 2})
 NEW = replace(OLD, engine_args=("--enforce-eager",))
@@ -140,6 +140,37 @@ async def test_a_failing_new_replica_rolls_the_model_back_and_says_why() -> None
     assert set(await c.placed()) == {"m", "m:1"} and await c.status() == st, "nothing more happens"
     assert c.finished(RolloutState.ROLLED_BACK) == 1.0 and c.finished(RolloutState.DONE) == 0.0
     await c.update(NEW)  # the record is gone: a new update may start
+
+
+async def test_a_rollback_seen_late_by_the_models_mirror_is_not_started_again() -> None:
+    # The rollback is one transaction, but the scheduler's mirrors of models and rollout records show it later
+    # than its own status write: a pass in between must not place the failed spec again (CI saw that pass end
+    # the rollback as "done 2/2" under the old spec, and `nebula update` could not say why it failed).
+    c = Cluster()
+    await c.start()
+    bad = replace(OLD, engine_args=("--no-such-flag",))
+    await c.update(bad)
+    await c.step()
+    lagging_models = mirrored(records.MODELS, await listing(c.store, keys.MODELS))
+    lagging_records = mirrored(records.ROLLOUTS, await listing(c.store, keys.ROLLOUTS))
+    await c.report({"m:2": Phase.FAILED}, message="vllm serve: error: unrecognized arguments: --no-such-flag")
+    await c.step()
+    rolled_back = await c.status()
+    assert rolled_back is not None and rolled_back.state is RolloutState.ROLLED_BACK
+    for lag in ((lagging_models, lagging_records), (lagging_models, None), (None, lagging_records)):
+        await feed_scheduler(c.store, c.sched)
+        if lag[0] is not None:
+            c.sched.on_models(lag[0])
+        if lag[1] is not None:
+            c.sched.rollouts.on_rollouts(lag[1])
+        c.clock.now += 10
+        await c.sched.schedule_once()
+        placed = await c.placed()
+        assert set(placed) == {"m", "m:1"} and all(p.model == replace(OLD, replicas=1) for p in placed.values())
+        assert await c.status() == rolled_back, lag
+    await c.step()
+    assert set(await c.placed()) == {"m", "m:1"} and await c.status() == rolled_back
+    assert c.finished(RolloutState.ROLLED_BACK) == 1.0 and c.finished(RolloutState.DONE) == 0.0
 
 
 async def test_a_rollback_never_overwrites_an_admins_later_spec() -> None:

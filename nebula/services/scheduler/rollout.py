@@ -16,7 +16,7 @@ from typing import Any
 from nebula.core import records as kinds
 from nebula.core.drain import stranded
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement
-from nebula.core.rollout import RolloutPlan, RolloutTiming, RolloutView, plan_rollout
+from nebula.core.rollout import RolledBack, RolloutPlan, RolloutTiming, RolloutView, plan_rollout
 from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutState, RolloutStatus
 from nebula.core.store import Store
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorState
@@ -51,6 +51,7 @@ class Rollouts:
         self.seen: set[str] = set()
         self._written: dict[str, RolloutStatus] = {}  # ours, fresher than the mirror until it catches up
         self._ended: dict[str, tuple[str, float, RolloutState]] = {}  # the last end counted, per model
+        self._rolled_back: dict[str, RolledBack] = {}  # ours, until the models and rollouts mirrors show them
         self.changed: Callable[[], None] = lambda: None
         """Called after each mirrored change (the scheduler sets it to wake its pass)."""
         self.finished: Callable[[str, RolloutState], None] = lambda model, outcome: None
@@ -96,6 +97,7 @@ class Rollouts:
     def reset(self) -> None:
         """Leadership (re)gained: only the store's statuses count."""
         self._written.clear()
+        self._rolled_back.clear()
 
     # --- one pass -----------------------------------------------------------------------------------------
     def plan(self, models: Mapping[str, ModelSpec], placements: Mapping[str, Placement],
@@ -110,9 +112,12 @@ class Rollouts:
         for p in placements.values():
             by_model.setdefault(p.model.name, {})[p.instance] = p
         plans: dict[str, RolloutPlan] = {}
+        self._rolled_back = {m: rb for m, rb in self._rolled_back.items()
+                             if m in models and not rb.mirrored(models[m], self.records.get(m))}
         for name, model in sorted(models.items()):
             view = RolloutView(model=model, placements=by_model.get(name, {}), instances=self.instances, now=now,
-                               record=self.records.get(name), status=self._status(name), drained=self.drained)
+                               record=self.records.get(name), status=self._status(name), drained=self.drained,
+                               rolled_back=self._rolled_back.get(name))
             plan = plan_rollout(view, self.timing)
             if plan != RolloutPlan():
                 plans[name] = plan
@@ -140,6 +145,7 @@ class Rollouts:
             for note in plan.notes:
                 log.info("rollout of %s: %s", name, note, extra={"NEBULA_MODEL": name})
             if plan.rollback is not None and plan.status is not None:
+                record = self.records.get(name)
                 done = await self.writes.roll_back(fence, models[name], plan.rollback, plan.status)
                 if done is False:
                     return False
@@ -147,6 +153,8 @@ class Rollouts:
                     log.warning("model %s rolled back to its previous spec: %s", name, plan.status.reason,
                                 extra={"NEBULA_MODEL": name})
                     self._written[name] = plan.status
+                    if record is not None:
+                        self._rolled_back[name] = RolledBack(left=plan.status.target, started=record.started)
                     self._count_end(name, plan.status)  # planned as ROLLED_BACK (core/rollout.py)
                 continue
             if plan.status is None or (not plan.finish and self._same(plan.status, self._status(name))):
