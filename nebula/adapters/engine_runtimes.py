@@ -7,6 +7,7 @@ imports only the standard library and Nebula's core:
     python3 -m nebula.adapters.engine_runtimes device [auto|cpu|gpu]   # cpu or gpu (NEBULA_ENGINE_DEVICE too)
     python3 -m nebula.adapters.engine_runtimes name LOCK               # e.g. vllm-0.32-cu13
     python3 -m nebula.adapters.engine_runtimes cpu-lock LOCK_DIR WHEEL_DIR   # the CPU lock for this Python
+    python3 -m nebula.adapters.engine_runtimes gpu-lock LOCK_DIR             # the GPU lock for this Python
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nebula.core.config import EngineConfig
-from nebula.core.engine_locks import choose_cpu_lock
+from nebula.core.engine_locks import choose_cpu_lock, choose_gpu_lock
 from nebula.core.engine_runtime import choose_device, runtime_name, runtime_venv, valid_runtimes
 from nebula.errors import ValidationError
 
@@ -82,6 +83,12 @@ def cpu_lock(lock_dir: Path, wheel_dir: Path) -> str:
     return f"lock={lock_dir / choice.lock}\nfind_links={int(choice.find_links)}\nreason={choice.reason}"
 
 
+def gpu_lock(lock_dir: Path) -> str:
+    """The GPU lock file this interpreter takes (nebula.core.engine_locks), as a `lock=FILE` line."""
+    names = [p.name for p in lock_dir.glob("vllm-gpu*.lock")]
+    return f"lock={lock_dir / choose_gpu_lock(sys.version_info[:2], names)}"
+
+
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         if len(argv) in (1, 2) and argv[0] == "device":
@@ -94,6 +101,9 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if len(argv) == 3 and argv[0] == "cpu-lock":
             print(cpu_lock(Path(argv[1]), Path(argv[2])))
             return 0
+        if len(argv) == 2 and argv[0] == "gpu-lock":
+            print(gpu_lock(Path(argv[1])))
+            return 0
     except ValidationError as e:
         print(f"engine runtime: {e.field}: {e.message}", file=sys.stderr)
         return 2
@@ -101,7 +111,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         print(f"engine runtime: {e}", file=sys.stderr)
         return 2
     print("usage: python3 -m nebula.adapters.engine_runtimes device [auto|cpu|gpu] | name LOCK | "
-          "cpu-lock LOCK_DIR WHEEL_DIR", file=sys.stderr)
+          "cpu-lock LOCK_DIR WHEEL_DIR | gpu-lock LOCK_DIR", file=sys.stderr)
     return 2
 
 

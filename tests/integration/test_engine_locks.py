@@ -1,6 +1,7 @@
-"""The GPU engine lock against the package registry (needs the registry, as CI has; no GPU, no install):
-scripts/check-engine-locks.py resolves vllm-gpu.in again and finds every pin's cp311 manylinux x86_64 wheel
-by its locked hash in the registry's file lists, without downloading the wheels (about 4 GB)."""
+"""The GPU engine locks against the package registry (needs the registry, as CI has; no GPU, no install):
+scripts/check-engine-locks.py resolves vllm-gpu.in again for each lock's Python (3.11 and 3.13) and finds every
+pin's manylinux x86_64 wheel for that CPython by its locked hash in the registry's file lists, without
+downloading the wheels (about 4 GB per lock)."""
 
 from __future__ import annotations
 
@@ -18,21 +19,24 @@ def run_check(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def test_the_gpu_lock_is_current_and_every_wheel_is_in_the_registry() -> None:
+def test_the_gpu_locks_are_current_and_every_wheel_is_in_the_registry() -> None:
     proc = run_check()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("vllm-gpu.lock: ") and ", current " in summary, summary
-    size = re.search(r"download ([\d.]+) GB", summary)
-    assert size is not None and 2.0 < float(size.group(1)) < 20.0, summary  # CUDA torch + nvidia wheels
-    assert "torch-2.13.0-cp311-cp311-manylinux" in proc.stdout and "vllm-0.32.0-" in proc.stdout
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("vllm-gpu-")]
+    assert [s.split(":")[0] for s in summaries] == ["vllm-gpu-py311.lock", "vllm-gpu-py313.lock"], proc.stdout
+    for summary, tag in zip(summaries, ("cp311", "cp313"), strict=True):
+        assert ", current " in summary and f"wheels for {tag} manylinux x86_64" in summary, summary
+        size = re.search(r"download ([\d.]+) GB", summary)
+        assert size is not None and 2.0 < float(size.group(1)) < 20.0, summary  # CUDA torch + nvidia wheels
+        assert f"torch-2.13.0-{tag}-{tag}-manylinux" in proc.stdout
+    assert "vllm-0.32.0-" in proc.stdout
 
 
 def test_a_wrong_hash_and_a_stale_pin_fail_by_name(tmp_path: Path) -> None:
-    text = (REPO / "packaging/engine/vllm-gpu.lock").read_text()
+    text = (REPO / "packaging/engine/vllm-gpu-py311.lock").read_text()
     text = re.sub(r"(?m)^(filelock==4\.3\.2 \\\n(?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)",
                   lambda m: re.sub(r"sha256:[0-9a-f]{64}", "sha256:" + "0" * 64, m.group(1)), text)
-    lock = tmp_path / "vllm-gpu.lock"
+    lock = tmp_path / "vllm-gpu-py311.lock"
     lock.write_text(text)
     # The resolver keeps the lock's pins where it can: an edited .in is what makes a lock stale.
     infile = tmp_path / "vllm-gpu.in"

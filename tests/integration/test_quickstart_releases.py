@@ -88,6 +88,13 @@ def test_quickstart_control_plane(release: str, tmp_path: Path) -> None:
         python = RELEASES[release][1]
         assert box.sh("readlink -f /opt/nebula/venv/bin/python").strip() == f"/usr/bin/python{python}"
         assert os.path.isfile(sb.root / "etc/nebula/admin.key")
+        # A GPU node of this release takes the GPU lock compiled for its Python (the install itself is several GB).
+        gpu = sb.exec([*CLEAN_ENV, str(src / "scripts/install-engine.sh"), "--runtime", "gpu", "--dry-run"],
+                      check=False, timeout=60)
+        assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+        choice = dict(line.split("=", 1) for line in gpu.stdout.splitlines())
+        assert choice["lock"] == f"{src}/packaging/engine/vllm-gpu-py{python.replace('.', '')}.lock", choice
+        assert choice["runtime"] == "vllm-0.32-cu13", choice
         # A rerun is safe and quick, and still changes nothing of the machine's packages.
         again = sb.exec([*CLEAN_ENV, str(src / "scripts/quickstart.sh")], check=False, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

