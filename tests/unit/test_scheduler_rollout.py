@@ -13,6 +13,7 @@ from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Phase, Plac
 from nebula.core.rollout import RolloutTiming
 from nebula.core.rollout_records import DrainRecord, RolloutRecord, RolloutState, RolloutStatus
 from nebula.services.cluster.rollout_writes import RolloutWrites, UpdateInProgress
+from nebula.services.cluster.writes import Fence
 from nebula.services.scheduler.rollout import Rollouts
 from nebula.services.scheduler.scheduler import Scheduler
 from tests.harness.mirrors import feed_scheduler, listing, mirrored
@@ -75,6 +76,20 @@ class Cluster:
         current, revision = read
         await self.writes.start_update(RolloutRecord(model=spec.name, previous=current, target=spec,
                                                      started=self.clock.now, by="ops"), revision)
+
+    async def take_over(self, identity: str) -> Scheduler:
+        """Another scheduler becomes the leader (its lease holds the leader key, as Scheduler.run leaves it) and
+        this cluster's passes are its from now on; the deposed one is returned."""
+        deposed = self.sched
+        self.registry = CollectorRegistry()
+        self.sched = Scheduler(self.store, identity, lease_ttl_s=10, node_grace_s=30, resync_s=5,
+                               registry=self.registry,
+                               rollouts=Rollouts(self.store, RolloutTiming(settle_s=5, ready_timeout_s=100),
+                                                 clock=self.clock))
+        lease = await self.store.grant_lease(10)
+        await self.store.put(keys.SCHEDULER_LEADER, identity.encode(), lease=lease)
+        self.sched._fence = Fence(lease)
+        return deposed
 
     async def status(self) -> RolloutStatus | None:
         return await self.writes.read_status("m")
@@ -171,6 +186,51 @@ async def test_a_rollback_seen_late_by_the_models_mirror_is_not_started_again() 
     await c.step()
     assert set(await c.placed()) == {"m", "m:1"} and await c.status() == rolled_back
     assert c.finished(RolloutState.ROLLED_BACK) == 1.0 and c.finished(RolloutState.DONE) == 0.0
+
+
+async def test_a_new_leader_carries_a_rolling_update_on_to_the_end_and_the_old_one_writes_nothing() -> None:
+    c = Cluster()
+    await c.start()
+    await c.update(NEW)
+    await c.step()
+    before = await c.status()
+    assert before is not None and before.text() == "rolling 0/2 (waiting for m:2)"
+    deposed = await c.take_over("s2")
+    await c.report({"m:2": Phase.READY}, since=c.clock.now)
+    await feed_scheduler(c.store, deposed)
+    c.clock.now += 10
+    await deposed.schedule_once()  # it has not noticed yet: its pass must not land
+    assert deposed.fenced_writes == 1 and set(await c.placed()) == {"m", "m:1", "m:2"}
+    assert await c.status() == before
+    for _ in range(6):
+        await c.step()
+        await c.report(dict.fromkeys(await c.placed(), Phase.READY), since=0.0)
+    placed = await c.placed()
+    assert len(placed) == 2 and all(p.model.engine_args == ("--enforce-eager",) for p in placed.values())
+    st = await c.status()
+    assert st is not None and st.state is RolloutState.DONE and st.since == before.since
+    assert await c.store.get(keys.rollout_key("m")) is None
+    assert c.finished(RolloutState.DONE) == 1.0
+
+
+async def test_a_new_leader_keeps_the_new_replicas_clock_and_rolls_back_on_time() -> None:
+    c = Cluster()
+    await c.start()
+    await c.update(replace(OLD, engine_args=("--no-such-flag",)))
+    await c.step()
+    await c.report({"m:2": Phase.STARTING}, message="loading weights")
+    placed_at = c.clock.now
+    await c.take_over("s2")
+    await c.step(advance=60)
+    st = await c.status()
+    assert st is not None and st.state is RolloutState.ROLLING and st.surge_since == placed_at
+    await c.step(advance=41)  # 101 s after s1 placed it: past ready_timeout_s for the new leader too
+    st = await c.status()
+    assert st is not None and st.state is RolloutState.ROLLED_BACK
+    assert st.reason == "new replica m:2 on n1 not ready after 100 s (starting: loading weights)"
+    kv = await c.store.get(keys.model_key("m"))
+    assert kv is not None and records.MODELS.decode(kv.key, kv.value) == OLD
+    assert set(await c.placed()) == {"m", "m:1"}
 
 
 async def test_a_rollback_never_overwrites_an_admins_later_spec() -> None:
