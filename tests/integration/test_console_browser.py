@@ -1,7 +1,9 @@
 """The web console in a real headless Chromium (Debian's, through its chromedriver) against the shared API
 cluster (real etcd, real vLLM CPU engines): sign in (a wrong key is refused), see `chat` ready, load a
 second model and watch its phases to ready, chat with it in the playground and see tokens stream, scale
-it to 2 and back, unload it, create and revoke a key, and a state change without the CSRF token refused.
+it to 2 and back, update its engine arguments (a rolling replace), unload it, drain the only node (refused,
+the forced drain offered), pull a hub model (a path refused) and cancel it, create and revoke a key, and a
+state change without the CSRF token refused.
 
 Screenshots of each page go to $NEBULA_TEST_ARTEFACTS (or a temporary directory), printed at the end.
 The cluster is left as found: the second model unloaded, and the keys this test made removed from etcd
@@ -265,6 +267,18 @@ def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[st
     page.button("Scale").click()
     _until(f"{MODEL} back at 1", lambda: page.ready("#model-ready") == "1/1" and len(page.phases()) == 1, 120)
 
+    # --- update: nothing to change is said before anything is sent; a real change rolls the replica over -----
+    page.button("Update").click()
+    assert "Nothing to change" in page.el('form.update > p[role="alert"]').text
+    page.type("#update-args", "--max-num-seqs 8")
+    page.button("Update").click()
+    assert "Updating (engine_args" in _until("the update's answer", lambda: page.el("form.update .ok-text").text, 20)
+    _until("the update done", lambda: "done 1/1" in browser.find_element(By.ID, "model-rollout").text
+           and page.ready("#model-ready") == "1/1", START_S, 1.0)
+    spec = next(m for m in _http(gw, "GET", "/v1/admin/models", admin_key)[1]["data"] if m["name"] == MODEL)["spec"]
+    assert spec["engine_args"] == ["--max-num-seqs", "8"], spec
+    page.shot("model-updated")
+
     # --- unload -------------------------------------------------------------------------------------------
     page.button("Unload…").click()
     page.button(f"Yes, unload {MODEL}").click()
@@ -272,6 +286,35 @@ def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[st
     page.go("#/fleet")
     _until(f"{MODEL} gone from the fleet",
            lambda: not browser.find_elements(By.CSS_SELECTOR, f'tr[data-model="{MODEL}"]'), 120)
+
+    # --- drain the only node: refused with the reason, and the forced drain offered (not taken here) ----------
+    node = _until("a node to choose", lambda: next((o.get_attribute("value") for o in Select(
+        page.el("#drain-node")).options if o.get_attribute("value")), None), 20)
+    Select(page.el("#drain-node")).select_by_value(node)
+    page.button("Drain…").click()
+    page.button(f"Yes, drain {node}").click()
+    refusal = _until("the drain refused", lambda: page.el('form[aria-label="Node maintenance"] .error').text, 20)
+    assert "drain with --force" in refusal, refusal
+    assert page.button("Drain anyway (stops them)").is_displayed()
+    assert page.el(f'tr[data-node="{node}"] .badge').text == "alive"
+    page.shot("fleet-drain-refused")
+
+    # --- pre-fetch weights: a local path is refused by the API, a hub id is pulled and can be cancelled -----------
+    page.go("#/load")
+    page.type("#pull-source", "/models/local")
+    page.button("Pull").click()
+    assert "only hub sources" in _until("the pull refused", lambda: page.el("#pull-source-error").text, 20)
+    page.type("#pull-source", "nebula-test/never-published")
+    page.button("Pull").click()
+    answer = _until("the pull's answer", lambda: page.el('form[aria-label="Pre-fetch weights"] .ok-text').text, 20)
+    assert f"onto {node}" in answer, answer
+    row = page.el("tr[data-pull]")
+    assert "nebula-test/never-published" in row.text and f"{node}:" in row.text, row.text
+    page.shot("load-pull")
+    pull_id = row.get_attribute("data-pull")
+    row.find_element(By.CSS_SELECTOR, "button").click()
+    _until("the pull cancelled", lambda: not browser.find_elements(By.CSS_SELECTOR, f'tr[data-pull="{pull_id}"]'), 20)
+    assert _http(gw, "GET", f"/v1/admin/pulls/{pull_id}", admin_key)[0] == 404
 
     # --- API keys: create (shown once), revoke -------------------------------------------------------------
     page.go("#/keys")

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
-from nebula.core.model import ModelSpec, dumps
+from nebula.core.model import ModelSpec, NodeRecord, dumps
+from nebula.core.rollout_records import DrainRecord, RolloutState, RolloutStatus
 from nebula.services.gateway import console_session as cs
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY
@@ -80,7 +81,7 @@ async def test_the_page_and_its_files_carry_a_strict_policy_and_nothing_inline(c
         assert resp.status == 200 and resp.headers["Content-Security-Policy"] == cs.CSP
         assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Cache-Control"] == "no-store"
     assert not re.search(r"<script(?![^>]*\bsrc=)", page) and "style=" not in page and "<style" not in page
-    for name in ("app.js", "api.js", "ui.js", "fleet.js", "forms.js", "playground.js", "console.css"):
+    for name in ("app.js", "api.js", "ui.js", "fleet.js", "forms.js", "actions.js", "playground.js", "console.css"):
         async with console.http.get(console.url(f"/ui/static/{name}")) as resp:
             assert resp.status == 200 and resp.headers["X-Content-Type-Options"] == "nosniff"
             text = await resp.text()
@@ -138,6 +139,13 @@ async def test_revoking_the_sessions_key_ends_the_session(console: Console) -> N
 
 async def test_the_feed_pushes_the_fleet_and_figures(console: Console) -> None:
     await console.login(ADMIN)
+    # What `nebula status` shows for maintenance goes to the page too: a drained node, an update's progress.
+    store = console.server.app[GATEWAY].store
+    await store.put(keys.node_key("n1"), dumps(NodeRecord(name="n1", address="127.0.0.1", port_min=18000,
+                                                                   port_max=18010).to_dict()))
+    await store.put(keys.drain_key("n1"), dumps(DrainRecord(node="n1", since=1.0, by="ops").to_dict()))
+    await store.put(keys.rollout_status_key("m"), dumps(RolloutStatus(
+        model="m", state=RolloutState.ROLLING, target="t", replaced=0, total=1, surge="m:1").to_dict()))
     events: dict[str, Any] = {}
     async with console.http.get(console.url("/ui/api/events")) as resp:
         assert resp.status == 200 and resp.content_type == "text/event-stream"
@@ -152,6 +160,8 @@ async def test_the_feed_pushes_the_fleet_and_figures(console: Console) -> None:
                 break
     assert [m["name"] for m in events["fleet"]["models"]] == ["m"]
     assert events["fleet"]["models"][0]["ready"] == 1 and isinstance(events["figures"]["models"], dict)
+    assert events["fleet"]["models"][0]["rollout"] == "rolling 0/1 (waiting for m:1)"
+    assert [(n["name"], n["drain"], n["placements"]) for n in events["fleet"]["nodes"]] == [("n1", "drained", 0)]
 
 
 async def test_the_feed_needs_a_session(console: Console) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
+from nebula.core import keys
 from nebula.services.gateway import console_session as cs
+from nebula.services.gateway import rollout_status
 from nebula.services.gateway.console import CONSOLE
 from nebula.services.gateway.console_figures import model_figures
 from nebula.services.gateway.records import model_listing, node_records
@@ -28,9 +31,14 @@ KEEPALIVE_S = 15.0
 
 
 async def fleet(st: GatewayState) -> dict[str, Any]:
-    """Models (as GET /v1/admin/models shows them) and nodes (as GET /v1/admin/nodes)."""
+    """Models (as GET /v1/admin/models shows them) and nodes (as GET /v1/admin/nodes), with what `nebula status`
+    adds: each node's drain state and each updated model's rollout line."""
     node_items, models = await model_listing(st.store, st.view.wakes)
-    return {"models": models, "nodes": [n.to_dict() for n in node_records(node_items)]}
+    placed = Counter(split[0] for kv in (await st.store.list_prefix(keys.PLACEMENTS)).items
+                     if (split := keys.split_placement_key(kv.key)) is not None)
+    out = {"models": models, "nodes": [n.to_dict() | {"placements": placed[n.name]} for n in node_records(node_items)]}
+    await rollout_status.annotate(st.store, out)
+    return out
 
 
 def _mirror_mark(st: GatewayState) -> object:

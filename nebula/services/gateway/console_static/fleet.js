@@ -1,4 +1,5 @@
 // Fleet at a glance, and one model's page (spec, replicas, live charts, scale and unload).
+import { nodeActions, updateForm } from "./actions.js";
 import { del, patch } from "./api.js";
 import { ago, field, fill, h, mib, phaseClass, showError, sparkline, table } from "./ui.js";
 
@@ -23,12 +24,14 @@ export function fleetPage() {
   const stats = h("div", { class: "stats" });
   const models = h("div", { class: "card" });
   const nodes = h("div", { class: "card" });
+  const maintenance = nodeActions();
   const el = h("section", { "aria-labelledby": "fleet-h" },
     h("div", { class: "page-head" }, h("h1", { id: "fleet-h" }, "Fleet"),
       h("a", { class: "button primary", href: "#/load" }, "Load a model")),
-    stats, h("h2", {}, "Models"), models, h("h2", {}, "Nodes"), nodes);
+    stats, h("h2", {}, "Models"), models, h("h2", {}, "Nodes"), nodes, maintenance.el);
   const update = ({ fleet }) => {
     if (!fleet) return;
+    maintenance.update(fleet);
     const gpus = fleet.nodes.reduce((n, node) => n + node.gpus.length, 0);
     const ready = fleet.models.reduce((n, m) => n + m.ready, 0);
     const wanted = fleet.models.reduce((n, m) => n + replicasWanted(m), 0);
@@ -42,6 +45,7 @@ export function fleetPage() {
         return { attrs: { "data-model": m.name }, cells: [
           [h("a", { href: `#/model/${encodeURIComponent(m.name)}` }, m.name),
             m.pending_reason ? h("div", { class: "pending" }, `Pending: ${m.pending_reason}`) : null,
+            m.rollout ? h("div", { class: "muted small" }, `Update: ${m.rollout}`) : null,
             !m.spec ? h("div", { class: "muted" }, "unloading") : null],
           m.spec ? m.spec.task : "–",
           h("span", { class: `badge ${full ? "ok" : "warn"}`, "data-ready": `${m.ready}/${replicasWanted(m)}` },
@@ -51,9 +55,10 @@ export function fleetPage() {
           restarts, nodeNames || "–"] };
       }), { class: "models" })
       : h("p", { class: "empty" }, "No model is loaded. ", h("a", { href: "#/load" }, "Load one.")));
-    fill(nodes, fleet.nodes.length ? table(["Node", "Address", "GPUs", "Agent", "Runtimes"],
-      fleet.nodes.map((n) => ({ cells: [
-        [h("span", { class: "dot ok", "aria-hidden": "true" }), n.name], n.address,
+    fill(nodes, fleet.nodes.length ? table(["Node", "State", "Address", "GPUs", "Agent", "Runtimes"],
+      fleet.nodes.map((n) => ({ attrs: { "data-node": n.name }, cells: [
+        [h("span", { class: `dot ${n.drain ? "warn" : "ok"}`, "aria-hidden": "true" }), n.name],
+        h("span", { class: `badge ${n.drain ? "warn" : "ok"}` }, n.drain || "alive"), n.address,
         n.gpus.length ? n.gpus.map(gpuCell) : h("span", { class: "muted" }, "CPU only"),
         n.agent_version || "–", (n.runtimes || []).join(", ") || "–"] })))
       : h("p", { class: "empty" }, "No node has joined."));
@@ -129,16 +134,20 @@ export function modelPage(name, live) {
       confirmBtn.hidden = true;
     } catch (e) { unloadMsg.className = "error"; unloadMsg.textContent = e.message; }
   });
+  const updating = updateForm(name);
+  const rollout = h("p", { id: "model-rollout", class: "muted", "aria-live": "polite" });
   const el = h("section", {}, head, h("p", {}, h("a", { href: "#/fleet" }, "← Fleet")), charts,
     h("div", { class: "cols" },
-      h("div", {}, h("h2", {}, "Replicas"), replicas),
-      h("div", {}, h("h2", {}, "Actions"), h("div", { class: "card actions" }, scaleForm,
+      h("div", {}, h("h2", {}, "Replicas"), rollout, replicas),
+      h("div", {}, h("h2", {}, "Actions"), h("div", { class: "card actions" }, scaleForm, updating.el,
         h("div", { class: "unload" }, unloadBtn, confirmBtn, unloadMsg)))),
     h("h2", {}, "Spec"), h("div", { class: "card" }, spec));
   let seededReplicas = false;
   const update = ({ fleet, figures }) => {
     const m = fleet && fleet.models.find((x) => x.name === name);
     const ready = head.querySelector("#model-ready");
+    if (fleet) updating.update(fleet, m);
+    rollout.textContent = m && m.rollout ? `Update: ${m.rollout}` : "";
     if (!m) {
       ready.textContent = "not loaded"; ready.className = "badge";
       fill(replicas, h("p", { class: "empty" }, "This model is not loaded."));

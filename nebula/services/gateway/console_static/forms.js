@@ -1,4 +1,5 @@
 // Load a model; API keys (create with the secret shown once, list, revoke).
+import { pullSection } from "./actions.js";
 import { del, get, post } from "./api.js";
 import { ago, field, fill, h, showError, table } from "./ui.js";
 
@@ -74,7 +75,7 @@ export function loadPage() {
       confirm.hidden = true;
     } catch (e) { showError(form, e, msg); } finally { confirm.disabled = false; }
   });
-  return { el: h("section", {}, h("h1", {}, "Load a model"), form), title: "Load" };
+  return { el: h("section", {}, h("h1", {}, "Load a model"), form, pullSection()), title: "Load" };
 }
 
 export function keysPage() {
