@@ -1,6 +1,7 @@
 """`gateway.workers = 2` as systemd would run it: `nebula gateway run` under a NOTIFY_SOCKET and watchdog that
 this test owns, against a real etcd, forwarding to a fake engine. Both workers serve the one port, each
-registers its own /metrics, a killed worker is replaced while the other serves, and SIGTERM stops them all."""
+registers its own /metrics, a killed worker is replaced while the other serves, a key's rate limit holds
+across the workers, and SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from nebula.core import keys
+from nebula.core import apikeys, keys
+from nebula.core.apikeys import KeyLimits, KeyRecord, KeyScope
 from nebula.core.model import ModelSpec, dumps
 from nebula.services.gateway.workers import parse_notification
 from tests.harness.etcd import EtcdServer, etcd_call, etcd_list
@@ -145,6 +147,26 @@ async def test_two_workers_share_the_port_and_are_kept(tmp_path: Path, engine: F
             await until(lambda: len(worker_metrics(etcd)) == 2 and len(set(worker_metrics(etcd)) - before) == 1, 30,
                         "the new worker registered in place of the dead one")
             assert proc.returncode is None
+
+            # A key's limits hold for the gateway, not per worker: 20 a minute across both (the new one too).
+            token = "sk-shared-limits-test"
+            record = KeyRecord(id="00000000000000aa", name="limited", digest=apikeys.digest(token),
+                               scopes=frozenset({KeyScope.INFERENCE}), limits=KeyLimits(requests_per_minute=20))
+            etcd_put(etcd.endpoint, keys.apikey_key(record.id), dumps(record.to_dict()))
+            authorized = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            statuses: list[int] = []
+            started = time.monotonic()
+            while len(statuses) < 5 or 401 in statuses[-5:]:  # until both workers have seen the key
+                assert time.monotonic() - started < 30, f"the key never reached both workers: {statuses}"
+                async with http.post(url, data=CHAT, headers=authorized) as resp:
+                    statuses.append(resp.status)
+            for _ in range(40):
+                async with http.post(url, data=CHAT, headers=authorized) as resp:
+                    statuses.append(resp.status)
+            refilled = (time.monotonic() - started) / 3  # one more every 3 s
+            ok = statuses.count(200)
+            assert 20 <= ok <= 20 + refilled + 1, (ok, statuses)
+            assert set(statuses) <= {200, 401, 429} and statuses[-1] == 429
 
         survivors = children(proc.pid)
         proc.send_signal(signal.SIGTERM)

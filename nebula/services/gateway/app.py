@@ -16,12 +16,14 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.model_files import read_families
 from nebula.adapters.sdnotify import Notifier
+from nebula.adapters.shared_limits import worker_limiter
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.core import records
 from nebula.core.catalog import Catalog
 from nebula.core.config import EngineConfig, GatewayConfig, ModelsConfig, NebulaConfig, NodeConfig, TracingConfig
 from nebula.core.elastic import LoadReport
 from nebula.core.families import Families
+from nebula.core.limits import KeyLimiter
 from nebula.core.routing import LoadPolicy
 from nebula.core.store import Store
 from nebula.errors import ConfigError
@@ -84,16 +86,18 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                       engine: EngineConfig | None = None, catalog: Catalog | None = None,
                       node: NodeConfig | None = None, models: ModelsConfig | None = None,
                       families: Families | None = None, gpu_headroom_mib: int = 1024, reporter: str = "",
-                      lease_ttl_s: int = 10, console_secret: bytes | None = None) -> web.Application:
+                      lease_ttl_s: int = 10, console_secret: bytes | None = None,
+                      limiter: KeyLimiter | None = None) -> web.Application:
     """The gateway app. Its mirrors of models and instances, the engine load poll, its HTTP session (for
     the load poll), its engine connections and its span exporter live in cleanup_ctx; an injected
     `http_session` is used as is and left open. `reporter`: this process's name in /nebula/load/ (its load
-    report, under a lease of `lease_ttl_s`; empty: no report) and in the wake requests it makes."""
+    report, under a lease of `lease_ttl_s`; empty: no report) and in the wake requests it makes. `limiter`: the
+    per-key limits shared with the gateway's other workers (None: this process counts alone)."""
     view = ClusterView()
     # A sample outlives a few failed polls (see load.py), not more: past that it describes another moment.
     loads = LoadBook(max_age_s=3 * cfg.load_poll_s)
     table = ReplicaTable(load_policy(cfg), loads)
-    auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock)
+    auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock, limiter)
     mirror_metrics = MirrorMetrics(registry)
     mirrors = MirrorSet([Mirror(store, records.MODELS, mirror_metrics, on_change=view.update_models),
                          Mirror(store, records.INSTANCES, mirror_metrics, on_change=table.update),
@@ -201,9 +205,9 @@ def with_bootstrap_key(cfg: GatewayConfig) -> GatewayConfig:
 
 
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
-                        notifier: Notifier, shared_port: bool = False) -> None:
-    """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `shared_port`
-    for a worker among several (SO_REUSEPORT)."""
+                        notifier: Notifier, worker: int | None = None) -> None:
+    """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `worker`: its index
+    among several (SO_REUSEPORT; per-key limits counted with the others through the supervisor's table)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
@@ -211,9 +215,10 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
                             families=read_families(cfg.models.profiles_files),
                             gpu_headroom_mib=cfg.scheduler.gpu_headroom_mib,
                             reporter=reporter_name(node_name(cfg), os.getpid()), lease_ttl_s=cfg.cluster.lease_ttl_s,
-                            console_secret=console_secret(os.environ))
+                            console_secret=console_secret(os.environ),
+                            limiter=worker_limiter(os.environ, worker, time.monotonic))
     tls = server_ssl_context(gw)
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
-                                site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, shared_port),
+                                site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, worker is not None),
                                 healthy=app[GATEWAY].mirrors.live)

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from nebula.core.apikeys import DIGEST_RE, KeyRecord, KeyScope, digest
-from nebula.core.limits import Clock, Limiter
+from nebula.core.limits import Clock, KeyLimiter, Limiter
 from nebula.errors import ConfigError
 from nebula.services.cluster.mirror import MirrorState
 from nebula.services.http.errors import ApiError, Handler, unavailable
@@ -86,7 +86,8 @@ def _unauthorized(message: str) -> ApiError:
 
 
 class Authenticator:
-    def __init__(self, admin_hashes: Iterable[str], api_hashes: Iterable[str], clock: Clock) -> None:
+    def __init__(self, admin_hashes: Iterable[str], api_hashes: Iterable[str], clock: Clock,
+                 limiter: KeyLimiter | None = None) -> None:
         self._config = _config_records(admin_hashes, api_hashes)
         self._stored: dict[str, KeyRecord] = {}  # id -> record, as the mirror of /nebula/apikeys/ last saw it
         # This gateway's own writes, applied before its mirror sees them, so a created key works and a
@@ -99,7 +100,8 @@ class Authenticator:
         self._by_digest: dict[str, KeyRecord] = dict(self._config)
         self._any_stored = False  # a record exists, valid or not: a damaged key record must not open the gateway
         self.synced = False  # the mirror delivered its first listing: "no such key" is then the truth
-        self.limiter = Limiter(clock)
+        # Per-key limits: this process's own counts, or those it shares with the gateway's other workers.
+        self.limiter: KeyLimiter = limiter if limiter is not None else Limiter(clock)
 
     # --- the key set -------------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from nebula.adapters.sdnotify import Notifier
+from nebula.adapters.shared_limits import FD_ENV as LIMITS_FD_ENV
+from nebula.adapters.shared_limits import SharedTable
 from nebula.core.config import NebulaConfig
 from nebula.core.discovery import ServiceKind, advertised_address
 from nebula.services.gateway.app import serve_gateway, with_bootstrap_key
@@ -31,8 +33,7 @@ async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | N
                 cfg.gateway.worker_metrics_port + worker if cfg.gateway.worker_metrics_port else 0))
             record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
         await run_tasks_until(svc.stop, [
-            asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier,
-                                              shared_port=worker is not None), name="gateway"),
+            asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier, worker), name="gateway"),
             asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s), name="registration"),
         ])
 
@@ -40,13 +41,16 @@ async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | N
 async def run_supervisor(cfg: NebulaConfig, env: Mapping[str, str], config_file: str) -> int:
     """gateway.workers > 1: this process only keeps the workers (workers.py); they serve."""
     notifier = Notifier(env)
+    # Per-key limits counted together: one table every worker maps; a dead worker's requests leave it.
+    limits = SharedTable.create(cfg.gateway.workers)
     try:
         # One console secret for all workers, so a session one worker opened is good at the others.
-        shared = {**env, SECRET_ENV: new_console_secret()}
+        shared = {**env, SECRET_ENV: new_console_secret(), LIMITS_FD_ENV: str(limits.fd)}
         return await supervise_workers(cfg.gateway.workers, worker_command(config_file), shared, notifier,
-                                       stop_on_signals())
+                                       stop_on_signals(), pass_fds=(limits.fd,), on_exit=limits.clear_worker)
     finally:
         notifier.close()
+        limits.close()
 
 
 def gateway_loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

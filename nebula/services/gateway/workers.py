@@ -164,8 +164,10 @@ def worker_env(env: Mapping[str, str], notify_address: str, watchdog_s: float) -
 
 async def supervise_workers(count: int, worker_argv: Callable[[int], Sequence[str]], env: Mapping[str, str],
                             notifier: Notifier, stop: asyncio.Event,
-                            clock: Callable[[], float] = time.monotonic) -> int:
-    """Run `count` workers (`worker_argv(i)`) until `stop` is set, then SIGTERM them and wait. Returns 0."""
+                            clock: Callable[[], float] = time.monotonic, pass_fds: Sequence[int] = (),
+                            on_exit: Callable[[int], None] = lambda index: None) -> int:
+    """Run `count` workers (`worker_argv(i)`, inheriting `pass_fds`) until `stop` is set, then SIGTERM them and
+    wait. `on_exit(i)` is called once worker i has exited, before it is started again. Returns 0."""
     watchdog_s = notifier.watchdog_interval_s * 2 if notifier.watchdog_interval_s else DEFAULT_WORKER_WATCHDOG_S
     book = WorkerBook(count, watchdog_s)
     listener = NotifyListener()
@@ -185,7 +187,7 @@ async def supervise_workers(count: int, worker_argv: Callable[[int], Sequence[st
         wake.set()
 
     async def start(w: Worker) -> None:
-        proc = await asyncio.create_subprocess_exec(*worker_argv(w.index), env=child_env,
+        proc = await asyncio.create_subprocess_exec(*worker_argv(w.index), env=child_env, pass_fds=pass_fds,
                                                     stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
         book.started(w, proc.pid, clock())
         procs[proc.pid] = proc
@@ -218,6 +220,7 @@ async def supervise_workers(count: int, worker_argv: Callable[[int], Sequence[st
                 gone = book.by_pid(pid)
                 if gone is not None:
                     book.exited(gone, clock())
+                    on_exit(gone.index)
                     log.error("gateway worker %d (pid %d) exited with status %d; starting it again in %.0f s",
                               gone.index, pid, status, gone.backoff_s, extra={"NEBULA_WORKER": gone.index})
             wake.clear()
