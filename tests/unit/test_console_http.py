@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ from prometheus_client import CollectorRegistry
 from nebula.adapters.memstore import MemoryStore
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
-from nebula.core.model import ModelSpec, NodeRecord, dumps
+from nebula.core.discovery import ServiceKind
+from nebula.core.model import Gpu, ModelSpec, NodeRecord, dumps
 from nebula.core.rollout_records import DrainRecord, RolloutState, RolloutStatus
+from nebula.services.gateway import console_feed
 from nebula.services.gateway import console_session as cs
 from nebula.services.gateway.app import build_gateway_app
 from nebula.services.gateway.state import GATEWAY
 from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, engines, put_instance, until
+from tests.unit.test_gpu_live import agents
 
 ADMIN = "admin-token"
 STATIC = Path(__file__).parents[2] / "nebula/services/gateway/console_static"
@@ -137,16 +141,8 @@ async def test_revoking_the_sessions_key_ends_the_session(console: Console) -> N
     assert spare["id"]
 
 
-async def test_the_feed_pushes_the_fleet_and_figures(console: Console) -> None:
-    await console.login(ADMIN)
-    # What `nebula status` shows for maintenance goes to the page too: a drained node, an update's progress.
-    store = console.server.app[GATEWAY].store
-    await store.put(keys.node_key("n1"), dumps(NodeRecord(name="n1", address="127.0.0.1", port_min=18000,
-                                                                   port_max=18010).to_dict()))
-    await store.put(keys.drain_key("n1"), dumps(DrainRecord(node="n1", since=1.0, by="ops").to_dict()))
-    await store.put(keys.rollout_status_key("m"), dumps(RolloutStatus(
-        model="m", state=RolloutState.ROLLING, target="t", replaced=0, total=1, surge="m:1").to_dict()))
-    events: dict[str, Any] = {}
+async def read_feed(console: Console, events: dict[str, Any]) -> None:
+    """The feed's events, until it has pushed the fleet and the figures."""
     async with console.http.get(console.url("/ui/api/events")) as resp:
         assert resp.status == 200 and resp.content_type == "text/event-stream"
         kind = ""
@@ -158,10 +154,59 @@ async def test_the_feed_pushes_the_fleet_and_figures(console: Console) -> None:
                 events[kind] = json.loads(text[6:])
             if {"fleet", "figures"} <= set(events):
                 break
+
+
+async def test_the_feed_pushes_the_fleet_and_figures(console: Console) -> None:
+    await console.login(ADMIN)
+    # What `nebula status` shows for maintenance goes to the page too: a drained node, an update's progress.
+    store = console.server.app[GATEWAY].store
+    await store.put(keys.node_key("n1"), dumps(NodeRecord(name="n1", address="127.0.0.1", port_min=18000,
+                                                                   port_max=18010).to_dict()))
+    await store.put(keys.drain_key("n1"), dumps(DrainRecord(node="n1", since=1.0, by="ops").to_dict()))
+    await store.put(keys.rollout_status_key("m"), dumps(RolloutStatus(
+        model="m", state=RolloutState.ROLLING, target="t", replaced=0, total=1, surge="m:1").to_dict()))
+    # A GPU node: its utilisation and temperature come from its agent's /metrics (a real one, registered).
+    gpu = Gpu(index=0, name="NVIDIA H100 80GB HBM3", memory_total_mib=81559, memory_used_mib=40960)
+    await store.put(keys.node_key("g1"), dumps(NodeRecord(name="g1", address="127.0.0.1", port_min=18000,
+                                                          port_max=18010, gpus=(gpu,)).to_dict()))
+    events: dict[str, Any] = {}
+    async with agents() as (services, _):
+        agent = replace(services[0], node="g1")
+        await store.put(keys.service_key(ServiceKind.NODE.value, "g1", agent.address), dumps(agent.to_dict()))
+        await read_feed(console, events)
     assert [m["name"] for m in events["fleet"]["models"]] == ["m"]
     assert events["fleet"]["models"][0]["ready"] == 1 and isinstance(events["figures"]["models"], dict)
     assert events["fleet"]["models"][0]["rollout"] == "rolling 0/1 (waiting for m:1)"
-    assert [(n["name"], n["drain"], n["placements"]) for n in events["fleet"]["nodes"]] == [("n1", "drained", 0)]
+    assert [(n["name"], n.get("drain"), n["placements"]) for n in events["fleet"]["nodes"]] == [
+        ("g1", None, 0), ("n1", "drained", 0)]
+    assert events["fleet"]["nodes"][0]["gpus"][0] | {"utilization": 0.37, "temperature_c": 61.0} == \
+        events["fleet"]["nodes"][0]["gpus"][0]
+
+
+async def test_a_console_closed_mid_feed_ends_its_stream_quietly(console: Console, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(console_feed, "TICK_S", 0.01)
+    monkeypatch.setattr(console_feed, "FIGURES_S", 0.02)  # the next write comes at once after the close
+    feed, ended = console_feed._feed, []
+
+    async def watched(*args: Any) -> None:
+        try:
+            await feed(*args)
+        except BaseException as e:
+            ended.append(type(e).__name__)
+            raise
+        ended.append("returned")
+
+    monkeypatch.setattr(console_feed, "_feed", watched)
+    await console.login(ADMIN)
+    with caplog.at_level(logging.DEBUG):
+        async with console.http.get(console.url("/ui/api/events")) as resp:
+            await resp.content.readline()  # the stream is up; the browser tab closes
+        await until(lambda: bool(ended))
+    # The server cancels the handler of a client that left (handler_cancellation, as in production); a write
+    # that comes first meets the closing transport instead: either way the stream ends without an error.
+    assert ended in (["CancelledError"], ["ConnectionResetError"], ["ClientConnectionResetError"]), ended
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 async def test_the_feed_needs_a_session(console: Console) -> None:

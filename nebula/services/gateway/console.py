@@ -22,6 +22,7 @@ from nebula.core.model import loads
 from nebula.services.gateway import console_session as cs
 from nebula.services.gateway.auth import CONSOLE_PREFIX, Scope, SessionAuth, request_key
 from nebula.services.gateway.exchange import REQUEST_ID_HEADER, request_id
+from nebula.services.gateway.gpu_live import GpuLive
 from nebula.services.gateway.openai_api import Call, serve_inference
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.gateway.validation import ENDPOINTS
@@ -41,6 +42,7 @@ class ConsoleState:
     secure: bool  # the gateway serves TLS: the cookie is marked Secure
     wall: Callable[[], float] = time.time  # sessions expire in wall-clock time (workers share it)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name -> (body, content type)
+    gpus: GpuLive | None = None  # live GPU utilisation and temperature, from the agents (gpu_live.py)
 
 
 CONSOLE = web.AppKey("console", ConsoleState)

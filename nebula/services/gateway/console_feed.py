@@ -16,12 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.services.gateway import console_session as cs
-from nebula.services.gateway import rollout_status
-from nebula.services.gateway.console import CONSOLE
+from nebula.services.gateway import gpu_live, rollout_status
+from nebula.services.gateway.console import CONSOLE, ConsoleState
 from nebula.services.gateway.console_figures import model_figures
-from nebula.services.gateway.records import model_listing, node_records
+from nebula.services.gateway.gpu_live import GpuLive
+from nebula.services.gateway.records import decoded, model_listing, node_records
 from nebula.services.gateway.state import GATEWAY, GatewayState
 
 TICK_S = 1.0
@@ -30,14 +31,19 @@ FLEET_REFRESH_S = 10.0
 KEEPALIVE_S = 15.0
 
 
-async def fleet(st: GatewayState) -> dict[str, Any]:
+async def fleet(st: GatewayState, gpus: GpuLive | None = None) -> dict[str, Any]:
     """Models (as GET /v1/admin/models shows them) and nodes (as GET /v1/admin/nodes), with what `nebula status`
-    adds: each node's drain state and each updated model's rollout line."""
+    adds (each node's drain state, each updated model's rollout line) and, from `gpus`, each GPU's utilisation
+    and temperature."""
     node_items, models = await model_listing(st.store, st.view.wakes)
     placed = Counter(split[0] for kv in (await st.store.list_prefix(keys.PLACEMENTS)).items
                      if (split := keys.split_placement_key(kv.key)) is not None)
-    out = {"models": models, "nodes": [n.to_dict() | {"placements": placed[n.name]} for n in node_records(node_items)]}
+    nodes = [n.to_dict() | {"placements": placed[n.name]} for n in node_records(node_items)]
+    out = {"models": models, "nodes": nodes}
     await rollout_status.annotate(st.store, out)
+    if gpus is not None and any(n["gpus"] for n in nodes):
+        services = decoded(records.SERVICES, (await st.store.list_prefix(keys.SERVICES)).items)
+        gpu_live.annotate(nodes, await gpus.figures(services))
     return out
 
 
@@ -58,11 +64,18 @@ async def events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    try:
+        await _feed(st, con, request.cookies.get(cs.COOKIE), response)
+    except ConnectionResetError:  # the console was closed (a tab, a laptop lid): the usual end, not an error
+        pass
+    return response
+
+
+async def _feed(st: GatewayState, con: ConsoleState, token: str | None, response: web.StreamResponse) -> None:
     await response.write(b"retry: 2000\n\n")
     mark: object = None
     clock = asyncio.get_running_loop().time
     last_fleet = last_figures = last_write = -1e9
-    token = request.cookies.get(cs.COOKIE)
     while True:
         now = clock()
         if token:
@@ -70,14 +83,15 @@ async def events(request: web.Request) -> web.StreamResponse:
                 cs.check(con.secret, token, con.wall(), "GET", None, st.auth.by_id, st.auth.is_open)
             except cs.SessionError as e:
                 await response.write(_event("expired", {"message": str(e)}))
-                return response
+                return
         new_mark = _mirror_mark(st)
         if new_mark != mark or now - last_fleet >= FLEET_REFRESH_S:
             mark, last_fleet = new_mark, now
             try:
-                await response.write(_event("fleet", await fleet(st)))
+                event = _event("fleet", await fleet(st, con.gpus))
             except Exception as e:  # etcd unreachable: say so, keep the stream (the page shows a banner)
-                await response.write(_event("trouble", {"message": f"cannot read the cluster: {e}"}))
+                event = _event("trouble", {"message": f"cannot read the cluster: {e}"})
+            await response.write(event)
             last_write = now
         if now - last_figures >= FIGURES_S:
             last_figures = last_write = now

@@ -17,7 +17,15 @@ function gpuCell(gpu) {
   return h("div", { class: "gpu" }, h("span", {}, `GPU ${gpu.index}`, gpu.name ? ` · ${gpu.name}` : ""),
     h("span", { class: "muted" }, total ? mib(total) : ""),
     total ? h("meter", { min: 0, max: total, value: used, "aria-label": `GPU ${gpu.index} memory used` }) : null,
-    h("small", { class: "muted" }, `${mib(Math.max(0, used - others))} Nebula · ${mib(others)} others · ${mib(Math.max(0, total - used))} free`));
+    h("small", { class: "muted" }, `${mib(Math.max(0, used - others))} Nebula · ${mib(others)} others · ${mib(Math.max(0, total - used))} free`),
+    gpuLive(gpu));
+}
+
+function gpuLive(gpu) { // from the node's agent, where it answered (gpu_live.py)
+  const parts = [];
+  if (typeof gpu.utilization === "number") parts.push(`${Math.round(gpu.utilization * 100)}% busy`);
+  if (typeof gpu.temperature_c === "number") parts.push(`${Math.round(gpu.temperature_c)} °C`);
+  return parts.length ? h("small", { class: "gpu-live" }, parts.join(" · ")) : null;
 }
 
 export function fleetPage() {
