@@ -64,7 +64,23 @@ def show_text(model: Mapping[str, Any]) -> str:
         out += ["", f"PENDING  {model['pending_reason']}"]
     rows = model_rows([model])
     out += ["", "REPLICAS", table(rows, MODEL_HEADER) if rows else "  none"]
+    paths = [f"  {i['instance']}  {phase_path(i)}" for i in model.get("instances") or () if i.get("history")]
+    if paths:
+        out += ["", "HOW THEY GOT THERE (each earlier phase and how long it lasted)", *paths]
     return "\n".join(out)
+
+
+def _lasted(seconds: float) -> str:
+    s = max(0, round(seconds))
+    return f"{s} s" if s < 120 else f"{round(s / 60)} min"
+
+
+def phase_path(instance: Mapping[str, Any]) -> str:
+    """`downloading 40 s -> starting 85 s -> ready`: an instance's phase history (the agent's, newest last)."""
+    steps = [(str(p), float(t)) for p, t in instance.get("history") or ()]
+    ends = [t for _, t in steps[1:]] + [float(instance.get("since") or 0.0)]
+    return " -> ".join([*(f"{p} {_lasted(end - t)}" for (p, t), end in zip(steps, ends, strict=True)),
+                        str(instance.get("phase", "?"))])
 
 
 def show(client: AdminClient, name: str, *, as_json: bool, out: TextIO) -> int:

@@ -10,7 +10,7 @@ import enum
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from nebula.core.elastic import ScalingPolicy
@@ -305,6 +305,9 @@ class InstanceStatus:
     """Fraction (0-1) of the model's weights downloaded, while the phase is `downloading`; else None."""
     adapters: tuple[str, ...] = ()  # LoRA adapters its engine has loaded (core/lora.py): the gateway routes by them
     adapter_errors: tuple[tuple[str, str], ...] = ()  # (adapter, the engine's message) for each it refused
+    history: tuple[tuple[Phase, float], ...] = ()
+    """The phases before this one and when each began, oldest first, at most PHASE_HISTORY: how it got here
+    (since its agent's current lease; see `with_history`)."""
 
     @staticmethod
     def from_dict(obj: object) -> InstanceStatus:
@@ -324,13 +327,45 @@ class InstanceStatus:
                               message=expect_field(obj, "message", str, ""),
                               restarts=expect_int(obj, "restarts", 0, 1 << 31, 0), progress=_fraction(progress),
                               adapters=tuple(sorted(set(expect_str_list(obj, "adapters")))),
-                              adapter_errors=tuple(sorted(expect_str_map(obj, "adapter_errors").items())))
+                              adapter_errors=tuple(sorted(expect_str_map(obj, "adapter_errors").items())),
+                              history=_history(obj.get("history")))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self) | {"phase": self.phase.value, "task": self.task.value, "adapters": list(self.adapters),
-                            "adapter_errors": dict(self.adapter_errors)}
-        # Adapters only when set: a record without them reads as it did before they existed.
-        return {k: v for k, v in d.items() if v or k not in ("adapters", "adapter_errors")}
+                            "adapter_errors": dict(self.adapter_errors),
+                            "history": [[p.value, t] for p, t in self.history]}
+        # These only when set: a record without them reads as it did before they existed.
+        return {k: v for k, v in d.items() if v or k not in ("adapters", "adapter_errors", "history")}
+
+
+PHASE_HISTORY = 8
+
+
+def with_history(prev: InstanceStatus | None, new: InstanceStatus) -> InstanceStatus:
+    """`new` with `prev`'s history, and `prev`'s phase added when `new` is in another (the last PHASE_HISTORY)."""
+    if prev is None:
+        return new
+    history = prev.history
+    if prev.phase is not new.phase:
+        history = (*history, (prev.phase, prev.since))[-PHASE_HISTORY:]
+    return new if history == new.history else replace(new, history=history)
+
+
+def _history(value: object) -> tuple[tuple[Phase, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > 4 * PHASE_HISTORY:
+        raise ValidationError("history", f"must be a list of at most {4 * PHASE_HISTORY} [phase, since] pairs")
+    out = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            raise ValidationError("history", "each entry must be a [phase, since] pair")
+        try:
+            out.append((Phase(item[0]), float(item[1])))
+        except ValueError:
+            raise ValidationError("history", f"unknown phase {item[0]!r}") from None
+    return tuple(out[-PHASE_HISTORY:])
 
 
 def _fraction(value: float | None) -> float | None:

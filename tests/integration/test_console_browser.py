@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -221,6 +222,9 @@ def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[st
 
     _until(f"{MODEL} ready", lambda: watch("1/1"), START_S, 0.3)
     assert seen[-1] == "ready" and len(seen) >= 2, seen  # it went through at least one phase before ready
+    # The replica says how it got there (the agent's phase history): "starting 41 s → ready".
+    path = _until("the phase history", lambda: page.el(f'tr[data-instance^="{MODEL}"] .phase-history').text, 10)
+    assert re.fullmatch(r"(\w+ \d+ (s|min) → )+ready", path) and "starting" in path, path
 
     # --- chat with it, streamed ---------------------------------------------------------------------------
     page.go("#/playground")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -118,6 +119,35 @@ async def test_lifecycle_and_readoption(tmp_path: Path) -> None:
     await again.reconcile_once()
     assert await phase(store, "tiny") is None
     assert not (tmp_path / "run/engines/tiny.json").exists()
+
+
+async def test_each_instance_record_says_how_it_got_to_its_phase(tmp_path: Path) -> None:
+    store, units, healthy = MemoryStore(), TableUnits(), set[str]()
+    now = [1000.0]
+    agent = await make_agent(tmp_path, store, units, healthy, clock=lambda: now[0])
+
+    async def record() -> dict[str, Any]:
+        kv = await store.get(keys.instance_key("tiny"))
+        assert kv is not None
+        return dict(json.loads(kv.value))
+
+    await place_on(store, agent, "tiny", model_dir(tmp_path))
+    await agent.reconcile_once()
+    assert "history" not in await record(), "a first phase has no history (and the record reads as before)"
+    units.set("tiny", UnitState.ACTIVE)
+    healthy.add("http://127.0.0.1:18000")
+    now[0] = 1085.0
+    await agent.reconcile_once()
+    now[0] = 1086.0
+    await agent.reconcile_once()  # the same phase again adds nothing
+    st = await record()
+    assert (st["phase"], st["since"], st["history"]) == ("ready", 1085.0, [["starting", 1000.0]])
+    now[0] = 1090.0
+    await store.delete(keys.placement_key("n1", "tiny"))
+    agent.on_placements(mirrored(records.PLACEMENTS))
+    await agent.reconcile_once()
+    st = await record()
+    assert (st["phase"], st["history"]) == ("draining", [["starting", 1000.0], ["ready", 1085.0]])
 
 
 async def test_missing_source_fails_with_reason_and_starts_nothing(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from nebula.core.engine_args import check_engine_request
 from nebula.core.engine_runtime import missing_runtime
 from nebula.core.engine_spec import EngineSpec, gpu_memory_share
 from nebula.core.lora import AdapterSpec, EngineAdapters
-from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name
+from nebula.core.model import InstanceStatus, NodeRecord, Phase, Placement, parse_instance_name, with_history
 from nebula.core.phase import Failures, between_restarts, error_line, observe_phase, repeated, restart_verdict
 from nebula.core.pulls import PullIntent
 from nebula.core.reconcile import RUNNING_STATES, Action, Actual, RemoveSpec, ResetFailed, Start, Stop, plan
@@ -308,7 +308,7 @@ class NodeAgent:
                                            phase=Phase.DRAINING, endpoint=prev.endpoint, task=prev.task,
                                            since=prev.since if prev.phase is Phase.DRAINING else now,
                                            message="unloading", restarts=unit.restarts)
-        return out
+        return {inst: with_history(self._reported.get(inst), st) for inst, st in out.items()}
 
     def _status(self, inst: str, model: str, phase: Phase, message: str, endpoint: str, p: Placement,
                 unit: UnitStatus | None, now: float) -> InstanceStatus:

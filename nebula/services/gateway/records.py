@@ -78,7 +78,8 @@ def model_json(name: str, spec: ModelSpec | None, instances: list[InstanceStatus
         # Why replicas fit nowhere (the scheduler's words), or None.
         "pending_reason": (pending or {}).get(name) if spec else None,
         "instances": [{"instance": i.instance, "phase": i.phase.value, "node": i.node, "endpoint": i.endpoint,
-                       "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress}
+                       "message": i.message, "since": i.since, "restarts": i.restarts, "progress": i.progress,
+                       "history": [[p.value, t] for p, t in i.history]}
                       for i in mine],
         # An elastic model's count now (the scheduler's words), or None for a fixed count.
         "scale": scale_json(spec, (scale or {}).get(name)),

@@ -21,6 +21,14 @@ function gpuCell(gpu) {
     gpuLive(gpu));
 }
 
+function phaseHistory(i) { // how the replica got to its phase: each earlier phase and how long it lasted
+  const steps = i.history || [];
+  if (!steps.length) return null;
+  const lasted = (from, to) => { const s = Math.max(0, Math.round(to - from)); return s < 120 ? `${s} s` : `${Math.round(s / 60)} min`; };
+  const text = steps.map(([phase, since], n) => `${phase} ${lasted(since, n + 1 < steps.length ? steps[n + 1][1] : i.since)}`);
+  return h("div", { class: "muted small phase-history" }, `${text.join(" → ")} → ${i.phase}`);
+}
+
 function gpuLive(gpu) { // from the node's agent, where it answered (gpu_live.py)
   const parts = [];
   if (typeof gpu.utilization === "number") parts.push(`${Math.round(gpu.utilization * 100)}% busy`);
@@ -167,9 +175,9 @@ export function modelPage(name, live) {
     if (!seededReplicas && m.spec) { replicasInput.value = m.spec.replicas; seededReplicas = true; }
     fill(replicas, 
       m.pending_reason ? h("p", { class: "pending" }, `Pending: ${m.pending_reason}`) : null,
-      m.instances.length ? table(["Replica", "Phase", "Node", "Restarts", "Since"], m.instances.map((i) => ({ cells: [
+      m.instances.length ? table(["Replica", "Phase", "Node", "Restarts", "Since"], m.instances.map((i) => ({ attrs: { "data-instance": i.instance }, cells: [
           [i.instance, i.message ? h("div", { class: "muted small" }, i.message) : null],
-          h("span", { class: phaseClass(i.phase) }, i.phase), i.node, i.restarts || 0, ago(i.since)] })))
+          [h("span", { class: phaseClass(i.phase) }, i.phase), phaseHistory(i)], i.node, i.restarts || 0, ago(i.since)] })))
         : h("p", { class: "empty" }, "No replica yet."));
     const s = series(figures, name);
     const fmt = (d, u) => (v) => `${v.toFixed(d)}${u}`;
