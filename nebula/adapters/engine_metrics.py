@@ -1,4 +1,4 @@
-"""An engine's load, read from vLLM's Prometheus /metrics: parsing (pure) and one fetch.
+"""An engine's load, read from vLLM's Prometheus /metrics: parsing (pure) and the fetch of a /metrics.
 
 vLLM labels its gauges {engine, model_name}; a server with data parallelism (or serving several names)
 has several label sets, which are folded into one load per server: queue lengths add up, and the KV cache
@@ -67,19 +67,24 @@ def parse_engine_load(text: str) -> EngineLoad:
                       generation_tokens=None if generation is None else float(sum(generation)))
 
 
-async def fetch_engine_load(http: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> EngineLoad:
-    """GET `endpoint`/metrics and parse it; any failure (including the timeout) is EngineMetricsError.
+async def fetch_metrics_text(http: aiohttp.ClientSession, base_url: str, timeout_s: float) -> str:
+    """GET `base_url`/metrics (an engine's, or a node agent's) as text; any failure (including the timeout) is
+    EngineMetricsError.
 
     Accept-Encoding is pinned to identity: vLLM's exporter gzips when offered, and the gateway's session
     does not decompress (it relays bytes untouched).
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        async with http.get(endpoint.rstrip("/") + "/metrics", timeout=timeout,
+        async with http.get(base_url.rstrip("/") + "/metrics", timeout=timeout,
                             headers={"Accept-Encoding": "identity"}) as resp:
             if resp.status != 200:
                 raise EngineMetricsError(f"/metrics answered {resp.status}")
-            text = await resp.text(errors="replace")
+            return await resp.text(errors="replace")
     except (TimeoutError, aiohttp.ClientError) as e:
         raise EngineMetricsError(f"/metrics unreachable: {e!r}") from None
-    return parse_engine_load(text)
+
+
+async def fetch_engine_load(http: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> EngineLoad:
+    """GET `endpoint`/metrics and parse it; any failure is EngineMetricsError."""
+    return parse_engine_load(await fetch_metrics_text(http, endpoint, timeout_s))

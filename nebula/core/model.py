@@ -348,7 +348,7 @@ def with_history(prev: InstanceStatus | None, new: InstanceStatus) -> InstanceSt
     history = prev.history
     if prev.phase is not new.phase:
         history = (*history, (prev.phase, prev.since))[-PHASE_HISTORY:]
-    return new if history == new.history else replace(new, history=history)
+    return replace(new, history=history) if history else new
 
 
 def _history(value: object) -> tuple[tuple[Phase, float], ...]:

@@ -16,10 +16,11 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
+from nebula.adapters.engine_metrics import fetch_metrics_text
 from nebula.adapters.nvml import GpuReading
 from nebula.core.discovery import ServiceKind, ServiceRecord
 from nebula.services.agent.gpus import gpu_families
-from nebula.services.gateway.gpu_live import REFRESH_S, GpuLive, annotate, fetch_metrics, parse_gpu_figures
+from nebula.services.gateway.gpu_live import REFRESH_S, TIMEOUT_S, GpuLive, annotate, parse_gpu_figures
 from nebula.services.runtime import metrics_route
 from tests.harness.ports import free_port
 
@@ -99,9 +100,15 @@ async def agents() -> AsyncIterator[tuple[list[ServiceRecord], list[str]]]:
 async def test_figures_come_from_the_agents_that_answer_once_per_refresh(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     async with agents() as (services, seen), aiohttp.ClientSession() as http:
-        live = GpuLive(lambda url: fetch_metrics(http, url), clock)
+        live = GpuLive(lambda url: fetch_metrics_text(http, url, TIMEOUT_S), clock)
+        listings = []
+
+        async def listed() -> list[ServiceRecord]:  # the service records, as the feed reads them from etcd
+            listings.append(clock.now)
+            return services
+
         with caplog.at_level(logging.WARNING, "nebula.services.gateway.gpu_live"):
-            together = await asyncio.gather(*(live.figures(services) for _ in range(5)))  # five consoles at once
+            together = await asyncio.gather(*(live.figures(listed) for _ in range(5)))  # five consoles at once
         assert all(f == {"n1": {0: {"utilization": 0.37, "temperature_c": 61.0}, 1: {"temperature_c": 34.0}}}
                    for f in together)
         assert len(seen) == 2, "one read of each agent (the gateway's record is not an agent's)"
@@ -109,12 +116,12 @@ async def test_figures_come_from_the_agents_that_answer_once_per_refresh(caplog:
         assert len(warned) == 2 and any("node n2" in m for m in warned) and any("node n3" in m for m in warned)
 
         clock.now += REFRESH_S - 0.1
-        await live.figures(services)
-        assert len(seen) == 2, "within the refresh: what was read"
+        await live.figures(listed)
+        assert len(seen) == 2 and len(listings) == 1, "within the refresh: what was read, nothing read again"
         clock.now += 0.1
         caplog.clear()
         with caplog.at_level(logging.WARNING, "nebula.services.gateway.gpu_live"):
-            await live.figures(services)
+            await live.figures(listed)
         assert len(seen) == 4 and not caplog.records, "read again; the failing agents warned only once"
 
 

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.engine_metrics import fetch_metrics_text
 from nebula.adapters.model_files import read_families
 from nebula.adapters.sdnotify import Notifier
 from nebula.adapters.shared_limits import worker_limiter
@@ -36,6 +37,7 @@ from nebula.services.gateway import (
     catalog_api,
     console,
     discovery,
+    gpu_live,
     keys_api,
     openai_api,
     responses_api,
@@ -45,7 +47,7 @@ from nebula.services.gateway.auth import Authenticator, auth_middleware, read_di
 from nebula.services.gateway.console_session import console_secret
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
-from nebula.services.gateway.gpu_live import GpuLive, fetch_metrics
+from nebula.services.gateway.gpu_live import GpuLive
 from nebula.services.gateway.load import Clock, LoadBook, poll_loads
 from nebula.services.gateway.load_report import model_loads, publish_loads, reporter_name
 from nebula.services.gateway.metrics import GatewayMetrics
@@ -119,8 +121,8 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     # The web console (/ui/): its sessions are signed with a secret the gateway's workers share.
     app[console.CONSOLE] = console.ConsoleState(secret=console_secret or os.urandom(32), registry=registry,
                                                 secure=bool(cfg.tls_cert_file), files=console.read_static(),
-                                                gpus=GpuLive(lambda url: fetch_metrics(state.http(), url),
-                                                             time.monotonic))
+                                                gpus=GpuLive(lambda url: fetch_metrics_text(
+                                                    state.http(), url, gpu_live.TIMEOUT_S), time.monotonic))
     app.on_response_prepare.append(console.add_security_headers)
     app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()
     registry.register(ModelCollector(view, table))

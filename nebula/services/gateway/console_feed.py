@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from nebula.core import keys, records
+from nebula.core.discovery import ServiceRecord
 from nebula.services.gateway import console_session as cs
 from nebula.services.gateway import gpu_live, rollout_status
 from nebula.services.gateway.console import CONSOLE, ConsoleState
@@ -42,7 +43,9 @@ async def fleet(st: GatewayState, gpus: GpuLive | None = None) -> dict[str, Any]
     out = {"models": models, "nodes": nodes}
     await rollout_status.annotate(st.store, out)
     if gpus is not None and any(n["gpus"] for n in nodes):
-        services = decoded(records.SERVICES, (await st.store.list_prefix(keys.SERVICES)).items)
+        async def services() -> list[ServiceRecord]:
+            return decoded(records.SERVICES, (await st.store.list_prefix(keys.SERVICES)).items)
+
         gpu_live.annotate(nodes, await gpus.figures(services))
     return out
 

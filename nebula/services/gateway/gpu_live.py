@@ -14,7 +14,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from nebula.core.discovery import ServiceKind, ServiceRecord
@@ -23,12 +22,12 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
 TIMEOUT_S = 2.0
-MAX_BYTES = 1 << 20  # an agent's whole /metrics is a few kB; more is not an agent
 # agent family -> the field the console's node GPUs get
 FIELDS = {"nebula_gpu_utilization_ratio": "utilization", "nebula_gpu_temperature_celsius": "temperature_c"}
 
 Figures = dict[str, dict[int, dict[str, float]]]  # node -> GPU index -> field -> value
-Fetch = Callable[[str], Awaitable[str]]
+Fetch = Callable[[str], Awaitable[str]]  # an agent's base URL -> its /metrics text
+ListAgents = Callable[[], Awaitable[Iterable[ServiceRecord]]]
 
 
 def parse_gpu_figures(text: str) -> dict[int, dict[str, float]]:
@@ -45,17 +44,6 @@ def parse_gpu_figures(text: str) -> dict[int, dict[str, float]]:
     return out
 
 
-async def fetch_metrics(session: aiohttp.ClientSession, url: str) -> str:
-    """An agent's /metrics text, within TIMEOUT_S and MAX_BYTES."""
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as resp:
-        if resp.status != 200:
-            raise ValueError(f"HTTP {resp.status}")
-        body = await resp.content.read(MAX_BYTES + 1)
-        if len(body) > MAX_BYTES:
-            raise ValueError("more than 1 MiB")
-        return body.decode("utf-8", "replace")
-
-
 class GpuLive:
     """The latest figures of every agent, refreshed on demand when older than REFRESH_S."""
 
@@ -66,10 +54,11 @@ class GpuLive:
         self._lock = asyncio.Lock()
         self._failing: set[str] = set()  # agents whose last read failed: logged once until they answer
 
-    async def figures(self, services: Iterable[ServiceRecord]) -> Figures:
+    async def figures(self, list_services: ListAgents) -> Figures:
+        """The figures, read again (the service records, then every agent) when older than REFRESH_S."""
         async with self._lock:  # consoles opened together: one read of the agents, not one each
             if self._clock() - self._at >= REFRESH_S:
-                agents = [s for s in services if s.service is ServiceKind.NODE]
+                agents = [s for s in await list_services() if s.service is ServiceKind.NODE]
                 read = await asyncio.gather(*(self._read(s) for s in agents))
                 self._figures = {s.node: f for s, f in zip(agents, read, strict=True) if f is not None}
                 self._at = self._clock()
@@ -77,7 +66,7 @@ class GpuLive:
 
     async def _read(self, agent: ServiceRecord) -> dict[int, dict[str, float]] | None:
         try:
-            found = parse_gpu_figures(await self._fetch(f"{agent.scheme}://{agent.address}/metrics"))
+            found = parse_gpu_figures(await self._fetch(f"{agent.scheme}://{agent.address}"))
         except Exception as e:  # foreign text: the parser fails in more ways than ValueError
             if agent.node not in self._failing:
                 self._failing.add(agent.node)
