@@ -6,7 +6,7 @@ objects with their signals, timers and stream readers) was most of what separate
 request from a bare proxy's (issue 3). This client does what the hop needs and no more: POST a body of
 known length, read the head, hand the body on as it arrives, reuse the connection.
 
-  - One write per request (head and body together); the response parser is pure (http1_parser).
+  - One write per request (head and body together); the response parser is llhttp's (http1_parser).
   - Connections are kept per endpoint and reused most-recent first; a reused connection that the engine
     closed while it sat idle (uvicorn closes idle ones after 5 s) is retried once on a new connection,
     since the engine never saw the request.
@@ -75,6 +75,7 @@ class UpstreamResponse:
         "_released",
         "_timer",
         "_waiter",
+        "chunked",
         "complete",
         "content_length",
         "headers",
@@ -91,6 +92,7 @@ class UpstreamResponse:
         self.headers: tuple[tuple[str, str], ...] = ()
         self.content_length: int | None = None
         self.keep_alive = False
+        self.chunked = False  # the body comes in chunked framing (a stream, from vLLM)
         self.complete = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -104,7 +106,7 @@ class UpstreamResponse:
 
     def on_head(self, head: ResponseHead) -> None:
         self.status, self.reason, self.headers = head.status, head.reason, head.headers
-        self.content_length, self.keep_alive = head.content_length, head.keep_alive
+        self.content_length, self.keep_alive, self.chunked = head.content_length, head.keep_alive, head.chunked
         self._wake()
 
     def on_body(self, data: bytes) -> None:
@@ -166,6 +168,18 @@ class UpstreamResponse:
             self._paused = False
             self._conn.resume_reading()
         return data
+
+    def passthrough(self) -> tuple[bytes, bool]:
+        """Switch a chunked body to passthrough: what read_chunk returns from now on is the engine's bytes as
+        they came, chunked framing and the final zero-size chunk included (for a client that speaks HTTP/1.1,
+        to forward unchanged). Returns the body already read off the socket (framing removed) and whether the
+        switch happened: not when the body had ended already, whose end is then the caller's to frame."""
+        if not self.complete:
+            self._conn.parser.passthrough()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data, not self.complete
 
     async def read(self) -> bytes:
         """The whole body (what is left of it)."""

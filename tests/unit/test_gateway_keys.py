@@ -30,12 +30,12 @@ from nebula.errors import ConfigError
 from nebula.services.gateway.app import build_gateway_app, serve_gateway
 from nebula.services.gateway.auth import (
     Authenticator,
-    auth_middleware,
     check_model_allowed,
     model_allowed,
     read_digest_file,
     request_key,
 )
+from nebula.services.gateway.pipeline import RequestPipeline, pipeline_middleware
 from nebula.services.gateway.state import GATEWAY
 from nebula.services.gateway.tls import server_ssl_context
 from nebula.services.http.errors import ApiError, error_middleware
@@ -233,7 +233,7 @@ async def test_request_key_and_model_checks_for_the_handlers() -> None:
         check_model_allowed(key, model)
         return web.json_response({"key": key.id if key else None, "model": model})
 
-    app = web.Application(middlewares=[error_middleware, auth_middleware(auth)])
+    app = web.Application(middlewares=[error_middleware, pipeline_middleware(RequestPipeline(auth))])
     app.router.add_get("/v1/x", handler)
     server = TestServer(app)  # not a gateway app: aiohttp alone serves it
     await server.start_server()

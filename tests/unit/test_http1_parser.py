@@ -214,3 +214,39 @@ def test_any_bytes_whole_or_split_raise_only_protocol_errors(raw: bytes, cuts: l
                 parser.feed_eof()
         except ProtocolError:
             pass
+
+
+# --- passthrough: the engine's framing forwarded as it came --------------------------------------------------
+
+
+def test_passthrough_hands_on_each_read_with_its_framing_and_still_finds_the_end() -> None:
+    head, _, body = CHUNKED.partition(b"\r\n\r\n")
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(head + b"\r\n\r\n")
+    parser.passthrough()
+    reads = [body[:7], body[7:60], body[60:]]  # splits anywhere: mid size line, mid data, the trailer
+    for read in reads:
+        parser.feed(read)
+    assert sink.body == body and sink.pieces == 3 and sink.completed == 1 and parser.done
+
+
+def test_passthrough_checks_a_read_before_handing_any_of_it_on() -> None:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(CHUNKED_PLAIN.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    parser.passthrough()
+    parser.feed(b"5\r\nhello\r\n")
+    with pytest.raises(ProtocolError):
+        parser.feed(b"5\r\nworld\r\nzz\r\n")  # a good chunk, then a bad size: none of the read goes on
+    assert sink.body == b"5\r\nhello\r\n" and sink.completed == 0
+
+
+def test_passthrough_of_a_read_running_past_the_end_is_refused() -> None:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(CHUNKED_PLAIN.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    parser.passthrough()
+    with pytest.raises(ProtocolError, match="after the end"):
+        parser.feed(b"0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
+    assert sink.body == b""

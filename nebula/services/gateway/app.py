@@ -43,7 +43,7 @@ from nebula.services.gateway import (
     responses_api,
     status_api,
 )
-from nebula.services.gateway.auth import Authenticator, auth_middleware, read_digest_file
+from nebula.services.gateway.auth import Authenticator, read_digest_file
 from nebula.services.gateway.console_session import console_secret
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
@@ -53,6 +53,7 @@ from nebula.services.gateway.load_report import model_loads, publish_loads, repo
 from nebula.services.gateway.metrics import GatewayMetrics
 from nebula.services.gateway.model_metrics import ModelCollector
 from nebula.services.gateway.openapi import openapi_route
+from nebula.services.gateway.pipeline import PIPELINE, RequestPipeline, pipeline_middleware
 from nebula.services.gateway.replicas import ReplicaTable
 from nebula.services.gateway.routing_metrics import RoutingMetrics
 from nebula.services.gateway.state import GATEWAY, GatewayState
@@ -113,11 +114,13 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
                          session=http_session, engine=engine or EngineConfig(), node=node or NodeConfig(),
                          models=models or ModelsConfig(), families=families, gpu_headroom_mib=gpu_headroom_mib)
+    pipeline = RequestPipeline(auth)  # both servers' (pipeline.py): here on aiohttp, in gateway_site on the other
     # error_middleware is outermost so that auth failures and oversized bodies get the OpenAI shape too.
     app = web.Application(middlewares=[error_middleware, unknown_path_middleware(),
-                                       auth_middleware(auth, console.session_auth())],
+                                       pipeline_middleware(pipeline, console.session_auth())],
                           client_max_size=cfg.max_body_bytes)
     app[GATEWAY] = state
+    app[PIPELINE] = pipeline
     # The web console (/ui/): its sessions are signed with a secret the gateway's workers share.
     app[console.CONSOLE] = console.ConsoleState(secret=console_secret or os.urandom(32), registry=registry,
                                                 secure=bool(cfg.tls_cert_file), files=console.read_static(),
@@ -177,7 +180,7 @@ def gateway_site(runner: web.AppRunner, host: str, port: int, ssl_context: ssl.S
     events = state.metrics.connections
     site = FastSite(runner, dataplane_router(state), host, port, max_body=state.cfg.max_body_bytes,
                     ssl_context=ssl_context, reuse_port=reuse_port, shutdown_timeout_s=shutdown_timeout_s,
-                    admit=admit_by_key(state.auth), limits=connection_limits(state.cfg, open_file_limit()),
+                    admit=admit_by_key(runner.app[PIPELINE]), limits=connection_limits(state.cfg, open_file_limit()),
                     events=events, reserve_paths=RESERVE_PATHS, body_limits=audio_api.upload_limits(state.cfg))
     events.open.set_function(lambda: site.server.open)
     return site

@@ -1,7 +1,7 @@
 """Speech to text: POST /v1/audio/transcriptions and /v1/audio/translations, multipart uploads.
 
 As for the JSON endpoints (openai_api.py): the key is checked from the request's head, before its body is
-read (dataplane.admit_by_key; aiohttp's auth middleware for a connection aiohttp took over), the body is
+read (the request pipeline, pipeline.py, on either server), the body is
 bounded by its own limit (gateway.max_upload_bytes: audio is larger than any JSON request), the form's
 `model` picks a ready replica of a model loaded with task `transcribe`, and the client's bytes go to the
 engine unchanged, with its own Content-Type (the boundary is in it). The answer (JSON, text, SRT, or SSE

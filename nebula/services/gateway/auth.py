@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from nebula.core.apikeys import DIGEST_RE, KeyRecord, KeyScope, digest
 from nebula.core.limits import Clock, KeyLimiter, Limiter
 from nebula.errors import ConfigError
 from nebula.services.cluster.mirror import MirrorState
-from nebula.services.http.errors import ApiError, Handler, unavailable
+from nebula.services.http.errors import ApiError, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +151,17 @@ class Authenticator:
 
     # --- per request -------------------------------------------------------------------------------------
 
-    @contextmanager
-    def admitted(self, record: KeyRecord | None) -> Iterator[None]:
-        """Holds one of the key's request slots for the block; raises ApiError 429 when its limits refuse."""
+    def take_slot(self, record: KeyRecord | None) -> Callable[[], None] | None:
+        """One of the key's request slots: what gives it back, or None when the key has no limits (nothing is
+        held); raises ApiError 429 when its limits refuse."""
         if record is None or record.limits.unlimited:
-            yield
-            return
+            return None
         refusal = self.limiter.admit(record.id, record.limits)
         if refusal is not None:
             raise ApiError(429, refusal.message, code=f"{refusal.reason}_limit_exceeded",
                            headers={"Retry-After": str(refusal.retry_after_s)})
-        try:
-            yield
-        finally:
-            self.limiter.release(record.id)
+        key_id, limiter = record.id, self.limiter
+        return lambda: limiter.release(key_id)
 
     def authenticate(self, scope: Scope, authorization: str | None, x_api_key: str | None = None
                      ) -> KeyRecord | None:
@@ -206,30 +201,6 @@ def _bearer(authorization: str | None) -> str | None:
 # The web console's credential: (cookie name, check) where check(request, cookie value) returns the session's
 # admin key (None while the gateway is open) or raises ApiError; see console.py.
 SessionAuth = tuple[str, Callable[[web.Request, str], "KeyRecord | None"]]
-
-
-def auth_middleware(auth: Authenticator, session: SessionAuth | None = None) -> Middleware:
-    """Checks the key and its limits before any handler runs; sits inside error_middleware, which shapes
-    its errors. A limited key's slot is held until the handler returns, which for a streamed answer is
-    when its last byte went out, and also when the client goes away (the handler is cancelled). With
-    `session`, an admin path called with the console's cookie and no key header is the console's."""
-
-    @web.middleware
-    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        scope = scope_of(request.path)
-        authorization, x_api_key = request.headers.get("Authorization"), request.headers.get("x-api-key")
-        cookie = request.cookies.get(session[0]) if session is not None and scope is Scope.ADMIN else None
-        if session is not None and cookie and not authorization and not x_api_key:
-            record = session[1](request, cookie)
-        else:
-            record = auth.authenticate(scope, authorization, x_api_key)
-        if record is None:
-            return await handler(request)
-        request[API_KEY] = record
-        with auth.admitted(record):
-            return await handler(request)
-
-    return check_key
 
 
 # --- for the handlers -----------------------------------------------------------------------------------

@@ -1,23 +1,21 @@
 """The gateway's routes on its data-plane server (services/http/fastserver.py): the OpenAI paths.
 
-Together with `admit_by_key` each does here what aiohttp's middlewares do for the other paths: names the
-request (X-Request-ID), checks its key and holds one of the key's request slots from its head (before its
-body is read: a body on its way is a request in flight) until the server releases it, however the request
-ends. What the route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
+`admit_by_key` runs the gateway's request pipeline (pipeline.py: name, authenticate, admit), the steps that
+pipeline_middleware runs on aiohttp, from a request's head (before its body is read: a body on its way is a
+request in flight); the key's slot is held until the server releases it, however the request ends. What the
+route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
-from dataclasses import dataclass
 
-from nebula.core.apikeys import KeyRecord
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.audio_api import AUDIO_PATHS, serve_audio
-from nebula.services.gateway.auth import OPEN_PATHS, Authenticator, scope_of
-from nebula.services.gateway.exchange import REQUEST_ID_HEADER, new_request_id
+from nebula.services.gateway.auth import OPEN_PATHS
+from nebula.services.gateway.exchange import REQUEST_ID_HEADER
 from nebula.services.gateway.openai_api import Call, model_entry, models_list, serve_inference
+from nebula.services.gateway.pipeline import Admitted, RequestPipeline
 from nebula.services.gateway.responses_api import serve_stored, stored_request
 from nebula.services.gateway.state import GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint
@@ -45,28 +43,17 @@ def connection_limits(cfg: GatewayConfig, open_files: int) -> ConnectionLimits:
                             + REQUEST_MARGIN_S)
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    request_id: str
-    key: KeyRecord | None  # None while the gateway is open
-
-
-def admit_by_key(auth: Authenticator) -> Admit:
-    """Names the request (X-Request-ID), checks its key and takes one of its request slots, all from the head,
-    so a caller without a valid key, or over its limits, is refused before its body is read (429 for a key
-    already at max_concurrent, even while its other request's body is still coming); the route finds the
-    key and the id in the request's context, the server gives the slot back through `release`."""
+def admit_by_key(pipeline: RequestPipeline) -> Admit:
+    """The request pipeline's steps before the route (pipeline.py), from the head alone, so a caller without a
+    valid key, or over its limits, is refused before its body is read (429 for a key already at
+    max_concurrent, even while its other request's body is still coming); the route finds the key and the id
+    in the request's context, the server gives the slot back through `release`."""
 
     def admit(request: FastRequest) -> None:
-        rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+        rid = pipeline.name(request.headers)
         request.extra_headers.append((REQUEST_ID_HEADER, rid))
-        key = auth.authenticate(scope_of(request.path), request.headers.get("Authorization"),
-                                request.headers.get("x-api-key"))
-        request.context = Admitted(rid, key)
-        if key is not None and not key.limits.unlimited:
-            slot = ExitStack()
-            slot.enter_context(auth.admitted(key))  # raises the 429, holding nothing
-            request.release = slot.close
+        admitted = request.context = pipeline.admit(rid, request.path, request.headers)
+        request.release = admitted.release
 
     return admit
 

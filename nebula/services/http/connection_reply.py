@@ -72,6 +72,25 @@ class ConnectionReply:
             piece, self._pending = self._pending + piece, b""
         await self._conn.send(piece)
 
+    @property
+    def will_chunk(self) -> bool:
+        """Whether a streamed body goes out chunked (to an HTTP/1.1 client), so that an engine's chunked body
+        can be forwarded as it came (write_chunked, end_chunked)."""
+        return self._http11
+
+    async def write_chunked(self, framed: bytes) -> None:
+        """Bytes already in chunked framing (an engine's, checked by the parser), forwarded as they are."""
+        if self._pending:
+            framed, self._pending = self._pending + framed, b""
+        await self._conn.send(framed)
+
+    async def end_chunked(self) -> None:
+        """The body is complete and its last chunk went through write_chunked."""
+        self.done = True
+        if self._pending:
+            piece, self._pending = self._pending, b""
+            await self._conn.send(piece)
+
     async def end(self) -> None:
         piece = self._pending + (b"0\r\n\r\n" if self._chunked else b"")
         self._pending = b""

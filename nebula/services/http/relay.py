@@ -10,8 +10,10 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
+from nebula.services.http.connection_reply import ConnectionReply
 from nebula.services.http.errors import ApiError
 from nebula.services.http.reply import Reply
 
@@ -94,13 +96,22 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
     in between has cost the client nothing yet, so that is UpstreamBroke (another replica is tried) or,
     past upstream_timeout_s, a 504. An upstream failure later aborts the client connection rather than
     ending the response cleanly, so the client sees a truncated response as an error, not a complete one.
+
+    A chunked body to a client that takes chunked (the data-plane server's HTTP/1.1 clients) is forwarded as
+    it came: each read off the engine's socket is one write to the client, framing and all, and the parser
+    only checks it and finds its end.
     """
     headers = [(k, v) for k, v in upstream.headers if k.lower() not in _SKIP_RESPONSE]
     length = upstream.content_length
     if length is not None and length <= WHOLE_BODY_MAX:
         await _relay_whole(reply, upstream, headers, stats)
         return
-    chunk = await _before_the_client_saw_anything(upstream.read_chunk())
+    forwarding = False
+    read_already = b""
+    if upstream.chunked and isinstance(reply, ConnectionReply) and reply.will_chunk:
+        read_already, forwarding = upstream.passthrough()
+    chunk = read_already or await _before_the_client_saw_anything(upstream.read_chunk())
+    framed = forwarding and not read_already  # the piece in hand is the engine's bytes, framing and all
     await reply.start(upstream.status, upstream.reason, headers)
     while chunk:
         if stats is not None:
@@ -110,16 +121,22 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
             stats.last_chunk_at = now
             stats.events += chunk.count(b"data:")
         try:
-            await reply.write(chunk)
+            if framed:
+                await cast(ConnectionReply, reply).write_chunked(chunk)
+            else:
+                await reply.write(chunk)
         except ConnectionResetError:
             return  # the client went away; leaving the block releases the upstream connection
         try:
-            chunk = await upstream.read_chunk()
+            chunk, framed = await upstream.read_chunk(), forwarding
         except (TimeoutError, UpstreamError) as e:
             log.warning("upstream broke mid-response: %r", e)
             reply.abort()
             return
-    await reply.end()
+    if forwarding:
+        await cast(ConnectionReply, reply).end_chunked()
+    else:
+        await reply.end()
     if stats is not None:
         stats.complete = True
 
