@@ -24,7 +24,8 @@ from nebula.errors import ValidationError
 from nebula.services.http.admission import ConnectionLimits
 from nebula.services.http.connection_reply import ConnectionReply
 from nebula.services.http.errors import ApiError
-from nebula.services.http.fastserver import FastRequest, FastServer, Route
+from nebula.services.http.fastrequest import FastRequest, Route
+from nebula.services.http.fastserver import FastServer
 from nebula.services.http.site import FastSite
 
 MAX_BODY = 1024

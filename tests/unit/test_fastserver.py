@@ -14,7 +14,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import pytest
 
-from nebula.services.http.fastserver import FastConnection
+from nebula.services.http.fastconnection import FastConnection
 from tests.harness.fastserver import (
     BIG,
     CONTINUE,

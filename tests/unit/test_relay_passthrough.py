@@ -16,7 +16,7 @@ from aiohttp import web
 
 from nebula.adapters.upstream_http import UpstreamPool
 from nebula.services.http.connection_reply import ConnectionReply
-from nebula.services.http.fastserver import FastRequest, Route
+from nebula.services.http.fastrequest import FastRequest, Route
 from nebula.services.http.relay import RelayStats, relay
 from nebula.services.http.site import FastSite
 from tests.harness.fastserver import post

@@ -27,7 +27,7 @@ from nebula.services.gateway.forward import forward
 from nebula.services.gateway.openai_api import CLIENT_CLOSED, Call
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.http.errors import ApiError, unavailable
-from nebula.services.http.fastserver import BodyLimit
+from nebula.services.http.fastrequest import BodyLimit
 from nebula.services.http.relay import forward_headers
 from nebula.services.http.reply import AiohttpReply, Reply
 

@@ -21,7 +21,7 @@ from nebula.services.gateway.state import GatewayState
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint
 from nebula.services.http.admission import ConnectionLimits, derived_max_connections
 from nebula.services.http.connection_reply import ConnectionReply
-from nebula.services.http.fastserver import Admit, FastRequest, Route, Router
+from nebula.services.http.fastrequest import Admit, FastRequest, Route, Router
 from nebula.services.http.reply import send_json
 
 _MODELS = "/v1/models"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from nebula.services.http.errors import ApiError
 
 if TYPE_CHECKING:
-    from nebula.services.http.fastserver import FastConnection
+    from nebula.services.http.fastconnection import FastConnection
 
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 

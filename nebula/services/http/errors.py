@@ -93,6 +93,18 @@ def unavailable(message: str, retry_after_s: int = 1, code: str = "service_unava
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
+_REFUSAL_CODES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large",
+                  431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+
+
+def refusal(status: int, message: str, path: str = "") -> ApiError:
+    """The answer to a request the server will not read (a malformed or oversized head, a body too slow or
+    too large, the connection cap), in the shape of `path`'s clients when its head was read."""
+    if status == 503:
+        return unavailable(message, code="too_many_connections").for_path(path)
+    return ApiError(status, message, code=_REFUSAL_CODES.get(status)).for_path(path)
+
+
 def as_api_error(e: Exception, method: str, path: str) -> ApiError:
     """What a request for `path` that raised `e` is answered, in the path's shape: ApiError as is, invalid
     input 400, an unreachable store 503; anything else is a bug, logged with its traceback and answered 500

@@ -10,7 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from nebula.services.http.admission import ConnectionEvents, ConnectionLimits
-from nebula.services.http.fastserver import KEEPALIVE_S, Admit, BodyLimit, FastServer, Router
+from nebula.services.http.fastrequest import Admit, BodyLimit, Router
+from nebula.services.http.fastserver import KEEPALIVE_S, FastServer
 
 
 class FastSite(web.BaseSite):
