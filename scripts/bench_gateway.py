@@ -10,12 +10,17 @@ One run on loopback starts, each in its own process:
     instance. With --nebula-src pointing at a tree that still has the separate router (the two-hop design),
     `nebula router run` is started too and its CPU counts, so the two designs can be compared on one box;
   - a load generator per measurement (fixed concurrency, a warm-up then a measured window of seconds).
-Each scenario runs against direct-to-engine, the proxy and Nebula, interleaved so that noise from other
-work on the box hits all three alike. CPU per request is read from /proc/<pid>/stat (utime+stime) of the
-processes a request crosses (the gateway, plus the router in a two-hop tree; the proxy), engine and load
-generator excluded.
+  - two external baselines (issue 18; scripts/bench_baselines.py): vllm-router, the Rust router the vLLM
+    project ships (pip package vllm-router, in a venv of its own), and Debian's nginx, each in front of the
+    same engine, each with one worker thread/process as the gateway and the proxy have. One not installed
+    is skipped, and the tables say why and how to install it.
+Each scenario runs against direct-to-engine, the proxy, Nebula and the baselines, interleaved so that noise
+from other work on the box hits all of them alike. CPU per request (and per streamed token) is read from
+/proc/<pid>/stat (utime+stime, all threads, live child processes included) of the processes a request
+crosses (the gateway, plus the router in a two-hop tree; the proxy; vllm-router's process; nginx's master
+and worker), engine and load generator excluded, and given as a ratio to vllm-router's.
 
-    .venv/bin/python scripts/bench_gateway.py                 # all scenarios, ~2 minutes on 2 cores
+    .venv/bin/python scripts/bench_gateway.py                 # all scenarios, ~3 minutes on 2 cores
     .venv/bin/python scripts/bench_gateway.py --scale 0.5     # shorter measurements
     .venv/bin/python scripts/bench_gateway.py --profile DIR   # the gateway under cProfile -> DIR/*.pstats
     .venv/bin/python scripts/bench_gateway.py --profile DIR --py-spy /tmp/pyspy/bin/py-spy   # sampled, per hop
@@ -23,6 +28,8 @@ generator excluded.
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
     .venv/bin/python scripts/bench_gateway.py --gateway-event-loop uvloop --uvloop-proxy   # both on uvloop too
+    .venv/bin/python scripts/bench_gateway.py --vllm-router /opt/vr/bin/vllm-router --nginx /usr/sbin/nginx
+    .venv/bin/python scripts/bench_gateway.py --baselines ''          # without vllm-router and nginx
 
 The engine's timing travels in the request body (`bench_ttft_ms`, `bench_tpot_ms`, `max_tokens`): Nebula
 forwards unknown fields unchanged, so one engine process serves every scenario.
@@ -54,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+import bench_baselines  # scripts/bench_baselines.py: this file's directory is sys.path[0]
 from aiohttp import web
 
 # The repository root, so `import nebula` works however the script is started; BENCH_NEBULA_SRC (set by
@@ -582,7 +590,9 @@ class Stack:
     proxy_url: str
     gateway_url: str
     pids: dict[str, dict[str, int]]  # target -> {process name: pid} whose CPU counts
-    extra_url: dict[str, str] = field(default_factory=dict)  # optional targets (--uvloop-proxy)
+    extra_url: dict[str, str] = field(default_factory=dict)  # optional targets (--uvloop-proxy, baselines)
+    labels: dict[str, str] = field(default_factory=dict)  # baseline -> what ran, e.g. "nginx 1.22.1, ..."
+    skipped: dict[str, str] = field(default_factory=dict)  # baseline -> why it was not measured
 
 
 def two_hop_config(ports: dict[str, int]) -> str:
@@ -667,6 +677,67 @@ level = "info"
     return stack
 
 
+# The external baselines (scripts/bench_baselines.py), in the order they run and are shown; CPU ratios are
+# given against the first.
+BASELINES = ("vllm_router", "nginx")
+
+
+def baselines_of(option: str) -> list[str]:
+    """--baselines' names (vllm-router or vllm_router, nginx), in BASELINES' order."""
+    names = {b.strip().replace("-", "_") for b in option.split(",") if b.strip()}
+    if names - set(BASELINES):
+        raise SystemExit(f"--baselines: unknown {', '.join(sorted(names - set(BASELINES)))} "
+                         f"(known: vllm-router, nginx)")
+    return [b for b in BASELINES if b in names]
+
+
+def start_baselines(procs: Processes, stack: Stack, workdir: Path, args: argparse.Namespace) -> None:
+    """Start the baselines --baselines asks for in front of the stack's engine, and add them to `stack`
+    as targets; one not installed, or not answering, goes to `stack.skipped` with the reason instead."""
+    for name in baselines_of(args.baselines):
+        if name == "vllm_router":
+            path, why = bench_baselines.find_vllm_router(args.vllm_router)
+            if path is not None:
+                start_baseline(procs, stack, bench_baselines.vllm_router(
+                    path, HOST, free_port(), stack.engine_url, free_port(), args.vllm_router_threads))
+        else:
+            path, why = bench_baselines.find_nginx(args.nginx)
+            if path is not None:
+                start_baseline(procs, stack, bench_baselines.nginx(
+                    path, workdir / "nginx", HOST, free_port(), stack.engine_url.removeprefix("http://")))
+        if path is None:
+            stack.skipped[name] = why
+        if name in stack.skipped:
+            print(f"{name} skipped: {stack.skipped[name]}", flush=True)
+
+
+def start_baseline(procs: Processes, stack: Stack, baseline: bench_baselines.Baseline) -> None:
+    proc = procs.start(baseline.name, baseline.argv, env=baseline.env)
+    url = f"http://{HOST}:{baseline.port}"
+    probe = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    try:
+        # Ready once a request crosses it to the engine (vllm-router first waits for the engine's /health).
+        wait_until(lambda: http_ok(url + PATH, probe, {"Content-Type": "application/json"}), 60,
+                   f"a request through {baseline.label}", procs, baseline.name)
+    except RuntimeError as e:
+        procs.stop(baseline.name)
+        stack.skipped[baseline.name] = (f"{baseline.label} did not come up: {str(e).splitlines()[0]} "
+                                        f"(log: {procs.workdir / baseline.name}.log)")
+        return
+    stack.extra_url[baseline.name] = url
+    stack.pids[baseline.name] = {baseline.name: proc.pid}
+    stack.labels[baseline.name] = f"{baseline.label}, {baseline.how}"
+
+
+def describe_baselines(stack: Stack) -> str:
+    """What each baseline is and what its CPU figure covers (processes, threads), as /proc shows them now."""
+    parts = []
+    for name, label in stack.labels.items():
+        nproc, nthreads = bench_baselines.process_tree(stack.pids[name][name])
+        parts.append(f"{name} = {label} ({nproc} process{'es' if nproc != 1 else ''}, {nthreads} threads)")
+    return "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -710,7 +781,7 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
     name = f"loadgen-{sc.name}-{target}"
     proc = procs.start(name, argv, stdout=subprocess.PIPE)
     spies: list[str] = []
-    if py_spy is not None:
+    if py_spy is not None and target not in BASELINES:
         # Sampling profiles of the processes the request crosses, over the warm-up and the window. The
         # sampler costs CPU on a small box: figures of a profiled run are not for comparison.
         for pname, pid in stack.pids[target].items():
@@ -747,6 +818,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "ttft_p50": pct(raw["ttft_ms"], 50), "ttft_p99": pct(raw["ttft_ms"], 99),
             "total_p50": pct(raw["total_ms"], 50), "total_p99": pct(raw["total_ms"], 99),
             "cpu_ms_req": sum(cpu.values()) * 1000 / ok if ok else float("nan"),
+            # Per token the engine sent (for a streamed answer, per SSE event relayed).
+            "cpu_us_tok": sum(cpu.values()) * 1e6 / raw["tokens"] if raw["tokens"] else float("nan"),
             "cpu_ms_req_by": {k: v * 1000 / ok for k, v in cpu.items()} if ok else {},
             "engine_cpu_ms_req": raw["cpu_s"].get("engine", 0.0) * 1000 / ok if ok else float("nan")}
 
@@ -755,21 +828,32 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]]) -> dict[str, float]:
+# Whose CPU is given as a ratio to vllm-router's, in the per-scenario tables and the summary.
+RELATIVE = ("nebula", "proxy", "nginx", "proxy_uvloop")
+
+
+def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[str, str] | None = None
+                   ) -> dict[str, float]:
     d, p, n = res["direct"], res["proxy"], res["nebula"]
+    vr = res.get("vllm_router")
     timing = f"TTFT {sc.ttft_ms:g} ms, {sc.tpot_ms:g} ms/token" if sc.ttft_ms or sc.tpot_ms else "no delays"
     print(f"\n== {sc.name}: {'stream' if sc.stream else 'non-stream'}, {sc.tokens} tokens, {timing}, "
           f"concurrency {sc.concurrency} ==")
     print(f"{'target':<13}{'ok':>7}{'err':>5}{'req/s':>9}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}"
-          f"{'+p50':>8}{'+p99':>8}{'CPU ms/req':>12}  by process")
+          f"{'+p50':>8}{'+p99':>8}{'CPU ms/req':>12}{'CPU us/tok':>12}{'/vllm-router':>14}  by process")
     for target, r in res.items():
         by = " ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_req_by"].items())
         cpu = f"{r['cpu_ms_req']:.3f}" if target != "direct" else "-"
+        # Per streamed token only: a non-streamed answer's tokens are one body, whatever their count.
+        tok = f"{r['cpu_us_tok']:.2f}" if sc.stream and target != "direct" else "-"
+        rel = f"{ratio(r['cpu_ms_req'], vr['cpu_ms_req']):.2f}x" if vr and target != "direct" else "-"
         print(f"{target:<13}{r['ok']:>7}{r['errors']:>5}{r['rps']:>9.1f}{r['tok_s']:>9.0f}{r['ttft_p50']:>10.2f}"
               f"{r['ttft_p99']:>8.2f}{r['ttft_p50'] - d['ttft_p50']:>8.2f}{r['ttft_p99'] - d['ttft_p99']:>8.2f}"
-              f"{cpu:>12}  {by}")
+              f"{cpu:>12}{tok:>12}{rel:>14}  {by}")
         if r["first_error"]:
             print(f"              first error: {r['first_error'][:200]}")
+    for target, why in (skipped or {}).items():
+        print(f"{target:<13}skipped: {why}")
     ratios = {"cpu_nebula_over_proxy": ratio(n["cpu_ms_req"], p["cpu_ms_req"]),
               "tok_s_nebula_over_direct": ratio(n["tok_s"], d["tok_s"]),
               "tok_s_proxy_over_direct": ratio(p["tok_s"], d["tok_s"]),
@@ -777,13 +861,56 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]]) -> dict[str, fl
               "added_ttft_p99_proxy_ms": p["ttft_p99"] - d["ttft_p99"]}
     if "proxy_uvloop" in res:
         ratios["cpu_proxy_uvloop_over_proxy"] = ratio(res["proxy_uvloop"]["cpu_ms_req"], p["cpu_ms_req"])
+    for target in BASELINES:
+        if target in res:
+            ratios[f"added_ttft_p99_{target}_ms"] = res[target]["ttft_p99"] - d["ttft_p99"]
+    relative = [t for t in RELATIVE if t in res] if vr is not None else []
+    for target in relative:
+        # Per request, and for a streamed answer per token: the two differ only if the targets' requests
+        # carried different token counts (each request here streams the same number).
+        ratios[f"cpu_{target}_over_vllm_router"] = ratio(res[target]["cpu_ms_req"], res["vllm_router"]["cpu_ms_req"])
+        if sc.stream:
+            ratios[f"cpu_tok_{target}_over_vllm_router"] = ratio(res[target]["cpu_us_tok"],
+                                                                 res["vllm_router"]["cpu_us_tok"])
     print(f"ratios: CPU/req nebula/proxy {ratios['cpu_nebula_over_proxy']:.2f}x | tokens/s nebula/direct "
           f"{ratios['tok_s_nebula_over_direct']:.3f}x (proxy/direct {ratios['tok_s_proxy_over_direct']:.3f}x) | "
           f"added p99 TTFT nebula {ratios['added_ttft_p99_nebula_ms']:+.2f} ms "
-          f"(proxy {ratios['added_ttft_p99_proxy_ms']:+.2f} ms)"
+          f"(proxy {ratios['added_ttft_p99_proxy_ms']:+.2f} ms"
+          + "".join(f", {t} {ratios[f'added_ttft_p99_{t}_ms']:+.2f} ms" for t in BASELINES if t in res) + ")"
           + (f" | CPU/req proxy_uvloop/proxy {ratios['cpu_proxy_uvloop_over_proxy']:.2f}x"
-             if "cpu_proxy_uvloop_over_proxy" in ratios else ""))
+             if "cpu_proxy_uvloop_over_proxy" in ratios else "")
+          + (" | CPU/req over vllm-router: "
+             + ", ".join(f"{t} {ratios[f'cpu_{t}_over_vllm_router']:.2f}x" for t in relative) if relative else ""))
     return ratios
+
+
+def print_relative(chosen: Sequence[Scenario], results: dict[str, dict[str, dict[str, Any]]],
+                   stack: Stack) -> None:
+    """The issue-18 summary: per scenario, vllm-router's CPU per request (and per streamed token) and each
+    other hop's as value (ratio to vllm-router's); with vllm-router skipped, the values alone."""
+    cols = [t for t in RELATIVE if any(t in r for r in results.values()) or t in stack.skipped]
+    print("\n== CPU per request and per streamed token, relative to vllm-router (issue 18) ==")
+    print(f"{'scenario':<24}{'unit':<12}{'vllm-router':>12}" + "".join(f"{t:>20}" for t in cols))
+    for sc in chosen:
+        res = results.get(sc.name)
+        if not res:
+            continue
+        units = [("ms/request", "cpu_ms_req")] + ([("us/token", "cpu_us_tok")] if sc.stream else [])
+        for unit, key in units:
+            vr = res["vllm_router"][key] if "vllm_router" in res else None
+            cells = []
+            for t in cols:
+                if t not in res:
+                    cells.append("skipped")
+                    continue
+                value = res[t][key]
+                cells.append(f"{value:.3f} ({ratio(value, vr):.2f}x)" if vr is not None else f"{value:.3f} (-)")
+            print(f"{sc.name:<24}{unit:<12}{f'{vr:.3f}' if vr is not None else 'skipped':>12}"
+                  + "".join(f"{c:>20}" for c in cells))
+    for target, label in stack.labels.items():
+        print(f"{target}: {label}")
+    for target, why in stack.skipped.items():
+        print(f"{target} skipped: {why}")
 
 
 @contextlib.contextmanager
@@ -812,20 +939,31 @@ def orchestrate(args: argparse.Namespace) -> int:
             raise SystemExit("--py-spy needs --profile DIR for its output")
         py_spy = (args.py_spy, profile_dir)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
+    baselines_of(args.baselines)  # a misspelt name fails here, before anything starts
     results: dict[str, dict[str, dict[str, Any]]] = {}
     ratios: dict[str, dict[str, float]] = {}
     with terminate_as_exit():
         try:
             stack = start_stack(procs, workdir, profile_dir, Path(args.nebula_src or ROOT).resolve(), bool(py_spy),
                                 args.uvloop_proxy, args.gateway_workers, args.gateway_event_loop)
+            start_baselines(procs, stack, workdir, args)
             print(f"stack up in {time.monotonic() - started:.1f} s (logs in {workdir}); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+            if stack.labels:
+                print(f"baselines: {describe_baselines(stack)}", flush=True)
+            # The baselines right after Nebula, then any other optional target (the uvloop proxy).
+            targets = [*TARGETS, *(t for t in BASELINES if t in stack.extra_url),
+                       *(t for t in stack.extra_url if t not in BASELINES)]
             for sc in chosen:
-                targets = [*TARGETS, *stack.extra_url]
                 res = {t: summarize(run_load(procs, stack, t, sc, args.scale, py_spy)) for t in targets}
                 results[sc.name] = res
-                ratios[sc.name] = print_scenario(sc, res)
+                ratios[sc.name] = print_scenario(sc, res, stack.skipped)
                 sys.stdout.flush()
+            if stack.labels or stack.skipped:
+                print_relative(chosen, results, stack)
+            if stack.labels:
+                # Thread pools may grow under load: what the figures above covered at the end.
+                print(f"at the end: {describe_baselines(stack)}")
         finally:
             procs.stop_all()
             if not args.keep:
@@ -837,7 +975,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
     summary = {"scenarios": {k: {t: {m: v for m, v in r.items() if m != "first_error"} for t, r in res.items()}
                              for k, res in results.items()},
-               "ratios": ratios, "goals": {k: {"value": v, "goal": g, "met": m} for k, (v, g, m) in goals.items()}}
+               "baselines": stack.labels, "skipped": stack.skipped, "ratios": ratios,
+               "goals": {k: {"value": v, "goal": g, "met": m} for k, (v, g, m) in goals.items()}}
     print("JSON " + json.dumps(summary, sort_keys=True))
     return 0
 
@@ -877,6 +1016,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="run the gateway with gateway.workers = N (CPU counts the supervisor and its workers)")
         q.add_argument("--gateway-event-loop", choices=("asyncio", "uvloop"), default="asyncio",
                        help="the gateway's gateway.event_loop (compare with --uvloop-proxy for the proxy's)")
+        q.add_argument("--baselines", default="vllm-router,nginx", metavar="LIST",
+                       help="the external proxies to measure too, comma-separated (default: %(default)s; '' for "
+                       "none); one not installed is skipped with the reason")
+        q.add_argument("--vllm-router", default="", metavar="PATH",
+                       help="the vllm-router launcher, or a venv holding it (default: "
+                       f"{bench_baselines.VLLM_ROUTER_VENV}/bin/vllm-router, else vllm-router on PATH); to install "
+                       f"it: {bench_baselines.VLLM_ROUTER_INSTALL}")
+        q.add_argument("--vllm-router-threads", type=int, default=1, metavar="N",
+                       help="vllm-router's tokio worker threads (TOKIO_WORKER_THREADS; default 1, as the gateway and "
+                       "the proxy have one event loop and nginx one worker)")
+        q.add_argument("--nginx", default="", metavar="PATH",
+                       help="the nginx binary (default: nginx on PATH or /usr/sbin/nginx; to install it: "
+                       f"{bench_baselines.NGINX_INSTALL})")
         q.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")
         q.add_argument("--nebula-src", default="", metavar="DIR",
                        help="run Nebula's services from this tree (default: this checkout), e.g. "
