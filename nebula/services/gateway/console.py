@@ -161,6 +161,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 def routes() -> list[web.RouteDef]:
     from nebula.services.gateway.console_feed import events
+    from nebula.services.gateway.console_logs import model_logs
     return [
         web.get(CONSOLE_PREFIX, _index),
         web.get(CONSOLE_PREFIX + "/", _index),
@@ -169,5 +170,6 @@ def routes() -> list[web.RouteDef]:
         web.post(CONSOLE_PREFIX + "/logout", _logout),
         web.get(CONSOLE_PREFIX + "/api/session", _session),
         web.get(CONSOLE_PREFIX + "/api/events", events),
+        web.get(CONSOLE_PREFIX + "/api/models/{name}/logs", model_logs),
         web.post(CONSOLE_PREFIX + "/api/chat", _chat),
     ]
