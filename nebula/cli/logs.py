@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nebula.cli.client import EXIT_NOT_FOUND, EXIT_USAGE, CliError
 from nebula.core.config import NebulaConfig
+from nebula.core.engine_logs import engine_units, is_model_instance
 
 SERVICES = ("gateway", "scheduler", "node")
 REMOTE_DIR = "/var/log/journal/remote"
@@ -44,8 +45,7 @@ def journal_units(target: str) -> list[str]:
         return [target]
     if ":" in target:
         return [f"nebula-engine@{target}.service"]
-    # replica 0 is nebula-engine@<model>, the others nebula-engine@<model>:<n>
-    return [f"nebula-engine@{target}.service", f"nebula-engine@{target}:*.service"]
+    return engine_units(target)  # what the console's log tail reads too (core/engine_logs.py)
 
 
 def journal_since(since: str) -> str:
@@ -108,4 +108,4 @@ def log_files(svc_dir: Path, engine_dir: Path, target: str) -> list[Path]:
         return sorted(svc_dir.glob("*.log")) + sorted(engine_dir.glob("*.log"))
     if ":" in target:
         return [p for p in [engine_dir / f"{target}.log"] if p.exists()]
-    return sorted(p for p in engine_dir.glob("*.log") if p.stem == target or p.stem.startswith(target + ":"))
+    return sorted(p for p in engine_dir.glob("*.log") if is_model_instance(p.stem, target))

@@ -18,6 +18,7 @@ WAKE = ROOT + "wake/"
 ROLLOUTS = ROOT + "rollouts/"
 ROLLOUT_STATUS = ROOT + "status/rollouts/"
 DRAINS = ROOT + "drains/"
+LOG_ACCESS = ROOT + "log-access/"
 
 
 def model_key(name: str) -> str:
@@ -126,3 +127,9 @@ def drain_key(node: str) -> str:
     """A node being drained (DrainRecord): nothing new is placed there and its replicas move away; written and
     deleted by the gateway's admin API."""
     return DRAINS + node
+
+
+def log_access_key(node: str) -> str:
+    """Where a node agent serves its engines' logs and the token it asks for (core/engine_logs.py LogAccess);
+    written by that node's agent under a lease of its own. Read only by gateways: no listing shows it."""
+    return LOG_ACCESS + node

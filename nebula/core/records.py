@@ -18,6 +18,7 @@ from nebula.core import keys
 from nebula.core.apikeys import KeyRecord
 from nebula.core.discovery import ServiceRecord
 from nebula.core.elastic import LoadReport, ScaleState, WakeRequest
+from nebula.core.engine_logs import LogAccess
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import InstanceStatus, ModelSpec, NodeRecord, Placement, loads
 from nebula.core.pulls import PullIntent, PullStatus
@@ -93,7 +94,9 @@ ROLLOUT_STATUS: RecordKind[RolloutStatus] = RecordKind("rollout status", keys.RO
                                                        lambda s: keys.rollout_status_key(s.model))
 DRAINS: RecordKind[DrainRecord] = RecordKind("drain record", keys.DRAINS, DrainRecord.from_dict,
                                              lambda d: keys.drain_key(d.node))
+LOG_ACCESS: RecordKind[LogAccess] = RecordKind("log access record", keys.LOG_ACCESS, LogAccess.from_dict,
+                                               lambda a: keys.log_access_key(a.node))
 
 ALL: tuple[RecordKind[object], ...] = (MODELS, NODES, PLACEMENTS, INSTANCES, APIKEYS, PULLS,  # type: ignore[assignment]
                                        PULL_STATUS, MODEL_STATUS, SERVICES, ADAPTERS, SCALE, LOAD, WAKE, ROLLOUTS,
-                                       ROLLOUT_STATUS, DRAINS)
+                                       ROLLOUT_STATUS, DRAINS, LOG_ACCESS)

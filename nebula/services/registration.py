@@ -35,12 +35,19 @@ def service_record(cfg: NebulaConfig, kind: ServiceKind, node: str) -> ServiceRe
 async def keep_registered(store: Store, record: ServiceRecord, ttl_s: int, *,
                           sleep: Sleep = asyncio.sleep) -> NoReturn:
     """Hold `record` in the store until cancelled, then remove it (best effort: a crash leaves it to the TTL)."""
-    key = keys.service_key(record.service.value, record.node, record.address)
-    value = dumps(record.to_dict())
+    await keep_record(store, keys.service_key(record.service.value, record.node, record.address),
+                      dumps(record.to_dict()), ttl_s, f"{record.service.value} metrics at {record.address}",
+                      sleep=sleep)
+
+
+async def keep_record(store: Store, key: str, value: bytes, ttl_s: int, what: str, *,
+                      sleep: Sleep = asyncio.sleep) -> NoReturn:
+    """Hold `value` at `key` under a lease of its own until cancelled, then remove it; `what` names it in the
+    log (never the value: a record may hold a secret)."""
 
     async def write(lease: int) -> None:
         await store.put(key, value, lease=lease)
-        log.info("registered %s metrics at %s", record.service.value, record.address)
+        log.info("registered %s", what)
 
     keeper = LeaseKeeper(store, ttl_s, write, sleep=sleep)
     try:

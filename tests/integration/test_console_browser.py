@@ -1,9 +1,9 @@
 """The web console in a real headless Chromium (Debian's, through its chromedriver) against the shared API
 cluster (real etcd, real vLLM CPU engines): sign in (a wrong key is refused), see `chat` ready, load a
-second model and watch its phases to ready, chat with it in the playground and see tokens stream, scale
-it to 2 and back, update its engine arguments (a rolling replace), unload it, drain the only node (refused,
-the forced drain offered), pull a hub model (a path refused) and cancel it, create and revoke a key, and a
-state change without the CSRF token refused.
+second model and watch its phases to ready and its engine's log lines live, chat with it in the playground and
+see tokens stream, scale it to 2 and back, update its engine arguments (a rolling replace), unload it, drain
+the only node (refused, the forced drain offered), pull a hub model (a path refused) and cancel it, create and
+revoke a key, and a state change without the CSRF token refused.
 
 Screenshots of each page go to $NEBULA_TEST_ARTEFACTS (or a temporary directory), printed at the end.
 The cluster is left as found: the second model unloaded, and the keys this test made removed from etcd
@@ -225,6 +225,13 @@ def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[st
     # The replica says how it got there (the agent's phase history): "starting 41 s → ready".
     path = _until("the phase history", lambda: page.el(f'tr[data-instance^="{MODEL}"] .phase-history').text, 10)
     assert re.fullmatch(r"(\w+ \d+ (s|min) → )+ready", path) and "starting" in path, path
+    # Its engine's log, live from the node's agent (the lines `nebula logs` shows), tagged with node and replica.
+    line = _until("an engine log line", lambda: next((e.text for e in page.d.find_elements(
+        By.CSS_SELECTOR, "#model-logs li.log:not(.banner-line)") if e.text.strip()), None), 30)
+    assert MODEL in line, line
+    banners = [e.text for e in page.d.find_elements(By.CSS_SELECTOR, "#model-logs li.banner-line")]
+    assert not banners, banners
+    page.shot("model-logs")
 
     # --- chat with it, streamed ---------------------------------------------------------------------------
     page.go("#/playground")

@@ -85,7 +85,8 @@ async def test_the_page_and_its_files_carry_a_strict_policy_and_nothing_inline(c
         assert resp.status == 200 and resp.headers["Content-Security-Policy"] == cs.CSP
         assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Cache-Control"] == "no-store"
     assert not re.search(r"<script(?![^>]*\bsrc=)", page) and "style=" not in page and "<style" not in page
-    for name in ("app.js", "api.js", "ui.js", "fleet.js", "forms.js", "actions.js", "playground.js", "console.css"):
+    for name in ("app.js", "api.js", "ui.js", "fleet.js", "forms.js", "actions.js", "playground.js", "logs.js",
+                 "console.css"):
         async with console.http.get(console.url(f"/ui/static/{name}")) as resp:
             assert resp.status == 200 and resp.headers["X-Content-Type-Options"] == "nosniff"
             text = await resp.text()

@@ -13,6 +13,7 @@ from nebula.core import keys, records
 from nebula.core.apikeys import KeyRecord, KeyScope
 from nebula.core.discovery import ServiceKind, ServiceRecord
 from nebula.core.elastic import IdleAction, LoadReport, ModelLoad, ScaleState, ScalingPolicy, WakeRequest
+from nebula.core.engine_logs import LogAccess
 from nebula.core.lora import AdapterSpec
 from nebula.core.model import Gpu, InstanceStatus, ModelSpec, NodeRecord, Phase, Placement, dumps
 from nebula.core.pulls import PullIntent, PullPhase, PullStatus
@@ -56,6 +57,7 @@ VALID: dict[str, tuple[RecordKind[Any], Any]] = {
                                                              surge_since=8.0, since=7.0, updated=9.0)),
     "drain": (records.DRAINS, DrainRecord(node="node-a", since=10.0, by="ops", force=True)),
     "service": (records.SERVICES, ServiceRecord(service=ServiceKind.GATEWAY, node="node-a", address="127.0.0.1:8000")),
+    "log-access": (records.LOG_ACCESS, LogAccess(node="node-a", address="10.0.0.1:9400", token="t" * 43)),
 }
 
 json_values = st.recursive(

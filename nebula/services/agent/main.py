@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from nebula import __version__
+from nebula.adapters.engine_log_sources import FileLogSource, JournalLogSource
 from nebula.adapters.engine_lora import EngineLoraClient
 from nebula.adapters.engine_runtimes import installed_runtimes
 from nebula.adapters.engine_sleep import EngineSleepClient
@@ -22,17 +24,19 @@ from nebula.adapters.systemd import SystemdEngineUnits, system_bus_address, syst
 from nebula.adapters.watching import LeaseKeeper
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
-from nebula.core.discovery import ServiceKind
+from nebula.core.discovery import ServiceKind, advertised_address
+from nebula.core.engine_logs import EngineLogSource, LogAccess
 from nebula.core.gpu_release import ReleaseTracker
-from nebula.core.model import NodeRecord
+from nebula.core.model import NodeRecord, dumps
 from nebula.core.units import EngineUnits
+from nebula.services.agent import logs_api
 from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.drain import EngineDrain, engine_busy
 from nebula.services.agent.gpus import GpuCollector, GpuSampler, engine_view, gpu_record
 from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
-from nebula.services.registration import keep_registered, service_record
+from nebula.services.registration import keep_record, keep_registered, service_record
 from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
 
 log = logging.getLogger("nebula.agent")
@@ -59,6 +63,19 @@ def process_units(cfg: NebulaConfig, env: Mapping[str, str]) -> ProcessEngineUni
     return ProcessEngineUnits([sys.executable, "-m", "nebula"], Path(cfg.node.run_dir),
                               Path(cfg.node.state_dir) / "logs", env, user=user,
                               home=Path(cfg.node.state_dir) / "engine-home")
+
+
+def log_source(cfg: NebulaConfig, units: EngineUnits) -> EngineLogSource:
+    """Where `nebula logs` reads engine logs on this node: the journal under systemd, else the agent's files."""
+    if isinstance(units, ProcessEngineUnits):
+        return FileLogSource(Path(cfg.node.state_dir) / "logs")
+    return JournalLogSource()
+
+
+def log_access(cfg: NebulaConfig, node: str) -> LogAccess:
+    """This start's log credential (core/engine_logs.py): random, in this process and etcd only."""
+    return LogAccess(node=node, address=advertised_address(cfg.node.host, cfg.node.port, cfg.node.address),
+                     token=secrets.token_urlsafe(32))
 
 
 def node_record(cfg: NebulaConfig, readings: tuple[GpuReading, ...], outside_mib: Mapping[int, int]
@@ -90,7 +107,9 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
         keeper = LeaseKeeper(svc.store, cfg.cluster.lease_ttl_s, agent.on_new_lease)
         await agent.on_new_lease(await keeper.start())
         app = web.Application()
-        app.add_routes([metrics_route(svc.registry)])
+        access = log_access(cfg, node.name)
+        app[logs_api.ENGINE_LOGS] = logs_api.EngineLogs(log_source(cfg, units), access.token)
+        app.add_routes([metrics_route(svc.registry), *logs_api.routes()])
         log.info("node agent %s up (engines via %s)", node.name, type(units).__name__,
                  extra={"NEBULA_NODE": node.name})
         metrics = MirrorMetrics(svc.registry)
@@ -108,6 +127,8 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
             *([asyncio.create_task(gpus.run(cfg.node.gpu_sample_s), name="gpus")] if cfg.node.gpu_sample_s > 0 else []),
             asyncio.create_task(keep_registered(svc.store, service_record(cfg, ServiceKind.NODE, node.name),
                                                 cfg.cluster.lease_ttl_s), name="registration"),
+            asyncio.create_task(keep_record(svc.store, keys.log_access_key(node.name), dumps(access.to_dict()),
+                                            cfg.cluster.lease_ttl_s, "engine log access"), name="log-access"),
             asyncio.create_task(serve_until_cancelled(app, cfg.node.host, cfg.node.port, svc.notifier,
                                                       f"node agent {node.name}",
                                                       agent.status_line, healthy=mirrors.live), name="http"),

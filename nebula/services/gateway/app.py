@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.agent_logs import agent_tail
 from nebula.adapters.engine_metrics import fetch_metrics_text
 from nebula.adapters.model_files import read_families
 from nebula.adapters.sdnotify import Notifier
@@ -44,6 +45,7 @@ from nebula.services.gateway import (
     status_api,
 )
 from nebula.services.gateway.auth import Authenticator, read_digest_file
+from nebula.services.gateway.console_logs import CONSOLE_LOGS, ConsoleLogs
 from nebula.services.gateway.console_session import console_secret
 from nebula.services.gateway.dataplane import RESERVE_PATHS, admit_by_key, connection_limits, dataplane_router
 from nebula.services.gateway.exchange import add_request_id_header
@@ -103,12 +105,15 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
     table = ReplicaTable(load_policy(cfg), loads)
     auth = Authenticator(cfg.admin_key_hashes, cfg.api_key_hashes, clock, limiter)
     mirror_metrics = MirrorMetrics(registry)
+    # The console's log tails: each agent's address and log token (console_logs.py).
+    logs = ConsoleLogs(lambda access, model, backlog: agent_tail(state.http(), access, model, backlog))
     mirrors = MirrorSet([Mirror(store, records.MODELS, mirror_metrics, on_change=view.update_models),
                          Mirror(store, records.INSTANCES, mirror_metrics, on_change=table.update),
                          Mirror(store, records.APIKEYS, mirror_metrics, on_change=auth.update_keys),
                          Mirror(store, records.ADAPTERS, mirror_metrics, on_change=view.update_adapters),
                          Mirror(store, records.WAKE, mirror_metrics, on_change=view.update_wakes),
-                         Mirror(store, records.SCALE, mirror_metrics, on_change=view.update_scale)])
+                         Mirror(store, records.SCALE, mirror_metrics, on_change=view.update_scale),
+                         Mirror(store, records.LOG_ACCESS, mirror_metrics, on_change=logs.update)])
     state = GatewayState(cfg=cfg, store=store, view=view, metrics=GatewayMetrics(registry), auth=auth,
                          table=table, routing=RoutingMetrics(registry, table, clock), clock=clock,
                          upstream=UpstreamPool(cfg.connect_timeout_s), mirrors=mirrors, writes=ClusterWrites(store),
@@ -126,6 +131,7 @@ def build_gateway_app(cfg: GatewayConfig, store: Store, registry: CollectorRegis
                                                 secure=bool(cfg.tls_cert_file), files=console.read_static(),
                                                 gpus=GpuLive(lambda url: fetch_metrics_text(
                                                     state.http(), url, gpu_live.TIMEOUT_S), time.monotonic))
+    app[CONSOLE_LOGS] = logs
     app.on_response_prepare.append(console.add_security_headers)
     app[catalog_api.CATALOG] = catalog if catalog is not None else Catalog()
     registry.register(ModelCollector(view, table))

@@ -63,7 +63,7 @@ def _api_error(e: cs.SessionError) -> ApiError:
 
 
 def session_auth() -> SessionAuth:
-    """For auth_middleware: the admin key behind a request's console cookie."""
+    """For the request pipeline: the admin key behind a request's console cookie."""
 
     def check(request: web.Request, cookie: str) -> KeyRecord | None:
         con, auth = request.app[CONSOLE], request.app[GATEWAY].auth
@@ -161,6 +161,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 def routes() -> list[web.RouteDef]:
     from nebula.services.gateway.console_feed import events
+    from nebula.services.gateway.console_logs import model_logs
     return [
         web.get(CONSOLE_PREFIX, _index),
         web.get(CONSOLE_PREFIX + "/", _index),
@@ -169,5 +170,6 @@ def routes() -> list[web.RouteDef]:
         web.post(CONSOLE_PREFIX + "/logout", _logout),
         web.get(CONSOLE_PREFIX + "/api/session", _session),
         web.get(CONSOLE_PREFIX + "/api/events", events),
+        web.get(CONSOLE_PREFIX + "/api/models/{name}/logs", model_logs),
         web.post(CONSOLE_PREFIX + "/api/chat", _chat),
     ]

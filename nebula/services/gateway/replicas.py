@@ -107,6 +107,10 @@ class ReplicaTable:
         """True when any instance of `model` is recorded (bounds the label values of metrics)."""
         return model in self._models
 
+    def nodes_of(self, model: str) -> frozenset[str]:
+        """The nodes an instance of `model` is on, whatever its phase (its engine may be logging why it fails)."""
+        return frozenset(st.node for st in self._statuses.values() if st.model == model and st.node)
+
     def with_adapter(self, adapter: str) -> frozenset[str]:
         """The READY instances whose engines have the LoRA adapter `adapter` loaded."""
         return self._adapters.get(adapter, frozenset())

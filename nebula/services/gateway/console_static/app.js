@@ -17,6 +17,7 @@ function route() {
     else a.removeAttribute("aria-current");
   }
   const main = document.getElementById("main");
+  if (current && current.view.close) current.view.close(); // e.g. the model page's log stream
   const view = pages[page](decodeURIComponent(arg || ""), live);
   main.replaceChildren(view.el);
   document.title = `${view.title} · Nebula`;

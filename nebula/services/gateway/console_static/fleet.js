@@ -1,6 +1,7 @@
 // Fleet at a glance, and one model's page (spec, replicas, live charts, scale and unload).
 import { nodeActions, updateForm } from "./actions.js";
 import { del, patch } from "./api.js";
+import { logPanel } from "./logs.js";
 import { ago, field, fill, h, mib, phaseClass, showError, sparkline, table } from "./ui.js";
 
 const replicasWanted = (m) => (m.spec ? m.spec.replicas : 0);
@@ -152,12 +153,13 @@ export function modelPage(name, live) {
   });
   const updating = updateForm(name);
   const rollout = h("p", { id: "model-rollout", class: "muted", "aria-live": "polite" });
+  const logs = logPanel(name);
   const el = h("section", {}, head, h("p", {}, h("a", { href: "#/fleet" }, "← Fleet")), charts,
     h("div", { class: "cols" },
       h("div", {}, h("h2", {}, "Replicas"), rollout, replicas),
       h("div", {}, h("h2", {}, "Actions"), h("div", { class: "card actions" }, scaleForm, updating.el,
         h("div", { class: "unload" }, unloadBtn, confirmBtn, unloadMsg)))),
-    h("h2", {}, "Spec"), h("div", { class: "card" }, spec));
+    logs.el, h("h2", {}, "Spec"), h("div", { class: "card" }, spec));
   let seededReplicas = false;
   const update = ({ fleet, figures }) => {
     const m = fleet && fleet.models.find((x) => x.name === name);
@@ -192,5 +194,5 @@ export function modelPage(name, live) {
         h("dd", {}, typeof v === "object" ? h("code", { class: "json" }, JSON.stringify(v, null, 1)) : String(v))]));
     }
   };
-  return { el, title: name, update };
+  return { el, title: name, update, close: logs.close };
 }
