@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -130,3 +131,65 @@ async def test_a_read_that_breaks_the_framing_is_not_forwarded_and_the_answer_is
         got = await exchange(port, post("/stream", b"{}"))
     assert got.partition(b"\r\n\r\n")[2] == BURSTS[0]  # the good read only, and no end: the client sees a cut
     assert not stats[0].complete
+
+
+def deframed(body: bytes) -> bytes:
+    """The payload of a chunked body (without extensions or trailers)."""
+    out: list[bytes] = []
+    at = 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end].partition(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[line_end + 2 : line_end + 2 + size])
+        at = line_end + 2 + size + 2
+
+
+async def test_a_client_that_reads_slowly_holds_the_engine_back_and_gets_every_byte() -> None:
+    # 64 MiB of events, more than the sockets between engine and client hold (the kernel here lets one
+    # socket's receive buffer grow to 32 MiB; the client's is held at 64 KiB): while the client does not read,
+    # the gateway stops reading the engine (whose writes then wait) instead of buffering the stream.
+    event = b"data: " + b"x" * 8186 + b"\n\n"
+    frame = b"%x\r\n%s\r\n" % (len(event), event)
+    count = 8192
+    engine_done: list[float] = []
+    served = 0
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:  # keep-alive: one answer per request, so the pool can reuse the connection
+                await read_request(reader)
+                served += 1
+                writer.write(HEAD)
+                for _ in range(count):
+                    writer.write(frame)
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                engine_done.append(asyncio.get_running_loop().time())
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    stats: list[RelayStats] = []
+    async with server, gateway_to(endpoint, stats) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # before connect: no autotuning
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)  # which stops reading at 128 KiB unread
+        for _ in range(2):  # the second answer comes over the engine connection the first one paused
+            writer.write(post("/stream", b"{}"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            await asyncio.sleep(0.5)
+            started_reading = asyncio.get_running_loop().time()
+            pieces = [await reader.read(1 << 20)]
+            while not pieces[-1].endswith(b"\r\n0\r\n\r\n"):
+                pieces.append(await reader.read(1 << 20))
+            body = b"".join(pieces)
+            # (What the gateway had read when it switched to passthrough it frames itself: compare payloads.)
+            assert deframed(body) == event * count
+            assert engine_done and engine_done[-1] > started_reading, "the engine was not held back"
+        writer.close()
+    assert served == 2 and all(st.complete and st.events == count for st in stats)

@@ -13,12 +13,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from nebula.adapters.upstream_http import (
-    READ_HIGH,
     UpstreamDisconnected,
     UpstreamPool,
     UpstreamUnreachable,
     _Connection,
 )
+from nebula.adapters.upstream_response import READ_HIGH
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamResponse, UpstreamUnreachable
+from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamUnreachable
+from nebula.adapters.upstream_response import UpstreamResponse
 from nebula.core.routing import Replica
 from nebula.services.gateway.exchange import Exchange
 from nebula.services.gateway.state import GatewayState

@@ -21,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
+from nebula.adapters.upstream_http import UpstreamError
+from nebula.adapters.upstream_response import UpstreamResponse
 from nebula.core.apikeys import KeyRecord
 from nebula.core.model import Task, loads
 from nebula.core.routing import prefix_key

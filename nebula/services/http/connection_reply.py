@@ -84,6 +84,14 @@ class ConnectionReply:
             framed, self._pending = self._pending + framed, b""
         await self._conn.send(framed)
 
+    def forward_chunked(self, framed: bytes) -> bool:
+        """write_chunked from a callback (UpstreamResponse.forward): written at once; False when the client
+        is not reading fast enough, to wait for `drained` before more."""
+        return self._conn.write_now(framed)
+
+    async def drained(self) -> None:
+        await self._conn.drained()
+
     async def end_chunked(self) -> None:
         """The body is complete and its last chunk went through write_chunked."""
         self.done = True

@@ -127,14 +127,19 @@ class FastConnection(asyncio.Protocol):
         if self._lost or self._transport is None:
             raise ConnectionResetError("the client closed the connection")
         self._transport.write(data)
+        await self.drained()
+
+    def write_now(self, data: bytes) -> bool:
+        """Write without waiting; False when the client is not reading fast enough (await drained)."""
+        if not self._lost and self._transport is not None:
+            self._transport.write(data)
+        return self._drain is None
+
+    async def drained(self) -> None:
         if self._drain is not None:
             await self._drain
             if self._lost:
                 raise ConnectionResetError("the client closed the connection")
-
-    def write_now(self, data: bytes) -> None:
-        if not self._lost and self._transport is not None:
-            self._transport.write(data)
 
     def close(self) -> None:
         self.deadline = math.inf  # closing: only a write the client does not read can still hold it up
@@ -338,11 +343,8 @@ class FastConnection(asyncio.Protocol):
             self.abort()  # the answer started: cut short, it must not look whole
             return
         limit = self._server.limits.request_timeout_s
-        await reply.error(
-            ApiError(
-                504, f"the request took longer than {limit:g} s (gateway.request_timeout_s)", code="request_timeout"
-            )
-        )
+        await reply.error(ApiError(504, f"the request took longer than {limit:g} s (gateway.request_timeout_s)",
+                                   code="request_timeout"))
 
     def _answered(self, reply: ConnectionReply) -> None:
         self._expect("", math.inf)

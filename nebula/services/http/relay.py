@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from nebula.adapters.upstream_http import UpstreamError, UpstreamResponse
+from nebula.adapters.upstream_http import UpstreamError
+from nebula.adapters.upstream_response import UpstreamResponse
 from nebula.services.http.connection_reply import ConnectionReply
 from nebula.services.http.errors import ApiError
 from nebula.services.http.reply import Reply
@@ -127,18 +128,50 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
                 await reply.write(chunk)
         except ConnectionResetError:
             return  # the client went away; leaving the block releases the upstream connection
+        if forwarding:
+            break
         try:
-            chunk, framed = await upstream.read_chunk(), forwarding
+            chunk = await upstream.read_chunk()
         except (TimeoutError, UpstreamError) as e:
             log.warning("upstream broke mid-response: %r", e)
             reply.abort()
             return
     if forwarding:
+        if not await _forward_rest(cast(ConnectionReply, reply), upstream, stats):
+            return
         await cast(ConnectionReply, reply).end_chunked()
     else:
         await reply.end()
     if stats is not None:
         stats.complete = True
+
+
+async def _forward_rest(reply: ConnectionReply, upstream: UpstreamResponse, stats: RelayStats | None) -> bool:
+    """The rest of a passthrough body, each read off the engine's socket written to the client from the read's
+    own callback: no task wakes per read, only when the client falls behind or the body ends. False when the
+    relay ended early (the client left, the engine broke)."""
+    if stats is None:
+        upstream.forward(reply.forward_chunked)
+    else:
+        counts = stats
+
+        def counted(data: bytes) -> bool:
+            counts.last_chunk_at = time.monotonic()
+            counts.events += data.count(b"data:")
+            return reply.forward_chunked(data)
+
+        upstream.forward(counted)
+    try:
+        while not await upstream.wait_forwarded():
+            await reply.drained()
+            upstream.resume_forwarding()
+    except ConnectionResetError:
+        return False  # the client went away; leaving the block releases the upstream connection
+    except (TimeoutError, UpstreamError) as e:
+        log.warning("upstream broke mid-response: %r", e)
+        reply.abort()
+        return False
+    return True
 
 
 async def _relay_whole(reply: Reply, upstream: UpstreamResponse, headers: list[tuple[str, str]],
