@@ -231,7 +231,9 @@ def _drive(gw: str, admin_key: str, page: Page, capsys: pytest.CaptureFixture[st
     assert MODEL in line, line
     banners = [e.text for e in page.d.find_elements(By.CSS_SELECTOR, "#model-logs li.banner-line")]
     assert not banners, banners
-    page.shot("model-logs")
+    page.d.execute_script("document.getElementById('model-logs').scrollIntoView({block: 'center'})")
+    page.shot("model-logs")  # the log panel itself, below the replicas
+
 
     # --- chat with it, streamed ---------------------------------------------------------------------------
     page.go("#/playground")
