@@ -409,7 +409,7 @@ def test_table_routes_on_polled_load_and_prefix() -> None:
     table.update(kvs(status("m", port=9000), status("m:1", port=9001)))
     book.record("http://127.0.0.1:9000", EngineLoad(waiting=10), now=1.0)
     assert {table.pick("m").endpoint for _ in range(4)} == {"http://127.0.0.1:9001"}  # type: ignore[union-attr]
-    homes = {table.pick("m", prefix="conv").endpoint for _ in range(4)}  # type: ignore[union-attr]
+    homes = {table.pick("m", prefix=lambda: "conv").endpoint for _ in range(4)}  # type: ignore[union-attr]
     assert len(homes) == 1
     ready = table.to_json(2.5)["models"]["m"]["ready"]
     assert [r["load"] for r in ready] == [{"waiting": 10.0, "running": 0.0, "kv_cache_usage": 0.0, "age_s": 1.5},

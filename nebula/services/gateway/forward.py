@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # proxy in front of it): safe to try elsewhere because the engine did no work.
 RETRY_STATUSES = frozenset({502, 503})
 
+# The request's affinity key (routing.prefix_key), computed only when a pick has replicas to choose from.
+Affinity = Callable[[], str | None]
 # What to make of the engine's committed response: relay it (the default) or rewrite it.
 Respond = Callable[[Reply, UpstreamResponse, RelayStats], Awaitable[None]]
 
@@ -55,7 +57,7 @@ def _excluded(st: GatewayState, target: Target, tried: set[str]) -> set[str]:
     return tried | {r.endpoint for r in st.table.ready().get(target.model, ()) if not target.eligible(r)}
 
 
-async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: str | None, first: bool
+async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: Affinity | None, first: bool
                 ) -> Replica | None:
     replica = st.table.pick(target.model, _excluded(st, target, tried), prefix)
     # Only the first attempt waits: a model that is loading gets its first replica, a retry does not
@@ -67,12 +69,13 @@ async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: str |
 
 
 async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
-                  headers: dict[str, str], prefix: str | None, respond: Respond = relay,
+                  headers: dict[str, str], prefix: Affinity | None, respond: Respond = relay,
                   target: Target | None = None) -> None:
     """Send `body` (POST unless `target` says otherwise) with `headers` to `path_qs` on a replica of `target`
     (default: any replica of `ex.model`) and answer with `respond`.
 
-    `prefix` is the request's affinity key (routing.prefix_key), None for none; `ex` records the replica
+    `prefix` gives the request's affinity key (routing.prefix_key) when a pick weighs several replicas, None
+    for none; `ex` records the replica
     that answered, the attempts and (through the relay) the body's timing. A replica that refuses the
     connection, or dies before its response starts, is replaced by another: nothing reached the client yet, and
     an inference request has no effect beyond its answer, so replaying it is safe. Raises ApiError 503 (with

@@ -11,6 +11,7 @@ both of the gateway's servers: the data-plane server (dataplane.py routes to it)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -96,7 +97,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         # check_request proved body a dict.
         streaming = isinstance(body, dict) and body.get("stream") is True
         # The key keeps a conversation on one replica's prefix cache.
-        prefix = prefix_key(body) if generative and isinstance(body, dict) else None
+        prefix = functools.partial(prefix_key, body) if generative and isinstance(body, dict) else None
         respond: Respond = relay
         # A stored response's follow-up narrows the target (a LoRA adapter's, too) to the replica holding it.
         aim = _AIMS.get(path)

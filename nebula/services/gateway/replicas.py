@@ -58,11 +58,15 @@ class ReplicaTable:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def pick(self, model: str, exclude: Collection[str] = (), prefix: str | None = None) -> Replica | None:
-        """The READY replica of `model` for the next request (see routing.pick_replica), not in `exclude`."""
+    def pick(self, model: str, exclude: Collection[str] = (), prefix: Callable[[], str | None] | None = None
+             ) -> Replica | None:
+        """The READY replica of `model` for the next request (see routing.pick_replica), not in `exclude`.
+        `prefix` gives the request's affinity key; it is asked only when there are replicas to choose from
+        (hashing the prompt costs 2-3 us, and most models have one replica)."""
         turn = self._turns.get(model, 0)
-        replica = pick_replica(self._ready.get(model, ()), self._inflight, self.loads.loads(), exclude, turn,
-                               prefix, self.policy)
+        ready = self._ready.get(model, ())
+        key = prefix() if prefix is not None and len(ready) > 1 else None
+        replica = pick_replica(ready, self._inflight, self.loads.loads(), exclude, turn, key, self.policy)
         if replica is not None:
             self._turns[model] = turn + 1
         return replica
