@@ -92,12 +92,10 @@ class ConnectionReply:
     async def drained(self) -> None:
         await self._conn.drained()
 
-    async def end_chunked(self) -> None:
-        """The body is complete and its last chunk went through write_chunked."""
+    def end_chunked(self) -> None:
+        """The body is complete: its last chunk, the engine's own, went through write_chunked or
+        forward_chunked, after the head (which the first write carried)."""
         self.done = True
-        if self._pending:
-            piece, self._pending = self._pending, b""
-            await self._conn.send(piece)
 
     async def end(self) -> None:
         piece = self._pending + (b"0\r\n\r\n" if self._chunked else b"")

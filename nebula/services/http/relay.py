@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 from nebula.adapters.upstream_http import UpstreamError
 from nebula.adapters.upstream_response import UpstreamResponse
@@ -107,41 +106,67 @@ async def relay(reply: Reply, upstream: UpstreamResponse, stats: RelayStats | No
     if length is not None and length <= WHOLE_BODY_MAX:
         await _relay_whole(reply, upstream, headers, stats)
         return
-    forwarding = False
-    read_already = b""
     if upstream.chunked and isinstance(reply, ConnectionReply) and reply.will_chunk:
-        read_already, forwarding = upstream.passthrough()
-    chunk = read_already or await _before_the_client_saw_anything(upstream.read_chunk())
-    framed = forwarding and not read_already  # the piece in hand is the engine's bytes, framing and all
+        read_already, switched = upstream.passthrough()
+        if switched:
+            await _relay_passthrough(reply, upstream, headers, read_already, stats)
+            return
+        first = read_already  # the whole body had arrived already: it goes out as any other
+    else:
+        first = await _before_the_client_saw_anything(upstream.read_chunk())
     await reply.start(upstream.status, upstream.reason, headers)
+    chunk = first
     while chunk:
-        if stats is not None:
-            now = time.monotonic()
-            if not stats.first_chunk_at:
-                stats.first_chunk_at = now
-            stats.last_chunk_at = now
-            stats.events += chunk.count(b"data:")
+        _count(stats, chunk)
         try:
-            if framed:
-                await cast(ConnectionReply, reply).write_chunked(chunk)
-            else:
-                await reply.write(chunk)
+            await reply.write(chunk)
         except ConnectionResetError:
             return  # the client went away; leaving the block releases the upstream connection
-        if forwarding:
-            break
         try:
             chunk = await upstream.read_chunk()
         except (TimeoutError, UpstreamError) as e:
             log.warning("upstream broke mid-response: %r", e)
             reply.abort()
             return
-    if forwarding:
-        if not await _forward_rest(cast(ConnectionReply, reply), upstream, stats):
-            return
-        await cast(ConnectionReply, reply).end_chunked()
+    await reply.end()
+    if stats is not None:
+        stats.complete = True
+
+
+def _count(stats: RelayStats | None, chunk: bytes) -> None:
+    if stats is not None:
+        now = time.monotonic()
+        if not stats.first_chunk_at:
+            stats.first_chunk_at = now
+        stats.last_chunk_at = now
+        stats.events += chunk.count(b"data:")
+
+
+async def _relay_passthrough(reply: ConnectionReply, upstream: UpstreamResponse, headers: list[tuple[str, str]],
+                             read_already: bytes, stats: RelayStats | None) -> None:
+    """A chunked body forwarded in the engine's own framing (upstream.passthrough() switched): the head goes
+    out with the first piece, then each read is written from its own callback (_forward_rest).
+
+    `read_already`: the body read off the socket before the switch, framing removed, which is framed here;
+    without it, the first read is waited for (and may still be retried elsewhere) and forwarded as it came.
+    Either first write carries the head, so nothing is pending once the forward starts."""
+    if read_already:
+        first, framed = read_already, False
     else:
-        await reply.end()
+        first, framed = await _before_the_client_saw_anything(upstream.read_chunk()), True
+    await reply.start(upstream.status, upstream.reason, headers)
+    if first:
+        _count(stats, first)
+    try:
+        if framed:
+            await reply.write_chunked(first)
+        else:
+            await reply.write(first)
+    except ConnectionResetError:
+        return  # the client went away; leaving the block releases the upstream connection
+    if not await _forward_rest(reply, upstream, stats):
+        return
+    reply.end_chunked()
     if stats is not None:
         stats.complete = True
 
