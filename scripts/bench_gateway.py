@@ -28,6 +28,7 @@ and worker), engine and load generator excluded, and given as a ratio to vllm-ro
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
     .venv/bin/python scripts/bench_gateway.py --gateway-event-loop uvloop --uvloop-proxy   # both on uvloop too
+    .venv/bin/python scripts/bench_gateway.py --uvloop-gateway         # a second gateway on uvloop, same run
     .venv/bin/python scripts/bench_gateway.py --vllm-router /opt/vr/bin/vllm-router --nginx /usr/sbin/nginx
     .venv/bin/python scripts/bench_gateway.py --baselines ''          # without vllm-router and nginx
 
@@ -602,7 +603,8 @@ def two_hop_config(ports: dict[str, int]) -> str:
 
 
 def start_stack(procs: Processes, workdir: Path, profile_dir: Path | None, src: Path, sampled: bool,
-                uvloop_proxy: bool, gateway_workers: int = 1, gateway_loop: str = "asyncio") -> Stack:
+                uvloop_proxy: bool, gateway_workers: int = 1, gateway_loop: str = "asyncio",
+                uvloop_gateway: bool = False) -> Stack:
     py, me = sys.executable, str(Path(__file__).resolve())
     ports = {name: free_port() for name in ("engine", "proxy", "etcd", "etcd_peer", "router", "gateway")}
     # A tree from before routing moved into the gateway needs its router service (and its config).
@@ -674,6 +676,17 @@ level = "info"
         stack.extra_url["proxy_uvloop"] = f"http://{HOST}:{port}"
         stack.pids["proxy_uvloop"] = {"proxy_uvloop": uv.pid}
         wait_until(lambda: port_open(port), 20, "uvloop proxy", procs, "proxy_uvloop")
+    if uvloop_gateway and hops == ("gateway",):
+        # A second gateway, the same in all but its event loop, measured in the same run: whether uvloop pays
+        # for the gateway is a few percent, less than the spread between runs on a shared box.
+        port = free_port()
+        uv_env = env | {"NEBULA_GATEWAY_PORT": str(port), "NEBULA_GATEWAY_EVENT_LOOP": "uvloop"}
+        gw = procs.start("gateway_uvloop", [py, "-m", "nebula", "gateway", "run"], env=uv_env, cwd=src)
+        url = f"http://{HOST}:{port}"
+        wait_until(lambda: http_ok(url + PATH, probe, auth), 30, "a request through the uvloop gateway", procs,
+                   "gateway_uvloop")
+        stack.extra_url["nebula_uvloop"] = url
+        stack.pids["nebula_uvloop"] = {"gateway_uvloop": gw.pid}
     return stack
 
 
@@ -776,7 +789,7 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
             "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
     if sc.stream:
         argv.append("--stream")
-    if target == "nebula":
+    if target in ("nebula", "nebula_uvloop"):
         argv += ["--key", API_KEY]
     name = f"loadgen-{sc.name}-{target}"
     proc = procs.start(name, argv, stdout=subprocess.PIPE)
@@ -829,7 +842,7 @@ def ratio(a: float, b: float) -> float:
 
 
 # Whose CPU is given as a ratio to vllm-router's, in the per-scenario tables and the summary.
-RELATIVE = ("nebula", "proxy", "nginx", "proxy_uvloop")
+RELATIVE = ("nebula", "nebula_uvloop", "proxy", "nginx", "proxy_uvloop")
 
 
 def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[str, str] | None = None
@@ -945,7 +958,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     with terminate_as_exit():
         try:
             stack = start_stack(procs, workdir, profile_dir, Path(args.nebula_src or ROOT).resolve(), bool(py_spy),
-                                args.uvloop_proxy, args.gateway_workers, args.gateway_event_loop)
+                                args.uvloop_proxy, args.gateway_workers, args.gateway_event_loop,
+                                args.uvloop_gateway)
             start_baselines(procs, stack, workdir, args)
             print(f"stack up in {time.monotonic() - started:.1f} s (logs in {workdir}); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -1014,6 +1028,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "uv pip install --target /tmp/deps uvloop; PYTHONPATH=/tmp/deps)")
         q.add_argument("--gateway-workers", type=int, default=1, metavar="N",
                        help="run the gateway with gateway.workers = N (CPU counts the supervisor and its workers)")
+        q.add_argument("--uvloop-gateway", action="store_true",
+                       help="also measure a second gateway on uvloop (target nebula_uvloop), in the same run")
         q.add_argument("--gateway-event-loop", choices=("asyncio", "uvloop"), default="asyncio",
                        help="the gateway's gateway.event_loop (compare with --uvloop-proxy for the proxy's)")
         q.add_argument("--baselines", default="vllm-router,nginx", metavar="LIST",
