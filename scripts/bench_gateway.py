@@ -27,8 +27,8 @@ and worker), engine and load generator excluded, and given as a ratio to vllm-ro
     .venv/bin/python scripts/bench_gateway.py profile-summary DIR/stream32_c64-gateway.txt
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
-    .venv/bin/python scripts/bench_gateway.py --gateway-event-loop uvloop --uvloop-proxy   # both on uvloop too
-    .venv/bin/python scripts/bench_gateway.py --uvloop-gateway         # a second gateway on uvloop, same run
+    .venv/bin/python scripts/bench_gateway.py --uvloop-proxy          # the proxy on uvloop too, same run
+    .venv/bin/python scripts/bench_gateway.py --compare-event-loops   # a second gateway on asyncio's loop
     .venv/bin/python scripts/bench_gateway.py --vllm-router /opt/vr/bin/vllm-router --nginx /usr/sbin/nginx
     .venv/bin/python scripts/bench_gateway.py --baselines ''          # without vllm-router and nginx
 
@@ -604,7 +604,7 @@ def two_hop_config(ports: dict[str, int]) -> str:
 
 def start_stack(procs: Processes, workdir: Path, profile_dir: Path | None, src: Path, sampled: bool,
                 uvloop_proxy: bool, gateway_workers: int = 1, gateway_loop: str = "asyncio",
-                uvloop_gateway: bool = False) -> Stack:
+                compare_loops: bool = False) -> Stack:
     py, me = sys.executable, str(Path(__file__).resolve())
     ports = {name: free_port() for name in ("engine", "proxy", "etcd", "etcd_peer", "router", "gateway")}
     # A tree from before routing moved into the gateway needs its router service (and its config).
@@ -676,17 +676,18 @@ level = "info"
         stack.extra_url["proxy_uvloop"] = f"http://{HOST}:{port}"
         stack.pids["proxy_uvloop"] = {"proxy_uvloop": uv.pid}
         wait_until(lambda: port_open(port), 20, "uvloop proxy", procs, "proxy_uvloop")
-    if uvloop_gateway and hops == ("gateway",):
-        # A second gateway, the same in all but its event loop, measured in the same run: whether uvloop pays
-        # for the gateway is a few percent, less than the spread between runs on a shared box.
+    if compare_loops and hops == ("gateway",):
+        # A second gateway, the same in all but its event loop, measured in the same run: what the loop is worth
+        # to the gateway is a few percent, less than the spread between runs on a shared box.
+        other = "asyncio" if gateway_loop == "uvloop" else "uvloop"
         port = free_port()
-        uv_env = env | {"NEBULA_GATEWAY_PORT": str(port), "NEBULA_GATEWAY_EVENT_LOOP": "uvloop"}
-        gw = procs.start("gateway_uvloop", [py, "-m", "nebula", "gateway", "run"], env=uv_env, cwd=src)
+        other_env = env | {"NEBULA_GATEWAY_PORT": str(port), "NEBULA_GATEWAY_EVENT_LOOP": other}
+        gw = procs.start(f"gateway_{other}", [py, "-m", "nebula", "gateway", "run"], env=other_env, cwd=src)
         url = f"http://{HOST}:{port}"
-        wait_until(lambda: http_ok(url + PATH, probe, auth), 30, "a request through the uvloop gateway", procs,
-                   "gateway_uvloop")
-        stack.extra_url["nebula_uvloop"] = url
-        stack.pids["nebula_uvloop"] = {"gateway_uvloop": gw.pid}
+        wait_until(lambda: http_ok(url + PATH, probe, auth), 30, f"a request through the {other} gateway", procs,
+                   f"gateway_{other}")
+        stack.extra_url[f"nebula_{other}"] = url
+        stack.pids[f"nebula_{other}"] = {f"gateway_{other}": gw.pid}
     return stack
 
 
@@ -789,7 +790,7 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
             "--pids", ",".join(f"{k}={v}" for k, v in pids.items())]
     if sc.stream:
         argv.append("--stream")
-    if target in ("nebula", "nebula_uvloop"):
+    if target.startswith("nebula"):
         argv += ["--key", API_KEY]
     name = f"loadgen-{sc.name}-{target}"
     proc = procs.start(name, argv, stdout=subprocess.PIPE)
@@ -842,7 +843,7 @@ def ratio(a: float, b: float) -> float:
 
 
 # Whose CPU is given as a ratio to vllm-router's, in the per-scenario tables and the summary.
-RELATIVE = ("nebula", "nebula_uvloop", "proxy", "nginx", "proxy_uvloop")
+RELATIVE = ("nebula", "nebula_asyncio", "nebula_uvloop", "proxy", "nginx", "proxy_uvloop")
 
 
 def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[str, str] | None = None
@@ -959,7 +960,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         try:
             stack = start_stack(procs, workdir, profile_dir, Path(args.nebula_src or ROOT).resolve(), bool(py_spy),
                                 args.uvloop_proxy, args.gateway_workers, args.gateway_event_loop,
-                                args.uvloop_gateway)
+                                args.compare_event_loops)
             start_baselines(procs, stack, workdir, args)
             print(f"stack up in {time.monotonic() - started:.1f} s (logs in {workdir}); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -1028,9 +1029,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "uv pip install --target /tmp/deps uvloop; PYTHONPATH=/tmp/deps)")
         q.add_argument("--gateway-workers", type=int, default=1, metavar="N",
                        help="run the gateway with gateway.workers = N (CPU counts the supervisor and its workers)")
-        q.add_argument("--uvloop-gateway", action="store_true",
-                       help="also measure a second gateway on uvloop (target nebula_uvloop), in the same run")
-        q.add_argument("--gateway-event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+        q.add_argument("--compare-event-loops", action="store_true",
+                       help="also measure a second gateway on the other event loop (target nebula_asyncio, or "
+                       "nebula_uvloop with --gateway-event-loop asyncio), in the same run")
+        q.add_argument("--gateway-event-loop", choices=("asyncio", "uvloop"), default="uvloop",
                        help="the gateway's gateway.event_loop (compare with --uvloop-proxy for the proxy's)")
         q.add_argument("--baselines", default="vllm-router,nginx", metavar="LIST",
                        help="the external proxies to measure too, comma-separated (default: %(default)s; '' for "
