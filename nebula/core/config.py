@@ -122,10 +122,9 @@ class GatewayConfig:
                          "the metrics carry the totals either way.")
     event_loop: str = _f("uvloop", "The gateway's event loop: 'uvloop' (libuv's, in C) or 'asyncio' (Python's own; "
                          "also what runs when uvloop is not installed, with a warning). Measured in the same run "
-                         "(`scripts/bench_gateway.py --compare-event-loops`, two runs on 2 cores), uvloop's CPU "
-                         "was lower in 11 of 14 figures: 3-14% per streamed token on a realistic engine, 2-19% "
-                         "on streams at concurrency 64, 3% per non-streamed request; where it was higher, by "
-                         "5% at most.")
+                         "(`scripts/bench_gateway.py --compare-event-loops`, three runs of 7 figures on 2 cores), "
+                         "uvloop's CPU was lower in 15 of 21, by 3% at the median (from 19% lower to 11% "
+                         "higher).")
     workers: int = _f(1, "Processes serving the gateway's port, each on a core of its own (SO_REUSEPORT: the "
                       "kernel spreads connections over them). One process saturates one core at a few thousand "
                       "requests per second, and latency then grows with the queue; more keep it flat where "
