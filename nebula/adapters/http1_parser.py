@@ -57,6 +57,8 @@ class ResponseSink(Protocol):
     def on_complete(self) -> None: ...
 
 
+_UNASKED = "bytes arrived while no response was expected"
+
 # Parser states.
 _HEAD, _BODY, _UNTIL_CLOSE, _DONE = range(4)
 
@@ -117,7 +119,9 @@ class ResponseParser:
     def feed(self, data: bytes) -> None:
         if not data:
             return
-        sink = self._sink_or_refuse()
+        sink = self._sink
+        if sink is None:  # _sink_or_refuse, inline: feed runs once per read of a stream
+            raise ProtocolError(_UNASKED)
         self._started = True
         state = self._state
         if state == _UNTIL_CLOSE:
@@ -151,7 +155,7 @@ class ResponseParser:
 
     def _sink_or_refuse(self) -> ResponseSink:
         if self._sink is None:
-            raise ProtocolError("bytes arrived while no response was expected")
+            raise ProtocolError(_UNASKED)
         return self._sink
 
     def _refuse(self, reason: str) -> _Refused:

@@ -3,7 +3,7 @@ in one write for a whole answer, chunked for a stream."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -84,17 +84,18 @@ class ConnectionReply:
             framed, self._pending = self._pending + framed, b""
         await self._conn.send(framed)
 
-    def forward_chunked(self, framed: bytes) -> bool:
-        """write_chunked from a callback (UpstreamResponse.forward): written at once; False when the client
-        is not reading fast enough, to wait for `drained` before more."""
-        return self._conn.write_now(framed)
+    def chunk_writer(self) -> Callable[[bytes], bool]:
+        """write_chunked for a callback (UpstreamResponse.forward), called once per read of a stream: each call
+        writes at once, and returns False when the client is not reading fast enough, to wait for `drained`
+        before more. The connection's own method, so that a relayed read costs no call in between."""
+        return self._conn.write_now
 
     async def drained(self) -> None:
         await self._conn.drained()
 
     def end_chunked(self) -> None:
         """The body is complete: its last chunk, the engine's own, went through write_chunked or
-        forward_chunked, after the head (which the first write carried)."""
+        chunk_writer, after the head (which the first write carried)."""
         self.done = True
 
     async def end(self) -> None:

@@ -175,15 +175,16 @@ async def _forward_rest(reply: ConnectionReply, upstream: UpstreamResponse, stat
     """The rest of a passthrough body, each read off the engine's socket written to the client from the read's
     own callback: no task wakes per read, only when the client falls behind or the body ends. False when the
     relay ended early (the client left, the engine broke)."""
+    write = reply.chunk_writer()
     if stats is None:
-        upstream.forward(reply.forward_chunked)
+        upstream.forward(write)
     else:
-        counts = stats
+        counts, now = stats, time.monotonic
 
         def counted(data: bytes) -> bool:
-            counts.last_chunk_at = time.monotonic()
+            counts.last_chunk_at = now()
             counts.events += data.count(b"data:")
-            return reply.forward_chunked(data)
+            return write(data)
 
         upstream.forward(counted)
     try:
