@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from nebula.services.http.admission import ConnectionEvents, ConnectionLimits
 from nebula.services.http.fastrequest import Admit, BodyLimit, Router
 from nebula.services.http.fastserver import KEEPALIVE_S, FastServer
+from nebula.services.http.handover_log import AIOHTTP_SERVER_LOGGER, quiet_malformed_requests
 
 
 class FastSite(web.BaseSite):
@@ -59,6 +61,8 @@ class FastSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        # aiohttp parses what follows a hand-over: its malformed requests are logged as a line, not a traceback.
+        quiet_malformed_requests(logging.getLogger(AIOHTTP_SERVER_LOGGER))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._fast, self._host, self._port, ssl=self._ssl_context,
                                                 backlog=self._backlog, reuse_address=True,
