@@ -130,12 +130,15 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
 
 def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario, scale: float,
             py_spy: tuple[str, Path] | None) -> dict[str, dict[str, Any]]:
-    """One scenario's raw results per target, each target measured in turn. With --compare-src, nebula and
-    nebula_ref are measured twice, in the order A B ... B A around the other targets, and each one's two
-    measurements are pooled: a drift in the box's speed over the scenario (other work, clocks) then weighs
-    on both alike, which one measurement each, minutes apart, does not give."""
-    paired = "nebula_ref" in targets
-    order = [*targets, "nebula_ref", "nebula"] if paired else list(targets)
+    """One scenario's raw results per target, each target measured in turn. With --compare-src, nebula (A)
+    and nebula_ref (B) are measured twice, A B first and B A last with the other targets between, and each
+    one's two measurements are pooled: both then centre on the same moment, so a steady drift in the box's
+    speed over the scenario (other work, clocks) weighs on both alike."""
+    order = list(targets)
+    if "nebula_ref" in targets:
+        order.remove("nebula_ref")
+        order.insert(order.index("nebula") + 1, "nebula_ref")
+        order += ["nebula_ref", "nebula"]
     raws: dict[str, list[dict[str, Any]]] = {}
     for target in order:
         raws.setdefault(target, []).append(run_load(procs, stack, target, sc, scale, py_spy))
