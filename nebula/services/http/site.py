@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiohttp import web
 from nebula.services.http.admission import ConnectionEvents, ConnectionLimits
 from nebula.services.http.fastrequest import Admit, BodyLimit, Router
 from nebula.services.http.fastserver import KEEPALIVE_S, FastServer
-from nebula.services.http.handover_log import AIOHTTP_SERVER_LOGGER, quiet_malformed_requests
+from nebula.services.http.handover_errors import json_error_handlers
 
 
 class FastSite(web.BaseSite):
@@ -30,8 +29,8 @@ class FastSite(web.BaseSite):
         super().__init__(runner, ssl_context=ssl_context)
         server = runner.server
         assert server is not None  # BaseSite checked it
-        self._fast = FastServer(router, server, max_body, keepalive_s, admit, limits, events, reserve_paths,
-                                body_limits=body_limits)
+        self._fast = FastServer(router, json_error_handlers(server), max_body, keepalive_s, admit, limits, events,
+                                reserve_paths, body_limits=body_limits)
         self._host, self._port, self._reuse_port = host, port, reuse_port
         self._shutdown_timeout_s = shutdown_timeout_s
         self._sweeper: asyncio.Task[None] | None = None
@@ -61,8 +60,6 @@ class FastSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        # aiohttp parses what follows a hand-over: its malformed requests are logged as a line, not a traceback.
-        quiet_malformed_requests(logging.getLogger(AIOHTTP_SERVER_LOGGER))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._fast, self._host, self._port, ssl=self._ssl_context,
                                                 backlog=self._backlog, reuse_address=True,
