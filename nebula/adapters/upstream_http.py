@@ -11,7 +11,8 @@ known length, read the head, hand the body on as it arrives, reuse the connectio
     closed while it sat idle (uvicorn closes idle ones after 5 s) is retried once on a new connection,
     since the engine never saw the request.
   - Reading is paused while the consumer falls behind (upstream_response.py: a slow client).
-  - One timer per request bounds the whole exchange, head and body: `timeout_s`.
+  - A deadline per request bounds the whole exchange, head and body: `timeout_s` (deadlines.py: one timer
+    for all of them).
 
 Failures come as types, the retry intent in the type: UpstreamUnreachable (no connection: the engine saw
 nothing), UpstreamDisconnected (the connection broke or spoke nonsense after the request was sent) and
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
+from nebula.adapters.deadlines import Deadlines
 from nebula.adapters.http1_parser import ProtocolError, ResponseParser
 from nebula.adapters.upstream_response import UpstreamResponse
 
@@ -139,6 +141,7 @@ class UpstreamPool:
         self._idle: dict[_Key, list[_Connection]] = {}
         self._targets: dict[str, tuple[_Key, str]] = {}
         self._closed = False
+        self._deadlines: Deadlines | None = None  # every response's timeout, on one timer
 
     def idle_count(self, endpoint: str) -> int:
         return len(self._idle.get(_target(endpoint)[0], ()))
@@ -164,6 +167,9 @@ class UpstreamPool:
         data = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
                 .encode("utf-8", "surrogateescape") + body)
         loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        if deadlines is None:  # made on first use: the pool is built before its loop runs
+            deadlines = self._deadlines = Deadlines(loop)
         deadline = loop.time() + timeout_s
         while True:
             conn = self._take_idle(key)
@@ -171,7 +177,7 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(loop, key)
             response = UpstreamResponse(loop, conn)
-            response._timer = loop.call_at(deadline, conn.time_out)
+            response.set_deadline(deadlines, deadline, conn.time_out)
             conn.send(response, data)
             try:
                 await response.wait_head()

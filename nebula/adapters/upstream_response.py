@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
+from nebula.adapters.deadlines import Deadlines
 from nebula.adapters.http1_parser import ResponseHead, ResponseParser
 
 READ_HIGH = 256 * 1024
@@ -36,7 +37,7 @@ class UpstreamResponse:
     abandoned.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_exc", "_forward", "_loop", "_paused", "_released", "_timer",
+    __slots__ = ("_buffered", "_chunks", "_conn", "_deadlines", "_exc", "_forward", "_loop", "_paused", "_released",
                  "_waiter", "chunked", "complete", "content_length", "headers", "keep_alive", "reason", "status")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: UpstreamLink) -> None:
@@ -54,9 +55,14 @@ class UpstreamResponse:
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines | None = None  # where its deadline is set, until it is done
         self._released = False
         self._forward: Callable[[bytes], bool] | None = None
+
+    def set_deadline(self, deadlines: Deadlines, at: float, expire: Callable[[], object]) -> None:
+        """Call `expire` at loop time `at` unless the response is complete or released by then."""
+        self._deadlines = deadlines
+        deadlines.set(self, at, expire)
 
     # -- fed by the connection (ResponseSink) --
 
@@ -84,9 +90,9 @@ class UpstreamResponse:
         self.complete = True
         if self._forward is not None:
             self.resume_forwarding()  # nothing more to read for this body: the connection may serve the next
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadlines is not None:
+            self._deadlines.drop(self)
+            self._deadlines = None
         self._wake()
 
     def fail(self, exc: BaseException) -> None:
@@ -194,9 +200,9 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadlines is not None:
+            self._deadlines.drop(self)
+            self._deadlines = None
         self._conn.finished(self, reusable=self.complete and self.keep_alive and self._exc is None)
 
     async def __aenter__(self) -> UpstreamResponse:
