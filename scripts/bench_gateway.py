@@ -30,6 +30,7 @@ and worker), engine and load generator excluded, and given as a ratio to vllm-ro
     .venv/bin/python scripts/bench_gateway.py --compare-src /tmp/head  # and a gateway from it beside this one's
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
     .venv/bin/python scripts/bench_gateway.py --uvloop-proxy          # the proxy on uvloop too, same run
+    .venv/bin/python scripts/bench_gateway.py --tcp-relay             # and a byte relay: a Python floor
     .venv/bin/python scripts/bench_gateway.py --compare-event-loops   # a second gateway on asyncio's loop
     .venv/bin/python scripts/bench_gateway.py --vllm-router /opt/vr/bin/vllm-router --nginx /usr/sbin/nginx
     .venv/bin/python scripts/bench_gateway.py --baselines ''          # without vllm-router and nginx
@@ -73,6 +74,7 @@ if str(SRC) not in sys.path:
 import bench_baselines  # noqa: E402
 from bench_engine import PATHS, engine_app, proxy_app, serve  # noqa: E402
 from bench_load import SCENARIOS, Scenario, loadgen_main  # noqa: E402
+from bench_relay import serve_relay  # noqa: E402
 from bench_report import goals_of, print_relative, print_scenario, profile_summary, summarize  # noqa: E402
 from bench_stack import (  # noqa: E402
     API_KEY,
@@ -205,7 +207,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         try:
             stack = start_stack(procs, workdir, StackOptions(
                 src=Path(args.nebula_src or ROOT).resolve(), profile_dir=profile_dir, sampled=bool(py_spy),
-                uvloop_proxy=args.uvloop_proxy, gateway_workers=args.gateway_workers,
+                uvloop_proxy=args.uvloop_proxy, tcp_relay=args.tcp_relay, gateway_workers=args.gateway_workers,
                 gateway_loop=args.gateway_event_loop, compare_loops=args.compare_event_loops,
                 compare_src=Path(args.compare_src).resolve() if args.compare_src else None))
             start_baselines(procs, stack, workdir, args)
@@ -256,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--py-spy", default="", metavar="BIN",
                        help="py-spy binary (e.g. uv pip install --target /tmp/pyspy py-spy) to sample the hops "
                        "instead of cProfile")
+        q.add_argument("--tcp-relay", action="store_true",
+                       help="also measure a byte relay on uvloop (target tcp_relay; scripts/bench_relay.py): the "
+                       "floor of any Python data plane")
         q.add_argument("--uvloop-proxy", action="store_true",
                        help="also measure the minimal proxy on uvloop (target proxy_uvloop)")
         q.add_argument("--gateway-workers", type=int, default=1, metavar="N",
@@ -292,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--port", type=int, required=True)
     x.add_argument("--upstream", required=True)
     x.add_argument("--uvloop", action="store_true")
+    rl = sub.add_parser("relay", help="(internal) the byte relay")
+    rl.add_argument("--port", type=int, required=True)
+    rl.add_argument("--upstream-host", required=True)
+    rl.add_argument("--upstream-port", type=int, required=True)
     lg = sub.add_parser("loadgen", help="(internal) one measurement; prints JSON")
     lg.add_argument("--url", required=True)
     lg.add_argument("--concurrency", type=int, required=True)
@@ -318,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(engine_app(), args.port)
     elif args.role == "proxy":
         serve(proxy_app(args.upstream), args.port, use_uvloop=args.uvloop)
+    elif args.role == "relay":
+        serve_relay(args.port, args.upstream_host, args.upstream_port)
     elif args.role == "loadgen":
         loadgen_main(args)
     elif args.role == "service":

@@ -39,7 +39,8 @@ def ratio(a: float, b: float) -> float:
 
 
 # Whose CPU is given as a ratio to vllm-router's, in the per-scenario tables and the summary.
-RELATIVE = ("nebula", "nebula_ref", "nebula_asyncio", "nebula_uvloop", "proxy", "nginx", "proxy_uvloop")
+RELATIVE = ("nebula", "nebula_ref", "nebula_asyncio", "nebula_uvloop", "proxy", "nginx", "proxy_uvloop",
+            "tcp_relay")
 
 
 def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[str, str] | None = None

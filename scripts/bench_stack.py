@@ -146,6 +146,7 @@ class StackOptions:
     profile_dir: Path | None = None  # where each service writes its cProfile (unless `sampled`)
     sampled: bool = False  # py-spy samples the services from outside: they run as they are
     uvloop_proxy: bool = False  # the minimal proxy on uvloop too (target proxy_uvloop)
+    tcp_relay: bool = False  # the byte relay, the floor of a Python data plane (target tcp_relay)
     gateway_workers: int = 1
     gateway_loop: str = "uvloop"
     compare_loops: bool = False  # a second gateway on the other event loop (nebula_asyncio or nebula_uvloop)
@@ -223,6 +224,14 @@ level = "info"
         stack.extra_url["proxy_uvloop"] = f"http://{HOST}:{port}"
         stack.pids["proxy_uvloop"] = {"proxy_uvloop": uv.pid}
         wait_until(lambda: port_open(port), 20, "uvloop proxy", procs, "proxy_uvloop")
+    if opts.tcp_relay:
+        port = free_port()
+        host, engine_port = engine_url.removeprefix("http://").split(":")
+        relay = procs.start("tcp_relay", [py, me, "relay", "--port", str(port), "--upstream-host", host,
+                                          "--upstream-port", engine_port])
+        stack.extra_url["tcp_relay"] = f"http://{HOST}:{port}"
+        stack.pids["tcp_relay"] = {"tcp_relay": relay.pid}
+        wait_until(lambda: port_open(port), 20, "byte relay", procs, "tcp_relay")
     if opts.compare_loops and hops == ("gateway",):
         # The same gateway on the other event loop: what the loop is worth is a few percent, less than the
         # spread between runs on a shared box.

@@ -25,12 +25,13 @@ def _run_bench(*args: str) -> tuple[dict[str, Any], str]:
 
 def test_bench_measures_every_target_and_reports_a_missing_baseline(tmp_path: Path) -> None:
     # --compare-src with this same tree: a second gateway measured beside the first (target nebula_ref).
-    # A vllm-router that is not there is skipped with how to install it, and the run goes on.
+    # A vllm-router that is not there is skipped with how to install it, and the run goes on. --tcp-relay: the
+    # byte relay (the floor of a Python data plane) carries the same requests without touching them.
     summary, out = _run_bench("--scale", "0.3", "--only", "stream32_c1,nonstream32_c64", "--baselines", "vllm-router",
-                              "--vllm-router", str(tmp_path / "absent"), "--compare-src", str(ROOT))
+                              "--vllm-router", str(tmp_path / "absent"), "--compare-src", str(ROOT), "--tcp-relay")
     assert set(summary["scenarios"]) == {"stream32_c1", "nonstream32_c64"}
     for name, targets in summary["scenarios"].items():
-        assert set(targets) == {"direct", "proxy", "nebula", "nebula_ref"}, name
+        assert set(targets) == {"direct", "proxy", "nebula", "nebula_ref", "tcp_relay"}, name
         for target, figures in targets.items():
             assert figures["errors"] == 0 and figures["ok"] > 0, (name, target, figures)
             assert figures["tok_s"] > 0, (name, target)
