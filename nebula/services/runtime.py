@@ -22,7 +22,7 @@ from nebula.core.store import Store
 from nebula.errors import ConfigError, PermanentError
 
 if TYPE_CHECKING:
-    from nebula.adapters.etcd import EtcdSecurity
+    from nebula.adapters.etcd_connection import EtcdSecurity
 
 DEFAULT_CONFIG = "/etc/nebula/nebula.toml"
 log = logging.getLogger("nebula.runtime")
@@ -225,7 +225,7 @@ async def open_store(cfg: NebulaConfig) -> Store:
 
 def etcd_security(cfg: NebulaConfig) -> EtcdSecurity:
     """[cluster]'s TLS files, read now (a bad path stops the start, naming its key), and credentials."""
-    from nebula.adapters.etcd import EtcdSecurity
+    from nebula.adapters.etcd_connection import EtcdSecurity
 
     def read(key: str, path: str) -> bytes | None:
         if not path:

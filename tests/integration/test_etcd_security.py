@@ -13,7 +13,8 @@ import grpc
 import pytest
 from aetcd import rpc
 
-from nebula.adapters.etcd import EtcdSecurity, EtcdStore
+from nebula.adapters.etcd import EtcdStore
+from nebula.adapters.etcd_connection import EtcdSecurity
 from nebula.core.config import ClusterConfig, NebulaConfig
 from nebula.core.store import KeyValue, StoreUnavailableError
 from nebula.errors import ConfigError, PermanentError
