@@ -1,43 +1,29 @@
-"""The full OpenAI API through Nebula (gateway -> vLLM CPU engines), with the real `openai` client.
-
-One session-wide cluster serves three models (see api_fixtures.py): `chat` (tiny-llama, a random model
-whose tool calls and JSON are forced by structured outputs), `embed` (tiny BERT, 64 dimensions) and
-`rerank` (tiny BERT cross-encoder). A random model never emits EOS on its own: every request sets max_tokens.
+"""Chat and text completions through Nebula (gateway -> vLLM CPU engines), with the real `openai` client:
+plain, streamed and with logprobs; tool calls and structured output; fields only vLLM knows; and the model list.
+The cluster and the fixtures: openai_api_fixtures.py; embeddings, rerank and score: test_openai_embed_rerank.py;
+errors: test_openai_errors.py. (test_messages_api.py takes SCHEMAS and check_args from here.)
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import math
-import struct
-import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
-from openai.types.chat import (
-    ChatCompletionMessageParam,
-    ChatCompletionNamedToolChoiceParam,
-    ChatCompletionToolParam,
-)
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionNamedToolChoiceParam, ChatCompletionToolParam
 
-from tests.harness.cluster import post_json
-from tests.integration.api_fixtures import (
-    CHAT_FAMILY,
-    CHAT_MODEL,
-    EMBED_MODEL,
-    MAX_MODEL_LEN,
-    RERANK_MODEL,
-    ApiCluster,
+from tests.integration.api_fixtures import CHAT_FAMILY, CHAT_MODEL, EMBED_MODEL, RERANK_MODEL
+from tests.integration.openai_api_fixtures import (
+    HELLO,
+    client_fixture,  # noqa: F401 (the fixture client)
+    gateway_fixture,  # noqa: F401 (the fixture gateway)
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.etcd]
 
-EMBED_DIM = 64
-HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather like?"}]
 
 # Enums and bounded integers only: a random model under a grammar then always finishes the object.
 WEATHER_PARAMS: dict[str, Any] = {
@@ -61,16 +47,6 @@ TOOLS: list[ChatCompletionToolParam] = [
 WEATHER_CHOICE: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def client(api_cluster: ApiCluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_cluster.base_url, api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def gateway(api_cluster: ApiCluster) -> str:
-    return api_cluster.gateway_url
-
-
 # --- helpers ----------------------------------------------------------------------------------------
 
 
@@ -78,17 +54,6 @@ def get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=30) as resp:
         answer: dict[str, Any] = json.loads(resp.read())
         return answer
-
-
-def assert_error_shape(status: int, body: Mapping[str, Any], expected_status: int) -> dict[str, Any]:
-    """The OpenAI error shape `{"error": {"message", "type", "param", "code"}}` with the expected status."""
-    assert status == expected_status, f"expected {expected_status}, got {status}: {body}"
-    assert set(body) == {"error"}, f"not the OpenAI error shape: {body}"
-    error: dict[str, Any] = body["error"]
-    assert {"message", "type", "param", "code"} <= set(error), f"error lacks OpenAI fields: {error}"
-    assert isinstance(error["message"], str) and error["message"], f"empty error message: {error}"
-    assert isinstance(error["type"], str) and error["type"], f"empty error type: {error}"
-    return error
 
 
 def check_args(name: str, arguments: str) -> dict[str, Any]:
@@ -109,16 +74,6 @@ def check_args(name: str, arguments: str) -> dict[str, Any]:
             assert isinstance(value, int) and not isinstance(value, bool), f"{name}.{key}={value!r} not an int"
             assert prop["minimum"] <= value <= prop["maximum"], f"{name}.{key}={value} out of bounds"
     return args
-
-
-def norm(vector: list[float]) -> float:
-    return math.sqrt(sum(x * x for x in vector))
-
-
-def decode_base64_floats(encoded: str) -> list[float]:
-    raw = base64.b64decode(encoded)
-    assert len(raw) % 4 == 0, f"base64 embedding of {len(raw)} bytes is not float32s"
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 # --- chat -------------------------------------------------------------------------------------------
@@ -321,104 +276,6 @@ def test_completions_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
-# --- embeddings -------------------------------------------------------------------------------------
-
-
-def test_embeddings_float(client: openai.OpenAI) -> None:
-    out = client.embeddings.create(model=EMBED_MODEL, input=["hello world", "def main(): pass"],
-                                   encoding_format="float")
-    assert out.model == EMBED_MODEL
-    assert [d.index for d in out.data] == [0, 1]
-    for d in out.data:
-        assert len(d.embedding) == EMBED_DIM, f"dimension {len(d.embedding)}"
-        assert abs(norm(d.embedding) - 1.0) < 1e-3, f"not unit norm: {norm(d.embedding)}"
-    assert out.data[0].embedding != out.data[1].embedding
-    assert out.usage.prompt_tokens > 0
-
-
-def test_embeddings_base64_matches_float(client: openai.OpenAI) -> None:
-    floats = client.embeddings.create(model=EMBED_MODEL, input="hello world", encoding_format="float")
-    encoded = client.embeddings.create(model=EMBED_MODEL, input="hello world", encoding_format="base64")
-    raw: Any = encoded.data[0].embedding  # the client leaves an explicit base64 answer as the string
-    assert isinstance(raw, str), f"expected a base64 string, got {type(raw).__name__}"
-    decoded = decode_base64_floats(raw)
-    assert len(decoded) == EMBED_DIM
-    diff = max(abs(a - b) for a, b in zip(decoded, floats.data[0].embedding, strict=True))
-    assert diff < 1e-5, f"base64 and float embeddings differ by {diff}"
-
-
-def test_embeddings_of_token_ids(client: openai.OpenAI) -> None:
-    out = client.embeddings.create(model=EMBED_MODEL, input=[[5, 6, 7], [8, 9]], encoding_format="float")
-    assert [len(d.embedding) for d in out.data] == [EMBED_DIM, EMBED_DIM]
-
-
-def test_embeddings_client_default_encoding(client: openai.OpenAI) -> None:
-    """The openai client asks for base64 by default and decodes it itself."""
-    default = client.embeddings.create(model=EMBED_MODEL, input="hello world")
-    floats = client.embeddings.create(model=EMBED_MODEL, input="hello world", encoding_format="float")
-    assert len(default.data[0].embedding) == EMBED_DIM
-    diff = max(abs(a - b) for a, b in zip(default.data[0].embedding, floats.data[0].embedding, strict=True))
-    assert diff < 1e-5, f"decoded default embedding differs from float by {diff}"
-
-
-# --- rerank and score -------------------------------------------------------------------------------
-
-DOCUMENTS = ["def add(a, b): return a + b", "the cat sat on the mat", "import os", "class Stack: pass"]
-
-
-def rerank(gateway: str, **fields: Any) -> dict[str, Any]:
-    status, body = post_json(gateway + "/v1/rerank", {"model": RERANK_MODEL, "query": "a python function",
-                                                 "documents": DOCUMENTS, **fields})
-    assert status == 200, f"rerank -> {status}: {body}"
-    return body
-
-
-def assert_sorted_results(results: list[dict[str, Any]]) -> None:
-    scores = [r["relevance_score"] for r in results]
-    assert scores == sorted(scores, reverse=True), f"results not sorted by relevance: {scores}"
-    indices = [r["index"] for r in results]
-    assert len(set(indices)) == len(indices) and all(0 <= i < len(DOCUMENTS) for i in indices), indices
-
-
-def test_rerank_all_documents_sorted(gateway: str) -> None:
-    body = rerank(gateway)
-    assert body["model"] == RERANK_MODEL
-    assert len(body["results"]) == len(DOCUMENTS)
-    assert_sorted_results(body["results"])
-
-
-def test_rerank_top_n_and_documents(gateway: str) -> None:
-    body = rerank(gateway, top_n=2, return_documents=True)
-    results = body["results"]
-    assert len(results) == 2, f"top_n=2 not honoured: {results}"
-    assert_sorted_results(results)
-    best = rerank(gateway)["results"][:2]
-    assert [r["index"] for r in results] == [r["index"] for r in best], "top_n did not keep the best two"
-    for r in results:
-        assert r["document"]["text"] == DOCUMENTS[r["index"]], f"document not returned: {r}"
-
-
-def test_rerank_return_documents_false_omits_documents(gateway: str) -> None:
-    """Cohere's shape: with return_documents=false a result is only index and relevance_score."""
-    results = rerank(gateway, top_n=2, return_documents=False)["results"]
-    assert len(results) == 2
-    for r in results:
-        assert not (r.get("document") or {}).get("text"), f"document returned although not asked for: {r}"
-
-
-@pytest.mark.parametrize("sides", [("text_1", "text_2"), ("queries", "documents")])
-def test_score(gateway: str, sides: tuple[str, str]) -> None:
-    first, second = sides
-    status, body = post_json(gateway + "/v1/score", {"model": RERANK_MODEL, first: "a python function",
-                                                second: DOCUMENTS[:2]})
-    assert status == 200, f"score -> {status}: {body}"
-    assert [d["index"] for d in body["data"]] == [0, 1]
-    assert all(isinstance(d["score"], float) for d in body["data"]), body
-    by_index = {r["index"]: r["relevance_score"] for r in rerank(gateway)["results"]}
-    for d in body["data"]:
-        assert abs(d["score"] - by_index[d["index"]]) < 1e-4, "score and rerank disagree on the same pair"
-
-
 # --- models -----------------------------------------------------------------------------------------
 
 
@@ -434,123 +291,3 @@ def test_models_lists_the_three_with_nebula_fields(client: openai.OpenAI, gatewa
         assert entry["phases"] == {"ready": 1}, f"{name}: phases {entry['phases']}"
     single = client.models.retrieve(CHAT_MODEL)
     assert single.id == CHAT_MODEL
-
-
-# --- the wrong endpoint for a model's task: a clear 400 from the gateway -----------------------------
-
-WRONG_TASK: list[tuple[str, str, dict[str, Any]]] = [
-    ("chat/completions", EMBED_MODEL, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
-    ("completions", RERANK_MODEL, {"prompt": "hi", "max_tokens": 4}),
-    ("embeddings", CHAT_MODEL, {"input": "hi"}),
-    ("rerank", CHAT_MODEL, {"query": "q", "documents": ["d"]}),
-    ("score", EMBED_MODEL, {"text_1": "q", "text_2": ["d"]}),
-]
-
-
-@pytest.mark.parametrize(("path", "model", "fields"), WRONG_TASK, ids=[f"{p}->{m}" for p, m, _ in WRONG_TASK])
-def test_endpoint_the_model_does_not_serve(gateway: str, path: str, model: str, fields: dict[str, Any]) -> None:
-    status, body = post_json(f"{gateway}/v1/{path}", {"model": model, **fields})
-    error = assert_error_shape(status, body, 400)
-    assert error["code"] == "model_not_supported" and error["param"] == "model", error
-    assert f"/v1/{path}" in error["message"] and model in error["message"], error["message"]
-
-
-def test_wrong_task_through_the_client(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=EMBED_MODEL, messages=HELLO, max_tokens=4)
-    assert exc.value.status_code == 400 and "task" in exc.value.message
-
-
-# --- upstream engine errors pass through ------------------------------------------------------------
-
-
-def test_engine_error_passes_through(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=MAX_MODEL_LEN * 100)
-    assert exc.value.status_code == 400
-    assert "max_model_len" in exc.value.message and str(MAX_MODEL_LEN * 100) in exc.value.message, (
-        f"not vLLM's own message: {exc.value.message}")
-
-
-def test_engine_error_passes_through_on_a_stream(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=CHAT_MODEL, messages=HELLO, max_tokens=MAX_MODEL_LEN * 100,
-                                       stream=True)
-    assert exc.value.status_code == 400 and "max_model_len" in exc.value.message, exc.value.message
-
-
-def test_engine_validation_of_an_unknown_field_passes_through(gateway: str) -> None:
-    status, body = post_json(gateway + "/v1/chat/completions", {"model": CHAT_MODEL, "messages": HELLO,
-                                                           "max_tokens": 5, "min_tokens": 10})
-    error = assert_error_shape(status, body, 400)
-    assert "min_tokens must be less than or equal to" in error["message"], error
-
-
-# --- bad input: the OpenAI error shape, the right 4xx -----------------------------------------------
-
-CHAT_OK: dict[str, Any] = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-BAD_INPUT: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
-    ("malformed-json", b'{"model": "chat", "messages": [', 400, None),
-    ("not-an-object", b"[1, 2]", 400, None),
-    ("not-utf8", b"\xff\xfe", 400, None),
-    ("deeply-nested-json", b"[" * 100_000, 400, None),
-    ("missing-model", {k: v for k, v in CHAT_OK.items() if k != "model"}, 400, "model"),
-    ("missing-messages", {"model": CHAT_MODEL, "max_tokens": 4}, 400, "messages"),
-    ("messages-wrong-type", {**CHAT_OK, "messages": "hi"}, 400, "messages"),
-    ("negative-max-tokens", {**CHAT_OK, "max_tokens": -1}, 400, "max_tokens"),
-    ("max-tokens-string", {**CHAT_OK, "max_tokens": "4"}, 400, "max_tokens"),
-    ("unknown-model", {**CHAT_OK, "model": "no-such-model"}, 404, "model"),
-]
-
-
-@pytest.mark.parametrize(("body", "status", "param"), [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
-def test_bad_input(gateway: str, body: bytes | dict[str, Any], status: int, param: str | None) -> None:
-    got, answer = post_json(gateway + "/v1/chat/completions", body)
-    error = assert_error_shape(got, answer, status)
-    if param is not None:
-        assert error["param"] == param, f"param {error['param']!r}, expected {param!r}: {error}"
-
-
-def replica_picks(gateway_url: str) -> float:
-    """Total replica picks the gateway made (one per request it forwarded to an engine)."""
-    with urllib.request.urlopen(gateway_url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("nebula_gateway_picks_total"))
-
-
-def test_rejected_requests_never_reach_an_engine(api_cluster: ApiCluster) -> None:
-    gateway = api_cluster.gateway_url
-    before = replica_picks(gateway)
-    for what, body, _, _ in BAD_INPUT:  # their statuses are test_bad_input's concern
-        assert post_json(gateway + "/v1/chat/completions", body)[0] >= 400, f"{what} was accepted"
-    for path, model, fields in WRONG_TASK:
-        assert post_json(f"{gateway}/v1/{path}", {"model": model, **fields})[0] >= 400, f"{path} -> {model} accepted"
-    assert replica_picks(gateway) == before, "a rejected request was forwarded to an engine"
-    client_ok = post_json(gateway + "/v1/chat/completions", CHAT_OK)
-    assert client_ok[0] == 200
-    assert replica_picks(gateway) == before + 1, "the picks metric does not count picks"
-
-
-def test_unknown_path_and_wrong_method(gateway: str) -> None:
-    status, body = post_json(gateway + "/v1/no-such-endpoint", CHAT_OK)
-    assert_error_shape(status, body, 404)
-    try:
-        urllib.request.urlopen(gateway + "/v1/chat/completions", timeout=10)
-    except urllib.error.HTTPError as e:
-        assert_error_shape(e.code, json.loads(e.read()), 405)
-    else:
-        raise AssertionError("GET /v1/chat/completions was answered")
-
-
-def test_oversized_body_is_413(gateway: str) -> None:
-    big = {**CHAT_OK, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
-    status, body = post_json(gateway + "/v1/chat/completions", big)
-    error = assert_error_shape(status, body, 413)
-    assert error["code"] == "request_too_large", error
-
-
-def test_unknown_model_through_the_client(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError) as exc:
-        client.embeddings.create(model="no-such-model", input="hi")
-    assert exc.value.status_code == 404 and "no-such-model" in exc.value.message
