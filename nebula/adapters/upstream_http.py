@@ -141,7 +141,9 @@ class UpstreamPool:
         self._idle: dict[_Key, list[_Connection]] = {}
         self._targets: dict[str, tuple[_Key, str]] = {}
         self._closed = False
-        self._deadlines: Deadlines | None = None  # every response's timeout, on one timer
+        # The loop (kept: on Python 3.11 each get_running_loop() is a getpid() system call) and every
+        # response's timeout on one of its timers; made on first use, as the pool is built before its loop runs.
+        self._running: tuple[asyncio.AbstractEventLoop, Deadlines] | None = None
 
     def idle_count(self, endpoint: str) -> int:
         return len(self._idle.get(_target(endpoint)[0], ()))
@@ -166,10 +168,11 @@ class UpstreamPool:
             raise ValueError("a header name or value holds a line break")
         data = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
                 .encode("utf-8", "surrogateescape") + body)
-        loop = asyncio.get_running_loop()
-        deadlines = self._deadlines
-        if deadlines is None:  # made on first use: the pool is built before its loop runs
-            deadlines = self._deadlines = Deadlines(loop)
+        running = self._running
+        if running is None:
+            loop = asyncio.get_running_loop()
+            running = self._running = (loop, Deadlines(loop))
+        loop, deadlines = running
         deadline = loop.time() + timeout_s
         while True:
             conn = self._take_idle(key)

@@ -3,6 +3,8 @@ id, the key, the unlimited-key shortcut and a limited key's slot, taken and give
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from nebula.core import records
@@ -31,9 +33,13 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def test_a_request_is_named_by_its_client_when_the_id_is_acceptable() -> None:
-    assert RequestPipeline.name({"X-Request-ID": "req-42"}) == "req-42"
-    for bad in ({"X-Request-ID": "a b\x00"}, {"X-Request-ID": "x" * 500}, {}):
-        assert len(RequestPipeline.name(bad)) == 32  # a new id instead
+    pipeline, _ = pipeline_with()
+    assert pipeline.name({"X-Request-ID": "req-42"}) == "req-42"
+    made = [pipeline.name(bad) for bad in ({"X-Request-ID": "a b\x00"}, {"X-Request-ID": "x" * 500}, {})]
+    assert all(re.fullmatch("[0-9a-f]{32}", rid) for rid in made)  # a new id instead
+    # Each pipeline (one per worker process) draws its own ids: two do not repeat each other's.
+    other, _ = pipeline_with()
+    assert len({pipeline.name({}) for _ in range(1000)} | {other.name({}) for _ in range(1000)}) == 2000
 
 
 def test_an_unlimited_key_holds_nothing_and_an_open_path_needs_no_key() -> None:

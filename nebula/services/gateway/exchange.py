@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -17,9 +18,9 @@ _ACCEPTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 REQUEST_ID = web.RequestKey("nebula_request_id", str)
 
 
-def new_request_id(incoming: str | None) -> str:
-    """The client's X-Request-ID when acceptable, else a new id."""
-    return incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else secrets.token_hex(16)
+def new_request_id(incoming: str | None, random_bits: Callable[[int], int] = secrets.randbits) -> str:
+    """The client's X-Request-ID when acceptable, else a new id: 32 hex digits from `random_bits`."""
+    return incoming if incoming and _ACCEPTABLE_ID.fullmatch(incoming) else f"{random_bits(128):032x}"
 
 
 def request_id(request: web.Request) -> str:

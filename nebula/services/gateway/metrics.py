@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
+
+from nebula.services.gateway.loop_metrics import LoopMetrics
 
 # Inference latency spans milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -41,23 +43,25 @@ class Children(Generic[M]):
 
 
 class GatewayMetrics:
+    """The request series: updated on every request, so counted without locks (loop_metrics.py)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Children(Counter(
+        families = LoopMetrics(registry)
+        self.requests = families.counter(
             "nebula_gateway_requests", "Inference requests by model, endpoint, status.",
-            ["model", "endpoint", "status"], registry=registry))
-        self.latency = Children(Histogram(
+            ["model", "endpoint", "status"])
+        self.latency = families.histogram(
             "nebula_gateway_request_duration_seconds", "Time from request to the last byte of the response.",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=registry))
-        self.ttft = Children(Histogram(
+            ["model", "endpoint"], LATENCY_BUCKETS)
+        self.ttft = families.histogram(
             "nebula_gateway_ttft_seconds", "Time from request to the first byte of the engine's answer (for a "
-            "stream: its first token), chat and completions only.", ["model", "endpoint"], buckets=TTFT_BUCKETS,
-            registry=registry))
-        self.itl = Children(Histogram(
+            "stream: its first token), chat and completions only.", ["model", "endpoint"], TTFT_BUCKETS)
+        self.itl = families.histogram(
             "nebula_gateway_inter_token_latency_seconds", "Mean gap between the streamed events of one response "
-            "(one observation per stream).", ["model", "endpoint"], buckets=ITL_BUCKETS, registry=registry))
-        self.inflight = Children(Gauge(
-            "nebula_gateway_inflight_requests", "Inference requests being served.", ["endpoint"],
-            registry=registry))
+            "(one observation per stream).", ["model", "endpoint"], ITL_BUCKETS)
+        self.inflight = families.gauge(
+            "nebula_gateway_inflight_requests", "Inference requests being served.", ["endpoint"])
+        families.register()
         self.connections = ConnectionMetrics(registry)
 
 

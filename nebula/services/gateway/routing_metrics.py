@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from nebula.core.model import Phase
 from nebula.services.gateway.load import Clock
-from nebula.services.gateway.metrics import Children
+from nebula.services.gateway.loop_metrics import LoopMetrics
 from nebula.services.gateway.replicas import ReplicaTable
 
 
@@ -78,12 +78,11 @@ class RoutingMetrics:
     """Counters of the forwarding path (the table's gauges are computed at scrape time, above)."""
 
     def __init__(self, registry: CollectorRegistry, table: ReplicaTable, clock: Clock) -> None:
-        self.picks = Children(Counter("nebula_gateway_picks", "Replica picks (one per attempt).",
-                                      ["model", "instance"], registry=registry))
-        self.retries = Children(Counter("nebula_gateway_retries",
-                                        "Attempts retried on another replica, by reason.",
-                                        ["model", "reason"], registry=registry))
-        self.no_replica = Children(Counter("nebula_gateway_no_replica",
-                                           "Requests answered 503: no replica for them.",
-                                           ["model"], registry=registry))
+        families = LoopMetrics(registry)  # the picks count on every request: without locks (loop_metrics.py)
+        self.picks = families.counter("nebula_gateway_picks", "Replica picks (one per attempt).", ["model", "instance"])
+        self.retries = families.counter("nebula_gateway_retries", "Attempts retried on another replica, by reason.",
+                                        ["model", "reason"])
+        self.no_replica = families.counter("nebula_gateway_no_replica", "Requests answered 503: no replica for them.",
+                                           ["model"])
+        families.register()
         registry.register(_TableCollector(table, clock))

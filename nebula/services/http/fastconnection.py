@@ -27,13 +27,14 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class FastConnection(asyncio.Protocol):
-    __slots__ = ("_buf", "_close_after", "_discarding", "_drain", "_linger_timer", "_lost", "_reading_paused",
+    __slots__ = ("_buf", "_close_after", "_discarding", "_drain", "_linger_timer", "_loop", "_lost", "_reading_paused",
                  "_server", "_started", "_task", "_ticket", "_timed_out", "_transport", "_waiting",
                  "blocked_since", "deadline", "deadline_kind", "idle_since", "reserve")
 
     def __init__(self, server: FastServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # kept: on Python 3.11 each call is a getpid() system call
         self._buf: bytes | bytearray = b""
         # The request whose head was read and whose body is still arriving.
         self._waiting: tuple[RequestHead, Route, FastRequest] | None = None
@@ -243,7 +244,7 @@ class FastConnection(asyncio.Protocol):
                 self._next_request()
                 continue
             self._expect("request", self._started + self._server.limits.request_timeout_s)
-            self._task = asyncio.get_running_loop().create_task(self._answer(route, request, reply))
+            self._task = self._loop.create_task(self._answer(route, request, reply))
 
     def _next_request(self) -> None:
         """Between requests: idle when nothing of the next one is here yet, else its head is due."""
