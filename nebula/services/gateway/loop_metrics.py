@@ -96,7 +96,7 @@ class LoopMetrics(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._counters: list[LoopFamily[LoopCounter]] = []
         self._gauges: list[LoopFamily[LoopGauge]] = []
-        self._histograms: list[tuple[LoopFamily[LoopHistogram], tuple[float, ...]]] = []
+        self._histograms: list[tuple[LoopFamily[LoopHistogram], list[str]]] = []  # with each bucket's `le`
         self._registry = registry
 
     def counter(self, name: str, doc: str, labelnames: Sequence[str]) -> LoopFamily[LoopCounter]:
@@ -113,7 +113,7 @@ class LoopMetrics(Collector):
                   buckets: Sequence[float]) -> LoopFamily[LoopHistogram]:
         bounds = tuple(sorted(float(b) for b in buckets if b != math.inf))  # +Inf's bucket is always there
         family = LoopFamily(name, doc, labelnames, lambda: LoopHistogram(bounds))
-        self._histograms.append((family, bounds))
+        self._histograms.append((family, [_le(b) for b in bounds] + ["+Inf"]))
         return family
 
     def register(self) -> None:
@@ -122,32 +122,29 @@ class LoopMetrics(Collector):
         self._registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
+        return self._exposed(samples=True)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: what the registry checks names against."""
+        return self._exposed(samples=False)
+
+    def _exposed(self, samples: bool) -> Iterator[Metric]:
         for c in self._counters:
             counters = CounterMetricFamily(c.name, c.doc, labels=c.labelnames)
-            for labels, counter in c.children.items():
+            for labels, counter in c.children.items() if samples else ():
                 counters.add_metric(labels, counter.value)
             yield counters
         for g in self._gauges:
             gauges = GaugeMetricFamily(g.name, g.doc, labels=g.labelnames)
-            for labels, gauge in g.children.items():
+            for labels, gauge in g.children.items() if samples else ():
                 gauges.add_metric(labels, gauge.value)
             yield gauges
-        for h, bounds in self._histograms:
+        for h, les in self._histograms:
             histograms = HistogramMetricFamily(h.name, h.doc, labels=h.labelnames)
-            les = [_le(b) for b in bounds] + ["+Inf"]
-            for labels, histogram in h.children.items():
+            for labels, histogram in h.children.items() if samples else ():
                 total, buckets = 0, []
                 for le, count in zip(les, histogram.counts, strict=True):
                     total += count
                     buckets.append((le, float(total)))
                 histograms.add_metric(labels, buckets, histogram.sum)
             yield histograms
-
-    def describe(self) -> Iterator[Metric]:
-        """The families without samples: what the registry checks names against."""
-        for c in self._counters:
-            yield CounterMetricFamily(c.name, c.doc, labels=c.labelnames)
-        for g in self._gauges:
-            yield GaugeMetricFamily(g.name, g.doc, labels=g.labelnames)
-        for h, _ in self._histograms:
-            yield HistogramMetricFamily(h.name, h.doc, labels=h.labelnames)
