@@ -19,8 +19,7 @@ bytes, whole and split), since the client takes ProtocolError for a failed attem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
@@ -38,8 +37,9 @@ class _Refused(Exception):
     """Raised inside an llhttp callback; feed() turns it into ProtocolError with the reason kept here."""
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
+    """A parsed head; a NamedTuple, as the request's (http1_request.RequestHead): built once per response."""
+
     status: int
     reason: str
     # In the order sent, names as sent; values decoded as latin-1 (RFC 9110 5.5: octets, not text).
@@ -71,11 +71,13 @@ class ResponseParser:
     bytes, and a connection that does is not reused.
     """
 
-    __slots__ = ("_complete", "_fields", "_head", "_head_seen", "_interim", "_llhttp", "_passthrough", "_pieces",
-                 "_reason", "_refusal", "_sink", "_started", "_state")
+    __slots__ = ("_complete", "_fields", "_head", "_head_seen", "_interim", "_kept_alive", "_llhttp", "_passthrough",
+                 "_pieces", "_reason", "_refusal", "_sink", "_started", "_state")
 
     def __init__(self, sink: ResponseSink | None = None) -> None:
         self._sink = sink
+        self._state = _HEAD
+        self._kept_alive = False  # the last head let the connection go on (llhttp's own flag is reset by then)
         self._begin()
 
     def reset(self, sink: ResponseSink) -> None:
@@ -83,9 +85,13 @@ class ResponseParser:
         self._begin()
 
     def _begin(self) -> None:
-        self._llhttp = httptools.HttpResponseParser(self)
-        # RFC 9112 6.3: chunked wins over a Content-Length, which is then not trusted (llhttp would refuse it).
-        self._llhttp.set_dangerous_leniencies(lenient_chunked_length=True)
+        # After a whole keep-alive response llhttp waits for the next message, so its parser is kept: a new one
+        # and its leniency cost 0.4 us a response. After anything else (a first response, one cut short, a
+        # failure) a new one starts clean.
+        if self._state != _DONE or not self._kept_alive:
+            self._llhttp = httptools.HttpResponseParser(self)
+            # RFC 9112 6.3: chunked wins over a Content-Length, which is then not trusted (llhttp would refuse it).
+            self._llhttp.set_dangerous_leniencies(lenient_chunked_length=True)
         self._state = _HEAD
         self._started = self._complete = self._interim = self._passthrough = False
         self._head: ResponseHead | None = None
@@ -202,8 +208,8 @@ class ResponseParser:
             length = None
         keep_alive = self._llhttp.should_keep_alive()
         until_close = not chunked and length is None and status not in _NO_BODY
-        self._head = ResponseHead(status, reason.decode("latin-1"), tuple(headers), length,
-                                  keep_alive and not until_close, chunked)
+        self._kept_alive = keep_alive and not until_close
+        self._head = ResponseHead(status, reason.decode("latin-1"), tuple(headers), length, self._kept_alive, chunked)
         self._state = _UNTIL_CLOSE if until_close else _BODY
 
     def on_body(self, data: bytes) -> None:

@@ -86,6 +86,8 @@ def test_every_running_service_passes_promtool_check_metrics(api_cluster: ApiClu
         res = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
         assert res.returncode == 0, f"{group['labels']['job']}: {(res.stdout + res.stderr).decode()}"
         assert f"nebula_{group['labels']['service'].replace('node', 'agent')}_" in text
+        # The collector's own figures (runtime.settle_heap tunes it), on each service's registry.
+        assert 'python_gc_collections_total{generation="0"}' in text
 
 
 @dataclass

@@ -170,6 +170,40 @@ def test_reset_parses_the_next_response() -> None:
     assert sink.completed == 2
 
 
+def test_a_keep_alive_connection_parses_every_framing_in_turn() -> None:
+    """One parser for a connection's life: after each whole response the next, of any framing, parses alike
+    (llhttp's parser is kept between them)."""
+    sink = Sink()
+    parser = ResponseParser(sink)
+    for raw in [FIXED, CHUNKED, b"HTTP/1.1 100 Continue\r\n\r\n" + FIXED, CHUNKED, FIXED]:
+        parser.reset(sink)
+        parser.feed(raw)
+        assert parser.done
+    assert sink.completed == 5
+    assert [h.status for h in sink.heads] == [200] * 5
+
+
+def test_a_response_cut_short_leaves_nothing_behind_for_the_next() -> None:
+    """A response abandoned mid-body (the connection is closed, but the parser is reset all the same) leaves no
+    state in llhttp for the next: the next response is read from its first byte."""
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(FIXED[:-3])
+    parser.reset(sink)
+    parser.feed(FIXED)
+    assert parser.done and sink.completed == 1
+
+
+def test_after_a_closing_response_the_next_is_parsed_from_scratch() -> None:
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.feed(FIXED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+    assert parser.done and not sink.heads[0].keep_alive
+    parser.reset(sink)
+    parser.feed(FIXED)
+    assert parser.done and sink.completed == 2
+
+
 def test_a_parser_given_no_response_refuses_bytes() -> None:
     with pytest.raises(ProtocolError, match="no response was expected"):
         ResponseParser().feed(FIXED)

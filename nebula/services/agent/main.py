@@ -37,7 +37,14 @@ from nebula.services.agent.health import EngineHealth
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.cluster.mirror import Mirror, MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_record, keep_registered, service_record
-from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
+from nebula.services.runtime import (
+    metrics_route,
+    node_name,
+    run_tasks_until,
+    serve_until_cancelled,
+    service_context,
+    settle_heap,
+)
 
 log = logging.getLogger("nebula.agent")
 # One runtime-LoRA call to an engine (a load reads the adapter's weights from disk).
@@ -131,7 +138,8 @@ async def run_agent(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                                             cfg.cluster.lease_ttl_s, "engine log access"), name="log-access"),
             asyncio.create_task(serve_until_cancelled(app, cfg.node.host, cfg.node.port, svc.notifier,
                                                       f"node agent {node.name}",
-                                                      agent.status_line, healthy=mirrors.live), name="http"),
+                                                      agent.status_line, healthy=mirrors.live,
+                                                      listening_hook=settle_heap), name="http"),
         ]
         try:
             await run_tasks_until(svc.stop, tasks)

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import aiohttp
@@ -219,9 +219,11 @@ def with_bootstrap_key(cfg: GatewayConfig) -> GatewayConfig:
 
 
 async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegistry,
-                        notifier: Notifier, worker: int | None = None) -> None:
+                        notifier: Notifier, worker: int | None = None,
+                        listening_hook: Callable[[], None] = lambda: None) -> None:
     """Serve the gateway on cfg.gateway.host:port until cancelled (READY=1 once listening); `worker`: its index
-    among several (SO_REUSEPORT; per-key limits counted with the others through the supervisor's table)."""
+    among several (SO_REUSEPORT; per-key limits counted with the others through the supervisor's table);
+    `listening_hook`: run once it listens (the gateway's own process: runtime.settle_heap)."""
     # The bootstrap admin key: the gateway reads its digest; the key itself stays root's (docs/security.md).
     gw = with_bootstrap_key(cfg.gateway)
     app = build_gateway_app(gw, store, registry, tracing=cfg.tracing, engine=cfg.engine,
@@ -235,4 +237,4 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
                                 site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, worker is not None),
-                                healthy=app[GATEWAY].mirrors.live)
+                                healthy=app[GATEWAY].mirrors.live, listening_hook=listening_hook)

@@ -17,7 +17,14 @@ from nebula.services.gateway.app import serve_gateway, with_bootstrap_key
 from nebula.services.gateway.console_session import SECRET_ENV, new_console_secret
 from nebula.services.gateway.workers import supervise_workers, worker_command
 from nebula.services.registration import keep_registered, service_record
-from nebula.services.runtime import node_name, run_tasks_until, serve_metrics, service_context, stop_on_signals
+from nebula.services.runtime import (
+    node_name,
+    run_tasks_until,
+    serve_metrics,
+    service_context,
+    settle_heap,
+    stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,8 @@ async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | N
                 cfg.gateway.worker_metrics_port + worker if cfg.gateway.worker_metrics_port else 0))
             record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
         await run_tasks_until(svc.stop, [
-            asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier, worker), name="gateway"),
+            asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier, worker,
+                                                      listening_hook=settle_heap), name="gateway"),
             asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s), name="registration"),
         ])
 

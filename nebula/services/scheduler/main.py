@@ -13,7 +13,14 @@ from nebula.core.discovery import ServiceKind
 from nebula.core.rollout import RolloutTiming
 from nebula.services.cluster.mirror import MirrorMetrics, MirrorSet
 from nebula.services.registration import keep_registered, service_record
-from nebula.services.runtime import metrics_route, node_name, run_tasks_until, serve_until_cancelled, service_context
+from nebula.services.runtime import (
+    metrics_route,
+    node_name,
+    run_tasks_until,
+    serve_until_cancelled,
+    service_context,
+    settle_heap,
+)
 from nebula.services.scheduler.rollout import Rollouts
 from nebula.services.scheduler.scaling import defaults_from
 from nebula.services.scheduler.scheduler import Scheduler
@@ -42,6 +49,7 @@ async def run_scheduler(cfg: NebulaConfig, env: Mapping[str, str]) -> None:
                                                 cfg.cluster.lease_ttl_s), name="registration"),
             asyncio.create_task(serve_until_cancelled(
                 app, cfg.scheduler.host, cfg.scheduler.port, svc.notifier, f"scheduler {identity}",
-                lambda: "leader" if sched.is_leader else "standby", healthy=mirrors.live), name="http"),
+                lambda: "leader" if sched.is_leader else "standby", healthy=mirrors.live,
+                listening_hook=settle_heap), name="http"),
         ]
         await run_tasks_until(svc.stop, tasks)
