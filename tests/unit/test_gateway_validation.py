@@ -28,6 +28,12 @@ INVALID = [
     ("chat/completions", b"{not json", None),
     ("chat/completions", b"[1, 2]", None),
     ("chat/completions", b"", None),
+    # Not JSON by RFC 8259, though json.loads takes the first (validation.parse_body).
+    ("chat/completions", json.dumps({**CHAT, "temperature": float("nan")}).encode(), None),
+    ("chat/completions", json.dumps(CHAT).encode().replace(b'"', b'"\xff', 1), None),  # not UTF-8
+    ("chat/completions", b"[" * 5000 + b"]" * 5000, None),
+    # An integer beyond 64 bits is read as a number that is not an integer.
+    ("chat/completions", json.dumps({**CHAT, "max_tokens": 2**64}).encode(), "max_tokens"),
     ("chat/completions", json.dumps({"messages": CHAT["messages"]}).encode(), "model"),
     ("chat/completions", json.dumps({**CHAT, "model": 7}).encode(), "model"),
     ("chat/completions", json.dumps({**CHAT, "model": ""}).encode(), "model"),

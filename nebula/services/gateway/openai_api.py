@@ -25,7 +25,7 @@ from aiohttp import web
 from nebula.adapters.upstream_http import UpstreamError
 from nebula.adapters.upstream_response import UpstreamResponse
 from nebula.core.apikeys import KeyRecord
-from nebula.core.model import Task, loads
+from nebula.core.model import Task
 from nebula.core.routing import prefix_key
 from nebula.errors import ValidationError
 from nebula.services.gateway.auth import check_model_allowed, model_allowed, request_key
@@ -34,7 +34,7 @@ from nebula.services.gateway.forward import Respond, Target, forward
 from nebula.services.gateway.lora_routing import adapter_entries, find_adapter, resolve_model
 from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.stored_responses import create_target
-from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request
+from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request, parse_body
 from nebula.services.http.errors import ApiError, Handler, unavailable
 from nebula.services.http.relay import RelayStats, forward_headers, relay
 from nebula.services.http.reply import AiohttpReply, Reply, send_json
@@ -76,7 +76,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
     inflight = st.metrics.inflight(path)
     inflight.inc()
     try:
-        body = loads(call.body)
+        body = parse_body(call.body)
         model = check_request(endpoint, body)
         # Before the lookup: a key restricted to other models learns nothing about which exist.
         check_model_allowed(call.key, model)
