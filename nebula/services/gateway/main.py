@@ -41,7 +41,7 @@ async def run_gateway(cfg: NebulaConfig, env: Mapping[str, str], worker: int | N
             record = replace(record, address=advertised_address(cfg.gateway.host, port, cfg.node.address))
         await run_tasks_until(svc.stop, [
             asyncio.create_task(serve_gateway(cfg, svc.store, svc.registry, svc.notifier, worker,
-                                                      listening_hook=settle_heap), name="gateway"),
+                                              listening_hook=settle_heap), name="gateway"),
             asyncio.create_task(keep_registered(svc.store, record, cfg.cluster.lease_ttl_s), name="registration"),
         ])
 
