@@ -52,11 +52,15 @@ class UnitCluster:
 @pytest.fixture(scope="module")
 def unit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnitCluster]:
     venv = required_path("NEBULA_TEST_VLLM_VENV")
-    etcd = EtcdServer.launch(tmp_path_factory.mktemp("sd-etcd"))
     uv = os.environ.get("UV") or shutil.which("uv")
     if not uv:
         pytest.fail("uv is needed to install this checkout inside the sandbox (scripts/test.sh provides it)")
-    sandbox = up([REPO_ROOT], name=f"cluster-{os.getpid()}")
+    etcd = EtcdServer.launch(tmp_path_factory.mktemp("sd-etcd"))
+    try:
+        sandbox = up([REPO_ROOT], name=f"cluster-{os.getpid()}")
+    except BaseException:
+        etcd.stop()  # the sandbox never came up: its teardown below will not run
+        raise
     try:
         ports = {svc: free_port() for svc in CONTROL_PLANE}
         engine_base = free_port_range(20)
