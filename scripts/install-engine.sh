@@ -211,8 +211,23 @@ fi
 # Check the runtime really starts (imports torch, vLLM and its version lookup) before declaring it good.
 # Offline and without usage stats, as the engines run. `vllm --version` only warns when vLLM's compiled
 # extension cannot load (a system library missing: libnuma1 on a minimal Debian), and every engine would then
-# fail to start: import it first (the CPU build; the CUDA build's needs the GPU driver, absent on CI).
-if [[ -n $cpu_version ]] && ! out=$("$venv/bin/python" -c 'import vllm._C' 2>&1); then
+# fail to start: load it first (the CPU build; the CUDA build's needs the GPU driver, absent on CI). The CPU
+# build ships one library per x86 instruction set and vLLM loads the one this CPU runs
+# (vllm/platforms/cpu.py, import_kernels): `import vllm._C` alone dies of SIGILL on a CPU without AVX-512.
+# Each of them is named _C inside, so importing _C_AVX2 or _C_AVX512 by name ends in the ImportError
+# "does not define module export function" after the library has loaded: that one is success.
+kernel_check='
+import importlib, platform, sys, torch
+name = "vllm._C"
+if platform.machine() in ("x86_64", "AMD64") and not torch.cpu._is_avx512_bf16_supported():
+    name = "vllm._C_AVX512" if torch.cpu._is_avx512_supported() else "vllm._C_AVX2"
+try:
+    importlib.import_module(name)
+except ImportError as e:
+    if "does not define module export function" not in str(e):
+        sys.exit(f"{name}: {e}")
+'
+if [[ -n $cpu_version ]] && ! out=$("$venv/bin/python" -c "$kernel_check" 2>&1); then
     printf '%s\n' "$out" | tail -n 5 >&2
     echo "install-engine: vLLM's compiled extension does not load in $venv; a missing system library is named" \
          "above (libnuma.so.1: apt-get install libnuma1), install it and rerun" >&2
