@@ -19,7 +19,7 @@ from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.services.gateway.app import serve_gateway
-from nebula.services.http.relay import forward_headers
+from nebula.services.http.relay import forward_headers, skipped_with
 from tests.unit.fake_engine import FakeEngine, completion_bytes, put_instance, sse_chunks, until
 from tests.unit.gateway_forward_fixtures import (
     CHAT,
@@ -134,6 +134,17 @@ def test_forwarded_headers_are_end_to_end_only_and_json() -> None:
     assert forward_headers(sent, {"Content-Type": "application/json"}) == {
         "X-Tag": "a, b", "Accept-Encoding": "identity", "Content-Type": "application/json"}
     assert forward_headers(CIMultiDict([("accept-encoding", "gzip")]))["accept-encoding"] == "gzip"
+
+
+def test_a_skip_set_made_once_forwards_what_one_made_per_call_does() -> None:
+    # openai_api makes its skip set once: a client's own X-Request-ID or content-type, in any case, must still
+    # give way to the gateway's, leaving one field of each.
+    sent = CIMultiDict([("x-request-id", "client"), ("CONTENT-TYPE", "text/plain"), ("X-Tag", "a"),
+                        ("Authorization", "Bearer k")])
+    extra = {"Content-Type": "application/json", "X-Request-ID": "gw"}
+    once = forward_headers(sent, extra, skipped_with(*extra))
+    assert once == forward_headers(sent, extra) == {
+        "X-Tag": "a", "Accept-Encoding": "identity", "Content-Type": "application/json", "X-Request-ID": "gw"}
 
 
 async def test_a_connection_aiohttp_takes_over_keeps_serving_inference(make_gateway: MakeGateway,

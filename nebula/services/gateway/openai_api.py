@@ -36,7 +36,7 @@ from nebula.services.gateway.state import GATEWAY, GatewayState
 from nebula.services.gateway.stored_responses import create_target
 from nebula.services.gateway.validation import ENDPOINTS, Endpoint, check_request, parse_body
 from nebula.services.http.errors import ApiError, Handler, unavailable
-from nebula.services.http.relay import RelayStats, forward_headers, relay
+from nebula.services.http.relay import RelayStats, forward_headers, relay, skipped_with
 from nebula.services.http.reply import AiohttpReply, Reply, send_json
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
 # The body is always the client's JSON, whatever Content-Type the client claimed.
 _JSON = {"Content-Type": "application/json"}
+# The client headers an inference request does not forward: the gateway sets these two itself.
+_FORWARD_SKIP = skipped_with(*_JSON, REQUEST_ID_HEADER)
 # Endpoints whose requests go to particular replicas, or with a body per replica: (state, parsed body, raw
 # body, the model's target) -> the request's target.
 Aim = Callable[[GatewayState, Mapping[str, Any], bytes, Target], Target]
@@ -106,7 +108,7 @@ async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, repl
         if path == "rerank" and isinstance(body, dict) and body.get("return_documents") is False:
             respond = _rerank_without_documents
         # vLLM takes X-Request-ID as its own request id, so its logs name the same request.
-        headers = forward_headers(call.headers, {**_JSON, REQUEST_ID_HEADER: ex.request_id})
+        headers = forward_headers(call.headers, {**_JSON, REQUEST_ID_HEADER: ex.request_id}, _FORWARD_SKIP)
         if st.tracer is not None:
             span = st.tracer.start(f"POST /v1/{path}", call.headers, headers,
                                    {"nebula.model": model, "nebula.request_id": ex.request_id})

@@ -29,16 +29,25 @@ _SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "t
                             "transfer-encoding", "upgrade", "server", "date", "content-length", "x-request-id"})
 
 
-def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def skipped_with(*names: str) -> frozenset[str]:
+    """The client headers forward_headers drops when the gateway sets `names` itself (its `extra`): for a
+    caller whose `extra` always has the same names, made once instead of on every request."""
+    return _SKIP_REQUEST | {n.lower() for n in names}
+
+
+def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None = None,
+                    skip: frozenset[str] | None = None) -> dict[str, str]:
     """The request headers to send upstream: end-to-end ones only, credentials (Authorization, and the
     x-api-key Anthropic's clients send) stripped; `extra` replaces
-    any client header of the same name (compared without case).
+    any client header of the same name (compared without case). `skip`: skipped_with(*extra), when the
+    caller made it already.
 
     A header the client repeated is joined into one comma-separated field, which RFC 9110 5.3 makes
     equivalent. Accept-Encoding is pinned (identity unless the client asked): a request without one lets
     the server pick any coding (RFC 9110 12.5.3), and the relay passes bytes as they come.
     """
-    skip = _SKIP_REQUEST if not extra else _SKIP_REQUEST | {k.lower() for k in extra}
+    if skip is None:
+        skip = _SKIP_REQUEST if not extra else skipped_with(*extra)
     out: dict[str, str] = {}
     accept_encoding = False
     for k, v in headers.items():

@@ -1,0 +1,33 @@
+"""scripts/bench_request_path.py, briefly: the in-process measure of the gateway's Python per request must keep
+running against the real app (a changed constructor or port would otherwise break it unseen), and it must stop
+rather than time requests the gateway refused. The figures themselves are not judged (a timed test is noise)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench_request_path.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_it_times_whole_and_streamed_answers_through_the_real_gateway() -> None:
+    proc = _run("--n", "40", "--tokens", "4", "--profile")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = dict(re.findall(r"^(non-streamed|streamed) request.*: ([0-9.]+) us", proc.stdout, re.M))
+    assert set(figures) == {"non-streamed", "streamed"}, proc.stdout
+    assert all(float(us) > 0 for us in figures.values()), figures
+    # The profile names the request path's own functions: the requests went through the data-plane server.
+    assert "fastconnection.py" in proc.stdout and "serve_inference" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_it_stops_when_the_gateway_refuses_the_requests() -> None:
+    proc = _run("--n", "5", "--key", "not-the-key")
+    assert proc.returncode != 0
+    assert "HTTP/1.1 401" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
