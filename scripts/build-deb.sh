@@ -19,8 +19,8 @@
 # Environment: NEBULA_WHEELHOUSE (wheelhouse cache root, default ~/.cache/nebula/deb-wheelhouse),
 # UV (the uv binary; default: the caller's `uv`; without one, Debian's pip does the same, slower),
 # SOURCE_DATE_EPOCH (default: the changelog's date), NEBULA_CACHE (the roots: scripts/debian-root.sh).
-# Needs: python3 python3-venv python3-pip dpkg-dev lintian (+ uv); another release: root, debootstrap.
-# Nothing is compiled.
+# Needs: python3 python3-venv python3-pip dpkg-dev lintian gcc python3-dev (+ uv); another release: root,
+# debootstrap. The only code compiled is the gateway's data path (scripts/compile_data_path.py, with mypyc).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -215,6 +215,34 @@ else
         "$work"/wheel/nebula-*.whl
     "${pip[@]}" check >/dev/null || { "${pip[@]}" check >&2; die "the venv is inconsistent: run --relock"; }
 fi
+
+# --- the compiled data path ----------------------------------------------------------------------------
+# The gateway's request and answer parsing, request rules and relay, compiled with mypyc beside their sources
+# in the venv (Python imports an extension module before its .py): a quarter less of the gateway's Python per
+# request, 4% less of its whole CPU at the median (scripts/compile_data_path.py has the figures). This
+# release's Python compiles them in a throw-away venv that holds the locked dependencies (mypy reads their
+# types) and mypy and setuptools at the test lock's versions, cached beside the wheelhouse, so only a
+# machine's first build fetches them.
+tools=$work/compile-venv
+site=$venv/lib/python$pyver/site-packages
+"$python" -m venv --without-pip "$tools"
+if [[ -n $uv ]]; then
+    UV_CACHE_DIR=$wh_root/uv-cache "$uv" pip install --quiet --python "$tools/bin/python" --find-links "$wh" \
+        -c "$repo/tests/requirements.lock" -r "$work/pins.txt" mypy setuptools 2>"$work/compile.log"
+else
+    "$python" -m pip --disable-pip-version-check --python "$tools/bin/python" install --quiet \
+        --cache-dir "$wh_root/pip-cache" --find-links "$wh" -c "$repo/tests/requirements.lock" -r "$work/pins.txt" \
+        mypy setuptools 2>"$work/compile.log"
+fi || { cat "$work/compile.log" >&2; die "installing mypy to compile the data path failed"; }
+"$tools/bin/python" "$repo/scripts/compile_data_path.py" "$work/src" --install "$site" >"$work/compiled" \
+    2>"$work/compile.log" \
+    || { cat "$work/compile.log" >&2; die "compiling the data path failed (it needs gcc and python$pyver-dev)"; }
+# Listed in nebula's RECORD (the hashes are filled in below, with every other row's).
+record=$(echo "$site"/nebula-*.dist-info/RECORD)
+sed "s|^$site/||; s|\$|,,|" "$work/compiled" >>"$record"
+"$venv/bin/python" "$repo/scripts/compile_data_path.py" --check "$site" \
+    || die "the venv does not load the compiled data path"
+log "compiled the data path: $(wc -l <"$work/compiled") extension modules"
 
 # /etc/nebula: the repository's etc/nebula/*.toml, each a conffile (the reference nebula.toml, every setting
 # documented and commented out; the model catalog; other shipped data files). Admins put their settings in

@@ -30,9 +30,10 @@ command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install d
 
 # What the root holds: a bootable systemd (the package test), the package's dependencies (so `apt install
 # ./nebula_*.deb` resolves offline), and the build's tools (trixie's python3.13 makes the staged venv,
-# dpkg-dev computes its shared-library dependencies, trixie's lintian checks the result).
+# dpkg-dev computes its shared-library dependencies, trixie's lintian checks the result, gcc and python3-dev
+# compile the gateway's data path for trixie's Python: scripts/compile_data_path.py).
 packages=systemd,systemd-sysv,dbus,polkitd,libsystemd0,python3,python3-venv,python3-pip,ca-certificates
-packages+=,dpkg-dev,binutils,lintian,procps,iproute2
+packages+=,dpkg-dev,binutils,lintian,procps,iproute2,gcc,python3-dev
 # Virtual packages debootstrap cannot resolve by itself: polkitd needs a logind (libpam-systemd provides
 # default-logind), lintian's libnet-ssleay-perl needs perl-openssl-abi-3.
 packages+=,libpam-systemd,perl-openssl-defaults

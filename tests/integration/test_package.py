@@ -10,9 +10,11 @@ debootstrapped trixie root (scripts/debian-root.sh). Either way apt adds nebula 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -36,6 +38,19 @@ pytestmark = [pytest.mark.package, pytest.mark.systemd, pytest.mark.etcd]
 # Every nebula-*.service of units/ but the engine template (as scripts/build-deb.sh fills in the maintainer
 # scripts): gateway, scheduler, node.
 CONTROL_PLANE = tuple(sorted(p.name for p in (REPO_ROOT / "units").glob("nebula-*.service") if "@" not in p.name))
+
+
+def _compiled_modules() -> tuple[str, ...]:
+    """The modules the package ships compiled (scripts/compile_data_path.py's MODULES), as import names."""
+    spec = importlib.util.spec_from_file_location("compile_data_path", REPO_ROOT / "scripts/compile_data_path.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return tuple(m.removesuffix(".py").replace("/", ".") for m in script.MODULES)
+
+
+COMPILED = _compiled_modules()
+
 # Debian's tools, Debian's Python: pyenv shims on PATH would otherwise win (see the packaging notes).
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-install-recommends",
@@ -133,7 +148,15 @@ def test_package_layout(packages: dict[str, Package], release: str) -> None:
     assert os.readlink(t / "usr/bin/nebula") == "/opt/nebula/venv/bin/nebula"
     assert (t / "opt/nebula/venv/bin/nebula").read_text().startswith("#!/opt/nebula/venv/bin/python\n")
     assert "/opt/nebula/venv" in (t / "opt/nebula/venv/pyvenv.cfg").read_text()
-    assert (t / f"opt/nebula/venv/lib/python{python}/site-packages/nebula").is_dir()
+    site = t / f"opt/nebula/venv/lib/python{python}/site-packages"
+    assert (site / "nebula").is_dir()
+    # The compiled data path, for this release's Python, beside its sources and listed in nebula's RECORD.
+    record = next(site.glob("nebula-*.dist-info")).joinpath("RECORD").read_text()
+    tag = f"cpython-{python.replace('.', '')}-x86_64-linux-gnu.so"
+    for name in COMPILED:
+        so = site / f"{name.replace('.', '/')}.{tag}"
+        assert so.is_file() and so.with_name(so.name.split(".")[0] + ".py").is_file(), so
+        assert re.search(rf"^{re.escape(str(so.relative_to(site)))},sha256=", record, re.M), so
     assert not list(t.glob(f"opt/nebula/venv/lib/python{python}/site-packages/*.dist-info/direct_url.json"))
     assert not (t / "opt/nebula/venv/.gitignore").exists()
     assert not list(t.glob("opt/**/__pycache__"))
@@ -291,6 +314,10 @@ def _lifecycle(package: Package, box: Box, etcd: EtcdServer, work: Path) -> None
     assert {p: (v, installed.get(p)) for p, v in before.items() if installed.get(p) != v} == {}
     assert set(installed) - set(before) == {"nebula"}, set(installed) - set(before)
     assert box.sh("/usr/bin/nebula --version").strip() == f"nebula {package.upstream}"
+    # The gateway's data path runs compiled (scripts/compile_data_path.py): the venv loads the extension modules.
+    load = "import importlib, sys\nfor n in sys.argv[1:]: print(importlib.import_module(n).__file__)"
+    loaded = box.sh(f"/opt/nebula/venv/bin/python -I -c {shlex.quote(load)} {' '.join(COMPILED)}").split()
+    assert len(loaded) == len(COMPILED) and all(f.endswith(".so") for f in loaded), loaded
     assert box.sh("getent passwd nebula").strip().split(":")[5:] == ["/var/lib/nebula", "/usr/sbin/nologin"]
     assert box.sh("stat -c '%U %a' /var/lib/nebula /run/nebula").split("\n")[:2] == ["nebula 755", "nebula 755"]
     for unit in ("nebula.target", *CONTROL_PLANE):

@@ -55,8 +55,10 @@ class Field:
     name: str
     types: tuple[type, ...]
     required: bool = False
-    minimum: float | None = None
-    maximum: float | None = None
+    # int | float, not float: where the module is compiled (scripts/compile_data_path.py), a `float` annotation
+    # turns an int into a float, and a bound or value past 2**53 (a seed's int64 range) would round.
+    minimum: int | float | None = None
+    maximum: int | float | None = None
     exclusive_minimum: bool = False
     finite: bool = False  # refuse inf and overflow (expect_number); JSON Schema has no words for them
     enum: tuple[str, ...] = ()
@@ -151,7 +153,7 @@ def check_field(field: Field, body: Body) -> None:
         field.custom.check(value, name)
 
 
-def _check_bounds(field: Field, value: float) -> None:
+def _check_bounds(field: Field, value: int | float) -> None:
     lo, hi = field.minimum, field.maximum
     if lo is not None and (value <= lo if field.exclusive_minimum else value < lo):
         if field.message:
