@@ -34,12 +34,14 @@ from pathlib import Path
 
 # The modules compiled: the parsing of requests and answers, the request rules and the relay. Each passes mypy
 # --strict as it is. Where an annotation says `float`, compiled code turns an int into a float (request_rules
-# annotates int | float where an int must stay exact). Compiling more of the path was measured and left out:
-# with the handler, pipeline, validation, metrics, deadlines and the engine's response also compiled, the
-# in-process figure fell further (33 us a whole answer) but a gateway answered non-streamed requests at c=1
-# with more CPU, not less (bench_gateway: 0.176-0.185 ms against 0.140-0.163 from source, two runs); and
-# fastconnection.py, upstream_http.py (uvloop's transports are not the asyncio.Transport their attributes
-# say, which compiled code checks), dataplane.py and forward.py do not compile as they are.
+# annotates int | float where an int must stay exact). More of the path compiles and passes the unit suite:
+# the handler, pipeline, validation, exchange, metrics, deadlines and the engine's response (in one process,
+# 33 us a whole answer against these five's 38). It is not shipped until full runs show it: two of them read
+# non-streamed c=1 worse than source (0.176-0.185 ms against 0.140-0.163), then two runs of that scenario
+# alone read it better than these five (0.93x, 0.98x), so the spread there is wider than the difference.
+# fastconnection.py and upstream_http.py keep uvloop's transports in attributes typed asyncio.Transport,
+# which uvloop's are not and compiled code checks; dataplane.py (its nested routes) and forward.py (`continue`
+# inside `with`) do not compile as they are.
 MODULES = (
     "nebula/adapters/http1_request.py",
     "nebula/adapters/http1_parser.py",
