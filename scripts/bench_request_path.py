@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nebula.adapters.memstore import MemoryStore
-from nebula.adapters.upstream_http import UpstreamPool, _Connection
+from nebula.adapters.upstream_http import _Connection
 from nebula.core import keys
 from nebula.core.config import GatewayConfig
 from nebula.core.model import InstanceStatus, ModelSpec, Phase, dumps
@@ -40,7 +40,8 @@ from nebula.services.gateway.app import build_gateway_app, gateway_site
 from nebula.services.gateway.state import GATEWAY
 
 KEY = "bench-key"
-ENDPOINT = "http://127.0.0.1:9"  # never dialled: the pool's connect is replaced
+ENDPOINT = "http://127.0.0.1:9"  # never dialled: the pool holds a stand-in connection to it (were that closed,
+# the next request would dial, fail, and the run stop at its 502)
 _BODY = json.dumps({"model": "m", "messages": [{"role": "system", "content": "You are terse."},
                                                 {"role": "user", "content": "Say hello " * 20}],
                     "max_tokens": 32, "temperature": 0.7}).encode()
@@ -117,6 +118,10 @@ class _Client(_Transport):
         if not self.stream or data.endswith(b"0\r\n\r\n"):
             self.done.set_result(None)
 
+    def set_protocol(self, protocol: object) -> None:
+        raise SystemExit(f"the data-plane server handed the request to {type(protocol).__name__}: what is timed "
+                         "here must be the data-plane server's path")
+
 
 class _Engine(_Transport):
     """The engine's side: each request is answered one read per piece, each piece from a later turn of the
@@ -158,13 +163,9 @@ async def _measure(n: int, tokens: int, key: str, profile: cProfile.Profile | No
             raise SystemExit("the gateway did not see the model's replica")
         answers = {False: [_whole_answer()], True: _stream_answer(tokens)}
 
-        async def connect(loop_: asyncio.AbstractEventLoop, key: tuple[str, int]) -> _Connection:
-            conn = _Connection(pool, key)
-            conn.connection_made(_Engine(conn, loop, answers))  # type: ignore[arg-type]
-            return conn
-
-        pool: UpstreamPool = st.upstream
-        setattr(pool, "_connect", connect)  # noqa: B010 - the engine's connections are stand-ins
+        engine = _Connection(st.upstream, ("127.0.0.1", 9))  # ENDPOINT's (host, port): the pool's key for it
+        engine.connection_made(_Engine(engine, loop, answers))  # type: ignore[arg-type]
+        st.upstream.put_back(engine)  # one request at a time: each takes it and puts it back
         site = gateway_site(runner, "127.0.0.1", 0)
         client = _Client()
         conn = site.server()

@@ -3,11 +3,13 @@
 
 What is left of the gateway's cost per request is Python bytecode, spread over some 400 calls with no function
 above a few percent; mypyc turns a typed module into a C extension that does the same with fewer instructions.
-The modules listed here are the parsing of requests and engine answers, the request rules and the relay.
-Measured on a 2-core AMD EPYC (issue 18): scripts/bench_request_path.py (the gateway's Python alone, in one
-process) 52 us a whole answer from source, 38 compiled; 107 and 88 us a 32-token stream. scripts/bench_gateway.py
-(the whole gateway process, system calls included, beside a gateway from source in the same three runs):
-0.82-1.04x the CPU, 0.96 at the median of 21 figures; non-streamed requests 0.91-0.97x.
+The modules listed here are the gateway's request path as its data-plane server runs it, from the request's
+bytes to the relay of the engine's answer. Measured on a 2-core AMD EPYC (issue 18): scripts/bench_request_path.py
+(the gateway's Python alone, in one process) 50 us a whole answer from source, 24 compiled; 105 and 68 us a
+32-token stream. scripts/bench_gateway.py (the whole gateway process, system calls included), against the first
+compiled build (parsing, request rules and relay: 37 us in one process) in the same three runs: 0.80-1.14x the
+CPU, 0.95 at the median of 21 figures; non-streamed requests at c=64 0.80-0.89x, now at vllm-router's CPU
+per request (0.89-1.04x).
 
     .venv/bin/python scripts/compile_data_path.py DIR          # compile DIR's copies in place (.so beside .py)
     .venv/bin/python scripts/compile_data_path.py DIR --clean  # remove what it built
@@ -32,22 +34,44 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The modules compiled: the parsing of requests and answers, the request rules and the relay. Each passes mypy
-# --strict as it is. Where an annotation says `float`, compiled code turns an int into a float (request_rules
-# annotates int | float where an int must stay exact). More of the path compiles and passes the unit suite:
-# the handler, pipeline, validation, exchange, metrics, deadlines and the engine's response (in one process,
-# 33 us a whole answer against these five's 38). It is not shipped until full runs show it: two of them read
-# non-streamed c=1 worse than source (0.176-0.185 ms against 0.140-0.163), then two runs of that scenario
-# alone read it better than these five (0.93x, 0.98x), so the spread there is wider than the difference.
-# fastconnection.py and upstream_http.py keep uvloop's transports in attributes typed asyncio.Transport,
-# which uvloop's are not and compiled code checks; dataplane.py (its nested routes) and forward.py (`continue`
-# inside `with`) do not compile as they are.
+# The modules compiled: the gateway's whole request path as the data-plane server runs it, from the bytes of a
+# request (the server's connection, the head's parser, the route, the request pipeline's name, key and
+# admission, the request rules) through the handler, the pick of a replica and the engine client to the
+# relay of the answer and its metrics. What stays Python on that path is in nebula/core (the pick's scoring,
+# the key's hash, the field checks' helpers), shared by every service, and aiohttp's, for the rest.
+# Writing a compiled module (each still passes mypy --strict and runs from source, where tests import it):
+#   - an annotation is a check: `float` makes an int a float (request_rules says int | float where an int must
+#     stay exact); a class named where uvloop's transports go would refuse them (they derive from no asyncio
+#     class; typeshed's names are only checked for the classes mypyc knows, and asyncio's are not);
+#   - one name is one type per function: `except A as e` then `except B as e` is a TypeError at the second
+#     (name them apart);
+#   - a function nested two deep loses its closure's names (dataplane.py's routes are made at module level),
+#     and `continue` out of a `with` does not compile (forward.py tries each replica in a function of its own);
+#   - a compiled class's methods cannot be replaced on an instance (monkeypatching): pass a dependency in.
+# tests/integration/test_compiled_data_path.py runs the whole unit suite against a compiled build, which is
+# where a module that breaks one of these shows.
 MODULES = (
     "nebula/adapters/http1_request.py",
     "nebula/adapters/http1_parser.py",
-    "nebula/services/gateway/request_rules.py",
+    "nebula/adapters/upstream_http.py",
+    "nebula/adapters/upstream_response.py",
+    "nebula/adapters/deadlines.py",
+    "nebula/services/http/fastconnection.py",
+    "nebula/services/http/fastrequest.py",
     "nebula/services/http/connection_reply.py",
     "nebula/services/http/relay.py",
+    "nebula/services/gateway/dataplane.py",
+    "nebula/services/gateway/pipeline.py",
+    "nebula/services/gateway/auth.py",
+    "nebula/services/gateway/exchange.py",
+    "nebula/services/gateway/request_rules.py",
+    "nebula/services/gateway/validation.py",
+    "nebula/services/gateway/openai_api.py",
+    "nebula/services/gateway/lora_routing.py",
+    "nebula/services/gateway/forward.py",
+    "nebula/services/gateway/replicas.py",
+    "nebula/services/gateway/load_report.py",
+    "nebula/services/gateway/loop_metrics.py",
 )
 
 

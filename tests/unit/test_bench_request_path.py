@@ -23,8 +23,10 @@ def test_it_times_whole_and_streamed_answers_through_the_real_gateway() -> None:
     figures = dict(re.findall(r"^(non-streamed|streamed) request.*: ([0-9.]+) us", proc.stdout, re.M))
     assert set(figures) == {"non-streamed", "streamed"}, proc.stdout
     assert all(float(us) > 0 for us in figures.values()), figures
-    # The profile names the request path's own functions: the requests went through the data-plane server.
-    assert "fastconnection.py" in proc.stdout and "serve_inference" in proc.stdout, proc.stdout[-2000:]
+    # The profile is printed. (That the data-plane server answered, never aiohttp, the script checks itself: a
+    # hand-over stops it. Which functions the profile names depends on which modules run compiled, where
+    # cProfile sees none of their functions.)
+    assert re.search(r"^\s*\d+ function calls", proc.stdout, re.M) and "tottime" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_it_stops_when_the_gateway_refuses_the_requests() -> None:

@@ -63,38 +63,19 @@ def dataplane_router(st: GatewayState) -> Router:
     GET /v1/models/{name}, GET /v1/responses/{id} and its cancel; None for anything else, which aiohttp
     serves."""
 
-    def guarded(answer: Callable[[Call, ConnectionReply], Awaitable[None]]) -> Route:
-        async def route(request: FastRequest, reply: ConnectionReply) -> None:
-            admitted: Admitted = request.context  # the key's slot, if it has limits, was taken in admit
-            await answer(call_of(request, admitted), reply)
-
-        return route
-
-    def inference(endpoint: Endpoint) -> Route:
-        return guarded(lambda call, reply: serve_inference(st, endpoint, call, reply))
-
     async def list_models(call: Call, reply: ConnectionReply) -> None:
         await send_json(reply, models_list(st, call.key))
 
     async def get_model(call: Call, reply: ConnectionReply) -> None:
         await send_json(reply, model_entry(st, call.key, call.path_qs.partition("?")[0][len(_MODELS) + 1:]))
 
-    def call_of(request: FastRequest, admitted: Admitted) -> Call:
-        return Call(request.target, request.headers, request.body, admitted.key, admitted.request_id)
-
-    def audio(path: str) -> Route:
-        return guarded(lambda call, reply: serve_audio(st, path, call, reply))
-
-    def stored(rid: str, cancel: bool) -> Route:
-        return guarded(lambda call, reply: serve_stored(st, call, rid, cancel, reply))
-
-    posts = {p: inference(e) for e in ENDPOINTS.values() for p in e.paths} | {
-        f"/v1/{p}": audio(p) for p in AUDIO_PATHS}
-    models_route, model_route = guarded(list_models), guarded(get_model)
+    posts = {p: _inference(st, e) for e in ENDPOINTS.values() for p in e.paths} | {
+        f"/v1/{p}": _audio(st, p) for p in AUDIO_PATHS}
+    models_route, model_route = _admitted(list_models), _admitted(get_model)
 
     def route(method: str, path: str) -> Route | None:
         if path.startswith("/v1/responses/") and (found := stored_request(method, path)) is not None:
-            return stored(*found)  # a stored response's GET or cancel: rare, so its route is made per request
+            return _stored(st, *found)  # a stored response's GET or cancel: rare, so its route is made per request
         if method == "POST":
             return posts.get(path)
         if method == "GET":
@@ -107,3 +88,30 @@ def dataplane_router(st: GatewayState) -> Router:
         return None
 
     return route
+
+
+# The routes are made at module level rather than nested in dataplane_router: compiled code
+# (scripts/compile_data_path.py) loses a closure's names two functions deep.
+
+
+def _admitted(answer: Callable[[Call, ConnectionReply], Awaitable[None]]) -> Route:
+    """A route that answers with `answer` the request admit_by_key admitted."""
+
+    async def admitted_route(request: FastRequest, reply: ConnectionReply) -> None:
+        admitted: Admitted = request.context  # the key's slot, if it has limits, was taken in admit
+        call = Call(request.target, request.headers, request.body, admitted.key, admitted.request_id)
+        await answer(call, reply)
+
+    return admitted_route
+
+
+def _inference(st: GatewayState, endpoint: Endpoint) -> Route:
+    return _admitted(lambda call, reply: serve_inference(st, endpoint, call, reply))
+
+
+def _audio(st: GatewayState, path: str) -> Route:
+    return _admitted(lambda call, reply: serve_audio(st, path, call, reply))
+
+
+def _stored(st: GatewayState, rid: str, cancel: bool) -> Route:
+    return _admitted(lambda call, reply: serve_stored(st, call, rid, cancel, reply))

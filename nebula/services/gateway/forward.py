@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamUnreachable
 from nebula.adapters.upstream_response import UpstreamResponse
@@ -68,6 +69,14 @@ async def _pick(st: GatewayState, target: Target, tried: set[str], prefix: Affin
     return replica
 
 
+class _Retry(NamedTuple):
+    """An attempt to be made again on another replica: why (the retries metric's reason), and whether the
+    replica failed after the request reached it."""
+
+    reason: str
+    midway: bool = False
+
+
 async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
                   headers: dict[str, str], prefix: Affinity | None, respond: Respond = relay,
                   target: Target | None = None) -> None:
@@ -92,44 +101,14 @@ async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, bo
         ex.replica, ex.attempts = replica.instance, attempt + 1
         st.routing.picks(model, replica.instance).inc()
         with st.table.track(replica):
-            try:
-                data = body if target.body_for is None else target.body_for(replica)
-                upstream = await st.upstream.post(replica.endpoint, path_qs, headers, data,
-                                                  st.cfg.upstream_timeout_s, method=target.method)
-            except UpstreamUnreachable as e:
-                log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint, e,
-                         extra=ex.log_fields())
-                st.routing.retries(model, "connect").inc()
-                tried.add(replica.endpoint)
-                continue
-            except TimeoutError:
-                raise ApiError(504, "the model did not answer in time", code="timeout") from None
-            except UpstreamDisconnected as e:
-                log.warning("replica %s failed before answering, trying another: %r", replica.instance, e,
-                            extra=ex.log_fields())
-                st.routing.retries(model, "disconnect").inc()
-                tried.add(replica.endpoint)
-                failed_midway = replica.instance
-                continue
-            async with upstream:
-                if (upstream.status in RETRY_STATUSES and attempt + 1 < st.cfg.max_attempts
-                        and st.table.has_candidate(model, _excluded(st, target, tried | {replica.endpoint}))):
-                    log.info("replica %s answered %d, trying another", replica.instance, upstream.status,
-                             extra=ex.log_fields())
-                    st.routing.retries(model, str(upstream.status)).inc()
-                    tried.add(replica.endpoint)
-                    continue
-                try:
-                    await respond(reply, upstream, ex.stats)
-                    return
-                except UpstreamBroke as e:
-                    # Its body broke off before anything went to the client: as good as no answer.
-                    log.warning("replica %s broke off its answer, trying another: %s", replica.instance, e,
-                                extra=ex.log_fields())
-                    st.routing.retries(model, "broken").inc()
-                    tried.add(replica.endpoint)
-                    failed_midway = replica.instance
-                    continue
+            retry = await _attempt(reply, path_qs, st, ex, body, headers, respond, target, replica,
+                                   attempt + 1 < st.cfg.max_attempts, tried)
+        if retry is None:
+            return
+        st.routing.retries(model, retry.reason).inc()
+        tried.add(replica.endpoint)
+        if retry.midway:
+            failed_midway = replica.instance
     st.routing.no_replica(model).inc()
     if failed_midway:
         raise ApiError(502, f"replica {failed_midway} failed before answering and no other could take the request",
@@ -137,3 +116,40 @@ async def forward(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, bo
     if tried:
         raise unavailable(f"no replica of model '{model}' could be reached (tried {len(tried)})")
     raise unavailable(f"model '{model}' has no ready replica yet", code="model_not_ready")
+
+
+async def _attempt(reply: Reply, path_qs: str, st: GatewayState, ex: Exchange, body: bytes,
+                   headers: dict[str, str], respond: Respond, target: Target, replica: Replica, more: bool,
+                   tried: set[str]) -> _Retry | None:
+    """One try of the request on `replica`: None once it answered the client, else why another replica is to
+    be tried. `more`: whether attempts are left, without which a 502/503 is the client's answer. (A function
+    of its own, not the loop's body: compiled code (scripts/compile_data_path.py) has no `continue` out of a
+    `with`.)"""
+    try:
+        data = body if target.body_for is None else target.body_for(replica)
+        upstream = await st.upstream.post(replica.endpoint, path_qs, headers, data, st.cfg.upstream_timeout_s,
+                                          method=target.method)
+    except UpstreamUnreachable as unreachable:
+        log.info("replica %s (%s) unreachable, trying another: %r", replica.instance, replica.endpoint,
+                 unreachable, extra=ex.log_fields())
+        return _Retry("connect")
+    except TimeoutError:
+        raise ApiError(504, "the model did not answer in time", code="timeout") from None
+    except UpstreamDisconnected as disconnected:
+        log.warning("replica %s failed before answering, trying another: %r", replica.instance, disconnected,
+                    extra=ex.log_fields())
+        return _Retry("disconnect", midway=True)
+    async with upstream:
+        if (upstream.status in RETRY_STATUSES and more
+                and st.table.has_candidate(target.model, _excluded(st, target, tried | {replica.endpoint}))):
+            log.info("replica %s answered %d, trying another", replica.instance, upstream.status,
+                     extra=ex.log_fields())
+            return _Retry(str(upstream.status))
+        try:
+            await respond(reply, upstream, ex.stats)
+        except UpstreamBroke as broke:
+            # Its body broke off before anything went to the client: as good as no answer.
+            log.warning("replica %s broke off its answer, trying another: %s", replica.instance, broke,
+                        extra=ex.log_fields())
+            return _Retry("broken", midway=True)
+        return None

@@ -266,8 +266,8 @@ class FastConnection(asyncio.Protocol):
             return False
         try:
             head = parse_request_head(bytes(buf[:end]))
-        except BadRequest as e:
-            self._refuse(e.status, e.message)
+        except BadRequest as bad:  # not `e`: compiled code gives a name one type per function (the except below)
+            self._refuse(bad.status, bad.message)
             return False
         if self.reserve and not (head.method == "GET" and head.path in self._server.reserve_paths):
             self._server.events.refused("reserve_path")
