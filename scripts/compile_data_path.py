@@ -37,12 +37,12 @@ from pathlib import Path
 # The modules compiled: the gateway's whole request path as the data-plane server runs it, from the bytes of a
 # request (the server's connection, the head's parser, the route, the request pipeline's name, key and
 # admission, the request rules) through the handler, the pick of a replica and the engine client to the
-# relay of the answer and its metrics. What stays Python on that path is in nebula/core (the pick's scoring,
-# the key's hash, the field checks' helpers), shared by every service, and aiohttp's, for the rest.
+# relay of the answer and its metrics. What stays Python on that path is nebula/core's, which every service
+# shares (the pick's scoring, the key's hash, the field checks' helpers).
 # Writing a compiled module (each still passes mypy --strict and runs from source, where tests import it):
-#   - an annotation is a check: `float` makes an int a float (request_rules says int | float where an int must
-#     stay exact); a class named where uvloop's transports go would refuse them (they derive from no asyncio
-#     class; typeshed's names are only checked for the classes mypyc knows, and asyncio's are not);
+#   - an annotation is a check for the types mypyc knows (builtins, compiled classes): `float` makes an int a
+#     float (request_rules says int | float where an int must stay exact). Other classes are not checked, so
+#     uvloop's transports (which derive from no asyncio class) pass where asyncio.Transport is named;
 #   - one name is one type per function: `except A as e` then `except B as e` is a TypeError at the second
 #     (name them apart);
 #   - a function nested two deep loses its closure's names (dataplane.py's routes are made at module level),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,3 +34,21 @@ def test_it_stops_when_the_gateway_refuses_the_requests() -> None:
     proc = _run("--n", "5", "--key", "not-the-key")
     assert proc.returncode != 0
     assert "HTTP/1.1 401" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_it_stops_when_a_request_is_handed_to_aiohttp() -> None:
+    # What it times must be the data-plane server's path: a request that server hands over (here one with an
+    # Upgrade header, which it leaves to aiohttp) stops the run rather than being timed.
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        sys.argv = ["bench_request_path.py", "--n", "5", "--only", "whole"]
+        import bench_request_path as bench
+        plain = bench.request
+        bench.request = lambda stream, key=bench.KEY: plain(stream, key).replace(
+            b"HTTP/1.1\\r\\n", b"HTTP/1.1\\r\\nUpgrade: h2c\\r\\n", 1)
+        bench.main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "handed the request to HandedOver" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
