@@ -167,7 +167,8 @@ def settle_heap() -> None:
 async def serve_until_cancelled(app: web.Application, host: str, port: int, notifier: Notifier, what: str,
                                 status: Callable[[], str] | None = None, site: SiteFactory | None = None,
                                 healthy: Callable[[], bool] = lambda: True,
-                                listening_hook: Callable[[], None] = lambda: None) -> None:
+                                listening_hook: Callable[[], None] = lambda: None,
+                                before_listening: Callable[[], Awaitable[object]] | None = None) -> None:
     """Serve `app` on host:port until the calling task is cancelled, then shut it down cleanly.
 
     handler_cancellation is on so that a client that disconnects cancels its handler, which closes the
@@ -176,11 +177,14 @@ async def serve_until_cancelled(app: web.Application, host: str, port: int, noti
     cluster are live), so a blocked loop or a view of the cluster that cannot be trusted stops feeding it.
     `site` makes the listening site in place of aiohttp's TCPSite on host:port (the gateway's: its
     data-plane server, TLS, a port shared by workers). `listening_hook` runs once it listens, before READY=1
-    (a service's own process: settle_heap).
+    (a service's own process: settle_heap). `before_listening` is awaited once the app has started (its
+    cleanup_ctx tasks run), before the port opens: the gateway waits there for its first view of the cluster.
     """
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     try:
+        if before_listening is not None:
+            await before_listening()
         listening = site(runner) if site is not None else web.TCPSite(runner, host, port, reuse_address=True)
         await listening.start()
         log.info("%s listening on %s", what, listening.name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -17,10 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from nebula.adapters.memstore import MemoryStore
 from nebula.adapters.sdnotify import Notifier
-from nebula.core import keys
+from nebula.core import keys, records
 from nebula.core.config import GatewayConfig, NebulaConfig
 from nebula.core.model import Phase, dumps
-from nebula.services.gateway.app import build_gateway_app, serve_gateway
+from nebula.services.gateway.app import build_gateway_app, serve_gateway, wait_for_first_listing
 from nebula.services.gateway.state import GATEWAY
 from tests.harness.gateway_server import GatewayServer
 from tests.unit.fake_engine import FakeEngine, completion_bytes, engines, put_instance, sse_chunks, until
@@ -124,7 +126,17 @@ async def test_client_disconnect_cancels_the_engine_request(make_stack: MakeStac
     await until(lambda: s.registry.get_sample_value("nebula_gateway_requests_total", gone) == 1)
 
 
-async def test_serve_gateway_listens_and_notifies_ready(tmp_path: Path) -> None:
+@dataclass
+class Served:
+    port: int
+    ready: Callable[[float], Awaitable[bytes]]
+    """The next datagram the gateway sends systemd, within the given seconds."""
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def served_by_serve_gateway(tmp_path: Path, store: MemoryStore) -> AsyncIterator[Served]:
+    """The production entry point on a free port, its sd_notify datagrams on a socket of the test's."""
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock, socket.socket() as probe:
         notify_sock.bind(str(tmp_path / "notify"))
@@ -133,17 +145,53 @@ async def test_serve_gateway_listens_and_notifies_ready(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
         probe.close()
         notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        cfg = NebulaConfig(gateway=GatewayConfig(port=port))
-        serving = asyncio.create_task(serve_gateway(cfg, MemoryStore(), CollectorRegistry(), notifier))
+        serving = asyncio.create_task(serve_gateway(NebulaConfig(gateway=GatewayConfig(port=port)), store,
+                                                    CollectorRegistry(), notifier))
         try:
-            assert (await asyncio.wait_for(loop.sock_recv(notify_sock, 4096), 5.0)).startswith(b"READY=1")
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                assert resp.status == 200
+            yield Served(port, lambda s: asyncio.wait_for(loop.sock_recv(notify_sock, 4096), s), serving)
         finally:
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
             notifier.close()
+
+
+async def test_serve_gateway_listens_and_notifies_ready(tmp_path: Path) -> None:
+    async with served_by_serve_gateway(tmp_path, MemoryStore()) as served:
+        assert (await served.ready(5.0)).startswith(b"READY=1")
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{served.port}/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_a_starting_gateway_opens_its_port_once_it_knows_the_cluster(tmp_path: Path) -> None:
+    # A restart under load: before its first listing every request would get 503 "not loaded yet"; with
+    # the port closed a client reconnects instead (and READY=1 tells systemd the truth).
+    store = MemoryStore()
+    store.set_reachable(False)
+    async with served_by_serve_gateway(tmp_path, store) as served:
+        await asyncio.sleep(0.5)
+        with pytest.raises(OSError):  # refused: not listening yet
+            await asyncio.open_connection("127.0.0.1", served.port)
+        assert not served.task.done()
+        store.set_reachable(True)
+        assert (await served.ready(10.0)).startswith(b"READY=1")
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{served.port}/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_with_the_store_away_the_gateway_serves_after_its_wait_and_says_why(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    store.set_reachable(False)
+    app = build_gateway_app(GatewayConfig(), store, CollectorRegistry())
+    gateway = GatewayServer(app)
+    await gateway.start_server()  # runs the app's mirrors, which cannot list
+    try:
+        missing = await asyncio.wait_for(wait_for_first_listing(app[GATEWAY].mirrors, 0.3), 5.0)
+    finally:
+        await gateway.close()
+    assert records.MODELS.prefix in missing and records.APIKEYS.prefix in missing
+    assert "no first listing of" in caplog.text and "serving anyway" in caplog.text
 
 
 async def test_gateway_started_without_the_store_answers_503_not_404() -> None:

@@ -196,3 +196,12 @@ class MirrorSet:
 
     def not_live(self) -> list[str]:
         return [m.prefix for m in self.mirrors if not m.live]
+
+    async def wait_listed(self, timeout_s: float) -> list[str]:
+        """Wait up to `timeout_s` for every mirror's first listing; the prefixes still not listed then."""
+        waits = [asyncio.create_task(m.synced.wait()) for m in self.mirrors if not m.synced.is_set()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+        return [m.prefix for m in self.mirrors if not m.synced.is_set()]

@@ -4,6 +4,7 @@ plane's only hop: it picks a READY replica itself and forwards to its engine (fo
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import ssl
 import time
@@ -68,6 +69,14 @@ from nebula.services.http.admission import open_file_limit, raise_open_file_limi
 from nebula.services.http.errors import error_middleware
 from nebula.services.http.site import FastSite
 from nebula.services.runtime import background, metrics_route, node_name, serve_until_cancelled
+
+log = logging.getLogger(__name__)
+
+FIRST_LISTING_WAIT_S = 10.0
+"""How long a starting gateway waits for its first view of keys, models and replicas before it opens its port.
+Opened earlier, a restart answers 503 "not loaded yet" to everything in flight for those milliseconds, where
+a client that finds the port closed reconnects and retries; later, with the store away, it serves anyway and
+says which view is missing (503 models_not_loaded), rather than keep systemd waiting for READY=1."""
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -237,4 +246,15 @@ async def serve_gateway(cfg: NebulaConfig, store: Store, registry: CollectorRegi
     raise_open_file_limit()  # before the site derives its connection cap from it
     await serve_until_cancelled(app, gw.host, gw.port, notifier, "gateway",
                                 site=lambda runner: gateway_site(runner, gw.host, gw.port, tls, worker is not None),
-                                healthy=app[GATEWAY].mirrors.live, listening_hook=listening_hook)
+                                healthy=app[GATEWAY].mirrors.live, listening_hook=listening_hook,
+                                before_listening=lambda: wait_for_first_listing(app[GATEWAY].mirrors))
+
+
+async def wait_for_first_listing(mirrors: MirrorSet, timeout_s: float = FIRST_LISTING_WAIT_S) -> list[str]:
+    """Hold the port closed until the gateway knows its keys, models and replicas (FIRST_LISTING_WAIT_S);
+    the prefixes it opens without."""
+    missing = await mirrors.wait_listed(timeout_s)
+    if missing:
+        log.warning("no first listing of %s after %.1f s (is etcd reachable?); serving anyway: requests get "
+                    "503 until it comes", ", ".join(missing), timeout_s)
+    return missing
