@@ -5,11 +5,12 @@ What is left of the gateway's cost per request is Python bytecode, spread over s
 above a few percent; mypyc turns a typed module into a C extension that does the same with fewer instructions.
 The modules listed here are the gateway's request path as its data-plane server runs it, from the request's
 bytes to the relay of the engine's answer. Measured on a 2-core AMD EPYC (issue 18): scripts/bench_request_path.py
-(the gateway's Python alone, in one process) 50 us a whole answer from source, 24 compiled; 105 and 68 us a
+(the gateway's Python alone, in one process) 50 us a whole answer from source, 22 compiled; 105 and 65-67 us a
 32-token stream. scripts/bench_gateway.py (the whole gateway process, system calls included), against the first
 compiled build (parsing, request rules and relay: 37 us in one process) in the same three runs: 0.80-1.14x the
 CPU, 0.95 at the median of 21 figures; non-streamed requests at c=64 0.80-0.89x, now at vllm-router's CPU
-per request (0.89-1.04x).
+per request (0.84-1.15x in six runs). The last three modules (nebula/core's on the path) took 1.3 us off in one
+process, which three full runs cannot resolve (0.83-1.18x against the build without them, 1.00 at the median).
 
     .venv/bin/python scripts/compile_data_path.py DIR          # compile DIR's copies in place (.so beside .py)
     .venv/bin/python scripts/compile_data_path.py DIR --clean  # remove what it built
@@ -37,8 +38,10 @@ from pathlib import Path
 # The modules compiled: the gateway's whole request path as the data-plane server runs it, from the bytes of a
 # request (the server's connection, the head's parser, the route, the request pipeline's name, key and
 # admission, the request rules) through the handler, the pick of a replica and the engine client to the
-# relay of the answer and its metrics. What stays Python on that path is nebula/core's, which every service
-# shares (the pick's scoring, the key's hash, the field checks' helpers).
+# relay of the answer and its metrics, and the three modules of nebula/core it calls (the field checks' helpers,
+# the key's hash, the pick's scoring), which every service then imports compiled. What stays Python on that path
+# is the Date header's cache, the engine-load lookup, asyncio's task bookkeeping and two value types'
+# constructors: about 2 us a request under cProfile (scripts/bench_request_path.py --profile on a build).
 # Writing a compiled module (each still passes mypy --strict and runs from source, where tests import it):
 #   - an annotation is a check for the types mypyc knows (builtins, compiled classes): `float` makes an int a
 #     float (request_rules says int | float where an int must stay exact). Other classes are not checked, so
@@ -72,6 +75,9 @@ MODULES = (
     "nebula/services/gateway/replicas.py",
     "nebula/services/gateway/load_report.py",
     "nebula/services/gateway/loop_metrics.py",
+    "nebula/core/fields.py",
+    "nebula/core/apikeys.py",
+    "nebula/core/routing.py",
 )
 
 
