@@ -30,6 +30,13 @@ def test_it_times_whole_and_streamed_answers_through_the_real_gateway() -> None:
     assert re.search(r"^\s*\d+ function calls", proc.stdout, re.M) and "tottime" in proc.stdout, proc.stdout[-2000:]
 
 
+def test_it_times_the_path_from_evicted_caches() -> None:
+    proc = _run("--n", "20", "--only", "whole", "--evict-mb", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.fullmatch(r"non-streamed request: -?[0-9.]+ us of the gateway's Python, caches evicted "
+                        r"\(1 MiB copied before each, the copy's own time taken off\)\n", proc.stdout), proc.stdout
+
+
 def test_it_stops_when_the_gateway_refuses_the_requests() -> None:
     proc = _run("--n", "5", "--key", "not-the-key")
     assert proc.returncode != 0
