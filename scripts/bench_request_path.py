@@ -215,7 +215,6 @@ class Eviction:
     """Copy `mib` MiB from one buffer to another: what a request meets after others ran on its core."""
 
     def __init__(self, mib: int) -> None:
-        self.mib = mib
         self._src, self._dst = bytearray(mib << 20), bytearray(mib << 20)
 
     def run(self) -> None:

@@ -132,6 +132,7 @@ class Served:
     ready: Callable[[float], Awaitable[bytes]]
     """The next datagram the gateway sends systemd, within the given seconds."""
     task: asyncio.Task[None]
+    registry: CollectorRegistry
 
 
 @contextlib.asynccontextmanager
@@ -145,10 +146,11 @@ async def served_by_serve_gateway(tmp_path: Path, store: MemoryStore) -> AsyncIt
         port = probe.getsockname()[1]
         probe.close()
         notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        registry = CollectorRegistry()
         serving = asyncio.create_task(serve_gateway(NebulaConfig(gateway=GatewayConfig(port=port)), store,
-                                                    CollectorRegistry(), notifier))
+                                                    registry, notifier))
         try:
-            yield Served(port, lambda s: asyncio.wait_for(loop.sock_recv(notify_sock, 4096), s), serving)
+            yield Served(port, lambda s: asyncio.wait_for(loop.sock_recv(notify_sock, 4096), s), serving, registry)
         finally:
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -169,7 +171,9 @@ async def test_a_starting_gateway_opens_its_port_once_it_knows_the_cluster(tmp_p
     store = MemoryStore()
     store.set_reachable(False)
     async with served_by_serve_gateway(tmp_path, store) as served:
-        await asyncio.sleep(0.5)
+        # The model mirror has tried to list and been refused by the store: the gateway is past its start.
+        await until(lambda: (served.registry.get_sample_value(
+            "nebula_cluster_mirror_restarts_total", {"prefix": records.MODELS.prefix, "cause": "store"}) or 0) > 0)
         with pytest.raises(OSError):  # refused: not listening yet
             await asyncio.open_connection("127.0.0.1", served.port)
         assert not served.task.done()
