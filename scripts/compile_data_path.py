@@ -5,7 +5,7 @@ What is left of the gateway's cost per request is Python bytecode, spread over s
 above a few percent; mypyc turns a typed module into a C extension that does the same with fewer instructions.
 The modules listed here are the gateway's request path as its data-plane server runs it, from the request's
 bytes to the relay of the engine's answer. Measured on a 2-core AMD EPYC (issue 18): scripts/bench_request_path.py
-(the gateway's Python alone, in one process) 50 us a whole answer from source, 22 compiled; 105 and 65-67 us a
+(the gateway's Python alone, in one process) 50 us a whole answer from source, 20 compiled; 105 and 61 us a
 32-token stream. scripts/bench_gateway.py (the whole gateway process, system calls included), against the first
 compiled build (parsing, request rules and relay: 37 us in one process) in the same three runs: 0.80-1.14x the
 CPU, 0.95 at the median of 21 figures; non-streamed requests at c=64 0.80-0.89x, now at vllm-router's CPU
@@ -40,8 +40,8 @@ from pathlib import Path
 # admission, the request rules) through the handler, the pick of a replica and the engine client to the
 # relay of the answer and its metrics, and the three modules of nebula/core it calls (the field checks' helpers,
 # the key's hash, the pick's scoring), which every service then imports compiled. What stays Python on that path
-# is the Date header's cache, the engine-load lookup, asyncio's task bookkeeping and two value types'
-# constructors: about 2 us a request under cProfile (scripts/bench_request_path.py --profile on a build).
+# is the Date header's cache, the engine-load lookup, asyncio's task bookkeeping and a NamedTuple's constructor:
+# about 1.5 us a request under cProfile (scripts/bench_request_path.py --profile on a build).
 # Writing a compiled module (each still passes mypy --strict and runs from source, where tests import it):
 #   - an annotation is a check for the types mypyc knows (builtins, compiled classes): `float` makes an int a
 #     float (request_rules says int | float where an int must stay exact). Other classes are not checked, so
@@ -50,7 +50,13 @@ from pathlib import Path
 #     (name them apart);
 #   - a function nested two deep loses its closure's names (dataplane.py's routes are made at module level),
 #     and `continue` out of a `with` does not compile (forward.py tries each replica in a function of its own);
-#   - a compiled class's methods cannot be replaced on an instance (monkeypatching): pass a dependency in.
+#   - a compiled class's methods cannot be replaced on an instance (monkeypatching): pass a dependency in;
+#   - a dataclass's generated __init__ (and a NamedTuple's __new__) stays bytecode: 170-180 ns for a dataclass
+#     of a few fields, frozen or not, against 20-40 for a class with an __init__ of its own, so the value types
+#     made per request (FastRequest, Admitted, Call, Exchange, RelayStats, Target) are plain classes with
+#     __slots__ (Final attributes where a frozen dataclass was);
+#   - a module-level constant read in a function is a dict lookup each time unless it is Final (then a C
+#     global, or inlined for a literal): the constants these modules read are Final.
 # tests/integration/test_compiled_data_path.py runs the whole unit suite against a compiled build, which is
 # where a module that breaks one of these shows.
 MODULES = (

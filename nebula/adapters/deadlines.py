@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Final, Protocol
 
 # A timer may fire up to this much before its time (libuv's timers count milliseconds): what is due by then
 # counts as due, or an early firing would be set again for the same deadline, and again.
-TIMER_SLACK_S = 0.001
+TIMER_SLACK_S: Final = 0.001
 
 
 class TimerHandle(Protocol):

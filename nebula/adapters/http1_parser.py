@@ -19,14 +19,14 @@ bytes, whole and split), since the client takes ProtocolError for a failed attem
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import httptools
 
-MAX_HEAD = 64 * 1024  # status line and headers together; an engine's are a few hundred bytes
-_NO_BODY = frozenset({204, 304})
+MAX_HEAD: Final = 64 * 1024  # status line and headers together; an engine's are a few hundred bytes
+_NO_BODY: Final = frozenset({204, 304})
 # Never in a head outside line ends (RFC 9110 5.5): header values go on to the client, and into logs.
-_HEAD_CONTROLS = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+_HEAD_CONTROLS: Final = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
 
 
 class ProtocolError(Exception):
@@ -57,10 +57,13 @@ class ResponseSink(Protocol):
     def on_complete(self) -> None: ...
 
 
-_UNASKED = "bytes arrived while no response was expected"
+_UNASKED: Final = "bytes arrived while no response was expected"
 
 # Parser states.
-_HEAD, _BODY, _UNTIL_CLOSE, _DONE = range(4)
+_HEAD: Final = 0
+_BODY: Final = 1
+_UNTIL_CLOSE: Final = 2
+_DONE: Final = 3
 
 
 class ResponseParser:

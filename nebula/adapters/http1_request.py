@@ -18,18 +18,21 @@ repeated, and a request with both Content-Length and Transfer-Encoding are refus
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import httptools
 
-MAX_HEAD = 64 * 1024  # request line and header fields together
-MAX_FIELDS = 128
+MAX_HEAD: Final = 64 * 1024  # request line and header fields together
+MAX_FIELDS: Final = 128
 # Never in a head outside line ends (RFC 9110 5.5: a field value is visible octets, SP, HTAB and obs-text). A
 # NUL or an escape sequence in a value would go on to the engine and into logs; CR and LF are checked apart.
-_HEAD_CONTROLS = bytes(c for c in range(0x20) if c not in b"\t\r\n") + b"\x7f"
-_END = b"\r\n\r\n"
+_HEAD_CONTROLS: Final = bytes(c for c in range(0x20) if c not in b"\t\r\n") + b"\x7f"
+_END: Final = b"\r\n\r\n"
 # The fields that say how a request is framed or handled; the others are only passed on.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "expect", "upgrade"})
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection", "expect", "upgrade"})
+# Their lengths: a field whose name has another length is passed on without lowering its name (most of a
+# typical head; lower() keeps a latin-1 name's length).
+_FRAMING_LENGTHS: Final = frozenset(len(name) for name in _FRAMING)
 
 
 class BadRequest(Exception):
@@ -165,6 +168,8 @@ def _head(method: str, target: str, http11: bool, lines: list[str]) -> RequestHe
         name, _, value = line.partition(":")
         value = value.strip(" \t")
         headers.append((name, value))
+        if len(name) not in _FRAMING_LENGTHS:
+            continue
         low = name.lower()
         if low not in _FRAMING:
             continue

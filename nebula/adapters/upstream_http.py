@@ -24,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 from nebula.adapters.deadlines import Deadlines
 from nebula.adapters.http1_parser import ProtocolError, ResponseParser
 from nebula.adapters.upstream_response import UpstreamResponse
 
-MAX_IDLE_PER_ENDPOINT = 256
+MAX_IDLE_PER_ENDPOINT: Final = 256
 
 
 class UpstreamError(Exception):

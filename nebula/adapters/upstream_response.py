@@ -11,12 +11,12 @@ import asyncio
 import collections
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 from nebula.adapters.deadlines import Deadlines
 from nebula.adapters.http1_parser import ResponseHead, ResponseParser
 
-READ_HIGH = 256 * 1024
+READ_HIGH: Final = 256 * 1024
 
 
 class UpstreamLink(Protocol):

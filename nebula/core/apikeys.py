@@ -13,18 +13,18 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from nebula.core.model import expect_field, expect_number, validate_name
 from nebula.errors import ValidationError
 
 SECRET_PREFIX = "nbk_"
-ID_RE = re.compile(r"^[0-9a-f]{16}$")
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_NAME = 128
-MAX_RPM = 1_000_000
-MAX_CONCURRENT = 100_000
-MAX_MODELS = 1_000
+ID_RE: Final = re.compile(r"^[0-9a-f]{16}$")
+DIGEST_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME: Final = 128
+MAX_RPM: Final = 1_000_000
+MAX_CONCURRENT: Final = 100_000
+MAX_MODELS: Final = 1_000
 
 
 class KeyScope(enum.StrEnum):

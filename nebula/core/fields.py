@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from nebula.errors import ValidationError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 def validate_name(value: object, field_name: str = "name") -> str:

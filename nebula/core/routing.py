@@ -16,7 +16,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from nebula.core.engine_load import EngineLoad
 from nebula.core.model import InstanceStatus, Phase, Task
@@ -24,10 +24,10 @@ from nebula.core.response_ids import replica_token
 
 # Characters of the system prompt and of the first user message that make the key: enough to tell
 # conversations apart, bounded so the gateway's hashing cost does not grow with the prompt.
-PREFIX_CHARS = 1024
+PREFIX_CHARS: Final = 1024
 
 
-_MASK64 = (1 << 64) - 1
+_MASK64: Final = (1 << 64) - 1
 
 
 def _stable_hash(text: str) -> int:

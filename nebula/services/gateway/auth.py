@@ -18,6 +18,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -31,17 +32,17 @@ log = logging.getLogger(__name__)
 
 # Whole paths or a prefix ending in '/': "/v1/models/load" as a prefix also caught GET /v1/models/loader,
 # a model named "loader", and made it admin-only.
-ADMIN_PREFIX = "/v1/admin/"
-ADMIN_PATHS = frozenset({"/v1/admin", "/v1/models/load"})
-OPEN_PATHS = frozenset({"/healthz", "/metrics"})
-ANY_KEY_PATHS = frozenset({"/openapi.json"})
+ADMIN_PREFIX: Final = "/v1/admin/"
+ADMIN_PATHS: Final = frozenset({"/v1/admin", "/v1/models/load"})
+OPEN_PATHS: Final = frozenset({"/healthz", "/metrics"})
+ANY_KEY_PATHS: Final = frozenset({"/openapi.json"})
 # The web console (console.py): its page, script and login are open (they hold nothing secret; the login
 # checks the key itself), its API is the admin's, with the session cookie as the credential.
-CONSOLE_PREFIX = "/ui"
-CONSOLE_API_PREFIX = "/ui/api/"
+CONSOLE_PREFIX: Final = "/ui"
+CONSOLE_API_PREFIX: Final = "/ui/api/"
 
 # The key a request was authenticated with (absent while the gateway is open).
-API_KEY = web.RequestKey("nebula_api_key", KeyRecord)
+API_KEY: Final = web.RequestKey("nebula_api_key", KeyRecord)
 
 
 class Scope(enum.Enum):
@@ -223,7 +224,7 @@ def check_model_allowed(record: KeyRecord | None, model: str) -> None:
 
 # --- the bootstrap admin key ----------------------------------------------------------------------------
 
-_DIGEST_FILE = "gateway.admin_key_digest_file"
+_DIGEST_FILE: Final = "gateway.admin_key_digest_file"
 
 
 def read_digest_file(path: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ route answers is the same handler aiohttp's OpenAI routes call (openai_api.py).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from nebula.core.config import GatewayConfig
 from nebula.services.gateway.audio_api import AUDIO_PATHS, serve_audio
@@ -24,11 +25,11 @@ from nebula.services.http.connection_reply import ConnectionReply
 from nebula.services.http.fastrequest import Admit, FastRequest, Route, Router
 from nebula.services.http.reply import send_json
 
-_MODELS = "/v1/models"
+_MODELS: Final = "/v1/models"
 # Served on the connections kept over the cap (admission.py): the operator's health check and metrics.
 RESERVE_PATHS = OPEN_PATHS
 # request_timeout_s = 0: the engine's own limit (and a wake's hold) and this much more, for the answer to get out.
-REQUEST_MARGIN_S = 60.0
+REQUEST_MARGIN_S: Final = 60.0
 
 
 def connection_limits(cfg: GatewayConfig, open_files: int) -> ConnectionLimits:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import web
 
 from nebula.services.http.relay import RelayStats
 
-REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_HEADER: Final = "X-Request-ID"
 # An incoming id is kept if it is short printable ASCII: it goes into headers and journal fields as is.
-_ACCEPTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
-REQUEST_ID = web.RequestKey("nebula_request_id", str)
+_ACCEPTABLE_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID: Final = web.RequestKey("nebula_request_id", str)
 
 
 def new_request_id(incoming: str | None, random_bits: Callable[[int], int] = secrets.randbits) -> str:
@@ -36,13 +36,16 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
     response.headers[REQUEST_ID_HEADER] = request_id(request)
 
 
-@dataclass(slots=True)
 class Exchange:
-    request_id: str
-    model: str
-    replica: str = ""
-    attempts: int = 0
-    stats: RelayStats = field(default_factory=RelayStats)
+    __slots__ = ("attempts", "model", "replica", "request_id", "stats")
+
+    # A plain class: made per request on the compiled path (relay.RelayStats says why).
+    def __init__(self, request_id: str, model: str) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.replica = ""  # the replica that answered, once one did
+        self.attempts = 0
+        self.stats = RelayStats()
 
     def log_fields(self) -> dict[str, str]:
         fields = {"NEBULA_REQUEST_ID": self.request_id, "NEBULA_MODEL": self.model}

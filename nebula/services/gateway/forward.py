@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from nebula.adapters.upstream_http import UpstreamDisconnected, UpstreamUnreachable
 from nebula.adapters.upstream_response import UpstreamResponse
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Statuses an engine gives while it cannot take the request at all (starting, shutting down, overloaded
 # proxy in front of it): safe to try elsewhere because the engine did no work.
-RETRY_STATUSES = frozenset({502, 503})
+RETRY_STATUSES: Final = frozenset({502, 503})
 
 # The request's affinity key (routing.prefix_key), computed only when a pick has replicas to choose from.
 Affinity = Callable[[], str | None]
@@ -38,7 +37,6 @@ Affinity = Callable[[], str | None]
 Respond = Callable[[Reply, UpstreamResponse, RelayStats], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
     """Which replicas may take a request: the READY replicas of `model` for which `eligible` holds (all of
     them when it is None). A LoRA adapter's requests go to its base's replicas that have it loaded; a
@@ -46,10 +44,16 @@ class Target:
     tried replica gets (a new response's id names the replica it is made on); `method` is what the request
     is to the engine (a stored response is read with GET)."""
 
-    model: str
-    eligible: Callable[[Replica], bool] | None = None
-    body_for: Callable[[Replica], bytes] | None = None
-    method: str = "POST"
+    # A plain class with Final fields rather than a frozen dataclass: made per request on the compiled path
+    # (relay.RelayStats says why).
+    __slots__ = ("body_for", "eligible", "method", "model")
+
+    def __init__(self, model: str, eligible: Callable[[Replica], bool] | None = None,
+                 body_for: Callable[[Replica], bytes] | None = None, method: str = "POST") -> None:
+        self.model: Final = model
+        self.eligible: Final = eligible
+        self.body_for: Final = body_for
+        self.method: Final = method
 
 
 def _excluded(st: GatewayState, target: Target, tried: set[str]) -> set[str]:

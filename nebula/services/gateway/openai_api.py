@@ -17,8 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -41,26 +40,30 @@ from nebula.services.http.reply import AiohttpReply, Reply, send_json
 
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
+CLIENT_CLOSED: Final = 499  # nginx's convention for "the client went away before the answer"
 # The body is always the client's JSON, whatever Content-Type the client claimed.
-_JSON = {"Content-Type": "application/json"}
+_JSON: Final = {"Content-Type": "application/json"}
 # The client headers an inference request does not forward: the gateway sets these two itself.
-_FORWARD_SKIP = skipped_with(*_JSON, REQUEST_ID_HEADER)
+_FORWARD_SKIP: Final = skipped_with(*_JSON, REQUEST_ID_HEADER)
 # Endpoints whose requests go to particular replicas, or with a body per replica: (state, parsed body, raw
 # body, the model's target) -> the request's target.
 Aim = Callable[[GatewayState, Mapping[str, Any], bytes, Target], Target]
-_AIMS: Mapping[str, Aim] = {"responses": create_target}
+_AIMS: Final[Mapping[str, Aim]] = {"responses": create_target}
 
 
-@dataclass(slots=True)
 class Call:
     """An OpenAI request as the handlers see it, from either of the gateway's servers."""
 
-    path_qs: str
-    headers: Mapping[str, str]  # compared without case
-    body: bytes
-    key: KeyRecord | None  # the key it was authenticated with; None while the gateway is open
-    request_id: str
+    # A plain class: made per request on the compiled path (relay.RelayStats says why).
+    __slots__ = ("body", "headers", "key", "path_qs", "request_id")
+
+    def __init__(self, path_qs: str, headers: Mapping[str, str], body: bytes, key: KeyRecord | None,
+                 request_id: str) -> None:
+        self.path_qs = path_qs
+        self.headers = headers  # compared without case
+        self.body = body
+        self.key = key  # the key it was authenticated with; None while the gateway is open
+        self.request_id = request_id
 
 
 async def serve_inference(st: GatewayState, endpoint: Endpoint, call: Call, reply: Reply) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -27,13 +27,18 @@ from nebula.services.gateway.exchange import REQUEST_ID, REQUEST_ID_HEADER, new_
 from nebula.services.http.errors import Handler
 
 
-@dataclass(frozen=True, slots=True)
 class Admitted:
     """What the pipeline learned of a request, for its handler."""
 
-    request_id: str
-    key: KeyRecord | None  # None while the gateway is open, on an open path, or for the console's open session
-    release: Callable[[], None] | None = None  # gives back the key's request slot; None when nothing is held
+    # A plain class with Final fields rather than a frozen dataclass: made per request on the compiled path
+    # (relay.RelayStats says why).
+    __slots__ = ("key", "release", "request_id")
+
+    def __init__(self, request_id: str, key: KeyRecord | None, release: Callable[[], None] | None = None) -> None:
+        self.request_id: Final = request_id
+        # None while the gateway is open, on an open path, or for the console's open session.
+        self.key: Final = key
+        self.release: Final = release  # gives back the key's request slot; None when nothing is held
 
 
 class RequestPipeline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from nebula.core.fields import expect_field, expect_number
 from nebula.errors import ValidationError
@@ -19,8 +19,8 @@ from nebula.errors import ValidationError
 Body = Mapping[str, Any]
 Schema = dict[str, Any]
 
-_JSON_TYPES: Mapping[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
-                                   dict: "object"}
+_JSON_TYPES: Final[Mapping[type, str]] = {str: "string", int: "integer", float: "number", bool: "boolean",
+                                          list: "array", dict: "object"}
 
 
 def opt(schema: Schema) -> Schema:
@@ -103,7 +103,8 @@ TOKENS = Item(TOKEN_SCHEMA, ok=is_token)
 OBJECTS = Item({"type": "object"}, ok=lambda v: isinstance(v, dict))
 
 # Every body names the model it is for; validation.check_request checks it before the endpoint's rules.
-MODEL_SCHEMA: Schema = {"type": "string", "pattern": "\\S", "description": "A loaded model's name (GET /v1/models)."}
+MODEL_SCHEMA: Final[Schema] = {"type": "string", "pattern": "\\S",
+                               "description": "A loaded model's name (GET /v1/models)."}
 
 
 def check_model(body: Body) -> str:

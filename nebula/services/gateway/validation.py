@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -96,7 +96,7 @@ def _count(name: str, minimum: int) -> Field:
     return Field(name, (int,), minimum=minimum)
 
 
-_STRS = "must be a string or a list of strings"
+_STRS: Final = "must be a string or a list of strings"
 _TEMPERATURE = Field("temperature", (int, float), minimum=0)
 _TOP_P = Field("top_p", (int, float), minimum=0, maximum=1, exclusive_minimum=True)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from nebula.services.http.errors import ApiError
 
 if TYPE_CHECKING:
     from nebula.services.http.fastconnection import FastConnection
 
-_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_PHRASES: Final = {s.value: s.phrase for s in HTTPStatus}
 
 
 def _head_bytes(status: int, reason: str, headers: Iterable[tuple[str, str]], date: str, framing: str,

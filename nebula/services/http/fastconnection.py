@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from multidict import CIMultiDict
 
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LINGER_S = 5.0  # how long a refused client may go on sending (nginx's lingering_timeout)
-_MAX_AHEAD = 256 * 1024  # bytes a pipelining client may send ahead of its answers before reading pauses
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S: Final = 5.0  # how long a refused client may go on sending (nginx's lingering_timeout)
+_MAX_AHEAD: Final = 256 * 1024  # bytes a pipelining client may send ahead of its answers before reading pauses
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class FastConnection(asyncio.Protocol):

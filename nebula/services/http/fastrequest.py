@@ -5,7 +5,7 @@ body limit."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from multidict import CIMultiDict
@@ -13,20 +13,24 @@ from multidict import CIMultiDict
 from nebula.services.http.connection_reply import ConnectionReply
 
 
-@dataclass(slots=True)
 class FastRequest:
-    method: str
-    target: str  # path and query, as sent
-    path: str
-    headers: CIMultiDict[str]
-    body: bytes
-    # Added to whatever answer this request gets, errors included (the gateway's X-Request-ID).
-    extra_headers: list[tuple[str, str]] = field(default_factory=list)
-    # What the server's `admit` learned of the request (the gateway: the caller's API key).
-    context: Any = None
-    # Set by `admit` when it holds something for the request (the gateway: its key's concurrency slot); the
-    # server calls it once, when the request ends however it ends.
-    release: Callable[[], None] | None = None
+    # A plain class, not a dataclass: compiled (scripts/compile_data_path.py), a dataclass's generated
+    # __init__ stays bytecode, 170-180 ns where this takes 20-40.
+    __slots__ = ("body", "context", "extra_headers", "headers", "method", "path", "release", "target")
+
+    def __init__(self, method: str, target: str, path: str, headers: CIMultiDict[str], body: bytes) -> None:
+        self.method = method
+        self.target = target  # path and query, as sent
+        self.path = path
+        self.headers = headers
+        self.body = body
+        # Added to whatever answer this request gets, errors included (the gateway's X-Request-ID).
+        self.extra_headers: list[tuple[str, str]] = []
+        # What the server's `admit` learned of the request (the gateway: the caller's API key).
+        self.context: Any = None
+        # Set by `admit` when it holds something for the request (the gateway: its key's concurrency slot);
+        # the server calls it once, when the request ends however it ends.
+        self.release: Callable[[], None] | None = None
 
     def finish(self) -> None:
         """Give back what `admit` holds for it (calls `release` at most once)."""

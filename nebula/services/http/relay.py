@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from typing import Final
 
 from nebula.adapters.upstream_http import UpstreamError
 from nebula.adapters.upstream_response import UpstreamResponse
@@ -20,12 +20,12 @@ from nebula.services.http.reply import Reply
 log = logging.getLogger(__name__)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those each hop sets for itself.
-_SKIP_REQUEST = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
+_SKIP_REQUEST: Final = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
                            "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                            "authorization", "x-api-key", "expect",
                            "cookie", "x-nebula-csrf"})  # the web console's session: never an engine's business
 # Content-Length too: the reply frames the body itself. X-Request-ID: the gateway names the request.
-_SKIP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
+_SKIP_RESPONSE: Final = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
                             "transfer-encoding", "upgrade", "server", "date", "content-length", "x-request-id"})
 
 
@@ -67,23 +67,27 @@ def forward_headers(headers: Mapping[str, str], extra: Mapping[str, str] | None 
 
 
 # Bodies of known length up to this size are relayed whole (see _relay_whole); larger ones stream.
-WHOLE_BODY_MAX = 1 << 20
+WHOLE_BODY_MAX: Final = 1 << 20
 
 
 class UpstreamBroke(Exception):
     """The engine's answer broke off before its whole body arrived (nothing was sent to the client yet)."""
 
 
-@dataclass(slots=True)
 class RelayStats:
     """What a relay saw of the body, for latency metrics: monotonic times of the first and last chunk and the
     number of SSE events (`data:` lines), which for a token stream is the number of token deltas plus one or
     two (usage, [DONE]). Counting is one bytes.count per chunk; nothing is parsed."""
 
-    first_chunk_at: float = 0.0
-    last_chunk_at: float = 0.0
-    events: int = 0
-    complete: bool = False
+    # A plain class, as every value type made per request on the compiled path: a dataclass's generated
+    # __init__ stays bytecode there (scripts/compile_data_path.py).
+    __slots__ = ("complete", "events", "first_chunk_at", "last_chunk_at")
+
+    def __init__(self) -> None:
+        self.first_chunk_at = 0.0
+        self.last_chunk_at = 0.0
+        self.events = 0
+        self.complete = False
 
 
 async def _before_the_client_saw_anything(read: Awaitable[bytes]) -> bytes:
