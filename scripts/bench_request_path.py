@@ -16,7 +16,7 @@ per read and write is the same for every design and is measured by bench_gateway
 to caches they have filled. Its user time per request there is 3-4x this bench's warm figure (74-93 us against
 22 compiled, bench_gateway.py on a 2-core EPYC), and vllm-router's is 62 us. Copying MB MiB before each request
 evicts the caches the same way; the copy's own time, taken alone before each round, is taken off. There, a whole
-answer compiled: 20 us warm, 43-49 with 8 MiB (22 and 52-61 before the value types made per request became plain
+answer compiled: 20 us warm, 36-49 with 8 MiB (22 and 52-61 before the value types made per request became plain
 classes and the modules' constants Final); from source: 50, 70-74 with 4 MiB, 88-89 with 8. That is the figure
 to judge a change of the path's footprint by (the objects and code a request touches), the warm one its
 instructions.
