@@ -194,21 +194,28 @@ class EtcdConnection:
         for attempt in (1, 2):
             conn = await self.current()
             try:
-                return await asyncio.wait_for(op(conn.client), self.timeout + _GUARD_MARGIN_S)
-            except TimeoutError as exc:
+                result = await asyncio.wait_for(op(conn.client), self.timeout + _GUARD_MARGIN_S)
+            except (TimeoutError, rpc.AioRpcError) as exc:
+                if cancelled_by_caller():  # a cancellation wait_for dropped (below): not a failure to retry
+                    raise asyncio.CancelledError from exc
+                if isinstance(exc, rpc.AioRpcError):
+                    if exc.code() in _FAILOVER_CODES or exc.code() == REAUTH_CODE:
+                        await self.failover(conn)
+                    if exc.code() == REAUTH_CODE and self._security.user and attempt == 1:
+                        log.info("etcd auth token of %s expired; authenticating again", conn.endpoint)
+                        continue
+                    raise translate(exc) from exc
                 await self.failover(conn)
                 raise StoreUnavailableError(f"etcd {conn.endpoint} did not answer in {self.timeout}s") from exc
-            except rpc.AioRpcError as exc:
-                if exc.code() in _FAILOVER_CODES or exc.code() == REAUTH_CODE:
-                    await self.failover(conn)
-                if exc.code() == REAUTH_CODE and self._security.user and attempt == 1:
-                    log.info("etcd auth token of %s expired; authenticating again", conn.endpoint)
-                    continue
-                raise translate(exc) from exc
             except asyncio.CancelledError:
                 if cancelled_by_caller():
                     raise
                 raise StoreUnavailableError(f"etcd {conn.endpoint}: connection closed during the call") from None
+            if cancelled_by_caller():
+                # Cancelled as the call ended: Python 3.11's wait_for then returns the result and drops the
+                # cancellation (gh-86296), and a caller that loops (a lease's keepalives) would never stop.
+                raise asyncio.CancelledError
+            return result
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:

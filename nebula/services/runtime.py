@@ -144,6 +144,8 @@ SiteFactory = Callable[[web.AppRunner], web.BaseSite]
 
 # The young generation's collection threshold once a service is up (settle_heap); Python's default is 700.
 YOUNG_GC_THRESHOLD = 10_000
+# How long a stopping service waits for a cancelled task before cancelling it again (cancel_all).
+RECANCEL_S = 1.0
 
 
 def settle_heap() -> None:
@@ -232,16 +234,31 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
+async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[Any]],
+                          recancel_s: float = RECANCEL_S) -> None:
     """Wait for `stop` (or any task dying, which is a bug worth a restart by the supervisor), then cancel all."""
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for t in [stopper, *tasks]:
-        t.cancel()
-    await asyncio.gather(stopper, *tasks, return_exceptions=True)
+    await cancel_all([stopper, *tasks], recancel_s)
     for t in done:
         if t is not stopper and not t.cancelled() and t.exception() is not None:
             raise RuntimeError(f"task {t.get_name()} died") from t.exception()
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]], recancel_s: float = RECANCEL_S) -> None:
+    """Cancel `tasks` and wait until every one has ended. One still running `recancel_s` after its cancellation
+    is named in the log and cancelled again, until it ends: a cancellation can be lost (Python 3.11's wait_for
+    returns the awaited call's result when the call ends in the same turn as the cancellation, gh-86296), and
+    a stop must not hang on the task that lost it (a node agent that outlived its SIGTERM kept its lease)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=recancel_s)
+        if pending:
+            log.warning("still running %.1f s after being cancelled, cancelling again: %s", recancel_s,
+                        ", ".join(sorted(t.get_name() for t in pending)))
+    await asyncio.gather(*tasks, return_exceptions=True)  # all ended: this only collects their outcomes
 
 
 async def open_store(cfg: NebulaConfig) -> Store:

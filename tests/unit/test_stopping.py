@@ -1,0 +1,85 @@
+"""A service stops on SIGTERM even when one of its tasks loses its cancellation.
+
+Python 3.11's asyncio.wait_for returns the awaited call's result (or raises its error) when the call ends in
+the same turn of the loop as the cancellation of the task awaiting it (gh-86296): the cancellation is gone. A
+node agent whose lease keepalive lost it this way kept its lease and never exited (the chaos suite's rolling
+restart then waited 30 s for it and failed). The etcd client now honours such a cancellation
+(EtcdConnection.call), and a stopping service cancels a task again until it ends (runtime.cancel_all)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import pytest
+from aetcd import rpc
+
+from nebula.adapters.etcd_connection import Client, Conn, EtcdConnection
+from nebula.services.runtime import cancel_all, run_tasks_until
+
+
+class _Connected(EtcdConnection):
+    """A connection whose channel is already open; the RPCs are the test's."""
+
+    async def current(self) -> Conn:
+        return Conn(client=Client(None, None, None, None, None), generation=0, endpoint="127.0.0.1:2379")
+
+
+async def _call_cancelled_as_it_ends(op_ends: Any) -> asyncio.Task[Any]:
+    """The task of an etcd call whose caller is cancelled in the very turn the RPC ends (with `op_ends()`)."""
+    etcd = _Connected(["http://127.0.0.1:2379"], timeout=5.0, security=None)
+    caller: asyncio.Task[Any] | None = None
+
+    async def rpc_call(client: Any) -> Any:
+        assert caller is not None
+        caller.cancel()
+        return op_ends()
+
+    caller = asyncio.create_task(etcd.call(rpc_call))
+    await asyncio.wait([caller])
+    return caller
+
+
+async def test_a_call_cancelled_as_it_answers_raises_the_cancellation() -> None:
+    caller = await _call_cancelled_as_it_ends(lambda: "answer")
+    assert caller.cancelled(), f"the cancellation was dropped: the call returned {caller.result()!r}"
+
+
+async def test_a_call_cancelled_as_it_fails_raises_the_cancellation_not_a_retryable_error() -> None:
+    def unavailable() -> Any:
+        raise grpc.aio.AioRpcError(rpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+
+    caller = await _call_cancelled_as_it_ends(unavailable)
+    # A StoreUnavailableError here would be retried by a keepalive loop, which would then never end.
+    assert caller.cancelled(), f"got {caller.exception()!r}"
+
+
+async def _loses_its_first_cancellation(lost: asyncio.Event) -> None:
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        lost.set()  # what a call whose cancellation wait_for dropped does: it goes on
+    await asyncio.Event().wait()
+
+
+async def test_a_task_that_loses_its_cancellation_is_cancelled_again_and_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    lost = asyncio.Event()
+    stubborn = asyncio.create_task(_loses_its_first_cancellation(lost), name="lease")
+    polite = asyncio.create_task(asyncio.Event().wait(), name="http")
+    await asyncio.sleep(0)  # both are waiting
+    with caplog.at_level(logging.WARNING, logger="nebula.runtime"):
+        await asyncio.wait_for(cancel_all([stubborn, polite], recancel_s=0.01), 10)
+    assert lost.is_set() and stubborn.cancelled() and polite.cancelled()
+    assert "cancelling again: lease" in caplog.text
+    assert "http" not in caplog.text
+
+
+async def test_a_service_stops_although_one_of_its_tasks_lost_a_cancellation() -> None:
+    stop, lost = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(_loses_its_first_cancellation(lost), name="lease")]
+    stop.set()  # SIGTERM
+    await asyncio.wait_for(run_tasks_until(stop, tasks, recancel_s=0.01), 10)
+    assert lost.is_set() and tasks[0].cancelled()
