@@ -144,8 +144,10 @@ SiteFactory = Callable[[web.AppRunner], web.BaseSite]
 
 # The young generation's collection threshold once a service is up (settle_heap); Python's default is 700.
 YOUNG_GC_THRESHOLD = 10_000
-# How long a stopping service waits for a cancelled task before cancelling it again (cancel_all).
-RECANCEL_S = 1.0
+# How long a stopping service waits for a cancelled task before cancelling it again (cancel_all): longer than a
+# stop means to take (the gateway finishes the answers in flight, which the units' TimeoutStopSec=30 bounds),
+# so only a task that lost its cancellation is cut, and named before systemd's SIGKILL.
+RECANCEL_S = 25.0
 
 
 def settle_heap() -> None:

@@ -83,3 +83,27 @@ async def test_a_service_stops_although_one_of_its_tasks_lost_a_cancellation() -
     stop.set()  # SIGTERM
     await asyncio.wait_for(run_tasks_until(stop, tasks, recancel_s=0.01), 10)
     assert lost.is_set() and tasks[0].cancelled()
+
+
+async def test_a_task_finishing_its_stop_is_left_to_finish(caplog: pytest.LogCaptureFixture) -> None:
+    """A stop that takes its time (the gateway finishing the answers in flight) is not cut short."""
+    release, finished = asyncio.Event(), asyncio.Event()
+
+    async def draining() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()  # the answers in flight end
+            finished.set()
+
+    task = asyncio.create_task(draining(), name="http")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="nebula.runtime"):
+        stopping = asyncio.create_task(cancel_all([task]))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not stopping.done()
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+    assert finished.is_set() and task.cancelled()
+    assert "cancelling again" not in caplog.text
