@@ -152,8 +152,8 @@ class EtcdConnection:
         request = rpc.AuthenticateRequest(name=self._security.user, password=self._security.password)
         where = self.endpoint
         try:
-            call = rpc.AuthStub(channel).Authenticate(request, timeout=self.timeout)
-            response = await asyncio.wait_for(call, self.timeout + _GUARD_MARGIN_S)
+            async with asyncio.timeout(self.timeout + _GUARD_MARGIN_S):
+                response = await rpc.AuthStub(channel).Authenticate(request, timeout=self.timeout)
             return str(response.token)
         except TimeoutError as exc:
             await self._discard(channel, next_endpoint=True)
@@ -183,10 +183,15 @@ class EtcdConnection:
         await self._close_client(conn.client)
 
     async def _close_client(self, client: Any) -> None:
-        try:
-            # Closing cancels the channel's RPCs (watches on it fail over too); never let it hang.
-            await asyncio.wait_for(client.close(), self.timeout)
-        except Exception as exc:  # closing a broken channel may fail in many ways; it is gone anyway
+        # Closing cancels the channel's RPCs (watches on it fail over too); never let it hang. asyncio.wait, not
+        # asyncio.timeout: a service closes its store while stopping, after its task's cancellation, where
+        # Python 3.11.2's timeout raises CancelledError at its deadline and the rest of the stop would be skipped.
+        closing = asyncio.ensure_future(client.close())
+        if not (await asyncio.wait([closing], timeout=self.timeout))[0]:
+            closing.cancel()
+            log.debug("closing etcd client took over %s s; given up", self.timeout)
+        elif not closing.cancelled() and (exc := closing.exception()) is not None:
+            # Closing a broken channel may fail in many ways; it is gone anyway.
             log.debug("closing etcd client failed: %r", exc)
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
@@ -194,28 +199,25 @@ class EtcdConnection:
         for attempt in (1, 2):
             conn = await self.current()
             try:
-                result = await asyncio.wait_for(op(conn.client), self.timeout + _GUARD_MARGIN_S)
-            except (TimeoutError, rpc.AioRpcError) as exc:
-                if cancelled_by_caller():  # a cancellation wait_for dropped (below): not a failure to retry
-                    raise asyncio.CancelledError from exc
-                if isinstance(exc, rpc.AioRpcError):
-                    if exc.code() in _FAILOVER_CODES or exc.code() == REAUTH_CODE:
-                        await self.failover(conn)
-                    if exc.code() == REAUTH_CODE and self._security.user and attempt == 1:
-                        log.info("etcd auth token of %s expired; authenticating again", conn.endpoint)
-                        continue
-                    raise translate(exc) from exc
+                # asyncio.timeout, not wait_for: the RPC is awaited in the caller's own task, so a cancellation
+                # arriving in the turn the RPC ends is raised here, where Python 3.11's wait_for returned the
+                # result and dropped it (gh-86296; a lease's keepalive loop then never stopped).
+                async with asyncio.timeout(self.timeout + _GUARD_MARGIN_S):
+                    return await op(conn.client)
+            except TimeoutError as exc:
                 await self.failover(conn)
                 raise StoreUnavailableError(f"etcd {conn.endpoint} did not answer in {self.timeout}s") from exc
+            except rpc.AioRpcError as exc:
+                if exc.code() in _FAILOVER_CODES or exc.code() == REAUTH_CODE:
+                    await self.failover(conn)
+                if exc.code() == REAUTH_CODE and self._security.user and attempt == 1:
+                    log.info("etcd auth token of %s expired; authenticating again", conn.endpoint)
+                    continue
+                raise translate(exc) from exc
             except asyncio.CancelledError:
                 if cancelled_by_caller():
                     raise
                 raise StoreUnavailableError(f"etcd {conn.endpoint}: connection closed during the call") from None
-            if cancelled_by_caller():
-                # Cancelled as the call ended: Python 3.11's wait_for then returns the result and drops the
-                # cancellation (gh-86296), and a caller that loops (a lease's keepalives) would never stop.
-                raise asyncio.CancelledError
-            return result
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:

@@ -110,7 +110,8 @@ class SystemdEngineUnits:
             proc = await asyncio.create_subprocess_exec(
                 "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), "-u", engine_unit_name(instance),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout=self._call_timeout_s)
+            async with asyncio.timeout(self._call_timeout_s):
+                out, _ = await proc.communicate()
         except (OSError, TimeoutError):
             return []
         return [line for line in out.decode(errors="replace").splitlines() if line.strip()]
@@ -149,7 +150,8 @@ class SystemdEngineUnits:
         msg = Message(destination=SYSTEMD_BUS_NAME, path=path, interface=interface, member=member,
                       signature=signature, body=body)
         try:
-            reply = await asyncio.wait_for(bus.call(msg), self._call_timeout_s)
+            async with asyncio.timeout(self._call_timeout_s):
+                reply = await bus.call(msg)
         except (TimeoutError, OSError, EOFError, DBusFastError) as e:
             await self._drop(bus)
             raise TemporaryError(f"D-Bus {member}: {type(e).__name__}: {e}") from e
@@ -168,7 +170,8 @@ class SystemdEngineUnits:
             bus = (MessageBus(bus_address=self._bus_address) if self._bus_address
                    else MessageBus(bus_type=BusType.SYSTEM))
             try:
-                self._bus = await asyncio.wait_for(bus.connect(), self._call_timeout_s)
+                async with asyncio.timeout(self._call_timeout_s):
+                    self._bus = await bus.connect()
             except (TimeoutError, OSError, EOFError, DBusFastError) as e:
                 raise TemporaryError(f"cannot connect to the system bus "
                                      f"({self._bus_address or 'default'}): {e}") from e

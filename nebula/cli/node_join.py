@@ -119,11 +119,12 @@ def address_towards(url: str) -> str:
 
 def etcd_check(cfg: NebulaConfig, name: str) -> str | None:
     async def check() -> str | None:
-        store = await open_store(cfg)
-        try:
-            kv = await store.get(keys.node_key(name))
-        finally:
-            await store.close()
+        async with asyncio.timeout(cfg.cluster.etcd_timeout_s + 2):
+            store = await open_store(cfg)
+            try:
+                kv = await store.get(keys.node_key(name))
+            finally:
+                await store.close()
         if kv is None:
             return None
         try:
@@ -136,7 +137,7 @@ def etcd_check(cfg: NebulaConfig, name: str) -> str | None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return asyncio.run(asyncio.wait_for(check(), cfg.cluster.etcd_timeout_s + 2))
+        return asyncio.run(check())
     except (NebulaError, OSError, TimeoutError) as e:
         urls = ", ".join(cfg.cluster.etcd_endpoints)
         raise CliError(f"etcd at {urls} does not answer ({type(e).__name__}: {e}); check the URL and that "

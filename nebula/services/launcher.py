@@ -114,7 +114,8 @@ async def supervise(cfg: NebulaConfig, env: Mapping[str, str], state_dir: Path, 
             log.warning("%s exited with %s; restarting in %.1f s", child.name, child.proc.returncode if child.proc
                         else "?", child.backoff_s)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=child.backoff_s)
+                async with asyncio.timeout(child.backoff_s):
+                    await stop.wait()
             except TimeoutError:
                 child.restarts += 1
                 await child.start()
@@ -128,7 +129,8 @@ async def _stop_child(child: Child, timeout_s: float = 15.0) -> None:
         return
     child.proc.terminate()
     try:
-        await asyncio.wait_for(child.proc.wait(), timeout=timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await child.proc.wait()
     except TimeoutError:
         child.proc.kill()
         await child.proc.wait()

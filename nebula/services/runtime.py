@@ -249,9 +249,10 @@ async def run_tasks_until(stop: asyncio.Event, tasks: list[asyncio.Task[Any]],
 
 async def cancel_all(tasks: list[asyncio.Task[Any]], recancel_s: float = RECANCEL_S) -> None:
     """Cancel `tasks` and wait until every one has ended. One still running `recancel_s` after its cancellation
-    is named in the log and cancelled again, until it ends: a cancellation can be lost (Python 3.11's wait_for
-    returns the awaited call's result when the call ends in the same turn as the cancellation, gh-86296), and
-    a stop must not hang on the task that lost it (a node agent that outlived its SIGTERM kept its lease)."""
+    is named in the log and cancelled again, until it ends: a cancellation can be lost (Python 3.11's wait_for,
+    which Nebula's code no longer calls but a library may, returns the awaited call's result when the call ends
+    in the same turn as the cancellation, gh-86296), and a stop must not hang on the task that lost it (a node
+    agent that outlived its SIGTERM kept its lease)."""
     pending = {t for t in tasks if not t.done()}
     while pending:
         for t in pending:

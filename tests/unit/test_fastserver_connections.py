@@ -152,13 +152,30 @@ async def test_shutdown_waits_for_busy_connections_and_closes_idle_ones(served: 
     assert not served.routes.cancelled.is_set()
 
 
-async def test_shutdown_breaks_off_what_is_still_busy_at_the_timeout() -> None:
+@pytest.mark.parametrize("stopped_by", ["cleanup", "cancelled-service"])
+async def test_shutdown_breaks_off_what_is_still_busy_at_the_timeout(stopped_by: str) -> None:
     async with serving(shutdown_timeout_s=0.1) as served:
         busy = await served.connect()
         await busy.send(post("/hold"))
         await until(served.routes.held.is_set)
+
+        async def service() -> None:
+            # As runtime.serve_app: SIGTERM cancels the service's task, whose `finally` stops the server (a task
+            # with a cancellation pending, where Python 3.11.2's asyncio.timeout cannot time out).
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await served.runner.cleanup()
+
         async with asyncio.timeout(5):
-            await served.runner.cleanup()
+            if stopped_by == "cleanup":
+                await served.runner.cleanup()
+            else:
+                stopping = asyncio.create_task(service())
+                await asyncio.sleep(0)
+                stopping.cancel()
+                await asyncio.wait([stopping])
+                assert stopping.cancelled()
         try:
             assert await busy.rest() == b""
         except ConnectionResetError:

@@ -3,13 +3,15 @@
 Python 3.11's asyncio.wait_for returns the awaited call's result (or raises its error) when the call ends in
 the same turn of the loop as the cancellation of the task awaiting it (gh-86296): the cancellation is gone. A
 node agent whose lease keepalive lost it this way kept its lease and never exited (the chaos suite's rolling
-restart then waited 30 s for it and failed). The etcd client now honours such a cancellation
-(EtcdConnection.call), and a stopping service cancels a task again until it ends (runtime.cancel_all)."""
+restart then waited 30 s for it and failed). The etcd client awaits its RPCs under asyncio.timeout, in the
+caller's own task, where no cancellation is dropped (EtcdConnection.call), and a stopping service cancels a
+task again until it ends (runtime.cancel_all), for whatever else might still drop one."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,15 +29,22 @@ class _Connected(EtcdConnection):
         return Conn(client=Client(None, None, None, None, None), generation=0, endpoint="127.0.0.1:2379")
 
 
-async def _call_cancelled_as_it_ends(op_ends: Any) -> asyncio.Task[Any]:
-    """The task of an etcd call whose caller is cancelled in the very turn the RPC ends (with `op_ends()`)."""
+async def _call_cancelled_as_it_ends(end_rpc: Callable[[asyncio.Future[Any]], None]) -> asyncio.Task[Any]:
+    """The task of an etcd call whose caller is cancelled in the very turn its RPC ends (`end_rpc` sets the
+    RPC's outcome): gRPC's reply and a SIGTERM arriving in the same pass of the loop."""
     etcd = _Connected(["http://127.0.0.1:2379"], timeout=5.0, security=None)
     caller: asyncio.Task[Any] | None = None
 
     async def rpc_call(client: Any) -> Any:
-        assert caller is not None
-        caller.cancel()
-        return op_ends()
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def reply_and_sigterm() -> None:
+            assert caller is not None
+            end_rpc(reply)
+            caller.cancel()
+
+        asyncio.get_running_loop().call_soon(reply_and_sigterm)
+        return await reply
 
     caller = asyncio.create_task(etcd.call(rpc_call))
     await asyncio.wait([caller])
@@ -43,15 +52,13 @@ async def _call_cancelled_as_it_ends(op_ends: Any) -> asyncio.Task[Any]:
 
 
 async def test_a_call_cancelled_as_it_answers_raises_the_cancellation() -> None:
-    caller = await _call_cancelled_as_it_ends(lambda: "answer")
+    caller = await _call_cancelled_as_it_ends(lambda reply: reply.set_result("answer"))
     assert caller.cancelled(), f"the cancellation was dropped: the call returned {caller.result()!r}"
 
 
 async def test_a_call_cancelled_as_it_fails_raises_the_cancellation_not_a_retryable_error() -> None:
-    def unavailable() -> Any:
-        raise grpc.aio.AioRpcError(rpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
-
-    caller = await _call_cancelled_as_it_ends(unavailable)
+    unavailable = grpc.aio.AioRpcError(rpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    caller = await _call_cancelled_as_it_ends(lambda reply: reply.set_exception(unavailable))
     # A StoreUnavailableError here would be retried by a keepalive loop, which would then never end.
     assert caller.cancelled(), f"got {caller.exception()!r}"
 

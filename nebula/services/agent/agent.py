@@ -367,7 +367,8 @@ class NodeAgent:
             except TemporaryError as e:
                 log.warning("reconcile pass failed, retrying: %s", e)
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout=self._next_wait(period))
+                async with asyncio.timeout(self._next_wait(period)):
+                    await self.wake.wait()
             except TimeoutError:
                 pass
             self.wake.clear()

@@ -109,7 +109,8 @@ async def _pump(lines: AsyncIterator[LogLine], queue: asyncio.Queue[LogLine | st
 async def _send(response: web.StreamResponse, queue: asyncio.Queue[LogLine | str], keepalive_s: float) -> None:
     while True:
         try:
-            item = await asyncio.wait_for(queue.get(), keepalive_s)
+            async with asyncio.timeout(keepalive_s):
+                item = await queue.get()
         except TimeoutError:
             await response.write(b"\n")
             continue

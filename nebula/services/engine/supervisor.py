@@ -251,7 +251,8 @@ class EngineSupervisor:
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(exited), self._cfg.stop_timeout_s)
+            async with asyncio.timeout(self._cfg.stop_timeout_s):
+                await asyncio.shield(exited)  # a timeout must not cancel `exited`: it is awaited after the kill
             self._log.info("engine stopped (status %s)", child.returncode)
         except TimeoutError:
             self._log.warning("engine still running after %.0f s (engine.stop_timeout_s): killing it",

@@ -169,7 +169,8 @@ class LogStream:
         ended: list[tuple[str, str]] = []
         while (left := until - clock()) > 0:
             try:
-                node, item = await asyncio.wait_for(self._queue.get(), left)
+                async with asyncio.timeout(left):
+                    node, item = await self._queue.get()
             except TimeoutError:
                 break
             if isinstance(item, str):
@@ -185,7 +186,8 @@ class LogStream:
     async def _take(self, wait_s: float) -> list[dict[str, object]]:
         """The lines waiting (at most BATCH), waiting up to `wait_s` for the first; a node's end is sent as it comes."""
         try:
-            first = await asyncio.wait_for(self._queue.get(), wait_s)
+            async with asyncio.timeout(wait_s):
+                first = await self._queue.get()
         except TimeoutError:
             return []
         out: list[dict[str, object]] = []

@@ -225,7 +225,8 @@ async def supervise_workers(count: int, worker_argv: Callable[[int], Sequence[st
                               gone.index, pid, status, gone.backoff_s, extra={"NEBULA_WORKER": gone.index})
             wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), min(1.0, watchdog_s / 4))
+                async with asyncio.timeout(min(1.0, watchdog_s / 4)):
+                    await wake.wait()
     finally:
         loop.remove_reader(listener.sock.fileno())
         stopper.cancel()

@@ -207,9 +207,12 @@ class FastServer:
         for conn in list(self.connections):
             conn.close_when_idle()
         if self.connections:
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
-            except TimeoutError:
+            # asyncio.wait, not asyncio.timeout: this runs in the server's task after its cancellation (the stop),
+            # where Python 3.11.2's timeout raises CancelledError at its deadline instead of TimeoutError, and the
+            # connections still busy would be left open.
+            all_closed = asyncio.ensure_future(self._all_closed.wait())
+            if not (await asyncio.wait([all_closed], timeout=timeout_s))[0]:
+                all_closed.cancel()
                 log.warning(
                     "%d data-plane connections still busy after %.0f s; closing them", len(self.connections), timeout_s
                 )

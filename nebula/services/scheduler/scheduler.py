@@ -198,7 +198,8 @@ class Scheduler:
                     return
 
         try:
-            await asyncio.wait_for(vacated(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await vacated()
         except TimeoutError:
             pass
         except TemporaryError as e:  # CompactedError too
