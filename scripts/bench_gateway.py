@@ -29,6 +29,7 @@ and worker), engine and load generator excluded, and given as a ratio to vllm-ro
     .venv/bin/python scripts/bench_gateway.py --nebula-src /tmp/head   # services from another tree
     .venv/bin/python scripts/bench_gateway.py --compare-src /tmp/head  # and a gateway from it beside this one's
     .venv/bin/python scripts/bench_gateway.py --gateway-workers 4      # the gateway as 4 processes on its port
+    .venv/bin/python scripts/bench_gateway.py --syscalls     # and each hop's system calls per request (perf)
     .venv/bin/python scripts/bench_gateway.py --uvloop-proxy          # the proxy on uvloop too, same run
     .venv/bin/python scripts/bench_gateway.py --tcp-relay             # and a byte relay: a Python floor
     .venv/bin/python scripts/bench_gateway.py --compare-event-loops   # a second gateway on asyncio's loop
@@ -73,7 +74,7 @@ if str(SRC) not in sys.path:
 # This file's directory is sys.path[0]: its sibling modules import as top-level ones.
 import bench_baselines  # noqa: E402
 from bench_engine import PATHS, engine_app, proxy_app, serve  # noqa: E402
-from bench_load import SCENARIOS, Scenario, loadgen_main  # noqa: E402
+from bench_load import SCENARIOS, Scenario, loadgen_main, process_tree  # noqa: E402
 from bench_relay import serve_relay  # noqa: E402
 from bench_report import goals_of, print_relative, print_scenario, profile_summary, summarize  # noqa: E402
 from bench_stack import (  # noqa: E402
@@ -92,8 +93,19 @@ from bench_stack import (  # noqa: E402
 TARGETS = ("direct", "proxy", "nebula")
 
 
+def read_syscall_counts(perf_csv: str) -> dict[str, int]:
+    """System calls by name from `perf stat -x, -e 'syscalls:sys_enter_*'` output; those never made left out."""
+    counts: dict[str, int] = {}
+    for line in perf_csv.splitlines():
+        value, _, rest = line.partition(",")
+        event = rest.partition(",")[2].partition(",")[0]
+        if event.startswith("syscalls:sys_enter_") and value.isdigit() and int(value):
+            counts[event.removeprefix("syscalls:sys_enter_")] = int(value)
+    return counts
+
+
 def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: float,
-             py_spy: tuple[str, Path] | None = None) -> dict[str, Any]:
+             py_spy: tuple[str, Path] | None = None, count_syscalls: bool = False) -> dict[str, Any]:
     base = ({"direct": stack.engine_url, "proxy": stack.proxy_url, "nebula": stack.gateway_url}
             | stack.extra_url)[target]
     pids = dict(stack.pids[target]) | stack.pids["_engine"]
@@ -117,21 +129,32 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
             procs.start(spies[-1], [
                 py_spy[0], "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw",
                 "--duration", str(int(sc.warmup_s + duration + 1)), "-o", str(py_spy[1] / f"{sc.name}-{pname}.txt")])
+    counted = procs.workdir / f"syscalls-{sc.name}-{target}.csv"
+    if count_syscalls and target != "direct":
+        # The hop's processes over the measured window only: from the end of the warm-up, for its length.
+        spies.append(f"perf-{sc.name}-{target}")
+        hop = ",".join(str(p) for pid in stack.pids[target].values() for p in process_tree(pid))
+        procs.start(spies[-1], ["sh", "-c", f"sleep {sc.warmup_s}; exec perf stat -x, -e 'syscalls:sys_enter_*' "
+                                            f"-p {hop} -o {counted} -- sleep {duration}"])
     try:
         out, _ = proc.communicate(timeout=sc.warmup_s + duration + 90)
         for spy in spies:
-            procs.procs[spy].wait(30)  # it stops by itself after --duration, then writes its file
+            procs.procs[spy].wait(30)  # it stops by itself after its duration, then writes its file
     finally:
         for n in [name, *spies]:
             procs.stop(n)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{procs.log_tail(name)}")
     result: dict[str, Any] = json.loads(out)
+    if count_syscalls and target != "direct":
+        if not counted.is_file():
+            raise RuntimeError(f"perf wrote no counts for {target}:\n{procs.log_tail(spies[-1])}")
+        result["syscalls"] = read_syscall_counts(counted.read_text())
     return result
 
 
 def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario, scale: float,
-            py_spy: tuple[str, Path] | None) -> dict[str, dict[str, Any]]:
+            py_spy: tuple[str, Path] | None, count_syscalls: bool = False) -> dict[str, dict[str, Any]]:
     """One scenario's raw results per target, each target measured in turn. With --compare-src, nebula (A)
     and nebula_ref (B) are measured twice, A B first and B A last with the other targets between, and each
     one's two measurements are pooled: both then centre on the same moment, so a steady drift in the box's
@@ -143,7 +166,7 @@ def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario
         order += ["nebula_ref", "nebula"]
     raws: dict[str, list[dict[str, Any]]] = {}
     for target in order:
-        raws.setdefault(target, []).append(run_load(procs, stack, target, sc, scale, py_spy))
+        raws.setdefault(target, []).append(run_load(procs, stack, target, sc, scale, py_spy, count_syscalls))
     return {t: pooled(raws[t]) for t in targets}
 
 
@@ -157,6 +180,9 @@ def pooled(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["total_ms"] = out["total_ms"] + raw["total_ms"]
         out["cpu_s"] = {k: v + raw["cpu_s"].get(k, 0.0) for k, v in out["cpu_s"].items()}
         out["first_error"] = out["first_error"] or raw["first_error"]
+        if "syscalls" in out:
+            out["syscalls"] = {k: out["syscalls"].get(k, 0) + raw["syscalls"].get(k, 0)
+                               for k in out["syscalls"].keys() | raw["syscalls"].keys()}
     return out
 
 
@@ -199,6 +225,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         if profile_dir is None:
             raise SystemExit("--py-spy needs --profile DIR for its output")
         py_spy = (args.py_spy, profile_dir)
+    if args.syscalls and shutil.which("perf") is None:
+        raise SystemExit("--syscalls needs perf on PATH (apt-get install linux-perf), and root for its syscall "
+                         "tracepoints")
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     baselines_of(args.baselines)  # a misspelt name fails here, before anything starts
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -219,7 +248,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             targets = [*TARGETS, *(t for t in BASELINES if t in stack.extra_url),
                        *(t for t in stack.extra_url if t not in BASELINES)]
             for sc in chosen:
-                res = {t: summarize(raw) for t, raw in measure(procs, stack, targets, sc, args.scale, py_spy).items()}
+                res = {t: summarize(raw) for t, raw in measure(procs, stack, targets, sc, args.scale, py_spy,
+                                                                           args.syscalls).items()}
                 results[sc.name] = res
                 ratios[sc.name] = print_scenario(sc, res, stack.skipped)
                 sys.stdout.flush()
@@ -258,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--py-spy", default="", metavar="BIN",
                        help="py-spy binary (e.g. uv pip install --target /tmp/pyspy py-spy) to sample the hops "
                        "instead of cProfile")
+        q.add_argument("--syscalls", action="store_true",
+                       help="also count each hop's system calls per request over the measured window (perf stat "
+                       "on the syscall tracepoints; the counting costs CPU, so this run's CPU figures are not for "
+                       "comparison)")
         q.add_argument("--tcp-relay", action="store_true",
                        help="also measure a byte relay on uvloop (target tcp_relay; scripts/bench_relay.py): the "
                        "floor of any Python data plane")

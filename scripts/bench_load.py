@@ -18,19 +18,24 @@ from bench_engine import MESSAGE_STOP, MODEL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads) and of its live child processes (gateway workers), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
-    total = (int(rest[11]) + int(rest[12])) / CLK_TCK
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (nginx's worker, the gateway's workers)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             kids = [int(k) for k in f.read().split()]
     except FileNotFoundError:
         kids = []
-    for kid in kids:
+    return [pid, *(p for kid in kids for p in process_tree(kid))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads) and of its live child processes (gateway workers), in seconds."""
+    total = 0.0
+    for each in process_tree(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += cpu_seconds(kid)
+            with open(f"/proc/{each}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
+            total += (int(rest[11]) + int(rest[12])) / CLK_TCK
     return total
 
 

@@ -31,7 +31,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             # Per token the engine sent (for a streamed answer, per SSE event relayed).
             "cpu_us_tok": sum(cpu.values()) * 1e6 / raw["tokens"] if raw["tokens"] else float("nan"),
             "cpu_ms_req_by": {k: v * 1000 / ok for k, v in cpu.items()} if ok else {},
-            "engine_cpu_ms_req": raw["cpu_s"].get("engine", 0.0) * 1000 / ok if ok else float("nan")}
+            "engine_cpu_ms_req": raw["cpu_s"].get("engine", 0.0) * 1000 / ok if ok else float("nan"),
+            # --syscalls: the hop's system calls per request, by name, most made first.
+            **({"syscalls_req": {k: v / ok for k, v in sorted(raw["syscalls"].items(), key=lambda kv: -kv[1])}}
+               if "syscalls" in raw and ok else {})}
 
 
 def ratio(a: float, b: float) -> float:
@@ -61,6 +64,10 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[s
         print(f"{target:<13}{r['ok']:>7}{r['errors']:>5}{r['rps']:>9.1f}{r['tok_s']:>9.0f}{r['ttft_p50']:>10.2f}"
               f"{r['ttft_p99']:>8.2f}{r['ttft_p50'] - d['ttft_p50']:>8.2f}{r['ttft_p99'] - d['ttft_p99']:>8.2f}"
               f"{cpu:>12}{tok:>12}{rel:>14}  {by}")
+        if "syscalls_req" in r:
+            calls = r["syscalls_req"]
+            print(f"{'':13}system calls per request {sum(calls.values()):.2f}: "
+                  + (", ".join(f"{k} {v:.2f}" for k, v in list(calls.items())[:5]) or "none counted"))
         if r["first_error"]:
             print(f"              first error: {r['first_error'][:200]}")
     for target, why in (skipped or {}).items():
