@@ -45,10 +45,19 @@ http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 async def _run_until_hung(tmp_path: Path, notifier_env: dict[str, str], give_up_s: float
                           ) -> tuple[asyncio.Task[int], int]:
     """Start a supervisor over the fake vLLM, wait until it serves, SIGSTOP it; the supervisor's task and pid."""
+    task, pid = await _serving(tmp_path, notifier_env)
+    os.kill(pid, signal.SIGSTOP)
+    await asyncio.wait({task}, timeout=give_up_s)
+    return task, pid
+
+
+async def _serving(tmp_path: Path, notifier_env: dict[str, str], prelude: str = ""
+                   ) -> tuple[asyncio.Task[int], int]:
+    """A supervisor over the fake vLLM (`prelude` runs first in it), once it serves: its task and the engine's pid."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     script = venv / "bin" / "vllm"
-    script.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
+    script.write_text(f"#!{sys.executable}\n{prelude}{FAKE_VLLM}")
     script.chmod(0o755)
     pid_file = tmp_path / "vllm.pid"
     spec = EngineSpec(instance="hang", model="m", source=str(tmp_path), port=free_port())
@@ -64,8 +73,6 @@ async def _run_until_hung(tmp_path: Path, notifier_env: dict[str, str], give_up_
     pid = int(pid_file.read_text())
     await asyncio.sleep(1.0)  # past the startup: the supervisor saw /health answer and watches it
     assert not task.done()
-    os.kill(pid, signal.SIGSTOP)
-    await asyncio.wait({task}, timeout=give_up_s)
     return task, pid
 
 
@@ -90,6 +97,22 @@ async def test_under_systemd_the_watchdog_is_left_to_systemd(tmp_path: Path) -> 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_an_engine_that_ignores_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path) -> None:
+    """engine.stop_timeout_s bounds the drain: an engine still running that long after its SIGTERM is killed, and
+    the stop is still a clean one."""
+    task, pid = await _serving(tmp_path, {}, prelude="import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # as systemd's stop: the supervisor's handler drains the engine
+        await asyncio.sleep(0.5)
+        assert process_start_time(pid) is not None, "the engine should have ignored its SIGTERM"
+        await asyncio.wait({task}, timeout=10.0)  # stop_timeout_s is 1 s
+        assert task.done(), "the supervisor waits for ever on an engine that ignores SIGTERM"
+        assert task.result() is ExitCode.OK
+        assert process_start_time(pid) is None, "the engine is still there"
+    finally:
+        _kill(pid)
 
 
 def _kill(pid: int) -> None:

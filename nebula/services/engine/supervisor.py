@@ -250,16 +250,15 @@ class EngineSupervisor:
         self._notifier.notify(STOPPING=1, STATUS=f"draining {self._spec.model}")
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(self._cfg.stop_timeout_s):
-                await asyncio.shield(exited)  # a timeout must not cancel `exited`: it is awaited after the kill
+        # asyncio.wait leaves `exited` running at its timeout (it is awaited after the kill).
+        if (await asyncio.wait([exited], timeout=self._cfg.stop_timeout_s))[0]:
             self._log.info("engine stopped (status %s)", child.returncode)
-        except TimeoutError:
-            self._log.warning("engine still running after %.0f s (engine.stop_timeout_s): killing it",
-                              self._cfg.stop_timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
-            await exited
+            return
+        self._log.warning("engine still running after %.0f s (engine.stop_timeout_s): killing it",
+                          self._cfg.stop_timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await exited
 
 
 def run_engine(instance: str, cfg: NebulaConfig, env: Mapping[str, str], *,

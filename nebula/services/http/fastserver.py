@@ -211,8 +211,11 @@ class FastServer:
             # where Python 3.11.2's timeout raises CancelledError at its deadline instead of TimeoutError, and the
             # connections still busy would be left open.
             all_closed = asyncio.ensure_future(self._all_closed.wait())
-            if not (await asyncio.wait([all_closed], timeout=timeout_s))[0]:
+            try:
+                done, _ = await asyncio.wait([all_closed], timeout=timeout_s)
+            finally:
                 all_closed.cancel()
+            if not done:
                 log.warning(
                     "%d data-plane connections still busy after %.0f s; closing them", len(self.connections), timeout_s
                 )
