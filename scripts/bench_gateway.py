@@ -129,8 +129,9 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
             procs.start(spies[-1], [
                 py_spy[0], "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw",
                 "--duration", str(int(sc.warmup_s + duration + 1)), "-o", str(py_spy[1] / f"{sc.name}-{pname}.txt")])
+    counting = count_syscalls and target != "direct"
     counted = procs.workdir / f"syscalls-{sc.name}-{target}.csv"
-    if count_syscalls and target != "direct":
+    if counting:
         # The hop's processes over the measured window only: from the end of the warm-up, for its length.
         spies.append(f"perf-{sc.name}-{target}")
         hop = ",".join(str(p) for pid in stack.pids[target].values() for p in process_tree(pid))
@@ -146,7 +147,7 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{procs.log_tail(name)}")
     result: dict[str, Any] = json.loads(out)
-    if count_syscalls and target != "direct":
+    if counting:
         if not counted.is_file():
             raise RuntimeError(f"perf wrote no counts for {target}:\n{procs.log_tail(spies[-1])}")
         result["syscalls"] = read_syscall_counts(counted.read_text())

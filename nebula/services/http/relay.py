@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those each hop sets for itself.
 _SKIP_REQUEST: Final = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
-                           "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-                           "authorization", "x-api-key", "expect",
-                           "cookie", "x-nebula-csrf"})  # the web console's session: never an engine's business
+                                  "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+                                  "authorization", "x-api-key", "expect",
+                                  "cookie", "x-nebula-csrf"})  # the web console's session: never an engine's business
 # Content-Length too: the reply frames the body itself. X-Request-ID: the gateway names the request.
 _SKIP_RESPONSE: Final = frozenset({"connection", "keep-alive", "proxy-authenticate", "te", "trailer",
-                            "transfer-encoding", "upgrade", "server", "date", "content-length", "x-request-id"})
+                                   "transfer-encoding", "upgrade", "server", "date", "content-length",
+                                   "x-request-id"})
 
 
 def skipped_with(*names: str) -> frozenset[str]:
