@@ -13,6 +13,7 @@ import grpc
 from aetcd import rpc
 
 from nebula.adapters.etcd_wire import REAUTH_CODE, translate
+from nebula.adapters.timeouts import timeout
 from nebula.core.store import StoreUnavailableError
 
 # The store's name, so that log filters on it (journal field LOGGER) keep matching after the split.
@@ -152,7 +153,7 @@ class EtcdConnection:
         request = rpc.AuthenticateRequest(name=self._security.user, password=self._security.password)
         where = self.endpoint
         try:
-            async with asyncio.timeout(self.timeout + _GUARD_MARGIN_S):
+            async with timeout(self.timeout + _GUARD_MARGIN_S):
                 response = await rpc.AuthStub(channel).Authenticate(request, timeout=self.timeout)
             return str(response.token)
         except TimeoutError as exc:
@@ -183,15 +184,15 @@ class EtcdConnection:
         await self._close_client(conn.client)
 
     async def _close_client(self, client: Any) -> None:
-        # Closing cancels the channel's RPCs (watches on it fail over too); never let it hang. asyncio.wait, not
-        # asyncio.timeout: a service closes its store while stopping, after its task's cancellation, where
-        # Python 3.11.2's timeout raises CancelledError at its deadline and the rest of the stop would be skipped.
-        closing = asyncio.ensure_future(client.close())
-        if not (await asyncio.wait([closing], timeout=self.timeout))[0]:
-            closing.cancel()
+        # Closing cancels the channel's RPCs (watches on it fail over too); never let it hang. A service closes its
+        # store while stopping, in its task's `finally`, where this timeout (unlike 3.11's asyncio.timeout) still
+        # ends in TimeoutError and the rest of the stop goes on.
+        try:
+            async with timeout(self.timeout):
+                await client.close()
+        except TimeoutError:
             log.debug("closing etcd client took over %s s; given up", self.timeout)
-        elif not closing.cancelled() and (exc := closing.exception()) is not None:
-            # Closing a broken channel may fail in many ways; it is gone anyway.
+        except Exception as exc:  # closing a broken channel may fail in many ways; it is gone anyway
             log.debug("closing etcd client failed: %r", exc)
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
@@ -199,10 +200,11 @@ class EtcdConnection:
         for attempt in (1, 2):
             conn = await self.current()
             try:
-                # asyncio.timeout, not wait_for: the RPC is awaited in the caller's own task, so a cancellation
-                # arriving in the turn the RPC ends is raised here, where Python 3.11's wait_for returned the
-                # result and dropped it (gh-86296; a lease's keepalive loop then never stopped).
-                async with asyncio.timeout(self.timeout + _GUARD_MARGIN_S):
+                # timeout, not wait_for: the RPC is awaited in the caller's own task, so a cancellation arriving
+                # in the turn the RPC ends is raised here, where Python 3.11's wait_for returned the result and
+                # dropped it (gh-86296; a lease's keepalive loop then never stopped). Its deadline is a failover
+                # in a stopping task too (a store's last writes in a `finally`), unlike 3.11's asyncio.timeout.
+                async with timeout(self.timeout + _GUARD_MARGIN_S):
                     return await op(conn.client)
             except TimeoutError as exc:
                 await self.failover(conn)

@@ -12,6 +12,7 @@ from aetcd import rpc
 
 from nebula.adapters.etcd_connection import Conn, EtcdConnection, cancelled_by_caller
 from nebula.adapters.etcd_wire import key_bytes, key_start, range_end, to_event, translate
+from nebula.adapters.timeouts import timeout
 from nebula.adapters.watching import backoff_delay
 from nebula.core.store import CompactedError, StoreUnavailableError, WatchEvent
 
@@ -63,7 +64,7 @@ async def _watch_stream(
     try:
         responses = call.__aiter__()
         try:
-            async with asyncio.timeout(etcd.timeout):
+            async with timeout(etcd.timeout):
                 await call.write(rpc.WatchRequest(create_request=create))
                 created = await anext(responses, None)
         except TimeoutError as exc:

@@ -16,6 +16,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusFastError
 
+from nebula.adapters.timeouts import timeout
 from nebula.core.units import (
     ENGINE_UNIT_PREFIX,
     ENGINE_UNIT_SUFFIX,
@@ -110,7 +111,7 @@ class SystemdEngineUnits:
             proc = await asyncio.create_subprocess_exec(
                 "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), "-u", engine_unit_name(instance),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-            async with asyncio.timeout(self._call_timeout_s):
+            async with timeout(self._call_timeout_s):
                 out, _ = await proc.communicate()
         except (OSError, TimeoutError):
             return []
@@ -150,7 +151,7 @@ class SystemdEngineUnits:
         msg = Message(destination=SYSTEMD_BUS_NAME, path=path, interface=interface, member=member,
                       signature=signature, body=body)
         try:
-            async with asyncio.timeout(self._call_timeout_s):
+            async with timeout(self._call_timeout_s):
                 reply = await bus.call(msg)
         except (TimeoutError, OSError, EOFError, DBusFastError) as e:
             await self._drop(bus)
@@ -170,7 +171,7 @@ class SystemdEngineUnits:
             bus = (MessageBus(bus_address=self._bus_address) if self._bus_address
                    else MessageBus(bus_type=BusType.SYSTEM))
             try:
-                async with asyncio.timeout(self._call_timeout_s):
+                async with timeout(self._call_timeout_s):
                     self._bus = await bus.connect()
             except (TimeoutError, OSError, EOFError, DBusFastError) as e:
                 raise TemporaryError(f"cannot connect to the system bus "

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from nebula.adapters.deadlines import Deadlines
 from nebula.adapters.http1_parser import ProtocolError, ResponseParser
+from nebula.adapters.timeouts import timeout
 from nebula.adapters.upstream_response import UpstreamResponse
 
 MAX_IDLE_PER_ENDPOINT: Final = 256
@@ -204,7 +205,7 @@ class UpstreamPool:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, key: _Key) -> _Connection:
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
         except TimeoutError:
             raise UpstreamUnreachable(f"connecting to {key[0]}:{key[1]} timed out") from None

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from nebula.adapters.engine_runtimes import gpus_seen, installed_runtimes, linked_runtime
+from nebula.adapters.timeouts import timeout
 from nebula.cli.client import EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from nebula.cli.config_cmd import render_config
 from nebula.core import keys, records
@@ -119,7 +120,7 @@ def address_towards(url: str) -> str:
 
 def etcd_check(cfg: NebulaConfig, name: str) -> str | None:
     async def check() -> str | None:
-        async with asyncio.timeout(cfg.cluster.etcd_timeout_s + 2):
+        async with timeout(cfg.cluster.etcd_timeout_s + 2):
             store = await open_store(cfg)
             try:
                 kv = await store.get(keys.node_key(name))

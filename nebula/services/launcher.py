@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nebula.adapters.timeouts import timeout
 from nebula.core.config import NebulaConfig
 from nebula.core.restarts import crash_backoff
 
@@ -114,7 +115,7 @@ async def supervise(cfg: NebulaConfig, env: Mapping[str, str], state_dir: Path, 
             log.warning("%s exited with %s; restarting in %.1f s", child.name, child.proc.returncode if child.proc
                         else "?", child.backoff_s)
             try:
-                async with asyncio.timeout(child.backoff_s):
+                async with timeout(child.backoff_s):
                     await stop.wait()
             except TimeoutError:
                 child.restarts += 1
@@ -129,7 +130,7 @@ async def _stop_child(child: Child, timeout_s: float = 15.0) -> None:
         return
     child.proc.terminate()
     try:
-        async with asyncio.timeout(timeout_s):
+        async with timeout(timeout_s):
             await child.proc.wait()
     except TimeoutError:
         child.proc.kill()

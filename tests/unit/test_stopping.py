@@ -3,9 +3,10 @@
 Python 3.11's asyncio.wait_for returns the awaited call's result (or raises its error) when the call ends in
 the same turn of the loop as the cancellation of the task awaiting it (gh-86296): the cancellation is gone. A
 node agent whose lease keepalive lost it this way kept its lease and never exited (the chaos suite's rolling
-restart then waited 30 s for it and failed). The etcd client awaits its RPCs under asyncio.timeout, in the
-caller's own task, where no cancellation is dropped (EtcdConnection.call), and a stopping service cancels a
-task again until it ends (runtime.cancel_all), for whatever else might still drop one."""
+restart then waited 30 s for it and failed). The etcd client awaits its RPCs under
+nebula.adapters.timeouts.timeout, in the caller's own task, where no cancellation is dropped
+(EtcdConnection.call), and a stopping service cancels a task again until it ends (runtime.cancel_all), for
+whatever else might still drop one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import grpc
 import pytest
 from aetcd import rpc
 
+from nebula.adapters import etcd_connection
 from nebula.adapters.etcd_connection import Client, Conn, EtcdConnection
+from nebula.core.store import StoreUnavailableError
 from nebula.services.runtime import cancel_all, run_tasks_until
 
 
@@ -61,6 +64,30 @@ async def test_a_call_cancelled_as_it_fails_raises_the_cancellation_not_a_retrya
     caller = await _call_cancelled_as_it_ends(lambda reply: reply.set_exception(unavailable))
     # A StoreUnavailableError here would be retried by a keepalive loop, which would then never end.
     assert caller.cancelled(), f"got {caller.exception()!r}"
+
+
+async def test_a_call_in_a_stopping_task_whose_rpc_never_answers_fails_at_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service's last store call in its `finally` after SIGTERM: its deadline is a StoreUnavailableError (and a
+    failover), where Python 3.11.2's asyncio.timeout raised CancelledError there."""
+    monkeypatch.setattr(etcd_connection, "_GUARD_MARGIN_S", 0.0)
+    etcd = _Connected(["http://127.0.0.1:2379"], timeout=0.05, security=None)
+
+    async def never_answers(client: Any) -> Any:
+        return await asyncio.get_running_loop().create_future()
+
+    async def stopping() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await etcd.call(never_answers)
+
+    task = asyncio.create_task(stopping())
+    await asyncio.sleep(0)
+    task.cancel()  # SIGTERM
+    await asyncio.wait([task], timeout=5)
+    assert task.done() and not task.cancelled(), f"got {task!r}"
+    assert isinstance(task.exception(), StoreUnavailableError)
 
 
 async def _loses_its_first_cancellation(lost: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.timeouts import timeout
 from nebula.core import keys, records
 from nebula.core.config import NebulaConfig
 from nebula.core.engine_args import check_engine_request
@@ -367,7 +368,7 @@ class NodeAgent:
             except TemporaryError as e:
                 log.warning("reconcile pass failed, retrying: %s", e)
             try:
-                async with asyncio.timeout(self._next_wait(period)):
+                async with timeout(self._next_wait(period)):
                     await self.wake.wait()
             except TimeoutError:
                 pass

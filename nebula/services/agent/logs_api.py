@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from nebula.adapters.timeouts import timeout
 from nebula.core.engine_logs import (
     MAX_TAILS,
     EngineLogSource,
@@ -109,7 +110,7 @@ async def _pump(lines: AsyncIterator[LogLine], queue: asyncio.Queue[LogLine | st
 async def _send(response: web.StreamResponse, queue: asyncio.Queue[LogLine | str], keepalive_s: float) -> None:
     while True:
         try:
-            async with asyncio.timeout(keepalive_s):
+            async with timeout(keepalive_s):
                 item = await queue.get()
         except TimeoutError:
             await response.write(b"\n")

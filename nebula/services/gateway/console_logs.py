@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from nebula.adapters.timeouts import timeout
 from nebula.core.engine_logs import LogAccess, LogLine, LogSourceError, requested_backlog
 from nebula.core.log_tail import RETRY_S, merge_backlogs, tagged, tails_to_open
 from nebula.services.cluster.mirror import MirrorState
@@ -169,7 +170,7 @@ class LogStream:
         ended: list[tuple[str, str]] = []
         while (left := until - clock()) > 0:
             try:
-                async with asyncio.timeout(left):
+                async with timeout(left):
                     node, item = await self._queue.get()
             except TimeoutError:
                 break
@@ -186,7 +187,7 @@ class LogStream:
     async def _take(self, wait_s: float) -> list[dict[str, object]]:
         """The lines waiting (at most BATCH), waiting up to `wait_s` for the first; a node's end is sent as it comes."""
         try:
-            async with asyncio.timeout(wait_s):
+            async with timeout(wait_s):
                 first = await self._queue.get()
         except TimeoutError:
             return []

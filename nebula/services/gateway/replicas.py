@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from nebula.adapters.timeouts import timeout
 from nebula.core.model import InstanceStatus, Phase
 from nebula.core.routing import LoadPolicy, Replica, phase_counts, pick_replica, ready_replicas
 from nebula.services.cluster.mirror import MirrorState
@@ -86,7 +87,7 @@ class ReplicaTable:
             if remaining <= 0:
                 return False
             try:
-                async with asyncio.timeout(remaining):
+                async with timeout(remaining):
                     await self._changed.wait()
             except TimeoutError:
                 return False

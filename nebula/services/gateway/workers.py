@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nebula.adapters.sdnotify import Notifier
+from nebula.adapters.timeouts import timeout
 from nebula.core.restarts import crash_backoff
 from nebula.services.runtime import notify_ready_and_watch
 
@@ -225,7 +226,7 @@ async def supervise_workers(count: int, worker_argv: Callable[[int], Sequence[st
                               gone.index, pid, status, gone.backoff_s, extra={"NEBULA_WORKER": gone.index})
             wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(1.0, watchdog_s / 4)):
+                async with timeout(min(1.0, watchdog_s / 4)):
                     await wake.wait()
     finally:
         loop.remove_reader(listener.sock.fileno())

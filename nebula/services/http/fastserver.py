@@ -207,9 +207,8 @@ class FastServer:
         for conn in list(self.connections):
             conn.close_when_idle()
         if self.connections:
-            # asyncio.wait, not asyncio.timeout: this runs in the server's task after its cancellation (the stop),
-            # where Python 3.11.2's timeout raises CancelledError at its deadline instead of TimeoutError, and the
-            # connections still busy would be left open.
+            # asyncio.wait: it bounds the wait for the connections to close and tells, without raising, whether
+            # they did; those still busy are aborted below either way.
             all_closed = asyncio.ensure_future(self._all_closed.wait())
             try:
                 done, _ = await asyncio.wait([all_closed], timeout=timeout_s)

@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from nebula.adapters.timeouts import timeout
 from nebula.core import keys, records
 from nebula.core.model import ModelSpec, NodeRecord, Placement
 from nebula.core.placement import PlacementResult, diff_placements, place
@@ -198,7 +199,7 @@ class Scheduler:
                     return
 
         try:
-            async with asyncio.timeout(timeout_s):
+            async with timeout(timeout_s):
                 await vacated()
         except TimeoutError:
             pass
