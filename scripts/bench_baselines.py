@@ -23,12 +23,15 @@ with one worker process. The benchmark pins none of the targets to a core.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench_load import process_tree
 
 # Where the benchmark looks for vllm-router when --vllm-router is not given: a venv of its own, so that the
 # wheel's pins (fastapi, pydantic, ...) stay out of Nebula's environment.
@@ -180,17 +183,12 @@ def nginx(binary: Path, workdir: Path, host: str, port: int, upstream: str) -> B
                     env=dict(os.environ), port=port, how="master + 1 worker process")
 
 
-def process_tree(pid: int) -> tuple[int, int]:
-    """(processes, threads) of `pid` and its descendants, as /proc shows them now; CPU is summed over the
-    same tree (bench_gateway.cpu_seconds), so this says what a baseline's figure covers."""
-    try:
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(k) for k in f.read().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return 0, 0
-    procs = 1
-    for kid in kids:
-        p, t = process_tree(kid)
-        procs, threads = procs + p, threads + t
+def tree_size(pid: int) -> tuple[int, int]:
+    """(processes, threads) of `pid` and its descendants, as /proc shows them now: the tree whose CPU is summed
+    (bench_load.process_tree, cpu_times), so this says what a baseline's figure covers."""
+    procs = threads = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            threads += len(os.listdir(f"/proc/{each}/task"))
+            procs += 1
     return procs, threads

@@ -1,6 +1,6 @@
 """The load generator of scripts/bench_gateway.py (its `loadgen` role, one process per measurement): a closed
 loop of requests at a fixed concurrency, recorded over a steady-state window, with the CPU time of the
-processes the requests cross read from /proc at the window's edges; and `cpu_seconds`, that reading."""
+processes the requests cross read from /proc at the window's edges; and `cpu_times`, that reading."""
 
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(p for kid in kids for p in process_tree(kid))]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads) and of its live child processes (gateway workers), in seconds."""
-    total = 0.0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system (kernel) seconds of `pid` (all its threads) and of its live child processes (gateway
+    workers): the system part is the hop's share of loopback TCP, which no user-space change can cut."""
+    user = system = 0.0
     for each in process_tree(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             with open(f"/proc/{each}/stat") as f:
                 rest = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
-            total += (int(rest[11]) + int(rest[12])) / CLK_TCK
-    return total
+            user += int(rest[11]) / CLK_TCK
+            system += int(rest[12]) / CLK_TCK
+    return user, system
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LoadResult:
     ttft_ms: list[float] = field(default_factory=list)
     total_ms: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_system_s: dict[str, float] = field(default_factory=dict)  # the kernel's part of cpu_s
 
 
 def request_body(args: argparse.Namespace) -> bytes:
@@ -162,13 +165,15 @@ async def load(args: argparse.Namespace) -> LoadResult:
         tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
         try:
             await asyncio.sleep(args.warmup_s + spread_s)
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu0 = {name: cpu_times(pid) for name, pid in pids.items()}
             t0 = time.perf_counter()
             window.recording = True
             await asyncio.sleep(args.duration_s)
             window.recording = False
             res.wall_s = time.perf_counter() - t0
-            res.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+            cpu1 = {name: cpu_times(pid) for name, pid in pids.items()}
+            res.cpu_s = {name: sum(cpu1[name]) - sum(cpu0[name]) for name in pids}
+            res.cpu_system_s = {name: cpu1[name][1] - cpu0[name][1] for name in pids}
             window.stopping = True
             # Requests in flight finish unrecorded; bounded by the request timeout.
             await asyncio.wait_for(asyncio.gather(*tasks), args.request_timeout_s + 5)

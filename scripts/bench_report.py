@@ -23,6 +23,8 @@ def pct(values: list[float], q: float) -> float:
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     ok, wall = raw["ok"], raw["wall_s"] or float("nan")
     cpu = {k: v for k, v in raw["cpu_s"].items() if k != "engine"}
+    hop_cpu = sum(cpu.values())
+    system = raw.get("cpu_system_s")  # absent from a measurement made before the split
     return {"ok": ok, "errors": raw["errors"], "first_error": raw["first_error"],
             "rps": ok / wall, "tok_s": raw["tokens"] / wall,
             "ttft_p50": pct(raw["ttft_ms"], 50), "ttft_p99": pct(raw["ttft_ms"], 99),
@@ -31,6 +33,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             # Per token the engine sent (for a streamed answer, per SSE event relayed).
             "cpu_us_tok": sum(cpu.values()) * 1e6 / raw["tokens"] if raw["tokens"] else float("nan"),
             "cpu_ms_req_by": {k: v * 1000 / ok for k, v in cpu.items()} if ok else {},
+            # The kernel's part of the hop's CPU (loopback TCP, epoll, wake-ups): what Python could not cut.
+            "cpu_kernel_share": (sum(v for k, v in system.items() if k != "engine") / hop_cpu
+                                 if system and hop_cpu else float("nan")),
             "engine_cpu_ms_req": raw["cpu_s"].get("engine", 0.0) * 1000 / ok if ok else float("nan"),
             # --syscalls: the hop's system calls per request, by name, most made first.
             **({"syscalls_req": {k: v / ok for k, v in sorted(raw["syscalls"].items(), key=lambda kv: -kv[1])}}
@@ -57,6 +62,8 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[s
           f"{'+p50':>8}{'+p99':>8}{'CPU ms/req':>12}{'CPU us/tok':>12}{'/vllm-router':>14}  by process")
     for target, r in res.items():
         by = " ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_req_by"].items())
+        if target != "direct" and r["cpu_kernel_share"] == r["cpu_kernel_share"]:  # not NaN
+            by += f" (kernel {r['cpu_kernel_share']:.0%})"
         cpu = f"{r['cpu_ms_req']:.3f}" if target != "direct" else "-"
         # Per streamed token only: a non-streamed answer's tokens are one body, whatever their count.
         tok = f"{r['cpu_us_tok']:.2f}" if sc.stream and target != "direct" else "-"

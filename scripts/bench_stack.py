@@ -322,6 +322,6 @@ def describe_baselines(stack: Stack) -> str:
     """What each baseline is and what its CPU figure covers (processes, threads), as /proc shows them now."""
     parts = []
     for name, label in stack.labels.items():
-        nproc, nthreads = bench_baselines.process_tree(stack.pids[name][name])
+        nproc, nthreads = bench_baselines.tree_size(stack.pids[name][name])
         parts.append(f"{name} = {label} ({nproc} process{'es' if nproc != 1 else ''}, {nthreads} threads)")
     return "; ".join(parts)
