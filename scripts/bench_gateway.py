@@ -23,6 +23,7 @@ and worker), engine and load generator excluded, and given as a ratio to vllm-ro
 
     .venv/bin/python scripts/bench_gateway.py                 # all scenarios, ~3 minutes on 2 cores
     .venv/bin/python scripts/bench_gateway.py --scale 0.5     # shorter measurements
+    .venv/bin/python scripts/bench_gateway.py --rounds 3      # each target 3 times, pooled, and its spread
     .venv/bin/python scripts/bench_gateway.py --profile DIR   # the gateway under cProfile -> DIR/*.pstats
     .venv/bin/python scripts/bench_gateway.py --profile DIR --py-spy /tmp/pyspy/bin/py-spy   # sampled, per hop
     .venv/bin/python scripts/bench_gateway.py profile-summary DIR/stream32_c64-gateway.txt
@@ -74,9 +75,16 @@ if str(SRC) not in sys.path:
 # This file's directory is sys.path[0]: its sibling modules import as top-level ones.
 import bench_baselines  # noqa: E402
 from bench_engine import PATHS, engine_app, proxy_app, serve  # noqa: E402
-from bench_load import SCENARIOS, Scenario, loadgen_main, process_tree  # noqa: E402
+from bench_load import SCENARIOS, Scenario, loadgen_main, pooled, process_tree  # noqa: E402
 from bench_relay import serve_relay  # noqa: E402
-from bench_report import goals_of, print_relative, print_scenario, profile_summary, summarize  # noqa: E402
+from bench_report import (  # noqa: E402
+    goals_of,
+    print_relative,
+    print_rounds,
+    print_scenario,
+    profile_summary,
+    summarize,
+)
 from bench_stack import (  # noqa: E402
     API_KEY,
     BASELINES,
@@ -154,37 +162,27 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
     return result
 
 
-def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario, scale: float,
-            py_spy: tuple[str, Path] | None, count_syscalls: bool = False) -> dict[str, dict[str, Any]]:
-    """One scenario's raw results per target, each target measured in turn. With --compare-src, nebula (A)
-    and nebula_ref (B) are measured twice, A B first and B A last with the other targets between, and each
-    one's two measurements are pooled: both then centre on the same moment, so a steady drift in the box's
-    speed over the scenario (other work, clocks) weighs on both alike."""
+def measuring_order(targets: Sequence[str], rounds: int = 1) -> list[str]:
+    """The order one scenario measures its targets in. With --compare-src, nebula (A) and nebula_ref (B) are
+    measured twice, A B first and B A last with the other targets between, so that both centre on the same
+    moment and a steady drift in the box's speed over the scenario (other work, clocks) weighs on both alike.
+    With --rounds N the whole order runs N times, every other time backwards, for the same reason."""
     order = list(targets)
     if "nebula_ref" in targets:
         order.remove("nebula_ref")
         order.insert(order.index("nebula") + 1, "nebula_ref")
         order += ["nebula_ref", "nebula"]
+    return [t for r in range(rounds) for t in (order if r % 2 == 0 else order[::-1])]
+
+
+def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario, scale: float,
+            py_spy: tuple[str, Path] | None, count_syscalls: bool = False, rounds: int = 1
+            ) -> dict[str, list[dict[str, Any]]]:
+    """One scenario's raw results: each target's measurements, in the order measuring_order gives."""
     raws: dict[str, list[dict[str, Any]]] = {}
-    for target in order:
+    for target in measuring_order(targets, rounds):
         raws.setdefault(target, []).append(run_load(procs, stack, target, sc, scale, py_spy, count_syscalls))
-    return {t: pooled(raws[t]) for t in targets}
-
-
-def pooled(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Several measurements of one target as one (loadgen's JSON): counts, times and CPU added up."""
-    out = dict(raws[0])
-    for raw in raws[1:]:
-        for key in ("ok", "errors", "wall_s", "tokens"):
-            out[key] += raw[key]
-        out["ttft_ms"] = out["ttft_ms"] + raw["ttft_ms"]
-        out["total_ms"] = out["total_ms"] + raw["total_ms"]
-        out["cpu_s"] = {k: v + raw["cpu_s"].get(k, 0.0) for k, v in out["cpu_s"].items()}
-        out["first_error"] = out["first_error"] or raw["first_error"]
-        if "syscalls" in out:
-            out["syscalls"] = {k: out["syscalls"].get(k, 0) + raw["syscalls"].get(k, 0)
-                               for k in out["syscalls"].keys() | raw["syscalls"].keys()}
-    return out
+    return raws
 
 
 def service_main(args: argparse.Namespace) -> None:
@@ -249,10 +247,11 @@ def orchestrate(args: argparse.Namespace) -> int:
             targets = [*TARGETS, *(t for t in BASELINES if t in stack.extra_url),
                        *(t for t in stack.extra_url if t not in BASELINES)]
             for sc in chosen:
-                res = {t: summarize(raw) for t, raw in measure(procs, stack, targets, sc, args.scale, py_spy,
-                                                                           args.syscalls).items()}
+                raws = measure(procs, stack, targets, sc, args.scale, py_spy, args.syscalls, args.rounds)
+                res = {t: summarize(pooled(each)) for t, each in raws.items()}
                 results[sc.name] = res
                 ratios[sc.name] = print_scenario(sc, res, stack.skipped)
+                print_rounds(sc, raws)
                 sys.stdout.flush()
             if stack.labels or stack.skipped:
                 print_relative(chosen, results, stack)
@@ -283,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (p, run):
         q.add_argument("--scale", type=float, default=1.0, help="multiply every measurement's length")
         q.add_argument("--only", default="", help="comma-separated scenario names")
+        q.add_argument("--rounds", type=int, default=1, metavar="N",
+                       help="measure every target N times per scenario (every other round backwards), pooled; "
+                       "the ratio to vllm-router of each round is printed too")
         q.add_argument("--profile", default="", metavar="DIR",
                        help="write profiles to DIR: cProfile of the Nebula services (DIR/*.pstats), or with "
                        "--py-spy, sampled stacks of each hop per scenario (DIR/<scenario>-<process>.txt)")

@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import aiohttp
 from bench_engine import MESSAGE_STOP, MODEL
@@ -52,6 +54,23 @@ class LoadResult:
     total_ms: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_system_s: dict[str, float] = field(default_factory=dict)  # the kernel's part of cpu_s
+
+
+def pooled(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several measurements of one target as one (loadgen's JSON): counts, times and CPU added up."""
+    out = dict(raws[0])
+    for raw in raws[1:]:
+        for key in ("ok", "errors", "wall_s", "tokens"):
+            out[key] += raw[key]
+        out["ttft_ms"] = out["ttft_ms"] + raw["ttft_ms"]
+        out["total_ms"] = out["total_ms"] + raw["total_ms"]
+        for cpu in ("cpu_s", "cpu_system_s"):
+            out[cpu] = {k: v + raw.get(cpu, {}).get(k, 0.0) for k, v in out.get(cpu, {}).items()}
+        out["first_error"] = out["first_error"] or raw["first_error"]
+        if "syscalls" in out:
+            out["syscalls"] = {k: out["syscalls"].get(k, 0) + raw["syscalls"].get(k, 0)
+                               for k in out["syscalls"].keys() | raw["syscalls"].keys()}
+    return out
 
 
 def request_body(args: argparse.Namespace) -> bytes:

@@ -4,11 +4,12 @@ relative to vllm-router (issue 18), the goals (issue 3), and the summary of a py
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_load import Scenario
+from bench_load import Scenario, pooled
 from bench_stack import BASELINES, Stack
 
 
@@ -112,6 +113,30 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[s
           + (" | CPU/req over vllm-router: "
              + ", ".join(f"{t} {ratios[f'cpu_{t}_over_vllm_router']:.2f}x" for t in relative) if relative else ""))
     return ratios
+
+
+def round_ratios(sc: Scenario, raws: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """--rounds: each target's CPU per request (per token for a stream) over vllm-router's, round by round (a
+    target measured twice a round, as nebula with --compare-src, pooled within it). Empty with one round."""
+    rounds = len(raws.get("vllm_router", []))
+    if rounds < 2:
+        return {}
+    key = "cpu_us_tok" if sc.stream else "cpu_ms_req"
+
+    def by_round(each: list[dict[str, Any]]) -> list[float]:
+        size = len(each) // rounds
+        return [summarize(pooled(each[r * size:(r + 1) * size]))[key] for r in range(rounds)]
+
+    base = by_round(raws["vllm_router"])
+    return {t: [ratio(a, b) for a, b in zip(by_round(raws[t]), base, strict=True)]
+            for t in RELATIVE if t in raws and len(raws[t]) % rounds == 0}
+
+
+def print_rounds(sc: Scenario, raws: dict[str, list[dict[str, Any]]]) -> None:
+    """The spread behind a pooled ratio: how far one round's figure may stray from the next on this box."""
+    for target, each in round_ratios(sc, raws).items():
+        print(f"{target}/vllm-router by round: " + " ".join(f"{r:.2f}" for r in each)
+              + f" (median {statistics.median(each):.2f})")
 
 
 def print_relative(chosen: Sequence[Scenario], results: dict[str, dict[str, dict[str, Any]]],

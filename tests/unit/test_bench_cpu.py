@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_baselines import tree_size  # noqa: E402
-from bench_load import Scenario, cpu_times  # noqa: E402
-from bench_report import print_scenario, summarize  # noqa: E402
+from bench_gateway import measuring_order  # noqa: E402
+from bench_load import Scenario, cpu_times, pooled  # noqa: E402
+from bench_report import print_rounds, print_scenario, round_ratios, summarize  # noqa: E402
 
 
 def _burn(code: str, cpu_s: float) -> tuple[float, float]:
@@ -77,3 +78,41 @@ def test_the_report_gives_the_kernels_share_of_each_hops_cpu(capsys: pytest.Capt
     old = _raw({"gateway": 0.2}, {})
     del old["cpu_system_s"]
     assert math.isnan(summarize(old)["cpu_kernel_share"])
+
+
+def test_rounds_run_the_targets_every_other_time_backwards() -> None:
+    targets = ["direct", "proxy", "nebula", "vllm_router"]
+    assert measuring_order(targets) == targets
+    assert measuring_order(targets, 3) == [*targets, *reversed(targets), *targets]
+    # --compare-src: A B first and B A last within each round.
+    assert measuring_order(["direct", "nebula", "nebula_ref", "vllm_router"], 2) == [
+        "direct", "nebula", "nebula_ref", "vllm_router", "nebula_ref", "nebula",
+        "nebula", "nebula_ref", "vllm_router", "nebula_ref", "nebula", "direct"]
+
+
+def test_pooled_measurements_add_up_their_user_and_kernel_time() -> None:
+    both = pooled([_raw({"gateway": 0.2, "engine": 0.5}, {"gateway": 0.1, "engine": 0.4}),
+                   _raw({"gateway": 0.3, "engine": 0.5}, {"gateway": 0.2, "engine": 0.4})])
+    assert both["ok"] == 200
+    assert both["cpu_s"] == pytest.approx({"gateway": 0.5, "engine": 1.0})
+    assert both["cpu_system_s"] == pytest.approx({"gateway": 0.3, "engine": 0.8})
+    assert summarize(both)["cpu_kernel_share"] == pytest.approx(0.6)
+
+
+def test_each_rounds_ratio_to_vllm_router_is_given_beside_the_pooled_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    sc = Scenario("nonstream32_c64", stream=False, concurrency=64)
+    raws = {"direct": [_raw({"engine": 0.5}, {})] * 2,
+            "nebula": [_raw({"gateway": 0.9}, {}), _raw({"gateway": 1.1}, {})],
+            # measured twice a round (--compare-src): the two are pooled within their round
+            "nebula_ref": [_raw({"gateway": 1.0}, {}), _raw({"gateway": 1.2}, {}),
+                           _raw({"gateway": 0.8}, {}), _raw({"gateway": 1.0}, {})],
+            "vllm_router": [_raw({"vllm_router": 1.0}, {}), _raw({"vllm_router": 1.0}, {})]}
+    ratios = round_ratios(sc, raws)
+    assert ratios["nebula"] == pytest.approx([0.9, 1.1])
+    assert ratios["nebula_ref"] == pytest.approx([1.1, 0.9])
+    assert set(ratios) == {"nebula", "nebula_ref"}  # direct is not relative to anything
+    print_rounds(sc, raws)
+    assert "nebula/vllm-router by round: 0.90 1.10 (median 1.00)" in capsys.readouterr().out
+    # One round: nothing to spread.
+    assert round_ratios(sc, {t: each[:1] for t, each in raws.items()}) == {}

@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_gateway import pooled, read_syscall_counts  # noqa: E402
-from bench_load import Scenario, process_tree  # noqa: E402
+from bench_gateway import read_syscall_counts  # noqa: E402
+from bench_load import Scenario, pooled, process_tree  # noqa: E402
 from bench_report import print_scenario, summarize  # noqa: E402
 
 PERF_CSV = (ROOT / "tests" / "fixtures" / "perf" / "stat-syscalls.csv").read_text()
