@@ -227,6 +227,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     if args.syscalls and shutil.which("perf") is None:
         raise SystemExit("--syscalls needs perf on PATH (apt-get install linux-perf), and root for its syscall "
                          "tracepoints")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: give 1 or more")
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     baselines_of(args.baselines)  # a misspelt name fails here, before anything starts
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -248,7 +250,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                        *(t for t in stack.extra_url if t not in BASELINES)]
             for sc in chosen:
                 raws = measure(procs, stack, targets, sc, args.scale, py_spy, args.syscalls, args.rounds)
-                res = {t: summarize(pooled(each)) for t, each in raws.items()}
+                res = {t: summarize(pooled(raws[t])) for t in targets}
                 results[sc.name] = res
                 ratios[sc.name] = print_scenario(sc, res, stack.skipped)
                 print_rounds(sc, raws)
