@@ -253,7 +253,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 res = {t: summarize(pooled(raws[t])) for t in targets}
                 results[sc.name] = res
                 ratios[sc.name] = print_scenario(sc, res, stack.skipped)
-                print_rounds(sc, raws)
+                print_rounds(sc, raws, args.rounds)
                 sys.stdout.flush()
             if stack.labels or stack.skipped:
                 print_relative(chosen, results, stack)

@@ -30,11 +30,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "rps": ok / wall, "tok_s": raw["tokens"] / wall,
             "ttft_p50": pct(raw["ttft_ms"], 50), "ttft_p99": pct(raw["ttft_ms"], 99),
             "total_p50": pct(raw["total_ms"], 50), "total_p99": pct(raw["total_ms"], 99),
-            "cpu_ms_req": sum(cpu.values()) * 1000 / ok if ok else float("nan"),
+            "cpu_ms_req": hop_cpu * 1000 / ok if ok else float("nan"),
             # Per token the engine sent (for a streamed answer, per SSE event relayed).
-            "cpu_us_tok": sum(cpu.values()) * 1e6 / raw["tokens"] if raw["tokens"] else float("nan"),
+            "cpu_us_tok": hop_cpu * 1e6 / raw["tokens"] if raw["tokens"] else float("nan"),
             "cpu_ms_req_by": {k: v * 1000 / ok for k, v in cpu.items()} if ok else {},
-            # The kernel's part of the hop's CPU (loopback TCP, epoll, wake-ups): what Python could not cut.
+            # The kernel's part of the hop's CPU (loopback TCP, epoll, wake-ups): cut only by fewer system calls.
             "cpu_kernel_share": (sum(v for k, v in system.items() if k != "engine") / hop_cpu
                                  if system and hop_cpu else float("nan")),
             "engine_cpu_ms_req": raw["cpu_s"].get("engine", 0.0) * 1000 / ok if ok else float("nan"),
@@ -63,7 +63,7 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[s
           f"{'+p50':>8}{'+p99':>8}{'CPU ms/req':>12}{'CPU us/tok':>12}{'/vllm-router':>14}  by process")
     for target, r in res.items():
         by = " ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_req_by"].items())
-        if target != "direct" and r["cpu_kernel_share"] == r["cpu_kernel_share"]:  # not NaN
+        if target != "direct" and not math.isnan(r["cpu_kernel_share"]):
             by += f" (kernel {r['cpu_kernel_share']:.0%})"
         cpu = f"{r['cpu_ms_req']:.3f}" if target != "direct" else "-"
         # Per streamed token only: a non-streamed answer's tokens are one body, whatever their count.
@@ -115,26 +115,28 @@ def print_scenario(sc: Scenario, res: dict[str, dict[str, Any]], skipped: dict[s
     return ratios
 
 
-def round_ratios(sc: Scenario, raws: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+def round_ratios(sc: Scenario, raws: dict[str, list[dict[str, Any]]], rounds: int) -> dict[str, list[float]]:
     """--rounds: each target's CPU per request (per token for a stream) over vllm-router's, round by round (a
-    target measured twice a round, as nebula with --compare-src, pooled within it). Empty with one round."""
-    rounds = len(raws.get("vllm_router", []))
-    if rounds < 2:
+    target measured twice a round, as nebula with --compare-src, pooled within it). Empty with one round or
+    without vllm-router."""
+    if rounds < 2 or "vllm_router" not in raws:
         return {}
     key = "cpu_us_tok" if sc.stream else "cpu_ms_req"
 
     def by_round(each: list[dict[str, Any]]) -> list[float]:
+        assert len(each) % rounds == 0, f"{len(each)} measurements in {rounds} rounds"
         size = len(each) // rounds
         return [summarize(pooled(each[r * size:(r + 1) * size]))[key] for r in range(rounds)]
 
     base = by_round(raws["vllm_router"])
-    return {t: [ratio(a, b) for a, b in zip(by_round(raws[t]), base, strict=True)]
-            for t in RELATIVE if t in raws and len(raws[t]) % rounds == 0}
+    return {t: [ratio(a, b) for a, b in zip(by_round(raws[t]), base, strict=True)] for t in RELATIVE if t in raws}
 
 
-def print_rounds(sc: Scenario, raws: dict[str, list[dict[str, Any]]]) -> None:
+def print_rounds(sc: Scenario, raws: dict[str, list[dict[str, Any]]], rounds: int) -> None:
     """The spread behind a pooled ratio: how far one round's figure may stray from the next on this box."""
-    for target, each in round_ratios(sc, raws).items():
+    if rounds > 1 and "vllm_router" not in raws:
+        print("by round: no ratios without vllm-router")
+    for target, each in round_ratios(sc, raws, rounds).items():
         print(f"{target}/vllm-router by round: " + " ".join(f"{r:.2f}" for r in each)
               + f" (median {statistics.median(each):.2f})")
 

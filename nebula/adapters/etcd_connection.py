@@ -73,11 +73,18 @@ def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, parts.port
 
 
-def cancelled_by_caller() -> bool:
-    """Tell a real cancellation of our task from gRPC's: closing a channel (failover) makes every RPC
-    still running on it raise asyncio.CancelledError in its caller, which is a connection loss."""
+def cancellations() -> int:
+    """The current task's cancellation requests not yet taken back (0 outside a task)."""
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    return task.cancelling() if task is not None else 0
+
+
+def cancelled_by_caller(since: int) -> bool:
+    """Tell a real cancellation of our task from gRPC's: closing a channel (failover) makes every RPC
+    still running on it raise asyncio.CancelledError in its caller, which is a connection loss. `since`:
+    cancellations() when the call began, so that in a task already stopping (a store's last writes in a
+    `finally` after SIGTERM) a closed channel is still a connection loss and only a new cancellation is one."""
+    return cancellations() > since
 
 
 class EtcdConnection:
@@ -197,6 +204,7 @@ class EtcdConnection:
 
     async def call(self, op: Callable[[Any], Awaitable[T]]) -> T:
         """Run one RPC on the current connection, translating failures into our error types."""
+        stopping_already = cancellations()
         for attempt in (1, 2):
             conn = await self.current()
             try:
@@ -217,7 +225,7 @@ class EtcdConnection:
                     continue
                 raise translate(exc) from exc
             except asyncio.CancelledError:
-                if cancelled_by_caller():
+                if cancelled_by_caller(since=stopping_already):
                     raise
                 raise StoreUnavailableError(f"etcd {conn.endpoint}: connection closed during the call") from None
         raise AssertionError("unreachable: the second attempt returns or raises")

@@ -10,7 +10,7 @@ from typing import Any
 
 from aetcd import rpc
 
-from nebula.adapters.etcd_connection import Conn, EtcdConnection, cancelled_by_caller
+from nebula.adapters.etcd_connection import Conn, EtcdConnection, cancellations, cancelled_by_caller
 from nebula.adapters.etcd_wire import key_bytes, key_start, range_end, to_event, translate
 from nebula.adapters.timeouts import timeout
 from nebula.adapters.watching import backoff_delay
@@ -57,6 +57,7 @@ async def _watch_stream(
     etcd: EtcdConnection, conn: Conn, prefix: str, start_revision: int
 ) -> AsyncIterator[list[WatchEvent]]:
     """One Watch RPC: yields each response's events; raises when the stream breaks."""
+    stopping_already = cancellations()
     raw = key_bytes(prefix)
     create = rpc.WatchCreateRequest(key=key_start(raw), range_end=range_end(raw), start_revision=start_revision)
     # No deadline on the stream itself (it lives for ever); keepalive detects a dead peer.
@@ -77,7 +78,7 @@ async def _watch_stream(
     except rpc.AioRpcError as exc:
         raise translate(exc) from exc
     except asyncio.CancelledError:
-        if cancelled_by_caller():
+        if cancelled_by_caller(since=stopping_already):
             raise
         raise StoreUnavailableError(f"etcd {conn.endpoint}: watch connection closed") from None
     finally:

@@ -111,10 +111,17 @@ class SystemdEngineUnits:
             proc = await asyncio.create_subprocess_exec(
                 "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), "-u", engine_unit_name(instance),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        except OSError:
+            return []
+        try:
             async with timeout(self._call_timeout_s):
                 out, _ = await proc.communicate()
-        except (OSError, TimeoutError):
+        except TimeoutError:
             return []
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: a journalctl stuck on the journal is not left
+                proc.kill()
+                await proc.wait()
         return [line for line in out.decode(errors="replace").splitlines() if line.strip()]
 
     @property

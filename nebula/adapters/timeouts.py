@@ -1,14 +1,16 @@
 """One deadline for awaits in nebula/: `async with timeout(seconds):`, asyncio.timeout's contract, 3.12's rules.
 
-asyncio.wait_for is banned here: on Python 3.11 it returns the awaited call's result (or raises its error) when
-the call ends in the turn its caller is cancelled, and the cancellation is gone (gh-86296; a lease keepalive
-loop that lost its SIGTERM never stopped). asyncio.timeout keeps the cancellation, but Python 3.11's turns its
-deadline into TimeoutError only when `task.uncancel() == 0` afterwards. In a task that has already caught a
-cancellation and goes on with its cleanup (a `finally:` after SIGTERM's cancel, `task.cancelling() == 1`), the
-deadline raises CancelledError instead: the caller's `except TimeoutError` never runs (an etcd call in a stopping
-task gets no failover, a shutdown wait never reaches its timeout branch). Python 3.12 records the task's
-`cancelling()` count on entry and raises TimeoutError when `uncancel()` comes back to it; `timeout` is 3.12's
-asyncio.timeout there and the same rule here on 3.11, so one deadline works in normal code and in a stop's cleanup.
+asyncio.wait_for is banned here: on Python 3.11 it returns the awaited call's result (or raises its error) when the
+call ends in the turn its caller is cancelled, and the cancellation is gone (gh-86296; a lease keepalive loop that
+lost its SIGTERM never stopped). asyncio.timeout keeps the cancellation, but up to Python 3.11.2 (Debian 12's) it
+turns its deadline into TimeoutError only when `task.uncancel() == 0` afterwards (gh-102780). In a task that has
+already caught a cancellation and goes on with its cleanup (a `finally:` after SIGTERM's cancel, `task.cancelling()
+== 1`), the deadline raises CancelledError instead: the caller's `except TimeoutError` never runs (an etcd call in
+a stopping task gets no failover, a shutdown wait never reaches its timeout branch). Python 3.12 (and 3.11.3)
+record the task's `cancelling()` count on entry and raise TimeoutError when `uncancel()` comes back to it;
+`timeout` is 3.12's asyncio.timeout there and the same rule here on 3.11, so one deadline works in normal code and
+in a stop's cleanup. One difference, moot as every use is `async with timeout(x):`: the delay counts from entering
+the block, where asyncio's counts from the timeout() call.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def _burn(code: str, cpu_s: float) -> tuple[float, float]:
 def test_time_in_user_code_and_in_system_calls_are_told_apart() -> None:
     user, system = _burn("while True: pass", 0.3)
     assert user >= 0.25 and system < user / 4
-    # Writes of 1 MiB to /dev/null: almost all of it is the kernel's (the copy into the syscall).
+    # Reads of 1 MiB from /dev/zero: almost all of it is the kernel's (zeroing the buffer in the syscall).
     user, system = _burn("import os\nfd = os.open('/dev/zero', os.O_RDONLY)\nwhile True: os.read(fd, 1 << 20)", 0.3)
     assert system >= 0.15 and system > user
 
@@ -108,11 +108,15 @@ def test_each_rounds_ratio_to_vllm_router_is_given_beside_the_pooled_one(
             "nebula_ref": [_raw({"gateway": 1.0}, {}), _raw({"gateway": 1.2}, {}),
                            _raw({"gateway": 0.8}, {}), _raw({"gateway": 1.0}, {})],
             "vllm_router": [_raw({"vllm_router": 1.0}, {}), _raw({"vllm_router": 1.0}, {})]}
-    ratios = round_ratios(sc, raws)
+    ratios = round_ratios(sc, raws, 2)
     assert ratios["nebula"] == pytest.approx([0.9, 1.1])
     assert ratios["nebula_ref"] == pytest.approx([1.1, 0.9])
     assert set(ratios) == {"nebula", "nebula_ref"}  # direct is not relative to anything
-    print_rounds(sc, raws)
+    print_rounds(sc, raws, 2)
     assert "nebula/vllm-router by round: 0.90 1.10 (median 1.00)" in capsys.readouterr().out
-    # One round: nothing to spread.
-    assert round_ratios(sc, {t: each[:1] for t, each in raws.items()}) == {}
+    # One round: nothing to spread. Without vllm-router: nothing to relate to, and the report says so.
+    assert round_ratios(sc, {t: each[:1] for t, each in raws.items()}, 1) == {}
+    del raws["vllm_router"]
+    assert round_ratios(sc, raws, 2) == {}
+    print_rounds(sc, raws, 2)
+    assert "by round: no ratios without vllm-router" in capsys.readouterr().out

@@ -90,6 +90,29 @@ async def test_a_call_in_a_stopping_task_whose_rpc_never_answers_fails_at_its_de
     assert isinstance(task.exception(), StoreUnavailableError)
 
 
+async def test_a_channel_closed_under_a_call_in_a_stopping_task_is_a_connection_loss() -> None:
+    """gRPC raises CancelledError in the caller of every RPC on a channel that a failover closes. In a task
+    that has already caught SIGTERM's cancellation that is still a lost connection (StoreUnavailableError),
+    not a second cancellation: only one that arrives during the call is."""
+    etcd = _Connected(["http://127.0.0.1:2379"], timeout=5.0, security=None)
+
+    async def channel_closed(client: Any) -> Any:
+        raise asyncio.CancelledError  # what grpc.aio raises when the channel is closed under the RPC
+
+    async def stopping() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await etcd.call(channel_closed)
+
+    task = asyncio.create_task(stopping())
+    await asyncio.sleep(0)
+    task.cancel()  # SIGTERM
+    await asyncio.wait([task], timeout=5)
+    assert task.done() and not task.cancelled(), f"got {task!r}"
+    assert isinstance(task.exception(), StoreUnavailableError)
+
+
 async def _loses_its_first_cancellation(lost: asyncio.Event) -> None:
     try:
         await asyncio.Event().wait()

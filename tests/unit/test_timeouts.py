@@ -150,3 +150,39 @@ async def test_an_outer_deadline_passes_through_the_inner_one_as_cancelled_error
 def test_outside_a_task_it_is_refused() -> None:
     with pytest.raises(RuntimeError):
         timeout(1.0).__aenter__().send(None)
+
+
+async def test_an_error_raised_after_the_deadline_passes_through_and_the_count_is_taken_back() -> None:
+    """A body that turns the deadline's cancellation into an error of its own (a cleanup that fails)."""
+    before = _this_task().cancelling()
+    deadline = timeout(0.01)
+    with pytest.raises(ValueError, match="cleanup failed"):
+        async with deadline:
+            try:
+                await _never_done()
+            except asyncio.CancelledError:
+                raise ValueError("cleanup failed") from None
+    assert deadline.expired()
+    assert _this_task().cancelling() == before
+
+
+async def test_a_body_that_swallows_the_deadline_ends_normally_and_leaves_no_cancellation_behind() -> None:
+    before = _this_task().cancelling()
+    deadline = timeout(0.01)
+    async with deadline:
+        try:
+            await _never_done()
+        except asyncio.CancelledError:
+            pass
+    assert deadline.expired()
+    assert _this_task().cancelling() == before
+    assert await asyncio.sleep(0.02, "still running") == "still running"  # no cancellation left to arrive
+
+
+async def test_a_timeout_is_entered_once() -> None:
+    deadline = timeout(1.0)
+    async with deadline:
+        pass
+    with pytest.raises(RuntimeError):
+        async with deadline:
+            pass
