@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -66,27 +66,36 @@ async def test_a_call_cancelled_as_it_fails_raises_the_cancellation_not_a_retrya
     assert caller.cancelled(), f"got {caller.exception()!r}"
 
 
-async def test_a_call_in_a_stopping_task_whose_rpc_never_answers_fails_at_its_deadline(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A service's last store call in its `finally` after SIGTERM: its deadline is a StoreUnavailableError (and a
-    failover), where Python 3.11.2's asyncio.timeout raised CancelledError there."""
-    monkeypatch.setattr(etcd_connection, "_GUARD_MARGIN_S", 0.0)
-    etcd = _Connected(["http://127.0.0.1:2379"], timeout=0.05, security=None)
-
-    async def never_answers(client: Any) -> Any:
-        return await asyncio.get_running_loop().create_future()
-
+async def _last_call_of_a_stopping_task(etcd: EtcdConnection, op: Callable[[Any], Awaitable[Any]]
+                                        ) -> asyncio.Task[Any]:
+    """The task of a service that makes one more store call in its `finally` after SIGTERM's cancellation,
+    once it has ended."""
     async def stopping() -> None:
         try:
             await asyncio.Event().wait()
         finally:
-            await etcd.call(never_answers)
+            await etcd.call(op)
 
     task = asyncio.create_task(stopping())
     await asyncio.sleep(0)
     task.cancel()  # SIGTERM
     await asyncio.wait([task], timeout=5)
-    assert task.done() and not task.cancelled(), f"got {task!r}"
+    assert task.done(), "the call never ended"
+    return task
+
+
+async def test_a_call_in_a_stopping_task_whose_rpc_never_answers_fails_at_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its deadline is a StoreUnavailableError (and a failover), where Python 3.11.2's asyncio.timeout raised
+    CancelledError there."""
+    monkeypatch.setattr(etcd_connection, "_GUARD_MARGIN_S", 0.0)
+
+    async def never_answers(client: Any) -> Any:
+        return await asyncio.get_running_loop().create_future()
+
+    task = await _last_call_of_a_stopping_task(
+        _Connected(["http://127.0.0.1:2379"], timeout=0.05, security=None), never_answers)
+    assert not task.cancelled(), f"got {task!r}"
     assert isinstance(task.exception(), StoreUnavailableError)
 
 
@@ -94,22 +103,12 @@ async def test_a_channel_closed_under_a_call_in_a_stopping_task_is_a_connection_
     """gRPC raises CancelledError in the caller of every RPC on a channel that a failover closes. In a task
     that has already caught SIGTERM's cancellation that is still a lost connection (StoreUnavailableError),
     not a second cancellation: only one that arrives during the call is."""
-    etcd = _Connected(["http://127.0.0.1:2379"], timeout=5.0, security=None)
-
     async def channel_closed(client: Any) -> Any:
         raise asyncio.CancelledError  # what grpc.aio raises when the channel is closed under the RPC
 
-    async def stopping() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await etcd.call(channel_closed)
-
-    task = asyncio.create_task(stopping())
-    await asyncio.sleep(0)
-    task.cancel()  # SIGTERM
-    await asyncio.wait([task], timeout=5)
-    assert task.done() and not task.cancelled(), f"got {task!r}"
+    task = await _last_call_of_a_stopping_task(
+        _Connected(["http://127.0.0.1:2379"], timeout=5.0, security=None), channel_closed)
+    assert not task.cancelled(), f"got {task!r}"
     assert isinstance(task.exception(), StoreUnavailableError)
 
 
