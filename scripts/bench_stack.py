@@ -157,58 +157,74 @@ PROBE = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
-def start_stack(procs: Processes, workdir: Path, opts: StackOptions) -> Stack:
-    py, me, src = sys.executable, str(ENTRY), opts.src
-    ports = {name: free_port() for name in ("engine", "proxy", "etcd", "etcd_peer", "router", "gateway")}
-    # A tree from before routing moved into the gateway needs its router service (and its config).
-    hops = ("router", "gateway") if _two_hop(src) else ("gateway",)
-    engine_url = f"http://{HOST}:{ports['engine']}"
-    engine = procs.start("engine", [py, me, "engine", "--port", str(ports["engine"])])
-    proxy = procs.start("proxy", [py, me, "proxy", "--port", str(ports["proxy"]), "--upstream", engine_url])
-
+def start_etcd(procs: Processes, workdir: Path) -> str:
+    """A one-member etcd in the run's work dir; its client URL once it answers /health."""
     etcd_bin = shutil.which("etcd")
     if etcd_bin is None:
         raise RuntimeError("the etcd binary is not on PATH")
-    etcd_url, peer = f"http://{HOST}:{ports['etcd']}", f"http://{HOST}:{ports['etcd_peer']}"
+    etcd_url, peer = f"http://{HOST}:{free_port()}", f"http://{HOST}:{free_port()}"
     # Every ETCD_* variable would be read by etcd as a flag.
     etcd_env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
     procs.start("etcd", [etcd_bin, "--name", "bench", "--data-dir", str(workdir / "etcd"),
                          "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
                          "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                          "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new"], env=etcd_env)
+    wait_until(lambda: http_ok(etcd_url + "/health"), 20, "etcd /health", procs, "etcd")
+    return etcd_url
 
-    config = workdir / "nebula.toml"
+
+def register_engine(etcd_url: str, engine_url: str) -> None:
+    """Register `engine_url` as the READY replica of the model, as a node agent would."""
+    etcd_put(etcd_url, keys.model_key(MODEL), dumps(ModelSpec(name=MODEL, source="/bench").to_dict()))
+    status = InstanceStatus(instance=MODEL, model=MODEL, node="bench-node", phase=Phase.READY,
+                            endpoint=engine_url, since=time.time())
+    etcd_put(etcd_url, keys.instance_key(MODEL), dumps(status.to_dict()))
+
+
+def gateway_env(workdir: Path, etcd_url: str, port: int, workers: int = 1, loop: str = "uvloop",
+                extra: str = "") -> dict[str, str]:
+    """The environment of a gateway on `port` (inference key API_KEY, `workers` processes): its config file
+    written to the work dir, NEBULA_CONFIG naming it; `extra`: more config lines for [gateway]."""
+    config = workdir / f"nebula-{port}.toml"
     key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
     config.write_text(f"""
 [cluster]
 etcd_endpoints = ["{etcd_url}"]
 
 [gateway]
-port = {ports['gateway']}
+port = {port}
 api_key_hashes = ["{key_hash}"]
 admin_key_hashes = ["{hashlib.sha256(b'bench-admin-key').hexdigest()}"]
-{f"workers = {opts.gateway_workers}" if opts.gateway_workers > 1 else ""}
-event_loop = "{opts.gateway_loop}"
-{two_hop_config(ports) if "router" in hops else ""}
+{f"workers = {workers}" if workers > 1 else ""}
+event_loop = "{loop}"
+{extra}
 [log]
 level = "info"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEBULA_", "ETCD_"))}
     env["NEBULA_CONFIG"] = str(config)
+    return env
 
+
+def start_stack(procs: Processes, workdir: Path, opts: StackOptions) -> Stack:
+    py, me, src = sys.executable, str(ENTRY), opts.src
+    ports = {name: free_port() for name in ("engine", "proxy", "router", "gateway")}
+    # A tree from before routing moved into the gateway needs its router service (and its config).
+    hops = ("router", "gateway") if _two_hop(src) else ("gateway",)
+    engine_url = f"http://{HOST}:{ports['engine']}"
+    engine = procs.start("engine", [py, me, "engine", "--port", str(ports["engine"])])
+    proxy = procs.start("proxy", [py, me, "proxy", "--port", str(ports["proxy"]), "--upstream", engine_url])
+    etcd_url = start_etcd(procs, workdir)
+    env = gateway_env(workdir, etcd_url, ports["gateway"], opts.gateway_workers, opts.gateway_loop,
+                      two_hop_config(ports) if "router" in hops else "")
     wait_until(lambda: http_ok(engine_url + "/health"), 20, "engine /health", procs, "engine")
-    wait_until(lambda: http_ok(etcd_url + "/health"), 20, "etcd /health", procs, "etcd")
-    # Register the simulator as the READY replica of the model, as a node agent would.
-    etcd_put(etcd_url, keys.model_key(MODEL), dumps(ModelSpec(name=MODEL, source="/bench").to_dict()))
-    status = InstanceStatus(instance=MODEL, model=MODEL, node="bench-node", phase=Phase.READY,
-                            endpoint=engine_url, since=time.time())
-    etcd_put(etcd_url, keys.instance_key(MODEL), dumps(status.to_dict()))
+    register_engine(etcd_url, engine_url)
 
     services: dict[str, int] = {}
     for svc in hops:
         argv = ([py, "-m", "nebula", svc, "run"] if opts.profile_dir is None or opts.sampled
                 else [py, me, "service", svc, "--out", str(opts.profile_dir / f"{svc}.pstats")])
-        services[svc] = procs.start(svc, argv, env=_from_tree(env, src), cwd=src).pid
+        services[svc] = procs.start(svc, argv, env=from_tree(env, src), cwd=src).pid
 
     gateway_url = f"http://{HOST}:{ports['gateway']}"
     # Ready once a request crosses Nebula to the engine (the instance watch has seen the instance).
@@ -247,7 +263,7 @@ def _two_hop(src: Path) -> bool:
     return (src / "nebula" / "services" / "router").is_dir()
 
 
-def _from_tree(env: dict[str, str], src: Path) -> dict[str, str]:
+def from_tree(env: dict[str, str], src: Path) -> dict[str, str]:
     """`env` for a service run from the tree `src` (with cwd=src too: `python -m` puts the working directory
     first on sys.path)."""
     return env | {"PYTHONPATH": str(src) + os.pathsep + env.get("PYTHONPATH", ""), "BENCH_NEBULA_SRC": str(src)}
@@ -260,7 +276,7 @@ def _second_gateway(procs: Processes, stack: Stack, target: str, env: dict[str, 
     port = free_port()
     name = f"gateway_{target.removeprefix('nebula_')}"
     proc = procs.start(name, [sys.executable, "-m", "nebula", "gateway", "run"],
-                       env=_from_tree(env | {"NEBULA_GATEWAY_PORT": str(port)}, src), cwd=src)
+                       env=from_tree(env | {"NEBULA_GATEWAY_PORT": str(port)}, src), cwd=src)
     url = f"http://{HOST}:{port}"
     wait_until(lambda: http_ok(url + PATH, PROBE, AUTH), 30, f"a request through {target}", procs, name)
     stack.extra_url[target] = url

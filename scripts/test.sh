@@ -49,7 +49,7 @@ fi
 models=${NEBULA_TEST_MODELS:-$cache/tiny-models}
 # debootstrap: the Debian 13 root the trixie package is built and tested in (scripts/debian-root.sh).
 apt_packages=(etcd-server systemd-container dbus polkitd gcc python3-dev python3-venv
-              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl debootstrap
+              python3-pip dpkg-dev lintian prometheus systemd-journal-remote openssl debootstrap wrk
               chromium chromium-driver)
 
 find_python311() {

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""How one gateway's requests/s scale with `gateway.workers` (issue 18): the gateway at 1, 2, 4, ... worker
+processes on one port, each count measured at the highest rate it sustains, so that the figure is the
+gateway's and not the client's or the engine's.
+
+What runs, each in its own process, on loopback:
+  - wrk (C, Debian's `wrk`) as the client: non-streamed chat completions with the inference key, as fast as
+    its connections are answered (a closed loop at --connections);
+  - a canned engine: every POST answered with the same chat completion, at once (uvloop and httptools, about
+    a tenth of the gateway's CPU per request; the tables print its figure, and wrk's, to show which is the limit);
+  - etcd and Nebula's gateway with the canned engine registered as the model's READY replica, started again
+    for each worker count with `gateway.workers = N`.
+A first row ("direct", wrk straight at the engine) is the ceiling without the gateway.
+
+    .venv/bin/python scripts/bench_workers.py                      # 1, 2, 4, 8 workers, up to the cores there are
+    .venv/bin/python scripts/bench_workers.py --workers 1,2,4 --duration-s 20 --connections 128
+    .venv/bin/python scripts/bench_workers.py --nebula-src /tmp/cmp  # the gateway from another tree (compiled)
+
+Scaling needs the cores to scale into: the gateway's N workers, the engine and wrk share the machine, so a
+count is only worth measuring where N plus about one core (engine and wrk) fit; on 2 cores the second worker
+competes with them, and the figure says so (the gateway's cores used, beside each worker's share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httptools
+import uvloop
+
+# The repository root, so that `import nebula` works however the script is started (the gateway itself runs
+# from --nebula-src's tree when given).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# This file's directory is sys.path[0]: its sibling modules import as top-level ones.
+import bench_load  # noqa: E402
+import bench_stack  # noqa: E402
+from bench_engine import HOST, MODEL, PATH  # noqa: E402
+from bench_stack import AUTH, PROBE, Processes, free_port, http_ok, wait_until  # noqa: E402
+
+WRK_INSTALL = "apt-get install -y wrk"
+# What the canned engine answers every POST with: a chat completion of 32 tokens, as vLLM writes one.
+_COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": " tok" * 32}, "logprobs": None,
+                 "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 32, "total_tokens": 42}}, separators=(",", ":")).encode()
+_OK = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_COMPLETION)
+       + _COMPLETION)
+_HEALTH = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The canned engine (role `canned-engine`)
+# ---------------------------------------------------------------------------------------------------------
+
+class _CannedConnection(asyncio.Protocol):
+    """One engine connection: httptools frames the requests (pipelined ones too), each answered at once."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._path = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._transport is not None:
+                self._transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self._path = url
+
+    def on_message_complete(self) -> None:
+        if self._transport is None:
+            return
+        method = self._parser.get_method()
+        if method == b"POST":
+            self._transport.write(_OK)
+        else:
+            self._transport.write(_HEALTH if self._path == b"/health" else _NOT_FOUND)
+
+
+def canned_engine_main(port: int) -> None:
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(_CannedConnection, HOST, port, reuse_address=True)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wrk, and what the kernel says is listening
+# ---------------------------------------------------------------------------------------------------------
+
+def wrk_script(key: str) -> str:
+    """wrk's Lua: POST the chat request with the key, and print its summary as one JSON line at the end."""
+    body = json.dumps({"model": MODEL, "max_tokens": 32,
+                       "messages": [{"role": "user", "content": "Say hello " * 20}]}, separators=(",", ":"))
+    return f"""wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""}
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK {{"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p99_us":%d}}\\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The JSON line wrk_script's `done` prints; ValueError (with wrk's output) when there is none."""
+    for line in output.splitlines():
+        if line.startswith("WRK {"):
+            return dict(json.loads(line.removeprefix("WRK ")))
+    raise ValueError(f"wrk printed no summary:\n{output[-2000:]}")
+
+
+def listeners(port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> int:
+    """How many sockets listen on `port` (one per gateway worker, with SO_REUSEPORT): the kernel only spreads
+    connections over the listeners there are when they connect."""
+    count = 0
+    for table in tables:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def default_counts(cores: int) -> list[int]:
+    """1, 2, 4, 8 workers, those with a core each (the engine and wrk share what is left)."""
+    return [n for n in (1, 2, 4, 8) if n == 1 or n <= cores]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One measurement
+# ---------------------------------------------------------------------------------------------------------
+
+def run_wrk(wrk: str, url: str, script: Path, args: argparse.Namespace, duration_s: float
+            ) -> tuple[dict[str, Any], float]:
+    """wrk against `url` for `duration_s`: its summary, and its own CPU seconds."""
+    argv = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration_s))}s",
+            "-s", str(script), url + PATH]
+    # Its CPU: what the children this script reaped used, across the run (the services it started are reaped
+    # only when stopped, outside any run).
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration_s + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    text = proc.stdout.decode(errors="replace")
+    if proc.returncode:
+        raise RuntimeError(f"wrk exited {proc.returncode}:\n{text[-2000:]}")
+    return parse_wrk(text), cpu
+
+
+def measure(wrk: str, url: str, script: Path, args: argparse.Namespace, gateway_pid: int | None,
+            engine_pid: int) -> dict[str, Any]:
+    """A warm-up, then the measured run: rate, latency, errors, and the CPU of each process it crossed."""
+    run_wrk(wrk, url, script, args, args.warmup_s)
+    workers = bench_load.process_tree(gateway_pid)[1:] if gateway_pid is not None else []
+    before = {pid: sum(bench_load.cpu_times(pid)) for pid in [engine_pid, *workers]}
+    gw_before = sum(bench_load.cpu_times(gateway_pid)) if gateway_pid is not None else 0.0
+    t0 = time.monotonic()
+    summary, wrk_cpu = run_wrk(wrk, url, script, args, args.duration_s)
+    wall = time.monotonic() - t0
+    gw_cpu = sum(bench_load.cpu_times(gateway_pid)) - gw_before if gateway_pid is not None else 0.0
+    used = {pid: sum(bench_load.cpu_times(pid)) - cpu for pid, cpu in before.items()}
+    n = max(1, summary["requests"])
+    rate = summary["requests"] / (summary["duration_us"] / 1e6)
+    return {
+        "rps": rate, "requests": summary["requests"], "errors": summary["non2xx"] + summary["socket_errors"],
+        "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
+        "gateway_us_req": gw_cpu / n * 1e6, "gateway_cores": gw_cpu / wall,
+        "worker_shares": [used[pid] / gw_cpu if gw_cpu > 0 else 0.0 for pid in workers],
+        "engine_us_req": used[engine_pid] / n * 1e6, "wrk_us_req": wrk_cpu / n * 1e6,
+    }
+
+
+def print_row(label: str, res: dict[str, Any], base_rps: float | None) -> None:
+    scale = f"{res['rps'] / base_rps:5.2f}x" if base_rps else "     -"
+    shares = " ".join(f"{s:.0%}" for s in res["worker_shares"]) or "-"
+    gw = f"{res['gateway_us_req']:9.1f} {res['gateway_cores']:7.2f}" if label != "direct" else f"{'-':>9} {'-':>7}"
+    print(f"{label:<8} {res['rps']:9.0f} {scale} {gw}  {shares:<24} {res['engine_us_req']:7.1f} "
+          f"{res['wrk_us_req']:6.1f} {res['p50_ms']:7.2f} {res['p99_ms']:7.2f} {res['errors']:6d}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+def start_gateway(procs: Processes, workdir: Path, etcd_url: str, workers: int, src: Path) -> tuple[int, str]:
+    """A gateway of `workers` processes; (its main pid, its URL) once every worker listens and a request
+    crosses it to the engine."""
+    port = free_port()
+    name = f"gateway_{workers}"
+    env = bench_stack.from_tree(bench_stack.gateway_env(workdir, etcd_url, port, workers), src)
+    proc = procs.start(name, [sys.executable, "-m", "nebula", "gateway", "run"], env=env, cwd=src)
+    url = f"http://{HOST}:{port}"
+    wait_until(lambda: listeners(port) >= workers, 60, f"{workers} listening workers", procs, name)
+    wait_until(lambda: http_ok(url + PATH, PROBE, AUTH), 30, "a request through the gateway", procs, name)
+    return proc.pid, url
+
+
+def main(args: argparse.Namespace) -> int:
+    wrk = args.wrk or shutil.which("wrk")
+    if not wrk or not os.access(wrk, os.X_OK):
+        print(f"bench_workers: wrk not found{f' at {args.wrk}' if args.wrk else ''}; to install it: {WRK_INSTALL}",
+              file=sys.stderr)
+        return 2
+    cores = os.cpu_count() or 1
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else default_counts(cores)
+    if not counts or min(counts) < 1:
+        print("bench_workers: --workers takes counts of 1 or more, e.g. 1,2,4", file=sys.stderr)
+        return 2
+    src = Path(args.nebula_src).resolve() if args.nebula_src else ROOT
+    workdir = Path(tempfile.mkdtemp(prefix="nebula-bench-workers-"))
+    procs = Processes(workdir)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        port = free_port()
+        engine = procs.start("engine", [sys.executable, __file__, "canned-engine", "--port", str(port)])
+        engine_url = f"http://{HOST}:{port}"
+        wait_until(lambda: http_ok(engine_url + "/health"), 20, "the canned engine", procs, "engine")
+        etcd_url = bench_stack.start_etcd(procs, workdir)
+        bench_stack.register_engine(etcd_url, engine_url)
+        (workdir / "direct.lua").write_text(wrk_script(""))
+        (workdir / "gateway.lua").write_text(wrk_script(bench_stack.API_KEY))
+        print(f"{cores} CPUs; wrk -t{args.threads} -c{args.connections}, {args.duration_s:g} s per count "
+              f"after {args.warmup_s:g} s of warm-up; gateway from {src} (logs in {workdir})")
+        print(f"{'workers':<8} {'req/s':>9} {'x 1':>6} {'gw us/req':>9} {'gw CPUs':>7}  {'share per worker':<24} "
+              f"{'eng us':>7} {'wrk us':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}", flush=True)
+        results["direct"] = measure(wrk, engine_url, workdir / "direct.lua", args, None, engine.pid)
+        print_row("direct", results["direct"], None)
+        for n in counts:
+            pid, url = start_gateway(procs, workdir, etcd_url, n, src)
+            res = results[str(n)] = measure(wrk, url, workdir / "gateway.lua", args, pid, engine.pid)
+            print_row(str(n), res, results[str(counts[0])]["rps"] if str(counts[0]) in results else None)
+            procs.stop(f"gateway_{n}")
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    errors = sum(r["errors"] for r in results.values())
+    print("JSON " + json.dumps({"cores": cores, "connections": args.connections, "results": results}))
+    if errors:
+        print(f"bench_workers: {errors} requests failed (non-2xx or socket errors): the figures do not count",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="role")
+    e = sub.add_parser("canned-engine", help="(internal) the canned engine")
+    e.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", default="", metavar="N,N,...", help="worker counts (default: 1, 2, 4, 8 up to "
+                   "the CPUs there are)")
+    p.add_argument("--connections", type=int, default=64, help="wrk's connections (concurrent requests)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 8), help="wrk's threads")
+    p.add_argument("--duration-s", type=float, default=10.0, help="each measured run (whole seconds)")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="the warm-up before each (whole seconds)")
+    p.add_argument("--wrk", default="", metavar="PATH", help="the wrk binary (default: the one on PATH)")
+    p.add_argument("--nebula-src", default="", metavar="DIR", help="run the gateway from this tree")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parsed = parse_args(sys.argv[1:])
+    if parsed.role == "canned-engine":
+        canned_engine_main(parsed.port)
+    else:
+        sys.exit(main(parsed))
