@@ -112,8 +112,14 @@ def read_syscall_counts(perf_csv: str) -> dict[str, int]:
     return counts
 
 
+def profile_path(out_dir: Path, scenario: str, process: str, nth: int) -> Path:
+    """Where py-spy writes a process's profile over one measurement: the `nth` (from 0) of its target in the
+    scenario, since --rounds and --compare-src measure a target more than once."""
+    return out_dir / f"{scenario}-{process}{f'-{nth + 1}' if nth else ''}.txt"
+
+
 def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: float,
-             py_spy: tuple[str, Path] | None = None, count_syscalls: bool = False) -> dict[str, Any]:
+             py_spy: tuple[str, Path] | None = None, count_syscalls: bool = False, nth: int = 0) -> dict[str, Any]:
     base = ({"direct": stack.engine_url, "proxy": stack.proxy_url, "nebula": stack.gateway_url}
             | stack.extra_url)[target]
     pids = dict(stack.pids[target]) | stack.pids["_engine"]
@@ -134,9 +140,10 @@ def run_load(procs: Processes, stack: Stack, target: str, sc: Scenario, scale: f
         # sampler costs CPU on a small box: figures of a profiled run are not for comparison.
         for pname, pid in stack.pids[target].items():
             spies.append(f"py-spy-{sc.name}-{pname}")
+            profile = profile_path(py_spy[1], sc.name, pname, nth)
             procs.start(spies[-1], [
                 py_spy[0], "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw",
-                "--duration", str(int(sc.warmup_s + duration + 1)), "-o", str(py_spy[1] / f"{sc.name}-{pname}.txt")])
+                "--duration", str(int(sc.warmup_s + duration + 1)), "-o", str(profile)])
     counting = count_syscalls and target != "direct"
     counted = procs.workdir / f"syscalls-{sc.name}-{target}.csv"
     if counting:
@@ -181,7 +188,8 @@ def measure(procs: Processes, stack: Stack, targets: Sequence[str], sc: Scenario
     """One scenario's raw results: each target's measurements, in the order measuring_order gives."""
     raws: dict[str, list[dict[str, Any]]] = {}
     for target in measuring_order(targets, rounds):
-        raws.setdefault(target, []).append(run_load(procs, stack, target, sc, scale, py_spy, count_syscalls))
+        done = raws.setdefault(target, [])
+        done.append(run_load(procs, stack, target, sc, scale, py_spy, count_syscalls, nth=len(done)))
     return raws
 
 
@@ -289,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "the ratio to vllm-router of each round is printed too")
         q.add_argument("--profile", default="", metavar="DIR",
                        help="write profiles to DIR: cProfile of the Nebula services (DIR/*.pstats), or with "
-                       "--py-spy, sampled stacks of each hop per scenario (DIR/<scenario>-<process>.txt)")
+                       "--py-spy, sampled stacks of each hop per scenario (DIR/<scenario>-<process>.txt, then -2.txt "
+                       "for its second measurement)")
         q.add_argument("--py-spy", default="", metavar="BIN",
                        help="py-spy binary (e.g. uv pip install --target /tmp/pyspy py-spy) to sample the hops "
                        "instead of cProfile")

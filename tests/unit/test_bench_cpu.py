@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_baselines import tree_size  # noqa: E402
-from bench_gateway import measuring_order  # noqa: E402
+from bench_gateway import measuring_order, profile_path  # noqa: E402
 from bench_load import Scenario, cpu_times, pooled  # noqa: E402
 from bench_report import print_rounds, print_scenario, round_ratios, summarize  # noqa: E402
 
@@ -120,3 +120,11 @@ def test_each_rounds_ratio_to_vllm_router_is_given_beside_the_pooled_one(
     assert round_ratios(sc, raws, 2) == {}
     print_rounds(sc, raws, 2)
     assert "by round: no ratios without vllm-router" in capsys.readouterr().out
+
+
+def test_each_measurement_of_a_target_gets_its_own_profile(tmp_path: Path) -> None:
+    # --rounds 2 with --compare-src measures nebula four times in a scenario: four files, the first under the
+    # name profile-summary's example uses.
+    names = [profile_path(tmp_path, "stream32_c64", "gateway", n) for n in range(4)]
+    assert names[0] == tmp_path / "stream32_c64-gateway.txt"
+    assert len(set(names)) == 4 and names[1] == tmp_path / "stream32_c64-gateway-2.txt"
