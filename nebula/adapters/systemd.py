@@ -106,10 +106,13 @@ class SystemdEngineUnits:
                 raise
 
     async def recent_output(self, instance: str, lines: int) -> Sequence[str]:
-        """From the journal (the agent's unit is in group systemd-journal to read it)."""
+        """From the journal (the agent's unit is in group systemd-journal to read it): the engine's own output
+        only. `-u` would add what systemd says about the unit ("Failed to start ..."), which comes last and
+        says that it failed, never why."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines), "-u", engine_unit_name(instance),
+                "journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(lines),
+                f"_SYSTEMD_UNIT={engine_unit_name(instance)}",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         except OSError:
             return []

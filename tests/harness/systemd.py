@@ -57,6 +57,14 @@ class SystemdSandbox:
             raise SandboxError(f"{' '.join(argv)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def command_inside(self, name: str, into: Path) -> Path:
+        """A script `into/name` that runs the container's `name` with its arguments (in its namespaces): with
+        `into` first on PATH, code on the host that runs `name` (journalctl) reaches the container's instead."""
+        script = into / name
+        script.write_text(f'#!/bin/sh\nexec {self._exec_path} {name} "$@"\n')
+        script.chmod(0o755)
+        return script
+
     @property
     def unit_dir(self) -> Path:
         return self.root / "etc" / "systemd" / "system"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from nebula.adapters.systemd import SystemdEngineUnits, systemd_is_pid1
+from nebula.core.phase import error_line
 from nebula.core.units import UnitState, UnitStatus, engine_unit_name
 from nebula.errors import TemporaryError
+from nebula.services.agent.agent import FAILURE_LINES
 from tests.harness.ports import free_port
 from tests.harness.systemd import REPO_ROOT, SystemdSandbox
 
@@ -282,7 +285,7 @@ async def test_supervisor_logs_structured_fields_to_the_journal(
 
 @pytest.mark.systemd
 async def test_missing_model_source_fails_without_a_restart_loop(
-        rig: EngineRig, units: SystemdEngineUnits) -> None:
+        rig: EngineRig, units: SystemdEngineUnits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rig.spec("delta", source=rig.dir / "no-such-model")
     await units.start("delta")
     status = await wait_status(units, "delta", until="failed", sandbox=rig.sandbox)
@@ -290,6 +293,14 @@ async def test_missing_model_source_fails_without_a_restart_loop(
     records = rig.sandbox.journal(engine_unit_name("delta"))
     errors = [r for r in records if r.get("NEBULA_INSTANCE") == "delta"]
     assert any("does not exist" in str(r.get("MESSAGE", "")) for r in errors)
+    # What the agent reports as the failure's reason: the adapter's own journalctl call, against this journal
+    # (the container's journalctl, reached through PATH), read down to its one line.
+    rig.sandbox.command_inside("journalctl", tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    lines = await units.recent_output("delta", FAILURE_LINES)
+    assert lines and all(line.strip() for line in lines), lines
+    assert not any("nebula-engine@delta.service" in line for line in lines), lines  # none of systemd's own
+    assert "does not exist" in error_line(lines), lines
     await units.reset("delta")
     await wait_status(units, "delta", until="gone")
 

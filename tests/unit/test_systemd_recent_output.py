@@ -24,7 +24,7 @@ async def test_the_units_lines_come_back_without_blank_ones(tmp_path: Path, monk
     units = SystemdEngineUnits(call_timeout_s=5.0)
     assert await units.recent_output("qwen-0", 20) == ["loading", "OOM at step 3"]
     assert (tmp_path / "args").read_text().split() == [
-        "--no-pager", "-q", "-o", "cat", "-n", "20", "-u", "nebula-engine@qwen-0.service"]
+        "--no-pager", "-q", "-o", "cat", "-n", "20", "_SYSTEMD_UNIT=nebula-engine@qwen-0.service"]
 
 
 async def test_a_journalctl_that_hangs_is_killed_at_the_deadline(tmp_path: Path,
