@@ -6,8 +6,9 @@ gateway's and not the client's or the engine's.
 What runs, each in its own process, on loopback:
   - wrk (C, Debian's `wrk`) as the client: non-streamed chat completions with the inference key, as fast as
     its connections are answered (a closed loop at --connections);
-  - a canned engine: every POST answered with the same chat completion, at once (uvloop and httptools, about
-    a tenth of the gateway's CPU per request; the tables print its figure, and wrk's, to show which is the limit);
+  - a canned engine: every POST answered with the same chat completion, at once (uvloop and httptools: 7-15 us
+    of CPU per request against the gateway's 40-60; the table prints its figure, and wrk's, to show which
+    process is the limit);
   - etcd and Nebula's gateway with the canned engine registered as the model's READY replica, started again
     for each worker count with `gateway.workers = N`.
 A first row ("direct", wrk straight at the engine) is the ceiling without the gateway.
