@@ -184,7 +184,8 @@ def register_engine(etcd_url: str, engine_url: str) -> None:
 def gateway_env(workdir: Path, etcd_url: str, port: int, workers: int = 1, loop: str = "uvloop",
                 extra: str = "") -> dict[str, str]:
     """The environment of a gateway on `port` (inference key API_KEY, `workers` processes): its config file
-    written to the work dir, NEBULA_CONFIG naming it; `extra`: more config lines for [gateway]."""
+    written to the work dir, NEBULA_CONFIG naming it; `extra`: config lines after [gateway]'s own (keys of
+    [gateway], then any sections of their own, as two_hop_config's)."""
     config = workdir / f"nebula-{port}.toml"
     key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
     config.write_text(f"""
