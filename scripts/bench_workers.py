@@ -52,6 +52,8 @@ import bench_stack  # noqa: E402
 from bench_engine import HOST, MODEL, PATH  # noqa: E402
 from bench_stack import AUTH, PROBE, Processes, free_port, http_ok, wait_until  # noqa: E402
 
+from tests.harness.ports import listening  # noqa: E402
+
 WRK_INSTALL = "apt-get install -y wrk"
 # What the canned engine answers every POST with: a chat completion of 32 tokens, as vLLM writes one.
 _COMPLETION = json.dumps({
@@ -110,7 +112,7 @@ def canned_engine_main(port: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# wrk, and what the kernel says is listening
+# wrk
 # ---------------------------------------------------------------------------------------------------------
 
 def wrk_script(key: str) -> str:
@@ -136,22 +138,6 @@ def parse_wrk(output: str) -> dict[str, Any]:
         if line.startswith("WRK {"):
             return dict(json.loads(line.removeprefix("WRK ")))
     raise ValueError(f"wrk printed no summary:\n{output[-2000:]}")
-
-
-def listeners(port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> int:
-    """How many sockets listen on `port` (one per gateway worker, with SO_REUSEPORT): the kernel only spreads
-    connections over the listeners there are when they connect."""
-    count = 0
-    for table in tables:
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
 
 
 def default_counts(cores: int) -> list[int]:
@@ -223,7 +209,8 @@ def start_gateway(procs: Processes, workdir: Path, etcd_url: str, workers: int, 
     env = bench_stack.from_tree(bench_stack.gateway_env(workdir, etcd_url, port, workers), src)
     proc = procs.start(name, [sys.executable, "-m", "nebula", "gateway", "run"], env=env, cwd=src)
     url = f"http://{HOST}:{port}"
-    wait_until(lambda: listeners(port) >= workers, 60, f"{workers} listening workers", procs, name)
+    # The kernel spreads connections (SO_REUSEPORT) only over the listeners there are when they connect.
+    wait_until(lambda: len(listening(port)) >= workers, 60, f"{workers} listening workers", procs, name)
     wait_until(lambda: http_ok(url + PATH, PROBE, AUTH), 30, "a request through the gateway", procs, name)
     return proc.pid, url
 

@@ -9,9 +9,13 @@ scheduler once both got 37891). A port is handed out only while nothing listens 
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import random
 import socket
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 _LOW, _HIGH = 20000, 32000
 
@@ -58,3 +62,20 @@ def free_port() -> int:
 
 def free_port_range(size: int) -> int:
     return SESSION_PORTS.take(size)
+
+
+def listening(port: int, tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")) -> list[str]:
+    """The local address of each socket in LISTEN state on `port`, from the kernel's own table: one entry per
+    socket, so that N processes listening on one port with SO_REUSEPORT give N."""
+    out = []
+    for table in tables:
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hexport = local.partition(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A: TCP_LISTEN
+                    raw = bytes.fromhex(addr)
+                    # The kernel prints each 32-bit word in host (little-endian) order.
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    out.append(str(ipaddress.ip_address(words)))
+    return out

@@ -1,6 +1,6 @@
 """scripts/bench_workers.py's pure parts and its reading of the kernel: which worker counts it measures, wrk's
-summary line, and how many sockets listen on a port (it waits for every worker's before measuring, since the
-kernel spreads connections only over the listeners there are when they connect)."""
+summary line, and how many sockets listen on a port (tests.harness.ports.listening: it waits for every worker's
+before measuring, since the kernel spreads connections only over the listeners there are when they connect)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_workers import default_counts, listeners, parse_args, parse_wrk, wrk_script  # noqa: E402
+from bench_workers import default_counts, parse_args, parse_wrk, wrk_script  # noqa: E402
+
+from tests.harness.ports import listening  # noqa: E402
 
 
 def test_default_counts_are_those_with_a_core_each() -> None:
@@ -55,26 +57,26 @@ def reuseport_listeners() -> Iterator[tuple[int, list[socket.socket]]]:
         yield port, socks
 
 
-def test_listeners_counts_each_reuseport_socket_once_it_listens(
+def test_listening_counts_each_reuseport_socket_once_it_listens(
         reuseport_listeners: tuple[int, list[socket.socket]]) -> None:
     port, socks = reuseport_listeners
-    assert listeners(port) == 0  # bound, not listening: a worker still starting
+    assert listening(port) == []  # bound, not listening: a worker still starting
     socks[0].listen()
     socks[1].listen()
-    assert listeners(port) == 2
+    assert listening(port) == ["127.0.0.1"] * 2
     socks[2].listen()
-    assert listeners(port) == 3
+    assert len(listening(port)) == 3
     socks[0].close()
-    assert listeners(port) == 2
+    assert len(listening(port)) == 2
 
 
-def test_listeners_ignores_connected_sockets_and_missing_tables(tmp_path: Path) -> None:
+def test_listening_ignores_connected_sockets_and_missing_tables(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as client, server.accept()[0]:
             assert client.getpeername()[1] == port
-            assert listeners(port) == 1  # the accepted socket has the same local port, and is not counted
-    assert listeners(port, (str(tmp_path / "absent"),)) == 0
+            assert listening(port) == ["127.0.0.1"]  # the accepted socket has the same local port: not counted
+    assert listening(port, (str(tmp_path / "absent"),)) == []
 
 
 def test_parse_args_defaults() -> None:

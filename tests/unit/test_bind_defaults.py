@@ -21,7 +21,7 @@ from nebula.services.agent.agent import NodeAgent
 from nebula.services.agent.specfiles import SpecFiles
 from nebula.services.gateway.app import serve_gateway
 from tests.harness.mirrors import listing, mirrored
-from tests.harness.ports import free_port
+from tests.harness.ports import free_port, listening
 from tests.unit.fake_engine import until
 from tests.unit.test_agent import TableUnits, model_dir
 
@@ -36,29 +36,13 @@ def test_every_listen_or_reach_address_defaults_to_loopback() -> None:
     assert all(ep.startswith("http://127.0.0.1:") for ep in endpoints), endpoints
 
 
-def listening(port: int) -> set[str]:
-    """Local addresses in LISTEN state on `port`, from the kernel's own table (/proc/net/tcp, tcp6)."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                addr, _, hexport = local.partition(":")
-                if state == "0A" and int(hexport, 16) == port:  # 0A: TCP_LISTEN
-                    raw = bytes.fromhex(addr)
-                    # The kernel prints each 32-bit word in host (little-endian) order.
-                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                    out.add(str(ipaddress.ip_address(words)))
-    return out
-
-
 async def test_the_gateway_listens_on_loopback_only_by_default() -> None:
     port = free_port()
     cfg = NebulaConfig(gateway=GatewayConfig(port=port, admin_key_digest_file=""))
     task = asyncio.create_task(serve_gateway(cfg, MemoryStore(), CollectorRegistry(), Notifier({})))
     try:
         await until(lambda: bool(listening(port)))
-        assert listening(port) == {"127.0.0.1"}
+        assert listening(port) == ["127.0.0.1"]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
