@@ -8,7 +8,8 @@ What runs, each in its own process, on loopback:
     its connections are answered (a closed loop at --connections);
   - a canned engine: every POST answered with the same chat completion, at once (uvloop and httptools: 7-15 us
     of CPU per request against the gateway's 40-60; the table prints its figure, and wrk's, to show which
-    process is the limit);
+    process is the limit), in --engine-procs processes on one port (one per 8 CPUs: a single one would cap
+    8 workers at its 70-130k requests/s);
   - etcd and Nebula's gateway with the canned engine registered as the model's READY replica, started again
     for each worker count with `gateway.workers = N`.
 A first row ("direct", wrk straight at the engine) is the ceiling without the gateway.
@@ -16,6 +17,7 @@ A first row ("direct", wrk straight at the engine) is the ceiling without the ga
     .venv/bin/python scripts/bench_workers.py                      # 1, 2, 4, 8 workers, up to the cores there are
     .venv/bin/python scripts/bench_workers.py --workers 1,2,4 --duration-s 20 --connections 128
     .venv/bin/python scripts/bench_workers.py --nebula-src /tmp/cmp  # the gateway from another tree (compiled)
+    scripts/bench-workers-kit.sh DIR [ARGS]                         # on a machine with none of this installed
 
 Scaling needs the cores to scale into: the gateway's N workers, the engine and wrk share the machine, so a
 count is only worth measuring where N plus about one core (engine and wrk) fit; on 2 cores the second worker
@@ -55,6 +57,7 @@ from bench_stack import AUTH, PROBE, Processes, free_port, http_ok, wait_until  
 from tests.harness.ports import listening  # noqa: E402
 
 WRK_INSTALL = "apt-get install -y wrk"
+ETCD_INSTALL = "apt-get install -y etcd-server"
 # What the canned engine answers every POST with: a chat completion of 32 tokens, as vLLM writes one.
 _COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": MODEL,
@@ -104,7 +107,9 @@ class _CannedConnection(asyncio.Protocol):
 
 def canned_engine_main(port: int) -> None:
     async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(_CannedConnection, HOST, port, reuse_address=True)
+        # reuse_port: --engine-procs of these share the port, the kernel spreading connections over them.
+        server = await asyncio.get_running_loop().create_server(_CannedConnection, HOST, port, reuse_address=True,
+                                                                reuse_port=True)
         async with server:
             await server.serve_forever()
 
@@ -167,11 +172,11 @@ def run_wrk(wrk: str, url: str, script: Path, args: argparse.Namespace, duration
 
 
 def measure(wrk: str, url: str, script: Path, args: argparse.Namespace, gateway_pid: int | None,
-            engine_pid: int) -> dict[str, Any]:
+            engine_pids: list[int]) -> dict[str, Any]:
     """A warm-up, then the measured run: rate, latency, errors, and the CPU of each process it crossed."""
     run_wrk(wrk, url, script, args, args.warmup_s)
     workers = bench_load.process_tree(gateway_pid)[1:] if gateway_pid is not None else []
-    before = {pid: sum(bench_load.cpu_times(pid)) for pid in [engine_pid, *workers]}
+    before = {pid: sum(bench_load.cpu_times(pid)) for pid in [*engine_pids, *workers]}
     gw_before = sum(bench_load.cpu_times(gateway_pid)) if gateway_pid is not None else 0.0
     t0 = time.monotonic()
     summary, wrk_cpu = run_wrk(wrk, url, script, args, args.duration_s)
@@ -185,7 +190,7 @@ def measure(wrk: str, url: str, script: Path, args: argparse.Namespace, gateway_
         "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
         "gateway_us_req": gw_cpu / n * 1e6, "gateway_cores": gw_cpu / wall,
         "worker_shares": [used[pid] / gw_cpu if gw_cpu > 0 else 0.0 for pid in workers],
-        "engine_us_req": used[engine_pid] / n * 1e6, "wrk_us_req": wrk_cpu / n * 1e6,
+        "engine_us_req": sum(used[pid] for pid in engine_pids) / n * 1e6, "wrk_us_req": wrk_cpu / n * 1e6,
     }
 
 
@@ -193,7 +198,7 @@ def print_row(label: str, res: dict[str, Any], base_rps: float | None) -> None:
     scale = f"{res['rps'] / base_rps:5.2f}x" if base_rps else "     -"
     shares = " ".join(f"{s:.0%}" for s in res["worker_shares"]) or "-"
     gw = f"{res['gateway_us_req']:9.1f} {res['gateway_cores']:7.2f}" if label != "direct" else f"{'-':>9} {'-':>7}"
-    print(f"{label:<8} {res['rps']:9.0f} {scale} {gw}  {shares:<24} {res['engine_us_req']:7.1f} "
+    print(f"{label:<8} {res['rps']:9.0f} {scale} {gw}  {shares:<32} {res['engine_us_req']:7.1f} "
           f"{res['wrk_us_req']:6.1f} {res['p50_ms']:7.2f} {res['p99_ms']:7.2f} {res['errors']:6d}", flush=True)
 
 
@@ -226,28 +231,38 @@ def main(args: argparse.Namespace) -> int:
     if not counts or min(counts) < 1:
         print("bench_workers: --workers takes counts of 1 or more, e.g. 1,2,4", file=sys.stderr)
         return 2
+    if args.engine_procs < 1:
+        print("bench_workers: --engine-procs takes 1 or more", file=sys.stderr)
+        return 2
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        print(f"bench_workers: etcd not found; to install it: {ETCD_INSTALL}", file=sys.stderr)
+        return 2
     src = Path(args.nebula_src).resolve() if args.nebula_src else ROOT
     workdir = Path(tempfile.mkdtemp(prefix="nebula-bench-workers-"))
     procs = Processes(workdir)
     results: dict[str, dict[str, Any]] = {}
     try:
         port = free_port()
-        engine = procs.start("engine", [sys.executable, __file__, "canned-engine", "--port", str(port)])
         engine_url = f"http://{HOST}:{port}"
-        wait_until(lambda: http_ok(engine_url + "/health"), 20, "the canned engine", procs, "engine")
+        engines = [procs.start(f"engine_{i}", [sys.executable, __file__, "canned-engine", "--port", str(port)])
+                   for i in range(args.engine_procs)]
+        wait_until(lambda: len(listening(port)) >= len(engines), 20, "the canned engines", procs, "engine_0")
+        engine_pids = [e.pid for e in engines]
         etcd_url = bench_stack.start_etcd(procs, workdir)
         bench_stack.register_engine(etcd_url, engine_url)
         (workdir / "direct.lua").write_text(wrk_script(""))
         (workdir / "gateway.lua").write_text(wrk_script(bench_stack.API_KEY))
         print(f"{cores} CPUs; wrk -t{args.threads} -c{args.connections}, {args.duration_s:g} s per count "
-              f"after {args.warmup_s:g} s of warm-up; gateway from {src} (logs in {workdir})")
-        print(f"{'workers':<8} {'req/s':>9} {'x 1':>6} {'gw us/req':>9} {'gw CPUs':>7}  {'share per worker':<24} "
+              f"after {args.warmup_s:g} s of warm-up; {len(engines)} engine process(es); gateway from {src} on "
+              f"Python {sys.version.split()[0]} (logs in {workdir}); wrk {wrk}, etcd {etcd}")
+        print(f"{'workers':<8} {'req/s':>9} {'x 1':>6} {'gw us/req':>9} {'gw CPUs':>7}  {'share per worker':<32} "
               f"{'eng us':>7} {'wrk us':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}", flush=True)
-        results["direct"] = measure(wrk, engine_url, workdir / "direct.lua", args, None, engine.pid)
+        results["direct"] = measure(wrk, engine_url, workdir / "direct.lua", args, None, engine_pids)
         print_row("direct", results["direct"], None)
         for n in counts:
             pid, url = start_gateway(procs, workdir, etcd_url, n, src)
-            res = results[str(n)] = measure(wrk, url, workdir / "gateway.lua", args, pid, engine.pid)
+            res = results[str(n)] = measure(wrk, url, workdir / "gateway.lua", args, pid, engine_pids)
             print_row(str(n), res, results[str(counts[0])]["rps"] if str(counts[0]) in results else None)
             procs.stop(f"gateway_{n}")
     finally:
@@ -274,6 +289,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 8), help="wrk's threads")
     p.add_argument("--duration-s", type=float, default=10.0, help="each measured run (whole seconds)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="the warm-up before each (whole seconds)")
+    p.add_argument("--engine-procs", type=int, default=max(1, (os.cpu_count() or 1) // 8),
+                   help="canned engine processes on the one port")
     p.add_argument("--wrk", default="", metavar="PATH", help="the wrk binary (default: the one on PATH)")
     p.add_argument("--nebula-src", default="", metavar="DIR", help="run the gateway from this tree")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")
