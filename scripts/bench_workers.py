@@ -5,11 +5,13 @@ gateway's and not the client's or the engine's.
 
 What runs, each in its own process, on loopback:
   - wrk (C, Debian's `wrk`) as the client: non-streamed chat completions with the inference key, as fast as
-    its connections are answered (a closed loop at --connections);
+    its connections are answered (a closed loop at --connections, default 32 per worker of the largest count
+    and at least 64, so that each worker has requests queued while the engine answers the others; --threads,
+    default one per 4 CPUs);
   - a canned engine: every POST answered with the same chat completion, at once (uvloop and httptools: 7-15 us
     of CPU per request against the gateway's 40-60; the table prints its figure, and wrk's, to show which
-    process is the limit), in --engine-procs processes on one port (one per 8 CPUs: a single one would cap
-    8 workers at its 70-130k requests/s);
+    process is the limit), in --engine-procs processes on one port (default: one per 6 CPUs, since a single
+    one would cap 8 workers at its 70-130k requests/s);
   - etcd and Nebula's gateway with the canned engine registered as the model's READY replica, started again
     for each worker count with `gateway.workers = N`.
 A first row ("direct", wrk straight at the engine) is the ceiling without the gateway.
@@ -150,6 +152,13 @@ def default_counts(cores: int) -> list[int]:
     return [n for n in (1, 2, 4, 8) if n == 1 or n <= cores]
 
 
+def default_load(cores: int, counts: list[int]) -> tuple[int, int, int]:
+    """(wrk's threads, wrk's connections, engine processes) where the command line names none: on 16 CPUs 4
+    threads and 2 engines beside 8 workers (14 cores, each client thread and engine good for about twice what
+    a worker serves), 256 connections."""
+    return max(1, cores // 4), max(64, 32 * max(counts)), max(1, cores // 6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One measurement
 # ---------------------------------------------------------------------------------------------------------
@@ -231,8 +240,11 @@ def main(args: argparse.Namespace) -> int:
     if not counts or min(counts) < 1:
         print("bench_workers: --workers takes counts of 1 or more, e.g. 1,2,4", file=sys.stderr)
         return 2
-    if args.engine_procs < 1:
-        print("bench_workers: --engine-procs takes 1 or more", file=sys.stderr)
+    threads, connections, engine_procs = default_load(cores, counts)
+    args.threads, args.connections = args.threads or threads, args.connections or connections
+    args.engine_procs = args.engine_procs or engine_procs
+    if min(args.threads, args.connections, args.engine_procs) < 1:
+        print("bench_workers: --threads, --connections and --engine-procs take 1 or more", file=sys.stderr)
         return 2
     etcd = shutil.which("etcd")
     if etcd is None:
@@ -285,12 +297,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     e.add_argument("--port", type=int, required=True)
     p.add_argument("--workers", default="", metavar="N,N,...", help="worker counts (default: 1, 2, 4, 8 up to "
                    "the CPUs there are)")
-    p.add_argument("--connections", type=int, default=64, help="wrk's connections (concurrent requests)")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 8), help="wrk's threads")
+    p.add_argument("--connections", type=int, default=0, help="wrk's connections (concurrent requests; default "
+                   "32 per worker of the largest count, at least 64)")
+    p.add_argument("--threads", type=int, default=0, help="wrk's threads (default one per 4 CPUs)")
     p.add_argument("--duration-s", type=float, default=10.0, help="each measured run (whole seconds)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="the warm-up before each (whole seconds)")
-    p.add_argument("--engine-procs", type=int, default=max(1, (os.cpu_count() or 1) // 8),
-                   help="canned engine processes on the one port")
+    p.add_argument("--engine-procs", type=int, default=0,
+                   help="canned engine processes on the one port (default one per 6 CPUs)")
     p.add_argument("--wrk", default="", metavar="PATH", help="the wrk binary (default: the one on PATH)")
     p.add_argument("--nebula-src", default="", metavar="DIR", help="run the gateway from this tree")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, etcd data)")

@@ -51,3 +51,9 @@ def test_bench_without_wrk_says_how_to_install_it(tmp_path: Path) -> None:
 def test_bench_refuses_a_worker_count_below_one() -> None:
     proc = _run("--workers", "0,2")
     assert proc.returncode == 2 and "--workers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_refuses_no_engine_or_client() -> None:
+    for option in ("--engine-procs", "--threads", "--connections"):
+        proc = _run(option, "-1")
+        assert proc.returncode == 2 and option in proc.stderr and "Traceback" not in proc.stderr, option

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_workers import default_counts, parse_args, parse_wrk, wrk_script  # noqa: E402
+from bench_workers import default_counts, default_load, parse_args, parse_wrk, wrk_script  # noqa: E402
 
 from tests.harness.ports import listening  # noqa: E402
 
@@ -25,6 +25,14 @@ def test_default_counts_are_those_with_a_core_each() -> None:
     assert default_counts(2) == [1, 2]
     assert default_counts(6) == [1, 2, 4]
     assert default_counts(16) == [1, 2, 4, 8]
+
+
+def test_default_load_keeps_the_client_and_engine_ahead_of_the_workers() -> None:
+    # (wrk threads, connections, engine processes): on 2 CPUs what the 2-core figures were measured with.
+    assert default_load(2, [1, 2]) == (1, 64, 1)
+    # 16 CPUs: 8 workers, 4 client threads and 2 engines fit (14), with 32 requests in flight per worker.
+    assert default_load(16, [1, 2, 4, 8]) == (4, 256, 2)
+    assert default_load(64, [16]) == (16, 512, 10)
 
 
 def test_wrk_summary_is_read_from_its_line() -> None:
@@ -81,5 +89,7 @@ def test_listening_ignores_connected_sockets_and_missing_tables(tmp_path: Path) 
 
 def test_parse_args_defaults() -> None:
     args = parse_args([])
-    assert args.role is None and args.connections == 64 and args.workers == ""
+    # 0: sized by default_load from the CPUs and the counts, once those are known.
+    assert args.role is None and args.workers == ""
+    assert args.connections == args.threads == args.engine_procs == 0
     assert parse_args(["canned-engine", "--port", "5"]).role == "canned-engine"
