@@ -157,10 +157,11 @@ PROBE = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
-def start_etcd(procs: Processes, workdir: Path) -> str:
-    """A one-member etcd in the run's work dir; its client URL once it answers /health."""
-    etcd_bin = shutil.which("etcd")
-    if etcd_bin is None:
+def start_etcd(procs: Processes, workdir: Path, binary: str = "") -> str:
+    """A one-member etcd in the run's work dir (`binary`, default the one on PATH); its client URL once it
+    answers /health."""
+    etcd_bin = binary or shutil.which("etcd")
+    if not etcd_bin:
         raise RuntimeError("the etcd binary is not on PATH")
     etcd_url, peer = f"http://{HOST}:{free_port()}", f"http://{HOST}:{free_port()}"
     # Every ETCD_* variable would be read by etcd as a flag.

@@ -261,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
                    for i in range(args.engine_procs)]
         wait_until(lambda: len(listening(port)) >= len(engines), 20, "the canned engines", procs, "engine_0")
         engine_pids = [e.pid for e in engines]
-        etcd_url = bench_stack.start_etcd(procs, workdir)
+        etcd_url = bench_stack.start_etcd(procs, workdir, etcd)  # the one the header names
         bench_stack.register_engine(etcd_url, engine_url)
         (workdir / "direct.lua").write_text(wrk_script(""))
         (workdir / "gateway.lua").write_text(wrk_script(bench_stack.API_KEY))
